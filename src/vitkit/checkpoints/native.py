@@ -1,0 +1,141 @@
+"""vitkit's own format: safetensors weights plus the ``ViTConfig`` as JSON.
+
+Two shapes of the same thing:
+- a folder with ``config.json`` and ``model.safetensors`` (what ``save_pretrained`` writes for
+  a directory path, like Hugging Face's layout);
+- one ``.safetensors`` file whose metadata holds the config under ``vitkit_config``. Training
+  checkpoints use this shape and add their optimizer, scheduler and RNG state as tensors under
+  ``state/`` and JSON under the metadata key ``vitkit_state``; model loading ignores both.
+
+Everything is written to a temporary file first and then renamed, so a crash never leaves a
+half-written checkpoint where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from vitkit.checkpoints.core import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointFormat,
+    ModelSpec,
+    build_model,
+    register_format,
+)
+from vitkit.models.vit import VisionTransformer, ViTConfig
+
+CONFIG_KEY = "vitkit_config"
+STATE_PREFIX = "state/"
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_path)``, then rename the temporary file over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_safetensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
+    """Atomically write tensors (made contiguous, storage not shared) and string metadata."""
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def save_pretrained(
+    model: VisionTransformer,
+    path: str | Path,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    extra_metadata: dict[str, str] | None = None,
+) -> Path:
+    """Save ``model`` as a folder, or as one file when ``path`` ends in ``.safetensors``.
+
+    ``extra_tensors`` (stored under ``state/``) and ``extra_metadata`` only fit the one-file
+    shape; training checkpoints use them.
+    """
+    path = Path(path)
+    config_json = json.dumps(model.cfg.to_dict(), sort_keys=True)
+    weights = dict(model.state_dict())
+    if path.suffix == ".safetensors":
+        extra = {STATE_PREFIX + k: v for k, v in (extra_tensors or {}).items()}
+        save_safetensors(
+            path, {**weights, **extra}, {CONFIG_KEY: config_json, **(extra_metadata or {})}
+        )
+        return path
+    if extra_tensors or extra_metadata:
+        raise ValueError("training state can only be saved in the one-file (.safetensors) shape")
+    save_safetensors(path / WEIGHTS_FILE, weights, {CONFIG_KEY: config_json})
+    atomic_write(
+        path / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(model.cfg.to_dict(), indent=2))
+    )
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from None
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err})") from None
+
+
+def _weights_file(path: Path) -> Path:
+    return path / WEIGHTS_FILE if path.is_dir() else path
+
+
+def detect(path: Path) -> bool:
+    weights = _weights_file(path)
+    if weights.suffix != ".safetensors" or not weights.is_file():
+        return False
+    try:
+        return CONFIG_KEY in read_metadata(weights)
+    except CheckpointError:
+        return path.is_file()  # a broken .safetensors file: let read() report it
+
+
+def read(path: Path, spec: ModelSpec = None) -> Checkpoint:
+    weights = _weights_file(path)
+    metadata = read_metadata(weights)
+    try:
+        config = ViTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+    except (KeyError, json.JSONDecodeError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{weights}: its vitkit config is missing or invalid ({err})"
+        ) from None
+    tensors = load_tensors(weights)
+    state_dict = {k: v for k, v in tensors.items() if not k.startswith(STATE_PREFIX)}
+    dropped = sorted(k for k in tensors if k.startswith(STATE_PREFIX))
+    return Checkpoint(config, state_dict, "vitkit", dropped=dropped)
+
+
+def from_pretrained(path: str | Path) -> VisionTransformer:
+    """Read back what ``save_pretrained`` wrote, bit-exactly."""
+    return build_model(read(Path(path)))
+
+
+register_format(CheckpointFormat("vitkit", detect, read))

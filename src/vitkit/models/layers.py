@@ -1,0 +1,162 @@
+"""Small reusable parts of the Vision Transformer: attention, MLP, encoder block, drop path."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AttentionImpl = Literal["auto", "sdpa", "eager"]
+
+
+def lecun_normal_(tensor: torch.Tensor) -> torch.Tensor:
+    """JAX's ``lecun_normal``: truncated normal (±2σ) with variance 1/fan_in.
+
+    JAX corrects the standard deviation for the truncation (σ / 0.8796), so the variance of
+    the truncated samples is exactly 1/fan_in.
+    """
+    fan_in = tensor[0].numel()
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+    return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+
+
+def use_eager_attention(impl: AttentionImpl, x: torch.Tensor) -> bool:
+    """Choose the attention kernel.
+
+    Measured on CPU (benchmarks/inference.py): under bf16 autocast an explicit
+    softmax(QK^T)V is faster than ``scaled_dot_product_attention``; in fp32 and on GPU SDPA
+    is as fast or faster. ``auto`` follows those measurements.
+    """
+    if impl != "auto":
+        return impl == "eager"
+    return x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability ``p``."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection.
+
+    ``bias`` (optional, broadcastable to (B, heads, N, N)) is added to the logits; the
+    relative position embedding uses it.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        impl: AttentionImpl = "auto",
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.impl = impl
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, return_attention: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        drop = self.attn_drop if self.training else 0.0
+        probs = None
+        if return_attention or use_eager_attention(self.impl, x):
+            logits = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+            if bias is not None:
+                logits = logits + bias
+            probs = logits.softmax(dim=-1)
+            out = F.dropout(probs, drop, self.training) @ v
+        else:
+            if bias is not None:
+                bias = bias.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+        return out, (probs if return_attention else None)
+
+
+class Mlp(nn.Module):
+    """Dense → GELU → dropout → Dense → dropout, as the official ``MlpBlock``."""
+
+    def __init__(self, dim: int, hidden: int, gelu: str = "tanh", drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate=gelu)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block: x + MSA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        qkv_bias: bool = True,
+        eps: float = 1e-6,
+        gelu: str = "tanh",
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        attn_impl: AttentionImpl = "auto",
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, attn_impl)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, mlp_dim, gelu, drop)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, return_attention: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, probs = self.attn(self.norm1(x), bias, return_attention)
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, probs
+
+    def init_weights(self) -> None:
+        """The official initialisation: xavier-uniform kernels, MLP biases N(0, 1e-6)."""
+        dim = self.attn.proj.in_features
+        # Xavier bound of each of the q, k, v (dim, dim) matrices, not of the fused one.
+        bound = math.sqrt(6.0 / (dim + dim))
+        nn.init.uniform_(self.attn.qkv.weight, -bound, bound)
+        if self.attn.qkv.bias is not None:
+            nn.init.zeros_(self.attn.qkv.bias)
+        nn.init.xavier_uniform_(self.attn.proj.weight)
+        nn.init.zeros_(self.attn.proj.bias)
+        for fc in (self.mlp.fc1, self.mlp.fc2):
+            nn.init.xavier_uniform_(fc.weight)
+            nn.init.normal_(fc.bias, std=1e-6)

@@ -1,0 +1,308 @@
+"""The Vision Transformer (Dosovitskiy et al., ICLR 2021), as the official ``models_vit.py``.
+
+Image → P×P patches, linearly projected (for the hybrid: a ResNet feature map cut into
+patches) → [class] token prepended → position embedding added → pre-norm encoder →
+final LayerNorm → [class] token or average of tokens → optional Dense+tanh representation
+layer (pre-training) → linear head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from vitkit.models.layers import AttentionImpl, Block, lecun_normal_
+from vitkit.models.posembed import POS_EMBED_KINDS, Grid, PosEmbedKind, PositionEmbedding
+from vitkit.models.resnet import ResNetBackbone
+
+
+def to_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    if len(value) != 2:
+        raise ValueError(f"expected an int or a (height, width) pair, got {value!r}")
+    return (int(value[0]), int(value[1]))
+
+
+@dataclass
+class ViTConfig:
+    """Everything that defines a ViT; saved as ``config.json`` beside the weights."""
+
+    img_size: tuple[int, int] = (224, 224)
+    patch_size: tuple[int, int] = (16, 16)
+    in_chans: int = 3
+    num_classes: int = 1000
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    qkv_bias: bool = True
+    eps: float = 1e-6
+    gelu: Literal["tanh", "none"] = "tanh"  # "none" is the exact erf form (PyTorch's name)
+    classifier: Literal["token", "gap"] = "token"
+    pos_embed: PosEmbedKind = "learned"
+    representation_size: int | None = None
+    resnet_layers: tuple[int, ...] | None = None  # set for the hybrid
+    resnet_width_factor: float = 1.0
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0
+    attn_impl: AttentionImpl = "auto"
+    dynamic_img_size: bool = False  # accept any input size, resizing pos embeddings on the fly
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form metadata (class names, ...)
+
+    def __post_init__(self) -> None:
+        self.img_size = to_pair(self.img_size)
+        self.patch_size = to_pair(self.patch_size)
+        if self.resnet_layers is not None:
+            self.resnet_layers = tuple(self.resnet_layers)
+        problems = []
+        if self.classifier not in ("token", "gap"):
+            problems.append(f"classifier must be 'token' or 'gap', not {self.classifier!r}")
+        if self.pos_embed not in POS_EMBED_KINDS:
+            problems.append(f"pos_embed must be one of {POS_EMBED_KINDS}, not {self.pos_embed!r}")
+        if self.gelu not in ("tanh", "none"):
+            problems.append(f"gelu must be 'tanh' or 'none' (exact), not {self.gelu!r}")
+        if self.width % self.num_heads:
+            problems.append(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.num_classes < 0:
+            problems.append(f"num_classes must be >= 0 (0 = no head), not {self.num_classes}")
+        for name in ("dropout", "attn_dropout", "drop_path"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name} must be in [0, 1), not {getattr(self, name)}")
+        reduction = self.backbone_reduction
+        for size, patch, axis in zip(
+            self.img_size, self.patch_size, ("height", "width"), strict=True
+        ):
+            if size % (patch * reduction):
+                problems.append(
+                    f"image {axis} {size} is not divisible by the patch size {patch}"
+                    + (f" times the backbone's reduction {reduction}" if reduction > 1 else "")
+                )
+        if problems:
+            raise ValueError("invalid ViT config: " + "; ".join(problems))
+
+    @property
+    def backbone_reduction(self) -> int:
+        return 1 if self.resnet_layers is None else 4 * 2 ** (len(self.resnet_layers) - 1)
+
+    @property
+    def grid(self) -> Grid:
+        r = self.backbone_reduction
+        return (
+            self.img_size[0] // (self.patch_size[0] * r),
+            self.img_size[1] // (self.patch_size[1] * r),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for key in ("img_size", "patch_size", "resnet_layers"):
+            if d[key] is not None:
+                d[key] = list(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ViT config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **overrides: Any) -> ViTConfig:
+        return ViTConfig.from_dict({**self.to_dict(), **overrides})
+
+
+@dataclass
+class Intermediates:
+    """What ``forward_intermediates`` returns: the features and, on request, per-layer outputs."""
+
+    features: torch.Tensor  # (B, N, D) after the final LayerNorm
+    blocks: list[torch.Tensor]  # output of every encoder block, before the final norm
+    attentions: list[torch.Tensor]  # (B, heads, N, N) attention probabilities per layer
+
+
+class PatchEmbed(nn.Module):
+    """Patchify + project, as one strided convolution; the hybrid puts a ResNet in front."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.backbone = None
+        c_in = cfg.in_chans
+        if cfg.resnet_layers is not None:
+            self.backbone = ResNetBackbone(cfg.resnet_layers, cfg.in_chans, cfg.resnet_width_factor)
+            c_in = self.backbone.out_channels
+        self.proj = nn.Conv2d(c_in, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        self.reduction = (
+            cfg.patch_size[0] * cfg.backbone_reduction,
+            cfg.patch_size[1] * cfg.backbone_reduction,
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]:
+        if self.backbone is not None:
+            x = self.backbone(x)
+        x = self.proj(x)
+        return x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3])
+
+
+class VisionTransformer(nn.Module):
+    """ViT and its ablations; build one from a ``ViTConfig`` or from keyword arguments."""
+
+    def __init__(self, cfg: ViTConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        cfg = cfg.replace(**kwargs) if cfg is not None else ViTConfig(**kwargs)
+        self.cfg = cfg
+        self.num_prefix = 1 if cfg.classifier == "token" else 0
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if self.num_prefix else None
+        self.pos_embed = PositionEmbedding(
+            cfg.pos_embed, cfg.width, cfg.grid, self.num_prefix, cfg.num_heads, cfg.depth
+        )
+        self.pos_drop = nn.Dropout(cfg.dropout)
+        # Stochastic depth grows linearly with depth, from 0 to drop_path at the last block.
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(
+            Block(
+                cfg.width,
+                cfg.num_heads,
+                cfg.mlp_dim,
+                cfg.qkv_bias,
+                cfg.eps,
+                cfg.gelu,
+                cfg.dropout,
+                cfg.attn_dropout,
+                rate,
+                cfg.attn_impl,
+            )
+            for rate in rates
+        )
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.pre_logits = None
+        if cfg.representation_size:
+            self.pre_logits = nn.Linear(cfg.width, cfg.representation_size)
+        head_in = cfg.representation_size or cfg.width
+        self.head = nn.Linear(head_in, cfg.num_classes) if cfg.num_classes else None
+        self.init_weights()
+
+    # ----------------------------------------------------------------------- initialisation
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The official initialisation (see ``models_vit.py``)."""
+        if self.patch_embed.backbone is not None:
+            self.patch_embed.backbone.init_weights()
+        lecun_normal_(self.patch_embed.proj.weight)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        self.pos_embed.init_weights()
+        for block in self.blocks:
+            block.init_weights()
+        if self.pre_logits is not None:
+            lecun_normal_(self.pre_logits.weight)
+            nn.init.zeros_(self.pre_logits.bias)
+        if self.head is not None:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    # ----------------------------------------------------------------------------- forward
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]:
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
+            raise ValueError(
+                f"expected images of shape (batch, {self.cfg.in_chans}, height, width), "
+                f"got {tuple(x.shape)}"
+            )
+        if not self.cfg.dynamic_img_size and tuple(x.shape[-2:]) != self.cfg.img_size:
+            raise ValueError(
+                f"this model takes {self.cfg.img_size[0]}x{self.cfg.img_size[1]} images, got "
+                f"{x.shape[-2]}x{x.shape[-1]}; resize the input, call model.set_img_size(), "
+                "or create the model with dynamic_img_size=True"
+            )
+        tokens, grid = self.patch_embed(x)
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        return self.pos_drop(self.pos_embed(tokens, grid)), grid
+
+    def forward_intermediates(
+        self, x: torch.Tensor, return_blocks: bool = True, return_attention: bool = True
+    ) -> Intermediates:
+        """Features plus, on request, every block's output and attention probabilities."""
+        x, grid = self._embed(x)
+        bias = self.pos_embed.attention_bias(grid)
+        blocks, attentions = [], []
+        for i, block in enumerate(self.blocks):
+            x, probs = block(x, None if bias is None else bias[i], return_attention)
+            if return_blocks:
+                blocks.append(x)
+            if probs is not None:
+                attentions.append(probs)
+        return Intermediates(self.norm(x), blocks, attentions)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens after the final LayerNorm, (B, N, D)."""
+        return self.forward_intermediates(x, return_blocks=False, return_attention=False).features
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        return features[:, 0] if self.cfg.classifier == "token" else features.mean(dim=1)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool, apply the representation layer, then the head (unless ``pre_logits``)."""
+        x = self.pool(features)
+        if self.pre_logits is not None:
+            x = torch.tanh(self.pre_logits(x))
+        if pre_logits or self.head is None:
+            return x
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # ------------------------------------------------------------------- fine-tuning hooks
+    def reset_classifier(self, num_classes: int, keep_representation: bool = False) -> None:
+        """Replace the head by a zero-initialised one (the paper's fine-tuning step).
+
+        The pre-training representation layer is dropped unless ``keep_representation``,
+        as the official fine-tuning code does.
+        """
+        if not keep_representation:
+            self.pre_logits = None
+        rep = self.pre_logits.out_features if self.pre_logits is not None else None
+        self.cfg = self.cfg.replace(num_classes=num_classes, representation_size=rep)
+        device = self.norm.weight.device
+        self.head = None
+        if num_classes:
+            self.head = nn.Linear(rep or self.cfg.width, num_classes, device=device)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def set_img_size(self, img_size: int | tuple[int, int]) -> None:
+        """Change the input resolution; position embeddings are resized on the 2-D grid."""
+        cfg = self.cfg.replace(img_size=to_pair(img_size))
+        self.pos_embed.resize_(cfg.grid)
+        self.cfg = cfg
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Save in vitkit's own format (see ``vitkit.checkpoints.native``)."""
+        from vitkit.checkpoints.native import save_pretrained  # the format lives one layer up
+
+        return save_pretrained(self, path)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def flops_per_image(cfg: ViTConfig) -> float:
+    """Forward FLOPs of one image (2 per multiply-add), counted by PyTorch on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = VisionTransformer(cfg.replace(attn_impl="sdpa"))
+        x = torch.empty(1, cfg.in_chans, *cfg.img_size)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    return float(counter.get_total_flops())
+
+
+__all__ = ["Intermediates", "ViTConfig", "VisionTransformer", "flops_per_image"]
