@@ -1,0 +1,203 @@
+"""The model family: published parameter counts, shapes, gradients, attention paths, resizing."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import vitkit
+from tests.test_official import bilinear_align_corners
+from vitkit.models import ViTConfig, VisionTransformer, flops_per_image
+from vitkit.models.posembed import POS_EMBED_KINDS
+
+# Asserted by the official repository's tests (224 px, 1,000 classes, no representation layer).
+OFFICIAL_COUNTS = {
+    "vit_ti16": 5_717_416,
+    "vit_s16": 22_050_664,
+    "vit_b32": 88_224_232,
+    "vit_b16": 86_567_656,
+    "vit_b8": 86_576_872,
+    "vit_l32": 306_535_400,
+    "vit_l16": 304_326_632,
+    "vit_h14": 632_045_800,
+    "r50_vit_b16": 98_659_112,
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_COUNTS))
+def test_parameter_count_is_official(name: str) -> None:
+    with torch.device("meta"):
+        model = vitkit.create_model(name)
+    assert model.num_parameters() == OFFICIAL_COUNTS[name]
+
+
+@pytest.mark.parametrize("name", vitkit.list_models())
+def test_every_registered_model_shapes(name: str) -> None:
+    """The full model at its default size on the meta device, then a real small forward."""
+    cfg = vitkit.model_config(name)
+    with torch.device("meta"):
+        out = VisionTransformer(cfg)(torch.empty(2, cfg.in_chans, *cfg.img_size))
+    assert out.shape == (2, cfg.num_classes)
+
+    step = cfg.patch_size[0] * cfg.backbone_reduction
+    small = vitkit.create_model(name, depth=1, img_size=2 * step, num_classes=7)
+    x = torch.randn(2, cfg.in_chans, 2 * step, 2 * step)
+    features = small.forward_features(x)
+    assert features.shape == (2, small.num_prefix + 4, cfg.width)
+    assert small(x).shape == (2, 7)
+
+
+def test_gflops_match_the_closed_form() -> None:
+    """ViT-B/16 forward FLOPs from the layer shapes: 2 per multiply-add."""
+    cfg = vitkit.model_config("vit_b16")
+    n, d, m, p = 197, 768, 3072, 16
+    per_block = 2 * (n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * m)
+    expected = 2 * 196 * (p * p * 3) * d + 12 * per_block + 2 * d * 1000
+    assert flops_per_image(cfg) == pytest.approx(expected, rel=1e-6)
+
+
+def perturbed(model: VisionTransformer, seed: int = 0) -> VisionTransformer:
+    """Add noise to every parameter (as the official fixtures do) so no gradient is trivially 0:
+    the zero head and the hybrid's zero-initialised GroupNorm scales would block them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
+
+
+VARIANTS = [
+    dict(classifier="token"),
+    dict(classifier="gap"),
+    dict(representation_size=32),
+    *[dict(pos_embed=kind) for kind in POS_EMBED_KINDS],
+    dict(classifier="gap", pos_embed="relative"),
+    dict(drop_path=0.1, dropout=0.1, attn_dropout=0.1),
+]
+
+
+def micro(**overrides: object) -> VisionTransformer:
+    base = dict(img_size=16, patch_size=4, width=32, depth=2, num_heads=4, mlp_dim=64, num_classes=5)
+    return VisionTransformer(ViTConfig(**{**base, **overrides}))
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_every_parameter_gets_a_gradient(overrides: dict) -> None:
+    model = perturbed(micro(**overrides)).train()
+    model(torch.randn(3, 3, 16, 16)).square().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_hybrid_every_parameter_gets_a_gradient() -> None:
+    model = perturbed(
+        micro(img_size=32, patch_size=1, resnet_layers=(1, 1), width=64, num_heads=2)
+    ).train()
+    model(torch.randn(2, 3, 32, 32)).square().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("pos_embed", ["learned", "relative"])
+def test_sdpa_equals_the_attention_returning_path(pos_embed: str) -> None:
+    sdpa = perturbed(micro(pos_embed=pos_embed, attn_impl="sdpa")).eval()
+    eager = micro(pos_embed=pos_embed, attn_impl="eager").eval()
+    eager.load_state_dict(sdpa.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        reference = sdpa.forward_features(x)
+        inter = sdpa.forward_intermediates(x, return_blocks=True, return_attention=True)
+        torch.testing.assert_close(inter.features, reference, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(eager.forward_features(x), reference, atol=1e-6, rtol=1e-5)
+    assert len(inter.blocks) == len(inter.attentions) == 2
+    for probs in inter.attentions:
+        assert probs.shape == (2, 4, 17, 17)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 17))
+
+
+def test_initialisation_follows_the_official_code() -> None:
+    model = vitkit.create_model("vit_s16", depth=2)
+    d = model.cfg.width
+    assert torch.count_nonzero(model.cls_token) == 0
+    assert torch.count_nonzero(model.head.weight) + torch.count_nonzero(model.head.bias) == 0
+    assert model.pos_embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    block = model.blocks[0]
+    bound = math.sqrt(6 / (d + d))  # xavier-uniform of each (D, D) q/k/v matrix
+    assert block.attn.qkv.weight.abs().max().item() <= bound
+    assert block.attn.qkv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    assert block.mlp.fc1.bias.std().item() == pytest.approx(1e-6, rel=0.2)
+    fan_in = 3 * 16 * 16  # lecun-normal patch projection
+    assert model.patch_embed.proj.weight.std().item() == pytest.approx(fan_in**-0.5, rel=0.05)
+
+
+def test_pos_embed_resize_is_identity_at_the_same_size() -> None:
+    model = micro()
+    before = model.pos_embed.weight.detach().clone()
+    model.set_img_size(16)
+    assert torch.equal(model.pos_embed.weight, before)
+
+
+def test_pos_embed_resize_non_square_matches_bilinear() -> None:
+    model = micro(classifier="gap")
+    old = model.pos_embed.weight.detach()[0].numpy().reshape(4, 4, -1)
+    model.set_img_size((24, 36))
+    assert model.cfg.grid == (6, 9)
+    new = model.pos_embed.weight.detach()[0].numpy().reshape(6, 9, -1)
+    np.testing.assert_allclose(new, bilinear_align_corners(old, 6, 9), atol=1e-6)
+
+
+@pytest.mark.parametrize("pos_embed", ["learned", "learned_2d", "sincos_2d", "relative"])
+def test_dynamic_img_size_equals_a_resized_model(pos_embed: str) -> None:
+    dynamic = perturbed(micro(pos_embed=pos_embed, dynamic_img_size=True)).eval()
+    resized = micro(pos_embed=pos_embed)
+    resized.load_state_dict(dynamic.state_dict())
+    resized.set_img_size((24, 32))
+    x = torch.randn(2, 3, 24, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(dynamic(x), resized.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fixed_size_model_rejects_other_sizes_with_advice() -> None:
+    with pytest.raises(ValueError, match="dynamic_img_size=True"):
+        micro()(torch.randn(1, 3, 20, 20))
+
+
+def test_reset_classifier_is_zero_and_drops_representation() -> None:
+    model = perturbed(micro(representation_size=16))
+    model.reset_classifier(3)
+    assert model.pre_logits is None and model.cfg.representation_size is None
+    assert torch.count_nonzero(model(torch.randn(2, 3, 16, 16))) == 0
+    model.reset_classifier(0)
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 32)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(img_size=18), "not divisible by the patch size"),
+        (dict(classifier="cls"), "classifier must be"),
+        (dict(pos_embed="2d"), "pos_embed must be"),
+        (dict(num_heads=5), "not divisible by num_heads"),
+        (dict(dropout=1.5), "dropout must be in"),
+    ],
+)
+def test_bad_config_is_rejected_with_a_reason(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        micro(**overrides)
+
+
+def test_unknown_model_lists_the_registered_ones() -> None:
+    with pytest.raises(ValueError, match="vit_b16"):
+        vitkit.create_model("vit_b17")
+
+
+def test_sincos_embedding_is_the_closed_form() -> None:
+    model = micro(pos_embed="sincos_2d", classifier="gap")
+    emb = model.pos_embed.patch_embeddings()  # (16, 32): [sin x, cos x, sin y, cos y]
+    omega = 1.0 / 10_000 ** (np.arange(8) / 7)
+    y, x = 1, 2  # the patch at row 1, column 2
+    expected = np.concatenate([np.sin(x * omega), np.cos(x * omega), np.sin(y * omega), np.cos(y * omega)])
+    np.testing.assert_allclose(emb[y * 4 + x].numpy(), expected, atol=1e-6)
