@@ -1,6 +1,13 @@
-"""Checkpoints: every format vitkit reads, behind ``load_pretrained``."""
+"""Checkpoints: every format vitkit reads, behind ``load_pretrained``, and ``export``.
 
-from vitkit.checkpoints import native, official  # noqa: F401  (each registers its format)
+Formats are tried in registration order. vitkit's own comes first (every other format module
+imports it): its folder also has a config.json, and its one-file shape is a ``.safetensors``
+file like timm's. The others do not overlap: Hugging Face folders, official and big_vision
+``.npz`` files (told apart by their module names), timm state dicts (any other
+``.safetensors``, ``.pth``, ``.pt`` or ``.bin`` file).
+"""
+
+from vitkit.checkpoints import bigvision, hf, native, official, timm  # noqa: F401  (registration)
 from vitkit.checkpoints.core import (
     Checkpoint,
     CheckpointError,
@@ -9,12 +16,15 @@ from vitkit.checkpoints.core import (
     read_checkpoint,
     register_format,
 )
+from vitkit.checkpoints.export import EXPORT_FORMATS, export
 from vitkit.checkpoints.native import from_pretrained, save_pretrained
 
 __all__ = [
+    "EXPORT_FORMATS",
     "Checkpoint",
     "CheckpointError",
     "CheckpointFormat",
+    "export",
     "from_pretrained",
     "load_pretrained",
     "read_checkpoint",

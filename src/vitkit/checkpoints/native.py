@@ -38,6 +38,12 @@ STATE_PREFIX = "state/"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp_path)``, then rename the temporary file over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +51,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private (0600)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -115,7 +122,7 @@ def detect(path: Path) -> bool:
     try:
         return CONFIG_KEY in read_metadata(weights)
     except CheckpointError:
-        return path.is_file()  # a broken .safetensors file: let read() report it
+        return True  # a broken .safetensors file (alone or in a folder): let read() report it
 
 
 def read(path: Path, spec: ModelSpec = None) -> Checkpoint:

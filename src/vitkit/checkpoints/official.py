@@ -1,13 +1,20 @@
-"""The official ``.npz`` checkpoints of google-research/vision_transformer.
+"""The official ``.npz`` checkpoints of google-research/vision_transformer, read and written.
 
 Flax stores Dense kernels as (in, out), convolutions as (H, W, C_in, C_out) and the attention
 projections per head: query/key/value (D, heads, head_dim), out (heads, head_dim, D). vitkit
-keeps PyTorch's layouts and one fused qkv matrix (3D, D).
+keeps PyTorch's layouts and one fused qkv matrix (3D, D). big_vision's ViT is the same model
+under other module names (see ``bigvision.py``), so both share ``FlaxLayout``.
+
+The official layout implies tanh GELU and LayerNorm eps 1e-6. ``write`` also stores the
+model's vitkit config as a string array ``vitkit_config``, so a model with other numerics
+reads back exactly; the official code ignores that array.
 """
 
 from __future__ import annotations
 
+import json
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +28,169 @@ from vitkit.checkpoints.core import (
     register_format,
     resolve_spec,
 )
-from vitkit.models.vit import ViTConfig
+from vitkit.checkpoints.mapping import (
+    CONV,
+    DENSE,
+    IDENTITY,
+    WITHOUT_CLASS_SLOT,
+    Rule,
+    Transform,
+    count_indexed,
+    from_vitkit,
+    img_size_from_patches,
+    to_vitkit,
+    unused_keys,
+)
+from vitkit.checkpoints.native import atomic_write
+from vitkit.models.vit import VisionTransformer, ViTConfig
 
 TRAINING_PREFIX = "opt/target/"  # checkpoints saved mid-training nest the weights here
-ATTN = "MultiHeadDotProductAttention_1"
+CONFIG_ARRAY = "vitkit_config"
+QKV = ("query", "key", "value")
+
+
+@dataclass(frozen=True)
+class FlaxLayout:
+    """Module names of one Flax ViT. Linen numbers modules per type, pre-Linen per scope."""
+
+    name: str
+    attention: str
+    norm1: str
+    norm2: str
+    mlp: str
+    pos_embedding: str
+    pos_has_class_slot: bool
+    may_lack_pos_embedding: bool = False  # big_vision's fixed sin-cos embedding stores none
+
+
+OFFICIAL = FlaxLayout(
+    name="official",
+    attention="MultiHeadDotProductAttention_1",
+    norm1="LayerNorm_0",
+    norm2="LayerNorm_2",
+    mlp="MlpBlock_3",
+    pos_embedding="Transformer/posembed_input/pos_embedding",
+    pos_has_class_slot=True,
+)
+
+
+QKV_KERNELS = Transform(  # query/key/value (D, heads, head_dim) each ↔ one fused (3D, D)
+    lambda parts: torch.cat([p.reshape(p.shape[0], -1).T for p in parts]),
+    lambda weight, cfg: [w.T.reshape(cfg.width, cfg.num_heads, -1) for w in weight.chunk(3)],
+)
+QKV_BIASES = Transform(  # (heads, head_dim) each ↔ (3D,)
+    lambda parts: torch.cat([p.reshape(-1) for p in parts]),
+    lambda bias, cfg: [b.reshape(cfg.num_heads, -1) for b in bias.chunk(3)],
+)
+OUT_KERNEL = Transform(  # (heads, head_dim, D) ↔ (D, D)
+    lambda parts: parts[0].reshape(-1, parts[0].shape[-1]).T,
+    lambda weight, cfg: [weight.T.reshape(cfg.num_heads, -1, cfg.width)],
+)
+
+
+def dense(ours: str, theirs: str) -> list[Rule]:
+    return [
+        Rule(f"{ours}.weight", (f"{theirs}/kernel",), DENSE),
+        Rule(f"{ours}.bias", (f"{theirs}/bias",)),
+    ]
+
+
+def norm(ours: str, theirs: str) -> list[Rule]:
+    return [Rule(f"{ours}.weight", (f"{theirs}/scale",)), Rule(f"{ours}.bias", (f"{theirs}/bias",))]
+
+
+def flax_rules(cfg: ViTConfig, layout: FlaxLayout) -> list[Rule]:
+    rules = [
+        Rule("patch_embed.proj.weight", ("embedding/kernel",), CONV),
+        Rule("patch_embed.proj.bias", ("embedding/bias",)),
+    ]
+    if cfg.resnet_layers is not None:
+        rules += [
+            Rule("patch_embed.backbone.stem.conv.weight", ("conv_root/kernel",), CONV),
+            *norm("patch_embed.backbone.stem.norm", "gn_root"),
+        ]
+        for s, units in enumerate(cfg.resnet_layers):
+            for u in range(units):
+                src, dst = f"block{s + 1}/unit{u + 1}", f"patch_embed.backbone.stages.{s}.{u}"
+                # The first unit of every stage changes width or stride: it has a projection.
+                for name in ("1", "2", "3", "_proj") if u == 0 else ("1", "2", "3"):
+                    rules.append(
+                        Rule(f"{dst}.conv{name}.weight", (f"{src}/conv{name}/kernel",), CONV)
+                    )
+                    rules += norm(f"{dst}.gn{name}", f"{src}/gn{name}")
+    if cfg.classifier == "token":
+        rules.append(Rule("cls_token", ("cls",)))
+    if cfg.pos_embed == "learned":
+        slot = (
+            IDENTITY if layout.pos_has_class_slot or cfg.classifier == "gap" else WITHOUT_CLASS_SLOT
+        )
+        rules.append(Rule("pos_embed.weight", (layout.pos_embedding,), slot))
+    for i in range(cfg.depth):
+        src, dst = f"Transformer/encoderblock_{i}", f"blocks.{i}"
+        attn = f"{src}/{layout.attention}"
+        rules += [
+            *norm(f"{dst}.norm1", f"{src}/{layout.norm1}"),
+            Rule(f"{dst}.attn.qkv.weight", tuple(f"{attn}/{n}/kernel" for n in QKV), QKV_KERNELS),
+            Rule(f"{dst}.attn.qkv.bias", tuple(f"{attn}/{n}/bias" for n in QKV), QKV_BIASES),
+            Rule(f"{dst}.attn.proj.weight", (f"{attn}/out/kernel",), OUT_KERNEL),
+            Rule(f"{dst}.attn.proj.bias", (f"{attn}/out/bias",)),
+            *norm(f"{dst}.norm2", f"{src}/{layout.norm2}"),
+            *dense(f"{dst}.mlp.fc1", f"{src}/{layout.mlp}/Dense_0"),
+            *dense(f"{dst}.mlp.fc2", f"{src}/{layout.mlp}/Dense_1"),
+        ]
+    rules += norm("norm", "Transformer/encoder_norm")
+    if cfg.representation_size:
+        rules += dense("pre_logits", "pre_logits")
+    if cfg.num_classes:
+        rules += dense("head", "head")
+    return rules
+
+
+def infer_config(
+    a: dict[str, torch.Tensor], layout: FlaxLayout, spec: ViTConfig | None
+) -> ViTConfig:
+    """The architecture implied by the arrays (a square grid unless ``spec`` says otherwise)."""
+    kernel = a["embedding/kernel"]
+    attn = f"Transformer/encoderblock_0/{layout.attention}"
+    width, heads = a[f"{attn}/query/kernel"].shape[:2]
+    classifier = "token" if "cls" in a else "gap"
+    resnet_layers = None
+    if "conv_root/kernel" in a:
+        n_stages = count_indexed(a, "block{}/", 1)
+        resnet_layers = tuple(
+            count_indexed(a, f"block{s}/unit{{}}/", 1) for s in range(1, n_stages + 1)
+        )
+    patch = (int(kernel.shape[0]), int(kernel.shape[1]))
+    if layout.pos_embedding in a or not layout.may_lack_pos_embedding:
+        pos_embed = "learned"
+        n_slots = a[layout.pos_embedding].shape[1]
+        class_slot = classifier == "token" and layout.pos_has_class_slot
+        reduction = 1 if resnet_layers is None else 4 * 2 ** (len(resnet_layers) - 1)
+        img_size = img_size_from_patches(n_slots - class_slot, patch, reduction, spec)
+    elif spec is None:
+        raise CheckpointError(
+            "this checkpoint has no position embedding array (a fixed sin-cos embedding), so it "
+            "does not record its image size: pass model=<registered name or ViTConfig>"
+        )
+    else:
+        pos_embed, img_size = "sincos_2d", spec.img_size
+    return ViTConfig(
+        img_size=img_size,
+        patch_size=patch,
+        in_chans=3 if resnet_layers else int(kernel.shape[2]),
+        num_classes=int(a["head/bias"].shape[0]) if "head/bias" in a else 0,
+        width=int(width),
+        depth=count_indexed(a, "Transformer/encoderblock_{}/", 0),
+        num_heads=int(heads),
+        mlp_dim=int(a[f"Transformer/encoderblock_0/{layout.mlp}/Dense_0/kernel"].shape[1]),
+        eps=1e-6,
+        gelu="tanh",
+        classifier=classifier,
+        pos_embed=pos_embed,
+        representation_size=int(a["pre_logits/bias"].shape[0]) if "pre_logits/bias" in a else None,
+        resnet_layers=resnet_layers,
+        resnet_width_factor=a["conv_root/kernel"].shape[-1] / 64 if resnet_layers else 1.0,
+    )
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -37,155 +203,93 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def strip_prefix(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    if any(k.startswith(prefix) for k in arrays):
-        return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
-    return arrays
+    """Drop ``prefix`` from the keys that have it; other keys (optimizer state...) stay."""
+    return {k.removeprefix(prefix): v for k, v in arrays.items()}
 
 
-def _tensor(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+def npz_names(path: Path) -> list[str] | None:
+    """The array names of an ``.npz`` file, without reading the arrays; None if not a zip."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return [n.removesuffix(".npy") for n in zf.namelist()]
+    except (zipfile.BadZipFile, OSError):
+        return None
 
 
-def dense(a: dict[str, np.ndarray], src: str, dst: str, out: dict[str, torch.Tensor]) -> None:
-    out[f"{dst}.weight"] = _tensor(a[f"{src}/kernel"].T)
-    out[f"{dst}.bias"] = _tensor(a[f"{src}/bias"])
+def read_flax(
+    arrays: dict[str, np.ndarray], layout: FlaxLayout, spec: ModelSpec, source: Path
+) -> Checkpoint:
+    """Read the arrays of a Flax ViT in ``layout``.
 
-
-def norm(a: dict[str, np.ndarray], src: str, dst: str, out: dict[str, torch.Tensor]) -> None:
-    out[f"{dst}.weight"] = _tensor(a[f"{src}/scale"])
-    out[f"{dst}.bias"] = _tensor(a[f"{src}/bias"])
-
-
-def conv(kernel: np.ndarray) -> torch.Tensor:
-    return _tensor(kernel.transpose(3, 2, 0, 1))
-
-
-def count_indexed(arrays: dict[str, np.ndarray], fmt: str, start: int) -> int:
-    """How many consecutive ``fmt.format(i)`` prefixes exist, counting from ``start``."""
-    n = 0
-    while any(k.startswith(fmt.format(start + n) + "/") for k in arrays):
-        n += 1
-    return n
-
-
-def infer_config(a: dict[str, np.ndarray], spec: ViTConfig | None) -> ViTConfig:
-    """The architecture implied by the arrays (a square grid unless ``spec`` says otherwise)."""
-    kernel = a["embedding/kernel"]
-    depth = count_indexed(a, "Transformer/encoderblock_{}", 0)
-    attn = f"Transformer/encoderblock_0/{ATTN}"
-    width, heads = a[f"{attn}/query/kernel"].shape[:2]
-    classifier = "token" if "cls" in a else "gap"
-    resnet_layers = None
-    if "conv_root/kernel" in a:
-        n_stages = count_indexed(a, "block{}", 1)
-        resnet_layers = tuple(
-            count_indexed(a, f"block{s}/unit{{}}", 1) for s in range(1, n_stages + 1)
+    Arrays outside the model's modules (optimizer state, ...) are reported as dropped; an
+    array inside them that no rule reads is an error.
+    """
+    a = {
+        k: torch.from_numpy(np.asarray(v, np.float32))
+        for k, v in arrays.items()
+        if v.dtype.kind == "f"
+    }
+    try:
+        if CONFIG_ARRAY in arrays:  # written by vitkit: the exact config, numerics included
+            cfg = ViTConfig.from_dict(json.loads(str(arrays[CONFIG_ARRAY])))
+        else:
+            cfg = infer_config(a, layout, resolve_spec(spec))
+    except KeyError as err:
+        raise CheckpointError(
+            f"{source}: {layout.name} ViT layout is missing the array {err}"
+        ) from None
+    except (TypeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{source}: {err}") from None
+    rules = flax_rules(cfg, layout)
+    state_dict = to_vitkit(rules, a, f"{source} ({layout.name} layout)")
+    modules = {k.split("/")[0] for r in rules for k in r.theirs}
+    leftover = [k for k in unused_keys(rules, arrays) if k != CONFIG_ARRAY]
+    unexpected = [k for k in leftover if k.split("/")[0] in modules]
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: unexpected arrays {unexpected} in a {layout.name} ViT with config "
+            f"{cfg.to_dict()}"
         )
-    num_prefix = 1 if classifier == "token" else 0
-    n_patches = a["Transformer/posembed_input/pos_embedding"].shape[1] - num_prefix
-    reduction = 1 if resnet_layers is None else 4 * 2 ** (len(resnet_layers) - 1)
-    if spec is not None and spec.grid[0] * spec.grid[1] == n_patches:
-        img_size = spec.img_size
-    else:
-        side = round(n_patches**0.5)
-        if side * side != n_patches:
-            raise CheckpointError(
-                f"the position embedding has {n_patches} patches, not a square grid: "
-                "pass model=<config with the checkpoint's img_size> to say its shape"
-            )
-        img_size = (side * kernel.shape[0] * reduction, side * kernel.shape[1] * reduction)
-    return ViTConfig(
-        img_size=img_size,
-        patch_size=kernel.shape[:2],
-        in_chans=3 if resnet_layers else kernel.shape[2],
-        num_classes=a["head/bias"].shape[0] if "head/bias" in a else 0,
-        width=int(width),
-        depth=depth,
-        num_heads=int(heads),
-        mlp_dim=a["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"].shape[1],
-        eps=1e-6,
-        gelu="tanh",
-        classifier=classifier,
-        representation_size=a["pre_logits/bias"].shape[0] if "pre_logits/bias" in a else None,
-        resnet_layers=resnet_layers,
-        resnet_width_factor=a["conv_root/kernel"].shape[-1] / 64 if resnet_layers else 1.0,
+    return Checkpoint(
+        cfg, state_dict, layout.name, dropped=[k for k in leftover if k not in unexpected]
     )
-
-
-def official_to_state_dict(a: dict[str, np.ndarray], cfg: ViTConfig) -> dict[str, torch.Tensor]:
-    sd: dict[str, torch.Tensor] = {}
-    sd["patch_embed.proj.weight"] = conv(a["embedding/kernel"])
-    sd["patch_embed.proj.bias"] = _tensor(a["embedding/bias"])
-    if cfg.resnet_layers is not None:
-        sd["patch_embed.backbone.stem.conv.weight"] = conv(a["conv_root/kernel"])
-        norm(a, "gn_root", "patch_embed.backbone.stem.norm", sd)
-        for s, units in enumerate(cfg.resnet_layers):
-            for u in range(units):
-                src, dst = f"block{s + 1}/unit{u + 1}", f"patch_embed.backbone.stages.{s}.{u}"
-                for name in ("1", "2", "3", "_proj"):
-                    if f"{src}/conv{name}/kernel" in a:
-                        sd[f"{dst}.conv{name}.weight"] = conv(a[f"{src}/conv{name}/kernel"])
-                        norm(a, f"{src}/gn{name}", f"{dst}.gn{name}", sd)
-    if cfg.classifier == "token":
-        sd["cls_token"] = _tensor(a["cls"])
-    sd["pos_embed.weight"] = _tensor(a["Transformer/posembed_input/pos_embedding"])
-    for i in range(cfg.depth):
-        src, dst = f"Transformer/encoderblock_{i}", f"blocks.{i}"
-        norm(a, f"{src}/LayerNorm_0", f"{dst}.norm1", sd)
-        norm(a, f"{src}/LayerNorm_2", f"{dst}.norm2", sd)
-        qkv = [
-            a[f"{src}/{ATTN}/{n}/kernel"].reshape(cfg.width, -1).T
-            for n in ("query", "key", "value")
-        ]
-        sd[f"{dst}.attn.qkv.weight"] = _tensor(np.concatenate(qkv))
-        qkv_b = [a[f"{src}/{ATTN}/{n}/bias"].reshape(-1) for n in ("query", "key", "value")]
-        sd[f"{dst}.attn.qkv.bias"] = _tensor(np.concatenate(qkv_b))
-        sd[f"{dst}.attn.proj.weight"] = _tensor(
-            a[f"{src}/{ATTN}/out/kernel"].reshape(-1, cfg.width).T
-        )
-        sd[f"{dst}.attn.proj.bias"] = _tensor(a[f"{src}/{ATTN}/out/bias"])
-        dense(a, f"{src}/MlpBlock_3/Dense_0", f"{dst}.mlp.fc1", sd)
-        dense(a, f"{src}/MlpBlock_3/Dense_1", f"{dst}.mlp.fc2", sd)
-    norm(a, "Transformer/encoder_norm", "norm", sd)
-    if cfg.representation_size:
-        dense(a, "pre_logits", "pre_logits", sd)
-    if cfg.num_classes:
-        dense(a, "head", "head", sd)
-    return sd
 
 
 def detect(path: Path) -> bool:
     if path.suffix != ".npz" or not path.is_file():
         return False
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except zipfile.BadZipFile:
+    names = npz_names(path)
+    if names is None:
         return True  # an .npz that is not a zip: let read() report it
-    return any(
-        n in ("embedding/kernel.npy", TRAINING_PREFIX + "embedding/kernel.npy") for n in names
-    )
+    query = f"Transformer/encoderblock_0/{OFFICIAL.attention}/query/kernel"
+    return any(n in (query, TRAINING_PREFIX + query) for n in names)
 
 
 def read(path: Path, spec: ModelSpec) -> Checkpoint:
-    arrays = strip_prefix(read_npz(path), TRAINING_PREFIX)
-    try:
-        cfg = infer_config(arrays, resolve_spec(spec))
-        sd = official_to_state_dict(arrays, cfg)
-    except KeyError as err:
-        raise CheckpointError(f"{path}: official ViT layout is missing the array {err}") from None
-    model_prefixes = (
-        "embedding/",
-        "cls",
-        "Transformer/",
-        "pre_logits/",
-        "head/",
-        "conv_root/",
-        "gn_root/",
-        "block",
-    )
-    dropped = sorted(k for k in arrays if not k.startswith(model_prefixes))
-    return Checkpoint(cfg, sd, "official", dropped=dropped)
+    return read_flax(strip_prefix(read_npz(path), TRAINING_PREFIX), OFFICIAL, spec, path)
+
+
+def write(model: VisionTransformer, path: Path) -> None:
+    """Write ``model`` as an official-layout ``.npz`` (atomically)."""
+    cfg = model.cfg
+    problems = []
+    if path.suffix != ".npz":
+        problems.append(f"the file name must end in .npz, not {path.name!r}")
+    if cfg.pos_embed != "learned":
+        problems.append(f"it has only the learned 1-D position embedding, not {cfg.pos_embed!r}")
+    if not cfg.qkv_bias:
+        problems.append("its attention always has query/key/value biases (qkv_bias=False)")
+    if problems:
+        raise CheckpointError("cannot write the official layout: " + "; ".join(problems))
+    tensors = from_vitkit(flax_rules(cfg, OFFICIAL), model.state_dict(), cfg)
+    arrays = {k: v.float().cpu().numpy() for k, v in tensors.items()}
+    arrays[CONFIG_ARRAY] = np.array(json.dumps(cfg.to_dict(), sort_keys=True))
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, save)
 
 
 register_format(CheckpointFormat("official", detect, read))

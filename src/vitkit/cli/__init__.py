@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES: tuple[str, ...] = ("models",)
+COMMAND_MODULES: tuple[str, ...] = ("models", "analyze", "convert", "inspect", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

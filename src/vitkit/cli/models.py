@@ -29,7 +29,10 @@ def run(args: argparse.Namespace) -> int:
         with torch.device("meta"):  # no memory, no initialisation: ViT-H costs nothing here
             n_params = VisionTransformer(cfg).num_parameters()
         size = f"{cfg.img_size[0]}x{cfg.img_size[1]}"
-        rows.append((name, f"{n_params:,}", f"{flops_per_image(cfg) / 1e9:.2f}", size))
+        gflops = flops_per_image(cfg) / 1e9
+        rows.append(
+            (name, f"{n_params:,}", f"{gflops:.2f}" if gflops >= 0.1 else f"{gflops:.4f}", size)
+        )
     header = ("model", "parameters", "GFLOPs", "input")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     for row in [header, *rows]:

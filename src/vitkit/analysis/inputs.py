@@ -1,0 +1,156 @@
+"""What an analysis reads: the checkpoint, the run folder around it, and the images to show.
+
+A run folder is what ``vitkit train --out DIR`` writes (see ``vitkit.training.run``):
+``best.safetensors`` and ``last.safetensors``, ``config.json`` (the training config, with the
+model and the data source), ``metrics.jsonl``, ``curves.png`` and ``summary.json``. Its files
+are read defensively: a run killed early or written by an older vitkit may lack any of them,
+and the analysis then skips what needs them, with a note saying why.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from vitkit.data import AugmentConfig, BatchTransform, load_dataset, to_model_input
+from vitkit.models.vit import ViTConfig
+from vitkit.training.run import RunFolder
+
+
+@dataclass
+class RunFiles:
+    """The parts of a run folder the report shows; ``notes`` says what could not be read."""
+
+    folder: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Samples:
+    """Model inputs (float, [-1, 1], NCHW) with, when known, their labels and class names."""
+
+    images: torch.Tensor
+    names: list[str]
+    labels: torch.Tensor | None = None
+    classes: list[str] | None = None
+
+
+def locate_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
+    """The checkpoint to load and the run folder it belongs to (None for a lone checkpoint).
+
+    ``path`` may be a run folder (its best checkpoint is used, else its last), a checkpoint
+    inside a run folder, or any checkpoint ``load_pretrained`` reads.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint or run folder {path} does not exist")
+    if path.is_dir():
+        run = RunFolder(path)
+        for checkpoint in (run.best, run.last):
+            if checkpoint.is_file():
+                return checkpoint, path
+        if run.metrics.is_file() or run.summary.is_file():
+            raise FileNotFoundError(
+                f"{path} looks like a run folder but holds neither {run.best.name} nor "
+                f"{run.last.name}"
+            )
+        return path, None
+    run = RunFolder(path.parent)
+    return path, run.path if run.metrics.is_file() or run.summary.is_file() else None
+
+
+def _read_json(path: Path, notes: list[str]) -> dict[str, Any]:
+    if not path.is_file():
+        notes.append(f"{path.name} is missing")
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        notes.append(f"{path.name} could not be read ({err})")
+        return {}
+    if not isinstance(value, dict):
+        notes.append(f"{path.name} does not hold a JSON object")
+        return {}
+    return value
+
+
+def read_run(folder: str | Path) -> RunFiles:
+    """Read a run folder's config and summary, never failing on a damaged file."""
+    files = RunFolder(folder)
+    run = RunFiles(files.path)
+    run.config = _read_json(files.config, run.notes)
+    run.summary = _read_json(files.summary, run.notes)
+    return run
+
+
+def load_images(paths: Sequence[str | Path], cfg: ViTConfig) -> Samples:
+    """Image files as model inputs: converted to the model's channels, resized to its size.
+
+    Pillow reads the files; the resize is bicubic, to the model's ``img_size`` exactly (the
+    aspect ratio is not kept).
+    """
+    modes = {1: "L", 3: "RGB"}
+    if cfg.in_chans not in modes:
+        raise ValueError(
+            f"image files can only be shown to 1- or 3-channel models; this one takes "
+            f"{cfg.in_chans} channels"
+        )
+    height, width = cfg.img_size
+    arrays = []
+    for path in map(Path, paths):
+        try:
+            with Image.open(path) as img:
+                img = img.convert(modes[cfg.in_chans])
+                if img.size != (width, height):
+                    img = img.resize((width, height), Image.Resampling.BICUBIC)
+                arrays.append(np.asarray(img).reshape(height, width, cfg.in_chans))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image {path} does not exist") from None
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"{path} is not an image Pillow can read ({err})") from None
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return Samples(to_model_input(images), [Path(p).name for p in paths])
+
+
+def sample_dataset(source: str | Path, cfg: ViTConfig, count: int) -> Samples:
+    """``count`` images of a dataset (its test split, else its train split), classes in turn.
+
+    The images are taken in the order: the first of every class, then the second of every
+    class, and so on, so that a few samples already show several classes; they are resized,
+    converted to the model's channels and scaled the way ``vitkit`` evaluates a model.
+    """
+    try:
+        data, split = load_dataset(source, "test"), "test"
+    except ValueError:
+        data, split = load_dataset(source, "train"), "train"
+    labels = data.labels.numpy()
+    rank_in_class = np.empty(len(labels), dtype=np.int64)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rank_in_class[members] = np.arange(len(members))
+    order = torch.from_numpy(np.lexsort((labels, rank_in_class))[:count])
+    transform = BatchTransform(
+        cfg.img_size, len(data.classes), AugmentConfig(), seed=0, channels=cfg.in_chans
+    )
+    images, _ = transform(data.images[order], data.labels[order], train=False)
+    names = [f"{split} #{int(i)}" for i in order]
+    return Samples(images, names, data.labels[order], list(data.classes))
+
+
+__all__ = [
+    "RunFiles",
+    "Samples",
+    "load_images",
+    "locate_checkpoint",
+    "read_run",
+    "sample_dataset",
+]

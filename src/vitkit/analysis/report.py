@@ -1,0 +1,351 @@
+"""``analyze``: every analysis of one checkpoint as PNG figures and one ``report.html``.
+
+The report is a plain HTML page next to its PNGs (relative links, no script, no server), so
+it opens from the file system and the folder can be moved or zipped as a whole.
+"""
+
+from __future__ import annotations
+
+import html
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitkit.analysis import figures
+from vitkit.analysis.attention import (
+    attention_maps,
+    attention_rollout,
+    collect_attentions,
+    mean_attention_distance,
+)
+from vitkit.analysis.embeddings import (
+    NotApplicable,
+    embedding_filter_components,
+    position_embedding_similarity,
+)
+from vitkit.analysis.inputs import (
+    RunFiles,
+    Samples,
+    load_images,
+    locate_checkpoint,
+    read_run,
+    sample_dataset,
+)
+from vitkit.checkpoints.core import load_pretrained
+from vitkit.checkpoints.native import atomic_write
+from vitkit.models.vit import VisionTransformer, flops_per_image
+from vitkit.training.run import RunFolder
+
+REPORT_FILE = "report.html"
+
+CAPTIONS = {
+    "maps": "Each row is a layer, each column a head. The colour over the image is how much "
+    "the {query} attends to each patch (bright = more), scaled to each panel's own maximum, "
+    "so compare where, not how much, across panels. Early layers often attend locally, late "
+    "layers to the object that decides the class.",
+    "rollout": "Attention rollout (Abnar & Zuidema, 2020; the paper's Figure 6): per layer the "
+    "heads' attention is averaged, the identity is added for the residual connection, rows are "
+    "renormalised, and the layers are multiplied through. The colour is how much of each input "
+    "patch flows into the {query} at the output (bright = more, scaled per image). Titles give "
+    "{titles}.",
+    "distance": "Each dot is one head: the attention-weighted average distance, in pixels, "
+    "between a query patch and the patches it attends to, averaged over query patches and "
+    "over {count} image(s) (the paper's Figure 7, right); the [class] token is left out and "
+    "the remaining weights renormalised. Low dots are heads that look locally, like a "
+    "convolution; high dots integrate information across the image. The dotted line is the "
+    "image side.",
+    "position": "Tile (row r, column c) shows the cosine similarity of the position embedding "
+    "of the patch at row r, column c to the embeddings of all patches (the paper's Figure 7, "
+    "centre). A learned embedding that has picked up the 2-D image topology shows a bright "
+    "spot at the patch's own place, fading with distance, and row and column stripes.",
+    "filters": "The first {count} principal components of the patch projection's filters "
+    "(the paper's Figure 7, left), in order of explained variance ({variance}), each stretched "
+    "to its own range ({colours}). In a trained model they look like plausible basis "
+    "functions for the fine structure within a patch (smooth gradients, edges, stripes); "
+    "noise-like components mean the projection has learned little.",
+    "curves": "Loss and accuracy against the optimizer step, as the run drew them from its "
+    "metrics.jsonl: training (averaged over each logging interval) and validation. A gap that "
+    "opens between the two is overfitting.",
+    "confusion": "Rows are the true classes, columns the predicted ones, on the run's test "
+    "split: the numbers are image counts, the shade is the share of the row. Everything off "
+    "the diagonal is a mistake; a bright off-diagonal cell names a confused pair.",
+}
+
+
+@dataclass
+class Section:
+    """One part of the report: figures with a caption saying how to read them, or a note."""
+
+    title: str
+    caption: str = ""
+    images: list[str] = field(default_factory=list)  # PNG names, relative to the report
+    note: str = ""  # why the section is empty, or a remark under it
+    table: list[tuple[str, str]] = field(default_factory=list)
+
+
+def render_report(title: str, sections: Sequence[Section]) -> str:
+    """The report as one HTML page linking its images by relative path."""
+    esc = html.escape
+    body = [f"<h1>{esc(title)}</h1>"]
+    for section in sections:
+        body.append(f"<section><h2>{esc(section.title)}</h2>")
+        if section.table:
+            rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in section.table)
+            body.append(f"<table>{rows}</table>")
+        for name in section.images:
+            body.append(
+                f'<figure><a href="{esc(name)}"><img src="{esc(name)}" alt="{esc(section.title)}">'
+                "</a></figure>"
+            )
+        if section.caption:
+            body.append(f"<p class='caption'>{esc(section.caption)}</p>")
+        if section.note:
+            body.append(f"<p class='note'>{esc(section.note)}</p>")
+        body.append("</section>")
+    style = (
+        "body{font-family:sans-serif;max-width:70em;margin:1em auto;padding:0 1em;color:#222}"
+        "img{max-width:100%;height:auto}figure{margin:0.5em 0}"
+        ".caption{color:#444;max-width:50em}.note{color:#a60}"
+        "th{text-align:left;padding-right:1em;font-weight:normal;color:#555}"
+    )
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{esc(title)}</title><style>{style}</style></head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+
+
+def _model_section(
+    model: VisionTransformer, checkpoint: Path, run: RunFiles | None, classes: list[str] | None
+) -> Section:
+    cfg = model.cfg
+    rows = [
+        ("checkpoint", str(checkpoint)),
+        ("input", f"{cfg.img_size[0]}x{cfg.img_size[1]}, {cfg.in_chans} channel(s)"),
+        ("patches", f"{cfg.patch_size[0]}x{cfg.patch_size[1]}, grid {cfg.grid[0]}x{cfg.grid[1]}"),
+        ("encoder", f"{cfg.depth} layers, width {cfg.width}, {cfg.num_heads} heads"),
+        ("MLP width", str(cfg.mlp_dim)),
+        ("classifier", f"{cfg.classifier}, position embedding {cfg.pos_embed}"),
+        ("parameters", f"{model.num_parameters():,}"),
+        ("GFLOPs per image", f"{flops_per_image(cfg) / 1e9:.3g}"),
+    ]
+    if cfg.resnet_layers is not None:
+        rows.insert(3, ("hybrid", f"ResNet stages {list(cfg.resnet_layers)}"))
+    if classes:
+        listed = ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else "")
+        rows.append(("classes", f"{len(classes)}: {listed}"))
+    note = "" if run is not None else "Not a run folder: no training curves or test results."
+    if run is not None:
+        for key in ("model", "data"):
+            if key in run.config:
+                rows.append((f"run {key}", str(run.config[key])))
+        for key, label in (
+            ("test_accuracy", "test accuracy"),
+            ("best_val_accuracy", "best validation accuracy"),
+        ):
+            if isinstance(run.summary.get(key), int | float):
+                rows.append((label, f"{100 * run.summary[key]:.2f}%"))
+        for key in ("epochs", "wall_seconds", "images_per_second"):
+            if key in run.summary:
+                rows.append((key.replace("_", " "), str(run.summary[key])))
+        note = "; ".join(run.notes)
+    return Section("Model", table=rows, note=note)
+
+
+def _pick_images(
+    model: VisionTransformer,
+    run: RunFiles | None,
+    images: Sequence[str | Path] | None,
+    data: str | None,
+    count: int,
+) -> Samples:
+    if images:
+        return load_images(images, model.cfg)
+    source = data or (run.config.get("data") if run is not None else None)
+    if not isinstance(source, str) or not source:
+        raise ValueError(
+            "no images to analyse: pass --images FILE..., or --data SOURCE (e.g. 'digits' or "
+            "a dataset folder), or a run folder whose config.json names its data"
+        )
+    return sample_dataset(source, model.cfg, count)
+
+
+def _image_titles(
+    model: VisionTransformer, samples: Samples, count: int, classes: list[str] | None
+) -> tuple[list[str], str]:
+    """A title for each shown image, and the caption's words for what the titles give."""
+    names = samples.names[:count]
+    if model.head is None:
+        return names, "the image names"
+
+    def class_name(label: int) -> str:
+        return classes[label] if classes and label < len(classes) else str(label)
+
+    with torch.no_grad():
+        indices = model(samples.images[:count]).argmax(dim=1).tolist()
+    predicted = [class_name(i) for i in indices]
+    if samples.labels is None:
+        titles = [f"{n}: {p}" for n, p in zip(names, predicted, strict=True)]
+        return titles, "the image name and the predicted class"
+    truth = [class_name(int(label)) for label in samples.labels[:count]]
+    titles = [f"true {t}, pred {p}" for t, p in zip(truth, predicted, strict=True)]
+    return titles, "the true and predicted class"
+
+
+def _run_sections(run: RunFiles, out_dir: Path) -> list[Section]:
+    curves = RunFolder(run.folder).curves  # drawn by the training run itself
+    if curves.is_file():
+        name = "training-curves.png"
+        atomic_write(out_dir / name, lambda tmp: shutil.copyfile(curves, tmp))
+        sections = [Section("Training curves", CAPTIONS["curves"], [name])]
+    else:
+        note = f"the run has no {curves.name} (training draws it when it ends)"
+        sections = [Section("Training curves", note=note)]
+    matrix, classes = run.summary.get("confusion_matrix"), run.summary.get("classes")
+    try:
+        matrix = np.asarray(matrix, dtype=np.int64)
+        fits = classes is not None and matrix.shape == (len(classes), len(classes))
+    except (TypeError, ValueError):
+        fits = False
+    if fits:
+        path = figures.save_figure(
+            figures.confusion_matrix_figure(matrix, [str(c) for c in classes]),
+            out_dir / "confusion-matrix.png",
+        )
+        sections.append(Section("Confusion matrix (test)", CAPTIONS["confusion"], [path.name]))
+    else:
+        sections.append(
+            Section(
+                "Confusion matrix (test)",
+                note="summary.json has no square confusion_matrix matching its classes",
+            )
+        )
+    return sections
+
+
+def _attention_sections(
+    model: VisionTransformer,
+    samples: Samples,
+    num_images: int,
+    distance_images: int,
+    batch_size: int,
+    classes: list[str] | None,
+    out_dir: Path,
+) -> list[Section]:
+    cfg, prefix = model.cfg, model.num_prefix
+    query = "[class] token" if prefix else "mean over all patches (gap model)"
+    shown = samples.images[:num_images]
+    attentions = collect_attentions(model, shown)
+
+    maps = attention_maps(attentions, cfg.grid, prefix)
+    map_files = [
+        figures.save_figure(
+            figures.attention_maps_figure(shown[i].numpy(), maps[:, i]),
+            out_dir / f"attention-maps-{i + 1}.png",
+        ).name
+        for i in range(len(shown))
+    ]
+    sections = [
+        Section(
+            "Attention maps per layer and head", CAPTIONS["maps"].format(query=query), map_files
+        )
+    ]
+
+    titles, titles_give = _image_titles(model, samples, num_images, classes)
+    rollout = attention_rollout(attentions, cfg.grid, prefix)
+    fig = figures.rollout_figure(shown.numpy(), rollout, titles)
+    name = figures.save_figure(fig, out_dir / "attention-rollout.png").name
+    caption = CAPTIONS["rollout"].format(query=query, titles=titles_give)
+    sections.append(Section("Attention rollout", caption, [name]))
+
+    pool = samples.images[:distance_images]
+    total = np.zeros((cfg.depth, cfg.num_heads))
+    for start in range(0, len(pool), batch_size):  # batches bound the attention's memory
+        batch = pool[start : start + batch_size]
+        attentions = collect_attentions(model, batch)
+        total += len(batch) * mean_attention_distance(
+            attentions, cfg.grid, model.patch_embed.reduction, prefix
+        )
+    fig = figures.attention_distance_figure(total / len(pool), max(cfg.img_size))
+    name = figures.save_figure(fig, out_dir / "attention-distance.png").name
+    caption = CAPTIONS["distance"].format(count=len(pool))
+    sections.append(Section("Mean attention distance", caption, [name]))
+    return sections
+
+
+def _embedding_sections(model: VisionTransformer, out_dir: Path) -> list[Section]:
+    sections = []
+    title = "Position-embedding similarity"
+    try:
+        fig = figures.position_similarity_figure(position_embedding_similarity(model))
+        name = figures.save_figure(fig, out_dir / "position-similarity.png").name
+        sections.append(Section(title, CAPTIONS["position"], [name]))
+    except NotApplicable as err:
+        sections.append(Section(title, note=f"Not shown: {err}."))
+    title = "Embedding filters"
+    try:
+        pca = embedding_filter_components(model)
+        fig = figures.filters_figure(pca.components)
+        name = figures.save_figure(fig, out_dir / "embedding-filters.png").name
+        caption = CAPTIONS["filters"].format(
+            count=len(pca.components),
+            variance=f"together {100 * pca.explained_variance_ratio.sum():.0f}% of the variance",
+            colours="RGB" if model.cfg.in_chans == 3 else "grey",
+        )
+        sections.append(Section(title, caption, [name]))
+    except NotApplicable as err:
+        sections.append(Section(title, note=f"Not shown: {err}."))
+    return sections
+
+
+def analyze(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    images: Sequence[str | Path] | None = None,
+    data: str | None = None,
+    num_images: int | None = None,
+    distance_images: int = 32,
+    batch_size: int = 16,
+) -> Path:
+    """Write every analysis of ``checkpoint`` into ``out_dir``; return the report's path.
+
+    ``checkpoint`` is a run folder, a checkpoint in one, or any checkpoint vitkit reads.
+    The images are ``images`` (files) if given, else samples of ``data`` or of the run's data.
+    The first ``num_images`` (default: every image file, or 4 samples) get attention maps and
+    rollout; up to ``distance_images`` are averaged for the mean attention distance.
+    """
+    if num_images is None:
+        num_images = len(images) if images else 4
+    if num_images < 1 or distance_images < 1 or batch_size < 1:
+        raise ValueError("num_images, distance_images and batch_size must be at least 1")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file: give a folder for the figures and report.html")
+    checkpoint_path, run_dir = locate_checkpoint(checkpoint)
+    model = load_pretrained(checkpoint_path).eval()
+    run = read_run(run_dir) if run_dir is not None else None
+    samples = _pick_images(model, run, images, data, max(num_images, distance_images))
+    classes = samples.classes or (run.summary.get("classes") if run else None)
+    classes = classes or model.cfg.extra.get("classes")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    sections = [
+        _model_section(model, checkpoint_path, run, classes),
+        *_attention_sections(
+            model, samples, num_images, distance_images, batch_size, classes, out_dir
+        ),
+        *_embedding_sections(model, out_dir),
+        *(_run_sections(run, out_dir) if run is not None else []),
+    ]
+    report = out_dir / REPORT_FILE
+    page = render_report(f"vitkit analysis: {checkpoint_path.name}", sections)
+    atomic_write(report, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    return report
+
+
+__all__ = ["Section", "analyze", "render_report"]

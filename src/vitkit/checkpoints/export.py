@@ -1,0 +1,63 @@
+"""Write a vitkit model in any format vitkit reads back: ``export(model, path, to)``.
+
+Files are written to a temporary name and renamed; folders are built in a temporary folder
+that replaces ``path`` only once complete, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from vitkit.checkpoints import hf, official, timm
+from vitkit.checkpoints.core import CheckpointError
+from vitkit.checkpoints.native import current_umask, save_pretrained
+from vitkit.models.vit import VisionTransformer
+
+WRITERS: dict[str, Callable[[VisionTransformer, Path], object]] = {
+    "vitkit": save_pretrained,  # a folder, or one file when the path ends in .safetensors
+    "timm": timm.write,  # .safetensors, .pth, .pt or .bin
+    "official": official.write,  # .npz
+    "hf": hf.write,  # a folder
+}
+EXPORT_FORMATS = tuple(WRITERS)
+
+
+def writes_folder(path: Path, to: str) -> bool:
+    return to == "hf" or (to == "vitkit" and path.suffix != ".safetensors")
+
+
+def atomic_dir(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp_folder)``, then put the folder at ``path`` (replacing an old one)."""
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} exists and is not a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private (0700)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old)  # a crash between the two renames leaves the old one here
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export(model: VisionTransformer, path: str | Path, to: str) -> Path:
+    """Write ``model`` at ``path`` in format ``to`` (one of ``EXPORT_FORMATS``)."""
+    path = Path(path)
+    if to not in WRITERS:
+        raise CheckpointError(f"unknown export format {to!r}; choose one of {EXPORT_FORMATS}")
+    if writes_folder(path, to):
+        atomic_dir(path, lambda tmp: WRITERS[to](model, tmp))
+    else:
+        WRITERS[to](model, path)
+    return path

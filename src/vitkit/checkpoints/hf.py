@@ -1,0 +1,213 @@
+"""Hugging Face ``transformers`` ViT folders: ``ViTModel`` and ``ViTForImageClassification``.
+
+A folder holds ``config.json`` (``model_type: "vit"``) and ``model.safetensors`` (or shards
+listed in ``model.safetensors.index.json``, or ``pytorch_model.bin``). The weights of
+``ViTForImageClassification`` sit under ``vit.`` beside its ``classifier``; ``ViTModel``'s
+have no prefix and usually a ``pooler`` (Dense + tanh on the [class] token: vitkit's
+``pre_logits`` with ``representation_size`` = ``pooler_output_size``). Query, key and value
+are separate (D, D) projections; vitkit fuses them. ``hidden_act`` and ``layer_norm_eps``
+give the numerics.
+
+Hugging Face's ViT always classifies from the [class] token with a learned 1-D position
+embedding and no hybrid stem, and its classifier has no representation layer in front, so
+models outside that are refused on writing. A ``ViTModel`` written without a pooler gets a
+freshly initialised one when transformers loads it (its ``last_hidden_state`` is exact).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitkit.checkpoints.core import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointFormat,
+    ModelSpec,
+    register_format,
+)
+from vitkit.checkpoints.mapping import FUSED_QKV, Rule, from_vitkit, to_vitkit, unused_keys
+from vitkit.checkpoints.native import atomic_write, load_tensors, save_safetensors
+from vitkit.checkpoints.timm import load_pickle
+from vitkit.models.vit import VisionTransformer, ViTConfig
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+INDEX_FILE, PICKLE_FILE = "model.safetensors.index.json", "pytorch_model.bin"
+# transformers' ViTConfig defaults, for config files that leave a field out.
+DEFAULTS: dict[str, Any] = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    hidden_act="gelu",
+    layer_norm_eps=1e-12,
+    image_size=224,
+    patch_size=16,
+    num_channels=3,
+    qkv_bias=True,
+    pooler_act="tanh",
+)
+# hidden_act → vitkit's gelu ("none" = exact erf). gelu_new is the tanh formula written out.
+ACTIVATIONS = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
+WRITTEN_ACTIVATION = {"none": "gelu", "tanh": "gelu_pytorch_tanh"}
+
+
+def linear(ours: str, theirs: str, bias: bool = True) -> list[Rule]:
+    names = ("weight", "bias") if bias else ("weight",)
+    return [Rule(f"{ours}.{n}", (f"{theirs}.{n}",)) for n in names]
+
+
+def hf_rules(cfg: ViTConfig, prefix: str) -> list[Rule]:
+    p = prefix
+    rules = [
+        *linear("patch_embed.proj", f"{p}embeddings.patch_embeddings.projection"),
+        Rule("cls_token", (f"{p}embeddings.cls_token",)),
+        Rule("pos_embed.weight", (f"{p}embeddings.position_embeddings",)),
+    ]
+    for i in range(cfg.depth):
+        layer, attn = f"{p}encoder.layer.{i}", f"{p}encoder.layer.{i}.attention.attention"
+        qkv_leaves = ("weight", "bias") if cfg.qkv_bias else ("weight",)
+        rules += [
+            *linear(f"blocks.{i}.norm1", f"{layer}.layernorm_before"),
+            *(
+                Rule(
+                    f"blocks.{i}.attn.qkv.{leaf}",
+                    tuple(f"{attn}.{n}.{leaf}" for n in ("query", "key", "value")),
+                    FUSED_QKV,
+                )
+                for leaf in qkv_leaves
+            ),
+            *linear(f"blocks.{i}.attn.proj", f"{layer}.attention.output.dense"),
+            *linear(f"blocks.{i}.norm2", f"{layer}.layernorm_after"),
+            *linear(f"blocks.{i}.mlp.fc1", f"{layer}.intermediate.dense"),
+            *linear(f"blocks.{i}.mlp.fc2", f"{layer}.output.dense"),
+        ]
+    rules += linear("norm", f"{p}layernorm")
+    if cfg.representation_size:
+        rules += linear("pre_logits", f"{p}pooler.dense")
+    if cfg.num_classes:
+        rules += linear("head", "classifier")
+    return rules
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not a readable JSON file ({err})") from None
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    if (folder / WEIGHTS_FILE).is_file():
+        return load_tensors(folder / WEIGHTS_FILE)
+    if (folder / INDEX_FILE).is_file():
+        shards = sorted(set(read_json(folder / INDEX_FILE).get("weight_map", {}).values()))
+        return {k: v for shard in shards for k, v in load_tensors(folder / shard).items()}
+    if (folder / PICKLE_FILE).is_file():
+        return load_pickle(folder / PICKLE_FILE)
+    raise CheckpointError(
+        f"{folder} has a config.json but no weights ({WEIGHTS_FILE}, {INDEX_FILE} or {PICKLE_FILE})"
+    )
+
+
+def config_from_hf(hf: dict[str, Any], sd: dict[str, torch.Tensor], prefix: str) -> ViTConfig:
+    hf = {**DEFAULTS, **hf}
+    if hf["hidden_act"] not in ACTIVATIONS:
+        raise CheckpointError(
+            f"hidden_act {hf['hidden_act']!r} is not a GELU vitkit computes; "
+            f"supported: {sorted(ACTIVATIONS)}"
+        )
+    pooler = f"{prefix}pooler.dense.weight"
+    has_pooler = pooler in sd and "classifier.weight" not in sd
+    if has_pooler and hf["pooler_act"] != "tanh":
+        raise CheckpointError(f"pooler_act {hf['pooler_act']!r}: vitkit's representation is tanh")
+    return ViTConfig(
+        img_size=hf["image_size"],
+        patch_size=hf["patch_size"],
+        in_chans=hf["num_channels"],
+        num_classes=int(sd["classifier.weight"].shape[0]) if "classifier.weight" in sd else 0,
+        width=hf["hidden_size"],
+        depth=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        mlp_dim=hf["intermediate_size"],
+        qkv_bias=hf["qkv_bias"],
+        eps=hf["layer_norm_eps"],
+        gelu=ACTIVATIONS[hf["hidden_act"]],
+        classifier="token",
+        representation_size=int(sd[pooler].shape[0]) if has_pooler else None,
+    )
+
+
+def detect(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG_FILE).is_file()
+
+
+def read(path: Path, spec: ModelSpec) -> Checkpoint:
+    hf = read_json(path / CONFIG_FILE)
+    if hf.get("model_type") != "vit":
+        raise CheckpointError(
+            f"{path / CONFIG_FILE} has model_type {hf.get('model_type')!r}; vitkit reads "
+            "Hugging Face folders of model_type 'vit' (ViTModel, ViTForImageClassification)"
+        )
+    sd = load_weights(path)
+    prefix = "vit." if any(k.startswith("vit.") for k in sd) else ""
+    try:
+        cfg = config_from_hf(hf, sd, prefix)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    rules = hf_rules(cfg, prefix)
+    unexpected = unused_keys(rules, sd)
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected keys {unexpected} in a Hugging Face ViT")
+    return Checkpoint(cfg, to_vitkit(rules, sd, f"{path} (Hugging Face layout)"), "hf")
+
+
+def write(model: VisionTransformer, folder: Path) -> None:
+    """Write ``model`` as a Hugging Face folder (config.json + model.safetensors)."""
+    cfg = model.cfg
+    problems = []
+    if cfg.classifier != "token":
+        problems.append("it classifies from the [class] token only (this model uses 'gap')")
+    if cfg.pos_embed != "learned":
+        problems.append(f"it has the learned 1-D position embedding only, not {cfg.pos_embed!r}")
+    if cfg.resnet_layers is not None:
+        problems.append("it has no hybrid ResNet stem")
+    if cfg.representation_size and cfg.num_classes:
+        problems.append(
+            "ViTForImageClassification has no representation layer before its classifier "
+            "(drop it with num_classes= / reset_classifier first)"
+        )
+    if problems:
+        raise CheckpointError("cannot write a Hugging Face ViT: " + "; ".join(problems))
+    classify = cfg.num_classes > 0
+    size = cfg.img_size[0] if cfg.img_size[0] == cfg.img_size[1] else list(cfg.img_size)
+    patch = cfg.patch_size[0] if cfg.patch_size[0] == cfg.patch_size[1] else list(cfg.patch_size)
+    config = {
+        "architectures": ["ViTForImageClassification" if classify else "ViTModel"],
+        "model_type": "vit",
+        "hidden_size": cfg.width,
+        "num_hidden_layers": cfg.depth,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.mlp_dim,
+        "hidden_act": WRITTEN_ACTIVATION[cfg.gelu],
+        "hidden_dropout_prob": cfg.dropout,
+        "attention_probs_dropout_prob": cfg.attn_dropout,
+        "layer_norm_eps": cfg.eps,
+        "image_size": size,
+        "patch_size": patch,
+        "num_channels": cfg.in_chans,
+        "qkv_bias": cfg.qkv_bias,
+        "pooler_output_size": cfg.representation_size or cfg.width,
+        "pooler_act": "tanh",
+        "id2label": {str(i): f"LABEL_{i}" for i in range(cfg.num_classes)},
+        "label2id": {f"LABEL_{i}": i for i in range(cfg.num_classes)},
+    }
+    sd = from_vitkit(hf_rules(cfg, "vit." if classify else ""), model.state_dict(), cfg)
+    save_safetensors(folder / WEIGHTS_FILE, sd, {"format": "pt"})
+    atomic_write(folder / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+
+
+register_format(CheckpointFormat("hf", detect, read))

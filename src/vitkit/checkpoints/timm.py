@@ -1,0 +1,179 @@
+"""timm ``VisionTransformer`` state dicts, in ``.safetensors``, ``.pth``, ``.pt`` or ``.bin``.
+
+timm's names are vitkit's, except ``pos_embed`` (vitkit: ``pos_embed.weight``) and the old
+representation layer ``pre_logits.fc`` (vitkit: ``pre_logits``); qkv is fused the same way.
+timm's ViTs use the exact GELU and LayerNorm eps 1e-6. A state dict does not record the number
+of attention heads, so reading one needs ``model=``, unless vitkit wrote it: ``write`` stores
+the model's config in the safetensors metadata (``vitkit_export_config``; timm ignores it).
+
+Pickle files are loaded with ``torch.load(weights_only=True)``: tensors only, never code.
+Not supported, with a message saying so: timm's hybrid (ResNet) naming (read the official
+``.npz`` instead), and timm-only extensions such as ``fc_norm``, layer scale or registers.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import torch
+
+from vitkit.checkpoints.core import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointFormat,
+    ModelSpec,
+    register_format,
+    resolve_spec,
+)
+from vitkit.checkpoints.mapping import (
+    Rule,
+    count_indexed,
+    from_vitkit,
+    heads_from_spec,
+    img_size_from_patches,
+    state_dict_keys,
+    to_vitkit,
+    unused_keys,
+)
+from vitkit.checkpoints.native import atomic_write, load_tensors, read_metadata, save_safetensors
+from vitkit.models.vit import VisionTransformer, ViTConfig
+
+SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+EXPORT_CONFIG_KEY = "vitkit_export_config"
+# Key fragments of timm features that the paper's ViT does not have.
+UNSUPPORTED = {
+    "patch_embed.backbone.": "a hybrid ResNet stem in timm's naming (read the official .npz)",
+    "fc_norm.": "fc_norm (LayerNorm after average pooling)",
+    ".ls1.": "layer scale",
+    "reg_token": "register tokens",
+    "norm_pre.": "a pre-encoder LayerNorm (CLIP-style)",
+    ".q_norm.": "query/key normalisation",
+    "attn_pool.": "an attention-pooling head",
+}
+# Hugging Face's names, to say so when someone passes its weights file instead of its folder.
+HF_MARKER = "embeddings.patch_embeddings.projection.weight"
+
+
+def timm_name(key: str) -> str:
+    if key == "pos_embed.weight":
+        return "pos_embed"
+    if key.startswith("pre_logits."):
+        return "pre_logits.fc." + key.removeprefix("pre_logits.")
+    return key
+
+
+def timm_rules(cfg: ViTConfig) -> list[Rule]:
+    return [Rule(key, (timm_name(key),)) for key in state_dict_keys(cfg)]
+
+
+def load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a PyTorch pickle file, tensors only (no code is ever run)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            raise CheckpointError(
+                f"{path} holds pickled Python objects besides tensors, and vitkit never runs "
+                "pickled code (torch.load weights_only=True refused it); save its state_dict "
+                "alone, or as .safetensors, with code you trust"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable PyTorch file ({err})") from None
+    except (RuntimeError, KeyError, EOFError, OSError, ValueError, IndexError) as err:
+        raise CheckpointError(f"{path} is not a readable PyTorch file ({err})") from None
+    # Training scripts wrap the weights: {"model": state_dict, "optimizer": ..., "epoch": ...}.
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (a dict of tensors)")
+    if obj and all(k.startswith("module.") for k in obj):  # saved from DistributedDataParallel
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    return obj
+
+
+def infer_config(sd: dict[str, torch.Tensor], spec: ViTConfig | None) -> ViTConfig:
+    proj = sd["patch_embed.proj.weight"]
+    width, in_chans = int(proj.shape[0]), int(proj.shape[1])
+    patch = (int(proj.shape[2]), int(proj.shape[3]))
+    classifier = "token" if "cls_token" in sd else "gap"
+    n_patches = sd["pos_embed"].shape[1] - (classifier == "token")
+    return ViTConfig(
+        img_size=img_size_from_patches(n_patches, patch, 1, spec),
+        patch_size=patch,
+        in_chans=in_chans,
+        num_classes=int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0,
+        width=width,
+        depth=count_indexed(sd, "blocks.{}.", 0),
+        num_heads=heads_from_spec(spec, width, "timm", "vit_b16"),
+        mlp_dim=int(sd["blocks.0.mlp.fc1.weight"].shape[0]),
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        eps=1e-6,
+        gelu="none",
+        classifier=classifier,
+        representation_size=(
+            int(sd["pre_logits.fc.weight"].shape[0]) if "pre_logits.fc.weight" in sd else None
+        ),
+    )
+
+
+def detect(path: Path) -> bool:
+    return path.is_file() and path.suffix in SUFFIXES
+
+
+def read(path: Path, spec: ModelSpec) -> Checkpoint:
+    metadata = {}
+    if path.suffix == ".safetensors":
+        metadata = read_metadata(path)
+        sd = load_tensors(path)
+    else:
+        sd = load_pickle(path)
+    if any(k.endswith(HF_MARKER) for k in sd):
+        raise CheckpointError(
+            f"{path} holds Hugging Face ViT weights: pass the folder that holds it and its "
+            "config.json instead"
+        )
+    features = sorted({name for part, name in UNSUPPORTED.items() if any(part in k for k in sd)})
+    if features:
+        raise CheckpointError(
+            f"{path}: this timm model has {', '.join(features)}, which vitkit's ViT does not"
+        )
+    try:
+        if EXPORT_CONFIG_KEY in metadata:  # written by vitkit: the exact config
+            cfg = ViTConfig.from_dict(json.loads(metadata[EXPORT_CONFIG_KEY]))
+        else:
+            cfg = infer_config(sd, resolve_spec(spec))
+    except KeyError as err:
+        raise CheckpointError(f"{path}: timm ViT state dict is missing the key {err}") from None
+    except (TypeError, ValueError) as err:  # json.JSONDecodeError and CheckpointError included
+        raise CheckpointError(f"{path}: {err}") from None
+    rules = timm_rules(cfg)
+    unexpected = unused_keys(rules, sd)
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected keys {unexpected} in a timm ViT")
+    return Checkpoint(cfg, to_vitkit(rules, sd, f"{path} (timm layout)"), "timm")
+
+
+def write(model: VisionTransformer, path: Path) -> None:
+    """Write ``model`` as a timm state dict (atomically); the suffix picks the file type."""
+    cfg = model.cfg
+    problems = []
+    if path.suffix not in SUFFIXES:
+        problems.append(f"the file name must end in one of {SUFFIXES}, not {path.name!r}")
+    if cfg.pos_embed != "learned":
+        problems.append(f"timm's ViT has the learned 1-D position embedding, not {cfg.pos_embed!r}")
+    if cfg.resnet_layers is not None:
+        problems.append("vitkit does not write timm's hybrid naming (write the official layout)")
+    if problems:
+        raise CheckpointError("cannot write a timm state dict: " + "; ".join(problems))
+    sd = from_vitkit(timm_rules(cfg), model.state_dict(), cfg)
+    if path.suffix == ".safetensors":
+        config = json.dumps(cfg.to_dict(), sort_keys=True)
+        save_safetensors(path, sd, {"format": "pt", EXPORT_CONFIG_KEY: config})
+    else:
+        sd = {k: v.contiguous().clone() for k, v in sd.items()}  # no views of shared storage
+        atomic_write(path, lambda tmp: torch.save(sd, tmp))
+
+
+register_format(CheckpointFormat("timm", detect, read))

@@ -1,0 +1,53 @@
+"""``vitkit analyze``: the paper's analyses of a checkpoint as figures and an HTML report."""
+
+from __future__ import annotations
+
+import argparse
+
+from vitkit.analysis import analyze
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "analyze",
+        help="attention maps, rollout, attention distance, embeddings: PNGs + report.html",
+        description="Write PNG figures and report.html (open it from the file system) with "
+        "the paper's analyses of a checkpoint: attention maps per layer and head, attention "
+        "rollout, mean attention distance, position-embedding similarity and embedding "
+        "filters; for a run folder also its training curves and confusion matrix. Without "
+        "--images, samples of --data (or of the run's data) are used.",
+    )
+    p.add_argument("checkpoint", help="a run folder (vitkit train --out), or any checkpoint")
+    p.add_argument("--images", nargs="+", metavar="IMG", help="image files to analyse")
+    p.add_argument(
+        "--data",
+        help="dataset to take sample images from when --images is not given: 'digits' or a "
+        "path vitkit reads (default: the run's data)",
+    )
+    p.add_argument("--out", required=True, help="folder for the figures and report.html")
+    p.add_argument(
+        "--num-images",
+        type=int,
+        help="images shown with attention maps and rollout (default: every --images file, "
+        "else 4 samples)",
+    )
+    p.add_argument(
+        "--distance-images",
+        type=int,
+        default=32,
+        help="images averaged for the mean attention distance (default: %(default)s)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = analyze(
+        args.checkpoint,
+        args.out,
+        images=args.images,
+        data=args.data,
+        num_images=args.num_images,
+        distance_images=args.distance_images,
+    )
+    print(f"wrote {report}")
+    return 0

@@ -1,0 +1,50 @@
+"""``vitkit convert``: any checkpoint vitkit reads, written in another format."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vitkit.checkpoints import EXPORT_FORMATS, export
+from vitkit.checkpoints.core import build_model, read_checkpoint
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="convert a checkpoint to vitkit, timm, official .npz or Hugging Face format",
+        description="Read SRC in any format vitkit knows (recognised by itself) and write it "
+        "to DST. DST is a folder for --to hf and for --to vitkit (unless it ends in "
+        ".safetensors), a .safetensors/.pth/.pt/.bin file for --to timm, an .npz file for "
+        "--to official. DST is written under a temporary name and renamed when complete.",
+    )
+    p.add_argument("src", help="checkpoint file or folder to read")
+    p.add_argument("dst", help="where to write")
+    p.add_argument("--to", required=True, choices=EXPORT_FORMATS, help="format to write")
+    p.add_argument(
+        "--model",
+        help="registered model name giving what SRC does not record (a timm state dict's "
+        "number of heads), e.g. vit_b16",
+    )
+    p.add_argument("--img-size", type=int, help="resize the position embeddings to this size")
+    p.add_argument("--num-classes", type=int, help="replace the head by a zero-initialised one")
+    p.add_argument("--gelu", choices=("tanh", "none"), help="override the GELU (none = exact)")
+    p.add_argument("--eps", type=float, help="override the LayerNorm epsilon")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    dst = Path(args.dst)
+    if dst.exists() and not args.overwrite:
+        raise ValueError(f"{dst} exists; pass --overwrite to replace it")
+    overrides = {
+        name: getattr(args, name)
+        for name in ("img_size", "num_classes", "gelu", "eps")
+        if getattr(args, name) is not None
+    }
+    ckpt = read_checkpoint(args.src, args.model)
+    model = build_model(ckpt, **overrides)
+    export(model, dst, args.to)
+    print(f"{args.src} ({ckpt.format}) -> {dst} ({args.to}): {model.num_parameters():,} parameters")
+    return 0

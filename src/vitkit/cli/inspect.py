@@ -1,0 +1,78 @@
+"""``vitkit inspect``: what a checkpoint holds, without running it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from vitkit.checkpoints.core import CheckpointError, check_state_dict, read_checkpoint
+from vitkit.models.vit import VisionTransformer, ViTConfig
+
+SHOWN_DROPPED = 10
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "inspect",
+        help="show a checkpoint's format, architecture, parameter count and numerics",
+        description="Recognise CKPT's format and show its architecture, parameter count, "
+        "numerics (GELU form, LayerNorm epsilon), whether its weights fit that architecture, "
+        "and the stored entries that loading would drop (optimizer state, ...).",
+    )
+    p.add_argument("checkpoint", help="checkpoint file or folder")
+    p.add_argument(
+        "--model", help="registered model name giving what CKPT does not record, e.g. vit_b16"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p.set_defaults(func=run)
+
+
+def describe(cfg: ViTConfig) -> str:
+    parts = [
+        f"width {cfg.width}, depth {cfg.depth}, {cfg.num_heads} heads, MLP {cfg.mlp_dim}",
+        f"patch {cfg.patch_size[0]}x{cfg.patch_size[1]}, image {cfg.img_size[0]}x{cfg.img_size[1]}"
+        f", {cfg.in_chans} channels",
+        f"{cfg.classifier} classifier, {cfg.pos_embed} position embedding",
+        f"{cfg.num_classes} classes" if cfg.num_classes else "no head",
+    ]
+    if cfg.representation_size:
+        parts.append(f"representation layer {cfg.representation_size}")
+    if cfg.resnet_layers:
+        parts.append(f"hybrid ResNet stages {list(cfg.resnet_layers)}")
+    return "; ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    ckpt = read_checkpoint(args.checkpoint, args.model)
+    cfg = ckpt.config
+    with torch.device("meta"):
+        model = VisionTransformer(cfg)
+    try:
+        check_state_dict(model, ckpt.state_dict)
+        fits = "yes"
+    except CheckpointError as err:
+        fits = f"no: {err}"
+    info = {
+        "format": ckpt.format,
+        "architecture": describe(cfg),
+        "parameters": sum(t.numel() for t in ckpt.state_dict.values()),
+        "numerics": f"GELU {'tanh approximation' if cfg.gelu == 'tanh' else 'exact (erf)'}, "
+        f"LayerNorm eps {cfg.eps:g}",
+        "weights fit": fits,
+        "dropped": ckpt.dropped,
+    }
+    if args.json:
+        print(json.dumps({**info, "config": cfg.to_dict()}, indent=2))
+    else:
+        for key, value in info.items():
+            if key == "parameters":
+                value = f"{value:,}"
+            elif key == "dropped":
+                shown = ", ".join(value[:SHOWN_DROPPED]) + (
+                    ", ..." if len(value) > SHOWN_DROPPED else ""
+                )
+                value = f"{len(value)} entries: {shown}" if value else "nothing"
+            print(f"{key + ':':13} {value}")
+    return 0 if fits == "yes" else 1

@@ -1,0 +1,210 @@
+"""Batched augmentation on the batch's device: uint8 images in, model-scale floats out.
+
+kornia does random-resized crop, flip and the RandAugment operations. Two things are ours:
+
+- RandAugment picks its operations per *image*, as in the paper and the official TF code;
+  kornia's ``RandAugment`` picks one set for the whole batch. Each of kornia's one-operation
+  policies is applied to the images that drew it (drawn with replacement, as TF and timm).
+  Magnitudes use kornia's scale, 0..30 over each operation's range (rotate: ±m degrees,
+  translate ±0.1·m/30 of the size; TF's level L is about kornia's 3L); the colour operation
+  leaves grey images unchanged.
+- mixup / cutmix write soft labels directly (one ``lam`` per batch, mixing each image with
+  the batch reversed, as timm); kornia's versions return (label, label, lam) triples instead.
+
+kornia draws from torch's global random generator; every draw here happens inside
+``torch.random.fork_rng`` reseeded from the transform's own generator, so the same seed gives
+the same augmented batches and the training loop's random state is untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import kornia.augmentation as K
+import torch
+import torch.nn.functional as F
+from kornia.augmentation.auto import RandAugment
+from kornia.augmentation.auto.rand_augment.rand_augment import default_policy
+from kornia.color import rgb_to_grayscale
+from torch import nn
+
+
+def to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) (or floats in 0..255) -> float32 in [-1, 1], ``(x - 127.5) / 127.5``
+    as the official code."""
+    return (images.float() - 127.5) / 127.5
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentations; all off by default."""
+
+    random_resized_crop: bool = False
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # area fraction range (Inception crop)
+    hflip: bool = False
+    randaugment: tuple[int, int] | None = None  # (num_ops, magnitude on kornia's 0..30 scale)
+    mixup: float = 0.0  # Beta(alpha, alpha) for mixup's lam; 0 = off
+    cutmix: float = 0.0  # Beta(alpha, alpha) for cutmix's lam; 0 = off
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.crop_scale = (float(self.crop_scale[0]), float(self.crop_scale[1]))
+        if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        if self.randaugment is not None:
+            num_ops, magnitude = self.randaugment
+            if num_ops < 1 or not 0 < magnitude < 30:
+                raise ValueError(
+                    "randaugment is (num_ops >= 1, magnitude in (0, 30) on kornia's scale), "
+                    f"got {self.randaugment}"
+                )
+            self.randaugment = (int(num_ops), int(magnitude))
+        for name in ("mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"{name} is a Beta alpha >= 0 (0 = off), got {getattr(self, name)}"
+                )
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+class PerImageRandAugment(nn.Module):
+    """RandAugment with operations drawn per image (see the module docstring)."""
+
+    def __init__(self, num_ops: int, magnitude: int) -> None:
+        super().__init__()
+        self.num_ops = num_ops
+        self.names = [policy[0][0] for policy in default_policy]
+        self.operations = nn.ModuleList(RandAugment(1, magnitude, [p]) for p in default_policy)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Float images in [0, 1]; on grey images the colour operation leaves them unchanged."""
+        grey = images.shape[1] == 1
+        for _ in range(self.num_ops):
+            choice = torch.randint(len(self.operations), (len(images),)).to(images.device)
+            images = images.clone()
+            for index, (name, operation) in enumerate(
+                zip(self.names, self.operations, strict=True)
+            ):
+                chosen = torch.nonzero(choice == index).flatten()
+                if len(chosen) and not (grey and name == "color"):
+                    images[chosen] = operation(images[chosen])
+        return images
+
+
+class BatchTransform(nn.Module):
+    """``forward(uint8 images (B, C, H, W), labels (B,), train)`` -> (float images
+    (B, channels, *img_size) in [-1, 1], soft targets (B, num_classes)).
+
+    Training: random-resized crop (else a resize) to ``img_size``, flip, RandAugment, then
+    mixup / cutmix with label smoothing, as ``augment`` enables them. Evaluation
+    (``train=False``): resize and scale only, one-hot targets. ``channels`` (default: the
+    input's) converts grey to RGB or RGB to grey, for a model with another ``in_chans``.
+    The random state (``state_dict`` saves it) advances once per training batch.
+    """
+
+    def __init__(
+        self,
+        img_size: tuple[int, int],
+        num_classes: int,
+        augment: AugmentConfig,
+        seed: int,
+        *,
+        channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.img_size = (int(img_size[0]), int(img_size[1]))
+        self.num_classes = num_classes
+        self.augment = augment
+        self.channels = channels
+        self.generator = torch.Generator().manual_seed(seed)
+        self.crop = (
+            K.RandomResizedCrop(self.img_size, scale=augment.crop_scale)
+            if augment.random_resized_crop
+            else None
+        )
+        self.flip = K.RandomHorizontalFlip() if augment.hflip else None
+        self.randaugment = (
+            PerImageRandAugment(*augment.randaugment) if augment.randaugment is not None else None
+        )
+
+    def get_extra_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+    def _match_channels(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels is None or images.shape[1] == self.channels:
+            return images
+        if images.shape[1] == 1 and self.channels == 3:
+            return images.repeat(1, 3, 1, 1)
+        if images.shape[1] == 3 and self.channels == 1:
+            return rgb_to_grayscale(images)
+        raise ValueError(f"cannot turn {images.shape[1]}-channel images into {self.channels}")
+
+    def _resize(self, images: torch.Tensor) -> torch.Tensor:
+        if tuple(images.shape[-2:]) == self.img_size:
+            return images
+        return F.interpolate(images, self.img_size, mode="bilinear", antialias=True)
+
+    def one_hot(self, labels: torch.Tensor) -> torch.Tensor:
+        """Smoothed one-hot targets: ``1 - s + s/K`` on the label, ``s/K`` elsewhere."""
+        smoothing = self.augment.label_smoothing
+        targets = F.one_hot(labels, self.num_classes).float()
+        return targets * (1.0 - smoothing) + smoothing / self.num_classes
+
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, train: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(
+                f"expected uint8 (B, C, H, W) images, got {images.dtype} {tuple(images.shape)}"
+            )
+        images = self._match_channels(images.float())
+        labels = labels.long().to(images.device)
+        if not train:
+            return to_model_input(self._resize(images)), F.one_hot(labels, self.num_classes).float()
+        seed = int(torch.randint(2**62, (), generator=self.generator))
+        devices = [images.device] if images.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.random.default_generator.manual_seed(seed)
+            if devices:
+                torch.cuda.manual_seed(seed)
+            unit_images, targets = self._augment(images / 255.0, labels)  # kornia works in [0, 1]
+        return to_model_input(unit_images.clamp(0.0, 1.0) * 255.0), targets
+
+    def _augment(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.crop(images) if self.crop is not None else self._resize(images)
+        if self.flip is not None:
+            images = self.flip(images)
+        if self.randaugment is not None:
+            images = self.randaugment(images)
+        targets = self.one_hot(labels)
+        mixup, cutmix = self.augment.mixup, self.augment.cutmix
+        if mixup > 0 or cutmix > 0:
+            use_cutmix = cutmix > 0 and (mixup == 0 or bool(torch.rand(()) < 0.5))
+            alpha = cutmix if use_cutmix else mixup
+            lam = float(torch.distributions.Beta(alpha, alpha).sample())
+            if use_cutmix:
+                images, lam = _cutmix(images, lam)
+            else:
+                images = lam * images + (1.0 - lam) * images.flip(0)
+            targets = lam * targets + (1.0 - lam) * targets.flip(0)
+        return images, targets
+
+
+def _cutmix(images: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:
+    """Paste a box of about ``1 - lam`` of the area from the reversed batch; returns the
+    images and ``lam`` corrected to the box actually pasted (it is clipped at the border)."""
+    height, width = images.shape[-2:]
+    cut = (1.0 - lam) ** 0.5
+    cy, cx = int(torch.randint(height, ())), int(torch.randint(width, ()))
+    half_h, half_w = int(height * cut) // 2, int(width * cut) // 2
+    top, bottom = max(cy - half_h, 0), min(cy + half_h, height)
+    left, right = max(cx - half_w, 0), min(cx + half_w, width)
+    mixed = images.clone()
+    mixed[..., top:bottom, left:right] = images.flip(0)[..., top:bottom, left:right]
+    return mixed, 1.0 - (bottom - top) * (right - left) / (height * width)

@@ -1,0 +1,111 @@
+"""An in-memory image dataset and the batches a training loop draws from it.
+
+Everything is held as one uint8 tensor: small vision datasets fit in memory (CIFAR-10 is
+150 MB), so an epoch is a permutation and a slice per batch, with no loader workers, and
+sharding across ranks is a stride over that permutation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ImageDataset:
+    """Images (uint8, (N, C, H, W)), labels (int64, (N,)) and class names (index = label)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(
+                f"images must be a uint8 (N, C, H, W) tensor, got {self.images.dtype} "
+                f"of shape {tuple(self.images.shape)}"
+            )
+        if self.labels.shape != (len(self.images),):
+            raise ValueError(
+                f"labels must have shape ({len(self.images)},) to match the images, "
+                f"got {tuple(self.labels.shape)}"
+            )
+        self.labels = self.labels.long()
+        if len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < len(
+            self.classes
+        ):
+            raise ValueError(
+                f"labels must lie in [0, {len(self.classes)}) for {len(self.classes)} classes, "
+                f"got [{int(self.labels.min())}, {int(self.labels.max())}]"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: torch.Tensor) -> ImageDataset:
+        return ImageDataset(self.images[indices], self.labels[indices], list(self.classes))
+
+    def split(self, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
+        """Deterministic, stratified split: (rest, held-out ``fraction``), e.g. for validation.
+
+        Each class gives ``round(fraction * its count)`` images, chosen by a permutation seeded
+        with ``seed``; both parts keep the dataset's order.
+        """
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
+        generator = torch.Generator().manual_seed(seed)
+        held_out = torch.zeros(len(self), dtype=torch.bool)
+        for label in range(len(self.classes)):
+            members = torch.nonzero(self.labels == label).flatten()
+            chosen = members[torch.randperm(len(members), generator=generator)]
+            held_out[chosen[: round(fraction * len(members))]] = True
+        return self.subset(torch.nonzero(~held_out).flatten()), self.subset(
+            torch.nonzero(held_out).flatten()
+        )
+
+
+def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """A permutation of ``range(num_items)`` that depends only on ``(seed, epoch)``."""
+    epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(epoch_seed))
+
+
+def iterate_batches(
+    dataset: ImageDataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(uint8 images, labels) batches of one epoch.
+
+    The order depends only on ``(seed, epoch)``, so a resumed run sees the same batches. With
+    ``world_size > 1`` each rank takes the interleaved shard ``rank::world_size`` of the
+    epoch's order and ``batch_size`` is per rank. Every rank must run the same number of steps,
+    so the order is first cut (``drop_last``) or wrapped around (otherwise, as PyTorch's
+    ``DistributedSampler``) to a multiple of ``world_size``: a few images then appear on two
+    ranks, which an exact distributed evaluation has to account for.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    order = epoch_permutation(len(dataset), seed, epoch) if shuffle else torch.arange(len(dataset))
+    if world_size > 1:
+        if drop_last:
+            order = order[: len(order) - len(order) % world_size]
+        elif len(order):
+            padded = -(-len(order) // world_size) * world_size
+            order = order.repeat(-(-padded // len(order)))[:padded]
+        order = order[rank::world_size]
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    for start in range(0, stop, batch_size):
+        indices = order[start : start + batch_size]
+        yield dataset.images[indices], dataset.labels[indices]

@@ -1,0 +1,108 @@
+"""Evaluation and prediction with a trained model: loss, accuracy, confusion matrix, top-k."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vitkit.data import AugmentConfig, BatchTransform, ImageDataset, iterate_batches
+from vitkit.models import VisionTransformer
+from vitkit.training.distributed import Process, all_reduce_sum
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """bfloat16 autocast for ``precision == "bf16"``, else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def eval_transform(model: VisionTransformer) -> BatchTransform:
+    """Resize to the model's resolution, match its channels, scale to [-1, 1]."""
+    cfg = model.cfg
+    return BatchTransform(cfg.img_size, cfg.num_classes, AugmentConfig(), 0, channels=cfg.in_chans)
+
+
+@dataclass
+class Evaluation:
+    loss: float  # mean cross-entropy
+    confusion: torch.Tensor  # (classes, classes) counts, rows = true class, columns = predicted
+
+    @property
+    def count(self) -> int:
+        return int(self.confusion.sum())
+
+    @property
+    def correct(self) -> int:
+        return int(self.confusion.diagonal().sum())
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.count, 1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: VisionTransformer,
+    dataset: ImageDataset,
+    batch_size: int = 512,
+    precision: str = "fp32",
+    process: Process | None = None,
+) -> Evaluation:
+    """Every image of ``dataset`` once; under DDP each process takes an interleaved shard and
+    the sums are added up, so the result is exact on any number of processes."""
+    device = next(model.parameters()).device
+    rank, world_size = (process.rank, process.world_size) if process else (0, 1)
+    shard = dataset.subset(torch.arange(rank, len(dataset), world_size))
+    num_classes = model.cfg.num_classes
+    if len(dataset.classes) != num_classes:
+        raise ValueError(
+            f"the data has {len(dataset.classes)} classes but the model predicts {num_classes}"
+        )
+    transform = eval_transform(model)
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    for images, labels in iterate_batches(shard, batch_size, shuffle=False, seed=0, epoch=0):
+        x, _ = transform(images.to(device), labels, train=False)
+        labels = labels.to(device)
+        with autocast(device, precision):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+        confusion += torch.bincount(
+            labels * num_classes + logits.argmax(-1), minlength=num_classes**2
+        ).view(num_classes, num_classes)
+    model.train(was_training)
+    if process is not None:
+        all_reduce_sum(loss_sum, process)
+        all_reduce_sum(confusion, process)
+    return Evaluation(float(loss_sum) / max(len(dataset), 1), confusion.cpu())
+
+
+@torch.no_grad()
+def predict(
+    model: VisionTransformer, images: torch.Tensor, top_k: int = 5
+) -> list[list[tuple[str, float]]]:
+    """Top-``top_k`` (class name, probability) of each uint8 image (B, C, H, W)."""
+    device = next(model.parameters()).device
+    labels = torch.zeros(len(images), dtype=torch.long)
+    x, _ = eval_transform(model)(images.to(device), labels, train=False)
+    probs = model.eval()(x).float().softmax(-1)
+    names = class_names(model)
+    top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+    return [
+        [(names[int(i)], float(p)) for p, i in zip(values, indices, strict=True)]
+        for values, indices in zip(top.values, top.indices, strict=True)
+    ]
+
+
+def class_names(model: VisionTransformer) -> list[str]:
+    """The class names a vitkit training run stores in the config, else the indices."""
+    names = model.cfg.extra.get("classes")
+    if isinstance(names, list) and len(names) == model.cfg.num_classes:
+        return [str(n) for n in names]
+    return [str(i) for i in range(model.cfg.num_classes)]

@@ -1,0 +1,420 @@
+"""Training, fine-tuning, evaluation, prediction, run folders, resume and DDP.
+
+Every run is a tiny ViT on a few hundred of the shipped digits, so each takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from vitkit import load_pretrained
+from vitkit.cli import main
+from vitkit.data import load_dataset
+from vitkit.models import VisionTransformer, create_model
+from vitkit.training import TrainConfig, TrainingDiverged, train
+from vitkit.training.optim import decayed_parameter_names, lr_factor
+
+TINY = dict(epochs=3, batch_size=32, lr=3e-3, warmup_epochs=1.0, log_every=1, val_fraction=0.2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from a second thread, and the other tests share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """320 training and 100 test digits as an .npz file (a format load_dataset reads)."""
+    train_set, test_set = load_dataset("digits", "train"), load_dataset("digits", "test")
+    path = tmp_path_factory.mktemp("data") / "tiny_digits.npz"
+    np.savez(
+        path,
+        x_train=train_set.images[:320].numpy(),
+        y_train=train_set.labels[:320].numpy(),
+        x_test=test_set.images[:100].numpy(),
+        y_test=test_set.labels[:100].numpy(),
+    )
+    return path
+
+
+def config(data: Path, out: Path, **overrides: object) -> TrainConfig:
+    return TrainConfig.from_dict({**TINY, "data": str(data), "out": str(out), **overrides})
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint: the model and its training state."""
+    return load_file(str(path))
+
+
+def train_records(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete run, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    train(config(tiny_data, out, epochs=6, warmup_epochs=1.0))
+    return out
+
+
+# ------------------------------------------------------------------- the optimisation
+
+
+def test_schedule_follows_the_formulas() -> None:
+    # Linear warm-up over 4 steps reaches the peak at the 4th step.
+    assert [lr_factor(s, 4, 14, "cosine") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    # Cosine: half-way through the decay is half the peak, the end is zero.
+    assert lr_factor(4 + 5, 4, 14, "cosine") == pytest.approx(0.5)
+    assert lr_factor(14, 4, 14, "cosine") == pytest.approx(0.0, abs=1e-12)
+    # Linear: a quarter of the way through the decay is 3/4 of the peak.
+    assert lr_factor(4 + 2.5, 4, 14, "linear") == pytest.approx(0.75)
+
+
+def test_weight_decay_only_on_weight_matrices() -> None:
+    model = create_model("vit_micro", num_classes=10)
+    decayed = decayed_parameter_names(model)
+    names = dict(model.named_parameters())
+    # Per block: qkv, proj, fc1, fc2 kernels; plus the patch projection and the head.
+    assert len(decayed) == 4 * model.cfg.depth + 2
+    assert decayed <= set(names)
+    assert all(names[n].ndim >= 2 for n in decayed)
+    for kept in (
+        "cls_token",
+        "pos_embed.weight",
+        "head.bias",
+        "norm.weight",
+        "blocks.0.norm1.bias",
+    ):
+        assert kept not in decayed
+
+
+def test_a_few_steps_lower_the_loss(trained_run: Path) -> None:
+    records = train_records(trained_run)
+    # A zero-initialised head predicts the uniform distribution: the first loss is ln(10).
+    assert records[0]["loss"] == pytest.approx(math.log(10), abs=1e-4)
+    assert records[-1]["loss"] < 0.7 * math.log(10)
+
+
+def test_run_folder_holds_what_a_person_reads(trained_run: Path) -> None:
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"config.json", "metrics.jsonl", "curves.png", "summary.json"} <= names
+    assert {"last.safetensors", "best.safetensors"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    summary = json.loads((trained_run / "summary.json").read_text())
+    confusion = np.array(summary["confusion_matrix"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 100
+    assert summary["test_accuracy"] == pytest.approx(np.trace(confusion) / 100)
+    assert summary["epochs"] == 6 and summary["classes"] == [str(d) for d in range(10)]
+    assert 0 < summary["best_val_accuracy"] <= 1 and summary["wall_seconds"] > 0
+    assert summary["images_per_second"] > 0
+    val = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["split"] == "val" for r in val) == 6
+    assert json.loads((trained_run / "config.json").read_text())["epochs"] == 6
+    with Image.open(trained_run / "curves.png") as png:
+        assert png.size[0] > 100
+    # Both checkpoints load with the ordinary loader; best is the best validation epoch.
+    model = load_pretrained(trained_run / "best.safetensors")
+    assert model.cfg.extra["classes"] == summary["classes"]
+
+
+# SGD, not Adam, where two runs must agree to 1e-5: the key projection's bias has a true
+# gradient of zero (softmax ignores a constant added to every logit), and Adam divides its
+# rounding noise by its own size, turning it into steps of +-lr that differ between runs.
+# Random crops differ with the micro-batch and the process, so they are off there too.
+EXACT = dict(optimizer="sgd", lr=0.05, augment=dict(random_resized_crop=False))
+
+
+def test_gradient_accumulation_keeps_the_global_batch(tiny_data: Path, tmp_path: Path) -> None:
+    train(config(tiny_data, tmp_path / "one", epochs=2, **EXACT))
+    train(config(tiny_data, tmp_path / "acc", epochs=2, accum_steps=4, **EXACT))
+    one, acc = (
+        weights(tmp_path / "one/last.safetensors"),
+        weights(tmp_path / "acc/last.safetensors"),
+    )
+    for name in one:
+        torch.testing.assert_close(acc[name], one[name], rtol=0, atol=1e-5)
+
+
+def test_bf16_autocast_trains(tiny_data: Path, tmp_path: Path) -> None:
+    summary = train(config(tiny_data, tmp_path / "bf16", epochs=2, precision="bf16"))
+    assert summary["precision"] == "bf16"
+    records = train_records(tmp_path / "bf16")
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+# ---------------------------------------------------------------------- nothing lost
+
+
+def test_resume_is_bit_identical(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    augment = dict(random_resized_crop=True, crop_scale=(0.5, 1.0), label_smoothing=0.1)
+    cfg = dict(epochs=4, dropout=0.1, drop_path=0.1, augment=augment)
+    train(config(tiny_data, tmp_path / "whole", **cfg))
+
+    from vitkit.training.run import RunFolder
+
+    save = RunFolder.save_checkpoint
+    calls = []
+
+    def save_then_die(self: RunFolder, *args: object, **kwargs: object) -> None:
+        save(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed right after the 2nd epoch's checkpoint
+
+    monkeypatch.setattr(RunFolder, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tiny_data, tmp_path / "cut", **cfg))
+    monkeypatch.setattr(RunFolder, "save_checkpoint", save)
+    summary = train(resume=tmp_path / "cut")
+
+    whole, resumed = (
+        weights(tmp_path / "whole/last.safetensors"),
+        weights(tmp_path / "cut/last.safetensors"),
+    )
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+    assert summary["steps"] == 4 * (256 // 32)
+    # The metrics of the killed epochs are not repeated.
+    steps = [r["step"] for r in train_records(tmp_path / "cut")]
+    assert steps == sorted(set(steps))
+
+
+def test_resume_after_sigkill(tiny_data: Path, tmp_path: Path) -> None:
+    """The real thing: the CLI killed with SIGKILL mid-run, then ``--resume``, against the
+    same run never interrupted (in this process, also on one thread)."""
+    settings = dict(data=str(tiny_data), epochs=20, batch_size=32, warmup_epochs=1.0)
+    train(TrainConfig.from_dict({**settings, "out": str(tmp_path / "whole")}))
+    cut = tmp_path / "cut"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+    command = [sys.executable, "-m", "vitkit", "train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*command, *flags, "--out", str(cut)], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (cut / "last.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # somewhere in a later epoch, or in the middle of writing a checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "summary.json").exists(), "the run finished before it could be killed"
+    subprocess.run([*command, "--resume", str(cut)], env=env, check=True, capture_output=True)
+    whole, resumed = weights(tmp_path / "whole/last.safetensors"), weights(cut / "last.safetensors")
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forward = VisionTransformer.forward
+    calls = []
+
+    def poisoned(self: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            calls.append(1)
+            if len(calls) > 8 + 3:  # 8 steps per epoch: NaN in the middle of epoch 2
+                return forward(self, x) * float("nan")
+        return forward(self, x)
+
+    monkeypatch.setattr(VisionTransformer, "forward", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged, match=r"nan at step 12 .*last.safetensors \(epoch 1\)"):
+        train(config(tiny_data, out))
+    model = load_pretrained(out / "last.safetensors")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    state = json.loads(
+        __import__("safetensors")
+        .safe_open(str(out / "last.safetensors"), "pt")
+        .metadata()["vitkit_state"]
+    )
+    assert state["epoch"] == 1 and state["step"] == 8
+
+
+# ------------------------------------------------------------- fine-tune, eval, predict
+
+
+def test_finetune_at_a_higher_resolution_with_new_classes(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    # Five classes (digits 0-4) at 16x16: the head is new, the position embeddings resized.
+    digits = load_dataset("digits", "train")
+    keep = torch.nonzero(digits.labels < 5).flatten()[:200]
+    data = tmp_path / "five.npz"
+    np.savez(data, images=digits.images[keep].numpy(), labels=digits.labels[keep].numpy())
+    code = main([
+        "finetune", "--from", str(trained_run / "best.safetensors"), "--data", str(data),
+        "--img-size", "16", "--epochs", "2", "--batch-size", "32", "--val-fraction", "0",
+        "--out", str(tmp_path / "ft"),
+    ])  # fmt: skip
+    assert code == 0
+    model = load_pretrained(tmp_path / "ft/last.safetensors")
+    assert model.cfg.img_size == (16, 16) and model.cfg.num_classes == 5
+    assert model.pos_embed.weight.shape[1] == 1 + 8 * 8
+    cfg = json.loads((tmp_path / "ft/config.json").read_text())
+    assert cfg["optimizer"] == "sgd" and cfg["grad_clip"] == 1.0 and cfg["weight_decay"] == 0
+    # The encoder started from the checkpoint: its first block moved only a little.
+    start = load_pretrained(trained_run / "best.safetensors")
+    moved = (model.blocks[0].attn.qkv.weight - start.blocks[0].attn.qkv.weight).norm()
+    assert moved < 0.5 * start.blocks[0].attn.qkv.weight.norm()
+
+
+def test_eval_reports_the_summary_accuracy(
+    trained_run: Path, tiny_data: Path, capsys: pytest.CaptureFixture
+) -> None:
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert main(["eval", str(trained_run / "best.safetensors"), "--data", str(tiny_data)]) == 0
+    correct = round(summary["test_accuracy"] * 100)
+    assert f"({correct}/100)" in capsys.readouterr().out
+
+
+def test_predict_names_the_digit(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["test_accuracy"] > 0.5
+    test_set = load_dataset("digits", "test")
+    model = load_pretrained(trained_run / "best.safetensors")
+    paths, labels = [], []
+    for i in range(20):
+        path = tmp_path / f"digit{i}.png"
+        Image.fromarray(test_set.images[i, 0].numpy()).resize((32, 32)).save(path)
+        paths.append(str(path))
+        labels.append(str(int(test_set.labels[i])))
+    assert main(["predict", str(trained_run / "best.safetensors"), *paths, "--top-k", "10"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 20
+    top1_right = 0
+    for line, label in zip(lines, labels, strict=True):
+        fields = line.split(": ", 1)[1].split(", ")
+        names = [f.split()[0] for f in fields]
+        probs = [float(f.split()[1]) for f in fields]
+        assert sorted(names) == [str(d) for d in range(10)]
+        assert sum(probs) == pytest.approx(1.0, abs=0.01) and probs == sorted(probs, reverse=True)
+        top1_right += names[0] == label
+    assert top1_right >= 10
+    del model
+
+
+# ------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lr", "-1"], "lr must be positive"),
+        (["--warmup-epochs", "70"], "warmup_epochs must be in"),
+        (["--model", "vit_nope"], "is not registered"),
+        (["--data", "/nonexistent/data"], "does not exist"),
+        (["--batch-size", "4096"], "training images: lower --batch-size"),
+        (["--batch-size", "100", "--accum-steps", "3"], "divisible by accum_steps"),
+        (["--label-smoothing", "1.5"], "label_smoothing must be in"),
+        (["--config", "/nonexistent.toml"], "config file /nonexistent.toml does not exist"),
+    ],
+)
+def test_bad_input_is_rejected_before_training(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("vitkit train: error:")
+    assert not out.exists()
+
+
+def test_bad_toml_keys_and_values(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text("epochs = 5\nlearning_rate = 0.1\n[augment]\nflip = true\n")
+    assert main(["train", "--config", str(toml)]) == 2
+    err = capsys.readouterr().err
+    assert "'learning_rate'" in err and "'augment.flip'" in err
+    toml.write_text("epochs = 'five'\n")
+    assert main(["train", "--config", str(toml)]) == 2
+    toml.write_text("epochs = [\n")
+    assert main(["train", "--config", str(toml)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+
+
+def test_run_folders_are_never_overwritten(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    before = (trained_run / "last.safetensors").read_bytes()
+    assert main(["train", "--out", str(trained_run)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (trained_run / "last.safetensors").read_bytes() == before
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "holds no run to resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(trained_run), "--epochs", "9"]) == 2
+    assert "drop the other options (epochs)" in capsys.readouterr().err
+
+
+def test_inference_errors(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ckpt = str(trained_run / "best.safetensors")
+    assert main(["predict", ckpt, str(tmp_path / "missing.png")]) == 2
+    assert "missing.png does not exist" in capsys.readouterr().err
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    assert main(["predict", ckpt, str(tmp_path / "junk.png")]) == 2
+    assert "not an image Pillow can read" in capsys.readouterr().err
+    three = tmp_path / "three.npz"
+    np.savez(three, images=np.zeros((4, 8, 8), np.uint8), labels=np.arange(4) % 3)
+    assert main(["eval", ckpt, "--data", str(three)]) == 2
+    assert "the data has 3 classes but the model predicts 10" in capsys.readouterr().err
+    assert main(["finetune", "--from", str(tmp_path / "nope.safetensors")]) == 2
+    assert "init_from" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def test_torchrun_two_processes_match_one(tiny_data: Path, tmp_path: Path) -> None:
+    """gloo, 2 processes x 16 images = 1 process x 32 images, step for step."""
+    args = ["train", "--data", str(tiny_data), "--epochs", "2", "--batch-size", "32",
+            "--warmup-epochs", "1", "--optimizer", "sgd", "--lr", "0.05",
+            "--no-random-resized-crop"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    subprocess.run(
+        [*torchrun, "-m", "vitkit", *args, "--out", str(tmp_path / "ddp")],
+        env=env, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    ddp, single = (
+        weights(tmp_path / "ddp/last.safetensors"),
+        weights(tmp_path / "single/last.safetensors"),
+    )
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], rtol=0, atol=1e-5)
+    summaries = [json.loads((tmp_path / r / "summary.json").read_text()) for r in ("ddp", "single")]
+    assert summaries[0]["processes"] == 2
+    assert summaries[0]["confusion_matrix"] == summaries[1]["confusion_matrix"]
