@@ -95,16 +95,17 @@ def print_curve(run_dir: Path) -> None:
 def finetune(seeds: list[int], epochs: int | None, out: Path) -> list[list[str]]:
     """MNIST at 8x8 (the digits' resolution) -> digits at 16x16, against scratch at 16x16."""
     rows = []
+    pre_epochs, tune_epochs = epochs or 3, epochs or 40
     for seed in seeds:
-        pre = run(dict(model="vit_digits", data=data_path("mnist"), epochs=epochs or 3,
-                       warmup_epochs=0.5, batch_size=256, lr=2e-3, val_fraction=0.05, seed=seed),
-                  out / f"pretrain-seed{seed}")  # fmt: skip
-        common = dict(data="digits", img_size=16, epochs=epochs or 30, seed=seed,
-                      augment=dict(random_resized_crop=True, crop_scale=(0.6, 1.0)))  # fmt: skip
-        tuned = run(merge({**FINETUNE_DEFAULTS, **common, "lr": 0.03,
-                           "init_from": str(out / f"pretrain-seed{seed}/best.safetensors")}, {}),
+        pre_dir = out / f"pretrain-seed{seed}"
+        pre = run(dict(model="vit_digits", data=data_path("mnist"), epochs=pre_epochs,
+                       warmup_epochs=pre_epochs / 4, batch_size=256, val_fraction=0.05,
+                       seed=seed), pre_dir)  # fmt: skip
+        digits_16 = dict(data="digits", img_size=16, epochs=tune_epochs, seed=seed)
+        tuned = run({**FINETUNE_DEFAULTS, **digits_16, "lr": 0.03, "warmup_epochs":
+                     tune_epochs / 20, "init_from": str(pre_dir / "best.safetensors")},
                     out / f"finetune-seed{seed}")  # fmt: skip
-        scratch = run(merge({**common, "warmup_epochs": 3.0}, {}), out / f"scratch-seed{seed}")
+        scratch = run({**digits_16, "warmup_epochs": tune_epochs / 20}, out / f"scratch-seed{seed}")
         for label, s in (("pre-train: MNIST 8x8", pre), ("fine-tune: digits 16x16", tuned),
                          ("scratch: digits 16x16", scratch)):  # fmt: skip
             rows.append([label, str(seed), f"{s['test_accuracy']:.2%}",

@@ -10,7 +10,7 @@ import torch
 
 import vitkit
 from tests.test_official import bilinear_align_corners
-from vitkit.models import ViTConfig, VisionTransformer, flops_per_image
+from vitkit.models import VisionTransformer, ViTConfig, flops_per_image
 from vitkit.models.posembed import POS_EMBED_KINDS
 
 # Asserted by the official repository's tests (224 px, 1,000 classes, no representation layer).
@@ -80,11 +80,15 @@ VARIANTS = [
 
 
 def micro(**overrides: object) -> VisionTransformer:
-    base = dict(img_size=16, patch_size=4, width=32, depth=2, num_heads=4, mlp_dim=64, num_classes=5)
+    base = dict(
+        img_size=16, patch_size=4, width=32, depth=2, num_heads=4, mlp_dim=64, num_classes=5
+    )
     return VisionTransformer(ViTConfig(**{**base, **overrides}))
 
 
-@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+@pytest.mark.parametrize(
+    "overrides", VARIANTS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items())
+)
 def test_every_parameter_gets_a_gradient(overrides: dict) -> None:
     model = perturbed(micro(**overrides)).train()
     model(torch.randn(3, 3, 16, 16)).square().sum().backward()
@@ -199,5 +203,7 @@ def test_sincos_embedding_is_the_closed_form() -> None:
     emb = model.pos_embed.patch_embeddings()  # (16, 32): [sin x, cos x, sin y, cos y]
     omega = 1.0 / 10_000 ** (np.arange(8) / 7)
     y, x = 1, 2  # the patch at row 1, column 2
-    expected = np.concatenate([np.sin(x * omega), np.cos(x * omega), np.sin(y * omega), np.cos(y * omega)])
+    expected = np.concatenate(
+        [np.sin(x * omega), np.cos(x * omega), np.sin(y * omega), np.cos(y * omega)]
+    )
     np.testing.assert_allclose(emb[y * 4 + x].numpy(), expected, atol=1e-6)

@@ -47,8 +47,8 @@ for _classifier, _suffix in (("token", ""), ("gap", "_gap")):
     )
 # Small models for laptops, tests and the shipped digits.
 register("vit_micro", img_size=32, patch_size=4, width=64, depth=2, num_heads=4, mlp_dim=256)
-register("vit_digits", img_size=8, patch_size=2, in_chans=1, num_classes=10, width=128, depth=4,
-         num_heads=4, mlp_dim=256)  # fmt: skip
+register("vit_digits", img_size=8, patch_size=2, in_chans=1, num_classes=10, width=64, depth=4,
+         num_heads=4, mlp_dim=128)  # fmt: skip
 # The training recipes of benchmarks/recipes/: MNIST (7x7 patches) and CIFAR-10 (4x4 patches).
 register("vit_mnist", img_size=28, patch_size=7, in_chans=1, num_classes=10, width=128, depth=6,
          num_heads=4, mlp_dim=256)  # fmt: skip

@@ -8,7 +8,6 @@ order of precedence; the resolved config is saved as ``config.json`` in the run 
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
 import types
 import typing
@@ -52,12 +51,14 @@ class TrainConfig:
         None, "input resolution (default: the model's); fine-tuning higher resizes pos. embeddings"
     )
     val_fraction: float = _option(
-        0.1, "fraction of the training split held out (stratified) to pick the best epoch; 0 = none"
+        0.0,
+        "fraction of the training split held out (stratified) to pick the best epoch; 0 = none: "
+        "best = last",
     )
     # The optimisation.
-    epochs: int = _option(60, "passes over the training data")
+    epochs: int = _option(150, "passes over the training data")
     batch_size: int = _option(
-        128, "global batch size (all processes, all accumulation steps together)"
+        64, "global batch size (all processes, all accumulation steps together)"
     )
     accum_steps: int = _option(
         1, "gradient accumulation: micro-batches per optimizer step (same global batch)"
@@ -65,7 +66,7 @@ class TrainConfig:
     optimizer: Literal["adam", "sgd"] = _option(
         "adam", "'adam' (decoupled weight decay, the paper's pre-training) or 'sgd' (momentum)"
     )
-    lr: float = _option(2e-3, "peak learning rate, reached after the warm-up")
+    lr: float = _option(1e-3, "peak learning rate, reached after the warm-up")
     betas: tuple[float, float] = _option((0.9, 0.999), "Adam's beta1 beta2")
     momentum: float = _option(0.9, "SGD momentum")
     weight_decay: float = _option(
@@ -161,9 +162,6 @@ class TrainConfig:
 
     def replace(self, **overrides: Any) -> TrainConfig:
         return TrainConfig.from_dict(merge(self.to_dict(), overrides))
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 def _fits(value: Any, hint: Any) -> bool:

@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -43,10 +44,21 @@ def derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint32)[0])
 
 
+HELD_OUT_TEST = 0.2
+
+
 def load_data(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset | None, ImageDataset]:
     """(train, validation or None, test); validation is held out of the training split."""
     train = load_dataset(cfg.data, "train")
     test = load_dataset(cfg.data, "test")
+    if torch.equal(train.labels, test.labels) and torch.equal(train.images, test.images):
+        # A single-split source (a folder of class folders, one .npz of images/labels) comes
+        # back whole for every split: hold out a test set instead of testing on training images.
+        warnings.warn(
+            f"{cfg.data} has no separate test split: holding out {HELD_OUT_TEST:.0%} of it",
+            stacklevel=2,
+        )
+        train, test = train.split(HELD_OUT_TEST, cfg.seed)
     if train.classes != test.classes:
         raise ValueError(
             f"{cfg.data}: the train and test splits have different classes "
