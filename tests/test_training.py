@@ -27,6 +27,7 @@ from vitkit.data import load_dataset
 from vitkit.models import VisionTransformer, create_model
 from vitkit.training import TrainConfig, TrainingDiverged, train
 from vitkit.training.config import read_toml
+from vitkit.training.loop import load_data
 from vitkit.training.optim import decayed_parameter_names, lr_factor
 
 # A few epochs on 256 images learn something only without the main job's random crops.
@@ -437,3 +438,17 @@ def test_benchmark_recipes_are_valid_configs() -> None:
         TrainConfig.from_dict(read_toml(recipes[[p.stem for p in recipes].index("digits")]))
         == TrainConfig()
     )
+
+
+def test_single_split_source_holds_out_a_test_set(tmp_path: Path) -> None:
+    """An .npz of images/labels has no test split: the test images must not be trained on."""
+    digits = load_dataset("digits", "train")
+    path = tmp_path / "one_split.npz"
+    np.savez(path, images=digits.images[:200].numpy(), labels=digits.labels[:200].numpy())
+    with pytest.warns(UserWarning, match="no separate test split"):
+        train_set, val_set, test_set = load_data(config(path, tmp_path / "run", val_fraction=0))
+    assert val_set is None
+    assert len(train_set) + len(test_set) == 200
+    assert len(test_set) == pytest.approx(40, abs=5)  # 20%, rounded per class (stratified)
+    flat = [tuple(img.flatten().tolist()) for img in train_set.images]
+    assert not {tuple(img.flatten().tolist()) for img in test_set.images} & set(flat)

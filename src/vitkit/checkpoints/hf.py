@@ -29,7 +29,7 @@ from vitkit.checkpoints.core import (
     ModelSpec,
     register_format,
 )
-from vitkit.checkpoints.mapping import FUSED_QKV, Rule, from_vitkit, to_vitkit, unused_keys
+from vitkit.checkpoints.mapping import FUSED_QKV, Rule, from_vitkit, read_all_keys
 from vitkit.checkpoints.native import atomic_write, load_tensors, save_safetensors
 from vitkit.checkpoints.timm import load_pickle
 from vitkit.models.vit import VisionTransformer, ViTConfig
@@ -158,11 +158,7 @@ def read(path: Path, spec: ModelSpec) -> Checkpoint:
         cfg = config_from_hf(hf, sd, prefix)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: {err}") from None
-    rules = hf_rules(cfg, prefix)
-    unexpected = unused_keys(rules, sd)
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected keys {unexpected} in a Hugging Face ViT")
-    return Checkpoint(cfg, to_vitkit(rules, sd, f"{path} (Hugging Face layout)"), "hf")
+    return read_all_keys(hf_rules(cfg, prefix), sd, cfg, str(path), "hf", "Hugging Face")
 
 
 def write(model: VisionTransformer, folder: Path) -> None:

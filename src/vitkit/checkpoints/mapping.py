@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vitkit.checkpoints.core import CheckpointError
+from vitkit.checkpoints.core import Checkpoint, CheckpointError
 from vitkit.models.vit import VisionTransformer, ViTConfig
 
 Tensor = torch.Tensor
@@ -91,6 +91,21 @@ def from_vitkit(rules: list[Rule], ours: Mapping[str, Tensor], cfg: ViTConfig) -
         parts = rule.transform.to_theirs(ours[rule.ours].detach(), cfg)
         theirs.update(zip(rule.theirs, parts, strict=True))
     return theirs
+
+
+def read_all_keys(
+    rules: list[Rule],
+    theirs: Mapping[str, Tensor],
+    cfg: ViTConfig,
+    source: str,
+    fmt: str,
+    label: str,
+) -> Checkpoint:
+    """Map a whole state dict: a key that no rule covers is an error, never silently dropped."""
+    unexpected = unused_keys(rules, theirs)
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected keys {unexpected} in a {label} ViT")
+    return Checkpoint(cfg, to_vitkit(rules, theirs, f"{source} ({label} layout)"), fmt)
 
 
 def unused_keys(rules: list[Rule], theirs: Mapping[str, object]) -> list[str]:

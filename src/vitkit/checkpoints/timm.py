@@ -33,9 +33,8 @@ from vitkit.checkpoints.mapping import (
     from_vitkit,
     heads_from_spec,
     img_size_from_patches,
+    read_all_keys,
     state_dict_keys,
-    to_vitkit,
-    unused_keys,
 )
 from vitkit.checkpoints.native import atomic_write, load_tensors, read_metadata, save_safetensors
 from vitkit.models.vit import VisionTransformer, ViTConfig
@@ -148,11 +147,7 @@ def read(path: Path, spec: ModelSpec) -> Checkpoint:
         raise CheckpointError(f"{path}: timm ViT state dict is missing the key {err}") from None
     except (TypeError, ValueError) as err:  # json.JSONDecodeError and CheckpointError included
         raise CheckpointError(f"{path}: {err}") from None
-    rules = timm_rules(cfg)
-    unexpected = unused_keys(rules, sd)
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected keys {unexpected} in a timm ViT")
-    return Checkpoint(cfg, to_vitkit(rules, sd, f"{path} (timm layout)"), "timm")
+    return read_all_keys(timm_rules(cfg), sd, cfg, str(path), "timm", "timm")
 
 
 def write(model: VisionTransformer, path: Path) -> None:
