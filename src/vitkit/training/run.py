@@ -24,7 +24,13 @@ from typing import Any
 
 import torch
 
-from vitkit.checkpoints.native import atomic_write, load_tensors, read_metadata, save_pretrained
+from vitkit.checkpoints.native import (
+    STATE_PREFIX,
+    atomic_write,
+    load_tensors,
+    read_metadata,
+    save_pretrained,
+)
 from vitkit.models import VisionTransformer
 
 STATE_KEY = "vitkit_state"
@@ -128,10 +134,11 @@ class RunFolder:
         path = path or self.last
         state = json.loads(read_metadata(path)[STATE_KEY])
         tensors = load_tensors(path)
-        prefix = "state/"
-        weights = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+        weights = {k: v for k, v in tensors.items() if not k.startswith(STATE_PREFIX)}
         optimizer_tensors = {
-            k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)
+            k.removeprefix(STATE_PREFIX): v
+            for k, v in tensors.items()
+            if k.startswith(STATE_PREFIX)
         }
         optimizer_state = optimizer_from_tensors(optimizer_tensors, state.pop("optimizer"))
         return weights, optimizer_state, state
