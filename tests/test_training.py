@@ -79,7 +79,8 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def run_ok(command: list[str], env: dict[str, str]) -> None:
     """Run a command to completion; on failure, show what it printed."""
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # The first error of a failing process sits above torchrun's summary: keep plenty.
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-20000:]
 
 
 def train_records(run: Path) -> list[dict]:

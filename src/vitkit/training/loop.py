@@ -105,8 +105,12 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> d
             run = RunFolder(resume, process.is_main)
         else:
             out = Path(cfg.out) if cfg.out else default_out(cfg)
-            run = RunFolder(distributed.broadcast_object(out, process), process.is_main)
-            if run.path.exists() and any(run.path.iterdir()):
+            # The main process looks before anyone writes and every process takes its answer:
+            # a process that looked later could see the main process's first files and stop.
+            occupied = out.exists() and any(out.iterdir())
+            out, occupied = distributed.broadcast_object((out, occupied), process)
+            run = RunFolder(out, process.is_main)
+            if occupied:
                 raise ValueError(
                     f"{run.path} is not empty: continue that run with --resume {run.path}, or "
                     "give another --out"
