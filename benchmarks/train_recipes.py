@@ -6,6 +6,7 @@ reads), so the numbers in the README come from exactly the command it shows:
     digits    the main job (``vitkit train`` with no options): >= 97% in < 2 minutes
     mnist     MNIST from scratch: >= 99.0% in <= 10 minutes
     cifar10   CIFAR-10 (JPEG copy) from scratch, within 60 minutes; prints the curve
+    cifar10_hybrid  the same with the small hybrid (ResNet stem and stage, then the encoder)
     finetune  pre-train on MNIST at 8x8, fine-tune on the digits at 16x16, against the same
               model trained from scratch on the digits at 16x16 for as many steps
 
@@ -33,7 +34,7 @@ from vitkit.training import FINETUNE_DEFAULTS, TrainConfig, train
 from vitkit.training.config import merge, read_toml
 
 RECIPES = Path(__file__).with_name("recipes")
-DATA_FOLDERS = {"mnist": "mnist", "cifar10": "cifar10-jpg"}
+DATA_FOLDERS = {"mnist": "mnist", "cifar10": "cifar10-jpg", "cifar10_hybrid": "cifar10-jpg"}
 
 
 def data_path(name: str) -> str:
@@ -77,7 +78,7 @@ def from_scratch(name: str, seeds: list[int], epochs: int | None, out: Path) -> 
         summary = run(recipe_values(name, seed, epochs), out / f"{name}-seed{seed}")
         rows.append([name, str(seed), f"{summary['test_accuracy']:.2%}",
                      f"{summary['wall_seconds'] / 60:.1f}", f"{summary['images_per_second']:.0f}"])  # fmt: skip
-        if name == "cifar10":
+        if name.startswith("cifar10"):
             print_curve(out / f"{name}-seed{seed}")
     return rows
 
@@ -122,7 +123,7 @@ def print_table(rows: list[list[str]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", choices=("digits", "mnist", "cifar10", "finetune"))
+    parser.add_argument("recipe", choices=(*sorted(DATA_FOLDERS), "digits", "finetune"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs (a quick check)")
     parser.add_argument("--out", type=Path, help="where the run folders go (default: a temp dir)")

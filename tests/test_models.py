@@ -34,6 +34,18 @@ def test_parameter_count_is_official(name: str) -> None:
     assert model.num_parameters() == OFFICIAL_COUNTS[name]
 
 
+def test_cifar_hybrid_parameter_count_from_layer_shapes() -> None:
+    """The small hybrid, counted by hand: ResNet stem and two bottleneck units (width 64, the
+    first with a projection), then vit_cifar's encoder on 8x8 tokens of 256 channels."""
+    stem = 7 * 7 * 3 * 64 + 2 * 64
+    bottleneck = 9 * 64 * 64 + 64 * 256 + 2 * (64 + 64 + 256)  # 3x3, 1x1 up, three GroupNorms
+    units = (64 * 64 + bottleneck + 64 * 256 + 2 * 256) + (256 * 64 + bottleneck)
+    d, m = 192, 384
+    block = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d)
+    encoder = (256 * d + d) + d + 65 * d + 6 * block + 2 * d + (d * 10 + 10)
+    assert vitkit.create_model("vit_cifar_hybrid").num_parameters() == stem + units + encoder
+
+
 @pytest.mark.parametrize("name", vitkit.list_models())
 def test_every_registered_model_shapes(name: str) -> None:
     """The full model at its default size on the meta device, then a real small forward."""
