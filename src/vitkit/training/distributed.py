@@ -52,8 +52,9 @@ def start(device_preference: str) -> Process:
         # DistributedDataParallel imports torch._dynamo on first use, and that import keeps
         # references to every process group that exists by then, so destroy_process_group
         # cannot free it: gloo's worker threads outlive it and, when they drop their last
-        # tensor during interpreter shutdown, abort the process (torch 2.13: 4 runs in 140 of a small script).
-        # Imported before the group exists, it holds none and ``stop`` really stops.
+        # tensor during interpreter shutdown, abort the process (torch 2.13: 4 runs in 140
+        # of a small DDP script). Imported before the group exists, it holds none of them,
+        # and ``stop`` ends those threads.
         importlib.import_module("torch._dynamo")
 
         dist.init_process_group(
