@@ -6,6 +6,7 @@ Every run is a tiny ViT on a few hundred of the shipped digits, so each takes se
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -24,10 +25,10 @@ from safetensors.torch import load_file
 from vitkit import load_pretrained
 from vitkit.cli import main
 from vitkit.data import load_dataset
+from vitkit.data.sources import open_splits
 from vitkit.models import VisionTransformer, create_model
-from vitkit.training import TrainConfig, TrainingDiverged, train
+from vitkit.training import TrainConfig, TrainingDiverged, TrainingInterrupted, train
 from vitkit.training.config import read_toml
-from vitkit.training.loop import load_data
 from vitkit.training.optim import decayed_parameter_names, lr_factor
 
 # A few epochs on 256 images learn something only without the main job's random crops.
@@ -202,7 +203,7 @@ def test_resume_is_bit_identical(
             raise KeyboardInterrupt  # killed right after the 2nd epoch's checkpoint
 
     monkeypatch.setattr(RunFolder, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(TrainingInterrupted):
         train(config(tiny_data, tmp_path / "cut", **cfg))
     monkeypatch.setattr(RunFolder, "save_checkpoint", save)
     summary = train(resume=tmp_path / "cut")
@@ -261,7 +262,9 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
 
     monkeypatch.setattr(VisionTransformer, "forward", poisoned)
     out = tmp_path / "nan"
-    with pytest.raises(TrainingDiverged, match=r"nan at step 12 .*last.safetensors \(epoch 1\)"):
+    with pytest.raises(
+        TrainingDiverged, match=r"nan at step 12: .*last.safetensors \(step 8, epoch 1\)"
+    ):
         train(config(tiny_data, out))
     model = load_pretrained(out / "last.safetensors")
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -345,7 +348,7 @@ def test_predict_names_the_digit(
     ("args", "message"),
     [
         (["--lr", "-1"], "lr must be positive"),
-        (["--warmup-epochs", "500"], "warmup_epochs must be in"),
+        (["--warmup-epochs", "-1"], "warmup_epochs must be >= 0"),
         (["--model", "vit_nope"], "is not registered"),
         (["--data", "/nonexistent/data"], "does not exist"),
         (["--batch-size", "4096"], "training images: lower --batch-size"),
@@ -472,14 +475,18 @@ def test_benchmark_recipes_are_valid_configs() -> None:
     )
 
 
-def test_single_split_source_holds_out_a_test_set(tmp_path: Path) -> None:
+def test_single_split_source_holds_out_a_test_set(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """An .npz of images/labels has no test split: the test images must not be trained on."""
     digits = load_dataset("digits", "train")
     path = tmp_path / "one_split.npz"
     np.savez(path, images=digits.images[:200].numpy(), labels=digits.labels[:200].numpy())
-    with pytest.warns(UserWarning, match="no separate test split"):
-        train_set, val_set, test_set = load_data(config(path, tmp_path / "run", val_fraction=0))
-    assert val_set is None
+    with caplog.at_level(logging.WARNING):
+        splits = open_splits(str(path), val_fraction=0, seed=0)
+    assert "no separate test split" in caplog.text
+    assert splits.val is None
+    train_set, test_set = splits.train.dataset, splits.test.dataset
     assert len(train_set) + len(test_set) == 200
     assert len(test_set) == pytest.approx(40, abs=5)  # 20%, rounded per class (stratified)
     flat = [tuple(img.flatten().tolist()) for img in train_set.images]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
 COMMAND_MODULES: tuple[str, ...] = ("models", "analyze", "convert", "inspect", "train")
@@ -31,8 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    # The library reports through logging; the command line shows its info lines plainly.
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:
-        print(f"vitkit {args.command}: error: {err}", file=sys.stderr)
+        # Under torchrun every rank meets the same bad input: one message is enough.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"vitkit {args.command}: error: {err}", file=sys.stderr)
         return 2

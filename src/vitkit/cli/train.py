@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vitkit.checkpoints import load_pretrained
 from vitkit.data import AugmentConfig, load_dataset
@@ -24,12 +29,14 @@ from vitkit.training import (
     FINETUNE_DEFAULTS,
     TrainConfig,
     TrainingDiverged,
+    TrainingInterrupted,
     evaluate,
     predict,
     train,
 )
 from vitkit.training.config import DEFAULT_AUGMENT, DEVICES, PRECISIONS, merge, read_toml
 from vitkit.training.distributed import choose_device
+from vitkit.training.loop import Progress
 
 AUGMENT_HELP = {
     "random_resized_crop": "random-resized (Inception) crop instead of a plain resize",
@@ -67,6 +74,9 @@ def _add_field(group: argparse._ArgumentGroup, field: dataclasses.Field, hint: A
         help = f"{help} (default: {default})"
     if base is bool:
         group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help, **kwargs)
+    elif typing.get_origin(base) is list:
+        item = typing.get_args(base)[0]
+        group.add_argument(flag, nargs="*", type=item, help=help, **kwargs)
     elif typing.get_origin(base) is tuple:
         item = typing.get_args(base)[0]
         group.add_argument(flag, nargs=2, type=item, metavar=PAIR_METAVARS.get(field.name),
@@ -196,12 +206,64 @@ def run_train(args: argparse.Namespace) -> int:
                 "--resume continues a run with the settings of its config.json; drop the "
                 f"other options ({', '.join(others)})"
             )
-    try:  # train() prints the test accuracy and the run folder
-        train(resume=resume) if resume is not None else train(config_from_args(args))
-    except TrainingDiverged as err:
-        print(f"vitkit {args.command}: {err}", file=sys.stderr)
+    cfg = None if resume is not None else config_from_args(args)
+    try:
+        with progress_bar() as progress:
+            summary = train(cfg, resume=resume, progress=progress)
+    except (TrainingDiverged, TrainingInterrupted) as err:
+        if is_main_process():
+            print(f"vitkit {args.command}: {err}", file=sys.stderr)
         return 1
+    if is_main_process():
+        print(one_line_summary(summary))
     return 0
+
+
+def is_main_process() -> bool:
+    """Under torchrun only rank 0 reports, so a message is printed once, not once a rank."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def one_line_summary(summary: dict[str, Any]) -> str:
+    """What a person wants at the end of a run, formatted for people."""
+    metrics = ", ".join(
+        f"test {key.removeprefix('test_')} "
+        + (f"{value:.2%}" if key == "test_accuracy" else f"{value:.4g}")
+        for key, value in summary.items()
+        if key.startswith("test_") and isinstance(value, float)
+    )
+    minutes, seconds = divmod(round(summary["wall_seconds"]), 60)
+    took = f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+    return (
+        f"{metrics} in {took} ({summary['images_per_second']:,.0f} train images/s); "
+        f"run folder {summary['run_folder']}"
+    )
+
+
+@contextmanager
+def progress_bar() -> Iterator[Progress]:
+    """A tqdm bar fed by the loop's progress callback (main process only); the library's log
+    lines are written above it instead of through it."""
+    bar: tqdm | None = None
+
+    def update(step: int, total: int, record: dict[str, Any] | None) -> None:
+        nonlocal bar
+        if not is_main_process():
+            return
+        if bar is None:
+            bar = tqdm(total=total, initial=step - 1, unit="step", dynamic_ncols=True)
+        bar.update(step - bar.n)
+        if record is not None:
+            shown = {k: record[k] for k in ("loss", "accuracy") if k in record}
+            bar.set_postfix({**{k: f"{v:.3f}" for k, v in shown.items()},
+                             "img/s": f"{record['images_per_second']:.0f}"})  # fmt: skip
+
+    with logging_redirect_tqdm():
+        try:
+            yield update
+        finally:
+            if bar is not None:
+                bar.close()
 
 
 def load_for_inference(args: argparse.Namespace) -> Any:

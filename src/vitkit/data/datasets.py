@@ -83,6 +83,7 @@ def iterate_batches(
     rank: int = 0,
     world_size: int = 1,
     drop_last: bool = False,
+    start: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(uint8 images, labels) batches of one epoch.
 
@@ -91,7 +92,8 @@ def iterate_batches(
     epoch's order and ``batch_size`` is per rank. Every rank must run the same number of steps,
     so the order is first cut (``drop_last``) or wrapped around (otherwise, as PyTorch's
     ``DistributedSampler``) to a multiple of ``world_size``: a few images then appear on two
-    ranks, which an exact distributed evaluation has to account for.
+    ranks, which an exact distributed evaluation has to account for. ``start`` skips the
+    epoch's first batches (a run resumed in the middle of an epoch).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -106,6 +108,6 @@ def iterate_batches(
             order = order.repeat(-(-padded // len(order)))[:padded]
         order = order[rank::world_size]
     stop = len(order) - len(order) % batch_size if drop_last else len(order)
-    for start in range(0, stop, batch_size):
-        indices = order[start : start + batch_size]
+    for first in range(start * batch_size, stop, batch_size):
+        indices = order[first : first + batch_size]
         yield dataset.images[indices], dataset.labels[indices]

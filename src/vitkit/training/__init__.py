@@ -2,15 +2,17 @@
 
 from vitkit.training.config import FINETUNE_DEFAULTS, TrainConfig
 from vitkit.training.evaluate import Evaluation, evaluate, predict
-from vitkit.training.loop import TrainingDiverged, train
+from vitkit.training.loop import LoopState, TrainingDiverged, TrainingInterrupted, train
 from vitkit.training.run import RunFolder
 
 __all__ = [
     "FINETUNE_DEFAULTS",
     "Evaluation",
+    "LoopState",
     "RunFolder",
     "TrainConfig",
     "TrainingDiverged",
+    "TrainingInterrupted",
     "evaluate",
     "predict",
     "train",

@@ -36,6 +36,9 @@ class TrainConfig:
     """A training run. Defaults: the main job, a small ViT on the shipped digits."""
 
     # What to train on what.
+    task: str = _option(
+        "classification", "what the run learns: 'classification' (tasks register by name)"
+    )
     model: str | None = _option(
         "vit_digits",
         "registered model to train from scratch (see `vitkit models`); when fine-tuning, only "
@@ -75,7 +78,11 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant"] = _option(
         "cosine", "learning-rate decay to zero after the warm-up"
     )
-    warmup_epochs: float = _option(3.0, "linear warm-up from zero, in epochs (may be fractional)")
+    warmup_epochs: float = _option(
+        3.0,
+        "linear warm-up from zero, in epochs (may be fractional); a warm-up as long as the run "
+        "is cut to a tenth of it, with a note",
+    )
     grad_clip: float = _option(1.0, "clip gradients at this global norm; 0 = off")
     # Regularisation and augmentation (label smoothing and the rest live in ``augment``).
     dropout: float = _option(0.0, "dropout rate after the position embedding and in the MLPs")
@@ -88,6 +95,18 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = _option("auto", "'auto' takes a GPU if there is one")
     seed: int = _option(0, "seeds the initialisation, data order, augmentation and dropout")
     eval_batch_size: int = _option(512, "batch size per process for evaluation")
+    evaluators: list[str] = field(
+        default_factory=lambda: ["val"],
+        metadata={"help": "evaluators to run during training ('val': the task's metrics on the "
+                          "validation split, when there is one)"},
+    )  # fmt: skip
+    eval_every: int = _option(
+        0, "optimizer steps between evaluations; 0 = at the end of every epoch"
+    )
+    checkpoint_every: int = _option(
+        0, "optimizer steps between checkpoints inside an epoch (one is always written at the "
+        "end of each epoch); 0 = only then",
+    )  # fmt: skip
     log_every: int = _option(10, "optimizer steps between lines of metrics.jsonl")
     out: str | None = _option(None, "run folder (default: runs/<data>-<date>-<time>)")
 
@@ -95,6 +114,7 @@ class TrainConfig:
         if isinstance(self.augment, dict):  # unset keys take the main job's augmentation
             self.augment = AugmentConfig(**{**DEFAULT_AUGMENT, **self.augment})
         self.betas = (float(self.betas[0]), float(self.betas[1]))
+        self.evaluators = list(self.evaluators)
         problems = []
 
         def check(ok: bool, message: str) -> None:
@@ -121,10 +141,7 @@ class TrainConfig:
         check(0.0 <= self.momentum < 1.0, "momentum must be in [0, 1)")
         check(self.weight_decay >= 0, "weight_decay must be >= 0")
         check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}")
-        check(
-            0.0 <= self.warmup_epochs < self.epochs,
-            f"warmup_epochs must be in [0, epochs={self.epochs})",
-        )
+        check(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
         check(self.grad_clip >= 0, "grad_clip must be >= 0 (0 = off)")
         check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
         check(0.0 <= self.drop_path < 1.0, "drop_path must be in [0, 1)")
@@ -132,6 +149,8 @@ class TrainConfig:
         check(self.device in DEVICES, f"device must be one of {DEVICES}")
         check(self.eval_batch_size >= 1, "eval_batch_size must be at least 1")
         check(self.log_every >= 1, "log_every must be at least 1")
+        check(self.eval_every >= 0, "eval_every must be >= 0 (0 = every epoch)")
+        check(self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0 = every epoch)")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
 
@@ -171,6 +190,8 @@ def _fits(value: Any, hint: Any) -> bool:
         return any(_fits(value, a) for a in args)
     if origin is typing.Literal:
         return value in args
+    if origin is list:
+        return isinstance(value, list | tuple) and all(_fits(v, args[0]) for v in value)
     if origin is tuple:
         return (
             isinstance(value, list | tuple)

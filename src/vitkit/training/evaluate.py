@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from vitkit.data import AugmentConfig, BatchTransform, ImageDataset, iterate_batches
-from vitkit.models import VisionTransformer
+from vitkit.data import AugmentConfig, BatchTransform, ImageDataset
+from vitkit.data.sources import DataSource, as_source
 from vitkit.training.distributed import Process, all_reduce_sum
 
 
@@ -20,7 +21,7 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     return nullcontext()
 
 
-def eval_transform(model: VisionTransformer) -> BatchTransform:
+def eval_transform(model: nn.Module) -> BatchTransform:
     """Resize to the model's resolution, match its channels, scale to [-1, 1]."""
     cfg = model.cfg
     return BatchTransform(cfg.img_size, cfg.num_classes, AugmentConfig(), 0, channels=cfg.in_chans)
@@ -46,30 +47,32 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(
-    model: VisionTransformer,
-    dataset: ImageDataset,
+    model: nn.Module,
+    data: DataSource | ImageDataset,
     batch_size: int = 512,
     precision: str = "fp32",
     process: Process | None = None,
 ) -> Evaluation:
-    """Every image of ``dataset`` once; under DDP each process takes an interleaved shard and
-    the sums are added up, so the result is exact on any number of processes."""
+    """Every image of ``data`` once; under DDP each process takes its share and the sums are
+    added up, so the result is exact on any number of processes."""
+    source = as_source(data)
     device = next(model.parameters()).device
     rank, world_size = (process.rank, process.world_size) if process else (0, 1)
-    shard = dataset.subset(torch.arange(rank, len(dataset), world_size))
     num_classes = model.cfg.num_classes
-    if len(dataset.classes) != num_classes:
+    classes = source.info.classes or []
+    if len(classes) != num_classes:
         raise ValueError(
-            f"the data has {len(dataset.classes)} classes but the model predicts {num_classes}"
+            f"the data has {len(classes)} classes but the model predicts {num_classes}"
         )
     transform = eval_transform(model)
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    for images, labels in iterate_batches(shard, batch_size, shuffle=False, seed=0, epoch=0):
-        x, _ = transform(images.to(device), labels, train=False)
-        labels = labels.to(device)
+    for batch in source.eval_batches(batch_size, rank=rank, world_size=world_size):
+        assert batch.labels is not None
+        x, _ = transform(batch.images.to(device), batch.labels, train=False)
+        labels = batch.labels.to(device)
         with autocast(device, precision):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
@@ -80,12 +83,12 @@ def evaluate(
     if process is not None:
         all_reduce_sum(loss_sum, process)
         all_reduce_sum(confusion, process)
-    return Evaluation(float(loss_sum) / max(len(dataset), 1), confusion.cpu())
+    return Evaluation(float(loss_sum) / max(len(source), 1), confusion.cpu())
 
 
 @torch.no_grad()
 def predict(
-    model: VisionTransformer, images: torch.Tensor, top_k: int = 5
+    model: nn.Module, images: torch.Tensor, top_k: int = 5
 ) -> list[list[tuple[str, float]]]:
     """Top-``top_k`` (class name, probability) of each uint8 image (B, C, H, W)."""
     device = next(model.parameters()).device
@@ -100,7 +103,7 @@ def predict(
     ]
 
 
-def class_names(model: VisionTransformer) -> list[str]:
+def class_names(model: nn.Module) -> list[str]:
     """The class names a vitkit training run stores in the config, else the indices."""
     names = model.cfg.extra.get("classes")
     if isinstance(names, list) and len(names) == model.cfg.num_classes:

@@ -1,89 +1,83 @@
 """The training loop, top to bottom: ``train(cfg)`` runs (or resumes) a run and returns its
 summary. Fine-tuning is the same loop starting from a checkpoint (``cfg.init_from``).
 
-Reproducibility: the data order depends on (seed, epoch), and every random generator the
-loop uses (dropout, stochastic depth, augmentation) is re-seeded at the start of each epoch
-from (seed, epoch, rank). A checkpoint taken at the end of an epoch therefore fixes
-everything that follows: resuming from it gives bit-identical weights on the same hardware.
+What is learnt is the task's business (``tasks.py``), what is measured the evaluators'
+(``evaluators.py``) and where the images come from the data source's (``data/sources.py``);
+the loop only steps, logs, evaluates and checkpoints.
+
+Reproducibility: the data order depends on (seed, epoch), and every random draw of a
+micro-batch (augmentation, dropout, stochastic depth) comes from a seed derived from (seed,
+step, micro-batch, rank). A checkpoint taken after any optimizer step therefore fixes
+everything that follows: resuming from it, also in the middle of an epoch, gives bit-identical
+weights on the same hardware.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import logging
 import math
 import time
-import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from vitkit.checkpoints import load_pretrained
-from vitkit.data import BatchTransform, ImageDataset, iterate_batches, load_dataset
-from vitkit.models import VisionTransformer, create_model
+from vitkit.data.sources import DataSource, Splits, open_splits
 from vitkit.training import distributed
 from vitkit.training.config import TrainConfig
 from vitkit.training.distributed import Process
-from vitkit.training.evaluate import autocast, evaluate
+from vitkit.training.evaluate import autocast
+from vitkit.training.evaluators import EvalContext, Evaluator, build_evaluators
 from vitkit.training.optim import build_optimizer, build_schedule
 from vitkit.training.run import RunFolder
+from vitkit.training.tasks import Task, build_task
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run stopped, its last checkpoint is intact."""
 
 
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C (or SIGTERM) stopped the run; the message says how to continue it."""
+
+
+@dataclass
+class LoopState:
+    """Everything the loop counts, saved whole in each checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs completed
+    best_value: float | None = None  # the best validation value of the task's metric
+    best_step: int | None = None
+    best_epoch: float | None = None  # in epochs, fractional for an evaluation mid-epoch
+    train_images: int = 0
+    train_seconds: float = 0.0  # time in training steps (not evaluating or checkpointing)
+    wall_seconds: float = 0.0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LoopState:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+Progress = Callable[[int, int, dict[str, Any] | None], None]
+"""``progress(step, total_steps, logged_record_or_None)``, called after each optimizer step."""
+
+
 def derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint32)[0])
-
-
-HELD_OUT_TEST = 0.2
-
-
-def load_data(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset | None, ImageDataset]:
-    """(train, validation or None, test); validation is held out of the training split."""
-    train = load_dataset(cfg.data, "train")
-    test = load_dataset(cfg.data, "test")
-    if torch.equal(train.labels, test.labels) and torch.equal(train.images, test.images):
-        # A single-split source (a folder of class folders, one .npz of images/labels) comes
-        # back whole for every split: hold out a test set instead of testing on training images.
-        warnings.warn(
-            f"{cfg.data} has no separate test split: holding out {HELD_OUT_TEST:.0%} of it",
-            stacklevel=2,
-        )
-        train, test = train.split(HELD_OUT_TEST, cfg.seed)
-    if train.classes != test.classes:
-        raise ValueError(
-            f"{cfg.data}: the train and test splits have different classes "
-            f"({len(train.classes)} vs {len(test.classes)}); give both the same class folders"
-        )
-    if cfg.val_fraction == 0:
-        return train, None, test
-    train, val = train.split(cfg.val_fraction, cfg.seed)
-    return train, val, test
-
-
-def build_model(cfg: TrainConfig, classes: list[str], in_chans: int) -> VisionTransformer:
-    """A new model (training) or the checkpoint's with a fresh zero head (fine-tuning)."""
-    regularisation = dict(dropout=cfg.dropout, drop_path=cfg.drop_path)
-    extra = {"classes": classes}
-    if cfg.init_from is None:
-        size = {"img_size": cfg.img_size} if cfg.img_size else {}
-        return create_model(
-            cfg.model, num_classes=len(classes), in_chans=in_chans, extra=extra,
-            **size, **regularisation,
-        )  # fmt: skip
-    model = load_pretrained(cfg.init_from, cfg.model, img_size=cfg.img_size, **regularisation)
-    model.reset_classifier(len(classes))  # the paper replaces the head even for equal counts
-    model.cfg = model.cfg.replace(extra={**model.cfg.extra, **extra})
-    return model
 
 
 def default_out(cfg: TrainConfig) -> Path:
@@ -91,40 +85,257 @@ def default_out(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def train(cfg: TrainConfig | None = None, resume: str | Path | None = None) -> dict[str, Any]:
+def claim_run_folder(out: Path | None, cfg: TrainConfig) -> Path:
+    """Create the run folder, atomically: two runs never share one. An explicit ``out`` must
+    be new or empty; the default name gets a suffix when another run took it first."""
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file: give a folder for the run")
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(
+                f"{out} is not empty: continue that run with --resume {out}, or give another --out"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    base = default_out(cfg)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in itertools.count(1):
+        candidate = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
+        try:
+            candidate.mkdir()  # fails if another run created it, even a moment ago
+            return candidate
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def train(
+    cfg: TrainConfig | None = None,
+    resume: str | Path | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Train (``cfg``) or continue the run in folder ``resume``; returns ``summary.json``'s
     content. Raises ValueError, before any training, for a bad config or data."""
     if resume is not None:
-        if not RunFolder(resume).holds_run():
-            raise ValueError(f"{resume} holds no run to resume (no config.json there)")
-        cfg = TrainConfig.from_dict(json.loads(RunFolder(resume).config.read_text()))
+        cfg = resumable_config(Path(resume))
     cfg = cfg or TrainConfig()
     process = distributed.start(cfg.device)
     try:
-        if resume is not None:
-            run = RunFolder(resume, process.is_main)
-        else:
-            out = Path(cfg.out) if cfg.out else default_out(cfg)
-            # The main process looks before anyone writes and every process takes its answer:
-            # a process that looked later could see the main process's first files and stop.
-            occupied = out.exists() and any(out.iterdir())
-            out, occupied = distributed.broadcast_object((out, occupied), process)
-            run = RunFolder(out, process.is_main)
-            if occupied:
-                raise ValueError(
-                    f"{run.path} is not empty: continue that run with --resume {run.path}, or "
-                    "give another --out"
-                )
-            cfg = cfg.replace(out=str(run.path))
-        return _train(cfg, run, process, resume is not None)
+        return _train(cfg, Path(resume) if resume is not None else None, process, progress)
     finally:
         distributed.stop(process)
 
 
-def _train(cfg: TrainConfig, run: RunFolder, process: Process, resuming: bool) -> dict[str, Any]:
+def open_run_folder(cfg: TrainConfig, process: Process) -> RunFolder:
+    """Claim a new run folder: the main process creates it and every process takes its
+    answer (a process that looked later would see the main process's first files)."""
+    claimed: Path | str | None = None
+    if process.is_main:
+        try:
+            claimed = claim_run_folder(Path(cfg.out) if cfg.out else None, cfg)
+        except ValueError as err:
+            claimed = str(err)
+    claimed = distributed.broadcast_object(claimed, process)
+    if isinstance(claimed, str):
+        raise ValueError(claimed)
+    return RunFolder(claimed, process.is_main)
+
+
+def resumable_config(folder: Path) -> TrainConfig:
+    """The config of the run in ``folder``, after checking that resuming loses nothing."""
+    run = RunFolder(folder)
+    if not run.holds_run():
+        raise ValueError(f"{folder} holds no run to resume (no config.json there)")
+    if not run.last.is_file() and (run.best.is_file() or run.read_metrics()):
+        raise ValueError(
+            f"{run.last} is missing although the run logged progress: resuming would start "
+            f"again from step 0 and overwrite {run.best.name} and {run.metrics.name}; restore "
+            "last.safetensors (for example, copy best.safetensors to it) or start a new run"
+        )
+    try:
+        return TrainConfig.from_dict(json.loads(run.config.read_text()))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{run.config} is not valid JSON ({err})") from None
+
+
+def _train(
+    cfg: TrainConfig, resume: Path | None, process: Process, progress: Progress | None
+) -> dict[str, Any]:
     device = process.device
-    # ---- data, checked before anything is trained or written
-    train_set, val_set, test_set = load_data(cfg)
+    # ---- data, task and evaluators, checked before anything is trained or written
+    task = build_task(cfg)
+    splits = open_splits(cfg.data, cfg.val_fraction, cfg.seed)
+    rank_batch = check_batch_sizes(cfg, splits.train, process)
+    steps_per_epoch = len(splits.train) // cfg.batch_size
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = warmup_length(cfg, steps_per_epoch, total_steps)
+    if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU has no bfloat16: use --precision fp32")
+    evaluators = build_evaluators(EvalContext(cfg, task, splits))
+    if resume is not None:
+        run = RunFolder(resume, process.is_main)
+    else:
+        if cfg.out and Path(cfg.out).is_file():  # before building the model: fail fast
+            raise ValueError(f"--out {cfg.out} is a file: give a folder for the run")
+        run = open_run_folder(cfg, process)
+        cfg = cfg.replace(out=str(run.path))
+
+    # ---- model, optimizer, schedule; restored from last.safetensors when resuming
+    torch.manual_seed(cfg.seed)
+    model = task.build_model(splits.train.info).to(device)
+    task.setup(model)
+    trainable = task.trainable(model)
+    optimizer = build_optimizer(trainable, cfg)
+    scheduler = build_schedule(optimizer, warmup_steps, total_steps, cfg.schedule)
+    state = LoopState()
+    if (
+        resume is not None
+    ):  # the main process reads the checkpoint: other nodes may not see its disk
+        saved = distributed.broadcast_object(
+            run.load_checkpoint() if process.is_main and run.last.is_file() else None, process
+        )
+        if saved is not None:  # else the run was stopped before its first checkpoint
+            model.load_state_dict(saved.weights)
+            task.load_task_state(trainable, saved.task)
+            optimizer.load_state_dict(saved.optimizer)
+            scheduler.load_state_dict(saved.scheduler)
+            state = LoopState.from_dict(saved.loop_state)
+        run.cut_metrics(state.step)
+    else:
+        run.write_json(run.config, cfg.to_dict())
+    net = (
+        DistributedDataParallel(trainable, device_ids=[device] if device.type == "cuda" else None)
+        if process.distributed
+        else trainable
+    )
+    if process.is_main:
+        logger.info(
+            "training %s-parameter %s (%s) on %s: %s, %d epochs of %d steps, %d process(es) "
+            "on %s; run folder %s", f"{num_parameters(model):,}", cfg.model or cfg.init_from,
+            cfg.task, cfg.data, describe_splits(splits), cfg.epochs, steps_per_epoch,
+            process.world_size, device.type, run.path,
+        )  # fmt: skip
+
+    # ---- the loop: one optimizer step per ``accum_steps`` micro-batches
+    session_start = time.perf_counter() - state.wall_seconds
+    segment_start = time.perf_counter()
+    logged: dict[str, torch.Tensor] = {}  # metric sums since the last log line, and "count"
+
+    def checkpoint(is_best: bool) -> None:
+        state.wall_seconds = time.perf_counter() - session_start
+        run.save_checkpoint(model, optimizer, scheduler, dataclasses.asdict(state), is_best,
+                            task.task_state(trainable))  # fmt: skip
+
+    try:
+        while state.step < total_steps:
+            epoch, offset = divmod(state.step, steps_per_epoch)
+            batches = splits.train.train_batches(
+                rank_batch, seed=cfg.seed, epoch=epoch, start=offset * cfg.accum_steps,
+                rank=process.rank, world_size=process.world_size,
+            )  # fmt: skip
+            trainable.train()
+            for _ in range(offset, steps_per_epoch):
+                for micro in range(cfg.accum_steps):
+                    batch = next(batches)
+                    seed = derived_seed(cfg.seed, state.step, micro, process.rank)
+                    torch.manual_seed(seed)  # dropout and stochastic depth
+                    batch = type(batch)(batch.images.to(device), batch.labels)
+                    inputs, targets = task.prepare(batch, derived_seed(seed, 1))
+                    last_micro = micro == cfg.accum_steps - 1
+                    no_sync = (
+                        net.no_sync() if process.distributed and not last_micro else nullcontext()
+                    )
+                    with no_sync:
+                        with autocast(device, cfg.precision):
+                            result = task.step(net, inputs, targets)
+                        (result.loss / cfg.accum_steps).backward()
+                    for name, value in result.sums.items():
+                        logged[name] = logged.get(name, 0) + value.detach().double()
+                    logged["count"] = logged.get("count", 0) + torch.tensor(
+                        result.count, dtype=torch.float64, device=device
+                    )
+                grad_norm = clip_gradients(trainable, cfg.grad_clip)
+                if not torch.isfinite(grad_norm):
+                    raise TrainingDiverged(diverged_message(run, state, result.loss.item()))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.train_images += cfg.batch_size
+                epoch_done = state.step % steps_per_epoch == 0
+                state.epoch += epoch_done
+                eval_due = state.step == total_steps or (
+                    state.step % cfg.eval_every == 0 if cfg.eval_every else epoch_done
+                )
+                checkpoint_due = (
+                    eval_due or epoch_done
+                    or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)
+                )  # fmt: skip
+                record = None
+                if state.step % cfg.log_every == 0 or checkpoint_due:
+                    # Also before each checkpoint, so a resumed run logs the same lines.
+                    state.train_seconds += time.perf_counter() - segment_start
+                    segment_start = time.perf_counter()
+                    record = log_training(
+                        run, process, state, logged, scheduler, epoch, steps_per_epoch
+                    )
+                    logged = {}
+                if progress is not None:
+                    progress(state.step, total_steps, record)
+                if not checkpoint_due:
+                    continue
+                is_best = (
+                    run_evaluators(evaluators, task, model, run, process, state, steps_per_epoch)
+                    if eval_due
+                    else False
+                )
+                checkpoint(is_best or not any(e.name == "val" for e in evaluators))
+                segment_start = time.perf_counter()
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(interrupted_message(run, state.step)) from None
+
+    # ---- test the best checkpoint, write the summary
+    best_weights = distributed.broadcast_object(
+        run.load_checkpoint(run.best).weights if process.is_main else None, process
+    )
+    model.load_state_dict(best_weights)
+    test = task.evaluate(model, splits.test, process)
+    summary = dict(
+        task.summary(test, state.best_value),
+        best_epoch=state.best_epoch or cfg.epochs,
+        best_step=state.best_step or total_steps,
+        epochs=cfg.epochs,
+        steps=state.step,
+        wall_seconds=time.perf_counter() - session_start,
+        train_seconds=state.train_seconds,
+        images_per_second=state.train_images / max(state.train_seconds, 1e-9),
+        processes=process.world_size,
+        device=device.type,
+        precision=cfg.precision,
+        task=cfg.task,
+        model=cfg.model,
+        init_from=cfg.init_from,
+        data=cfg.data,
+        run_folder=str(run.path),
+        num_parameters=num_parameters(model),
+        classes=splits.train.info.classes,
+    )
+    run.write_json(run.summary, summary)
+    run.plot_curves()
+    return summary
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe_splits(splits: Splits) -> str:
+    sizes = [("train", splits.train), ("val", splits.val), ("test", splits.test)]
+    return " / ".join(f"{len(s) if s is not None else 0} {name}" for name, s in sizes) + " images"
+
+
+def check_batch_sizes(cfg: TrainConfig, train: DataSource, process: Process) -> int:
+    """The micro-batch of one process, after checking that the sizes fit the data."""
     rank_batch, remainder = divmod(cfg.micro_batch_size, process.world_size)
     if remainder:
         raise ValueError(
@@ -132,193 +343,100 @@ def _train(cfg: TrainConfig, run: RunFolder, process: Process, resuming: bool) -
             f"{cfg.micro_batch_size} images per micro-batch cannot be split over "
             f"{process.world_size} processes: make it a multiple of {process.world_size}"
         )
-    steps_per_epoch = len(train_set) // cfg.batch_size
-    if steps_per_epoch == 0:
+    if len(train) < cfg.batch_size:
         raise ValueError(
-            f"batch_size {cfg.batch_size} is larger than the {len(train_set)} training images: "
+            f"batch_size {cfg.batch_size} is larger than the {len(train)} training images: "
             "lower --batch-size"
         )
-    if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU has no bfloat16: use --precision fp32")
-    if device.type == "cuda":
-        train_set, val_set, test_set = (
-            ImageDataset(d.images.to(device), d.labels.to(device), d.classes) if d else None
-            for d in (train_set, val_set, test_set)
-        )
-    classes = train_set.classes
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    return rank_batch
 
-    # ---- model, optimizer, schedule; restored from last.safetensors when resuming
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, classes, train_set.images.shape[1]).to(device)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_schedule(optimizer, warmup_steps, total_steps, cfg.schedule)
-    counters = dict(
-        epoch=0, step=0, best_val_accuracy=None, best_epoch=None, train_images=0,
-        train_seconds=0.0, wall_seconds=0.0,
+
+def warmup_length(cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> int:
+    """The warm-up in steps; one as long as the run is cut to a tenth of it, with a note,
+    so a short run never fails on the default warm-up."""
+    steps = round(cfg.warmup_epochs * steps_per_epoch)
+    if steps < total_steps:
+        return steps
+    cut = total_steps // 10
+    logger.warning(
+        "the warm-up (%g epochs) is as long as the run (%d epochs): warming up for a tenth of "
+        "the run instead (%d steps); set --warmup-epochs to choose", cfg.warmup_epochs,
+        cfg.epochs, cut,
     )  # fmt: skip
-    if resuming:  # the main process reads the checkpoint: other nodes may not see its disk
-        loaded = distributed.broadcast_object(
-            run.load_checkpoint() if process.is_main and run.last.is_file() else None, process
-        )
-        if loaded is not None:  # else the run was stopped before its first checkpoint
-            weights, optimizer_state, state = loaded
-            model.load_state_dict(weights)
-            optimizer.load_state_dict(optimizer_state)
-            scheduler.load_state_dict(state.pop("scheduler"))
-            counters.update(state)
-        run.cut_metrics(counters["step"])
-    elif process.is_main:
-        run.path.mkdir(parents=True, exist_ok=True)
-        run.write_json(run.config, cfg.to_dict())
-    ddp = (
-        DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        if process.distributed
-        else model
-    )
+    return cut
 
-    # ---- the loop
-    if process.is_main:
-        print(
-            f"training {model.num_parameters():,}-parameter {cfg.model or cfg.init_from} on "
-            f"{cfg.data}: {len(train_set)} train / {len(val_set) if val_set else 0} val / "
-            f"{len(test_set)} test images, {cfg.epochs} epochs of {steps_per_epoch} steps, "
-            f"{process.world_size} process(es) on {device.type}; run folder {run.path}"
-        )
-    bar = tqdm(
-        total=total_steps, initial=counters["step"], disable=not process.is_main,
-        unit="step", dynamic_ncols=True,
+
+def clip_gradients(trainable: nn.Module, max_norm: float) -> torch.Tensor:
+    """The global gradient norm, after clipping to ``max_norm`` (0 = no clipping)."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(trainable.parameters(), max_norm)
+    grads = [p.grad for p in trainable.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads)
+
+
+def log_training(
+    run: RunFolder, process: Process, state: LoopState, logged: dict[str, torch.Tensor],
+    scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, steps_per_epoch: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Average the metric sums over processes and steps since the last line; log them."""
+    names = sorted(logged)
+    sums = distributed.all_reduce_sum(torch.stack([logged[n] for n in names]), process)
+    totals = dict(zip(names, sums.tolist(), strict=True))
+    count = max(totals.pop("count"), 1.0)
+    record = dict(
+        split="train", epoch=epoch + 1, step=state.step,
+        **{name: value / count for name, value in totals.items()},
+        lr=scheduler.get_last_lr()[0],
+        images_per_second=state.train_images / max(state.train_seconds, 1e-9),
     )  # fmt: skip
-    session_start = time.perf_counter() - counters["wall_seconds"]
-    logged = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
-    for epoch in range(counters["epoch"], cfg.epochs):
-        bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
-        epoch_seed = derived_seed(cfg.seed, epoch, process.rank)
-        torch.manual_seed(epoch_seed)  # dropout and stochastic depth
-        transform = BatchTransform(
-            model.cfg.img_size, len(classes), cfg.augment, derived_seed(epoch_seed, 1),
-            channels=model.cfg.in_chans,
-        )  # fmt: skip
-        batches = iterate_batches(
-            train_set, rank_batch, shuffle=True,
-            seed=cfg.seed, epoch=epoch, rank=process.rank, world_size=process.world_size,
-            drop_last=True,
-        )  # fmt: skip
-        model.train()
-        epoch_start = time.perf_counter()
-        micro_batches = itertools.islice(batches, steps_per_epoch * cfg.accum_steps)
-        for index, (images, labels) in enumerate(micro_batches):
-            x, targets = transform(images, labels, train=True)
-            labels = labels.to(device)
-            stepping = (index + 1) % cfg.accum_steps == 0
-            no_sync = ddp.no_sync() if process.distributed and not stepping else nullcontext()
-            with no_sync:
-                with autocast(device, cfg.precision):
-                    logits = ddp(x)
-                loss = F.cross_entropy(logits.float(), targets)
-                (loss / cfg.accum_steps).backward()
-            logged += torch.stack(
-                [loss.detach().double() * len(labels), (logits.argmax(-1) == labels).sum(),
-                 torch.tensor(len(labels), device=device)]
-            ).double()  # fmt: skip
-            if not stepping:
-                continue
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm(grads)
-            if not torch.isfinite(grad_norm):
-                bar.close()
-                raise TrainingDiverged(diverged_message(run, counters, loss.item(), epoch))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            counters["step"] += 1
-            counters["train_images"] += cfg.batch_size
-            bar.update()
-            if counters["step"] % cfg.log_every == 0 or counters["step"] == total_steps:
-                distributed.all_reduce_sum(logged, process)
-                seconds = counters["train_seconds"] + time.perf_counter() - epoch_start
-                record = dict(
-                    split="train", epoch=epoch + 1, step=counters["step"],
-                    loss=float(logged[0] / logged[2]), accuracy=float(logged[1] / logged[2]),
-                    lr=scheduler.get_last_lr()[0],
-                    images_per_second=counters["train_images"] / seconds,
-                )  # fmt: skip
-                run.log(record)
-                bar.set_postfix(
-                    loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
-                    img_s=f"{record['images_per_second']:.0f}",
-                )  # fmt: skip
-                logged.zero_()
-        counters["train_seconds"] += time.perf_counter() - epoch_start
-        counters["epoch"] = epoch + 1
-
-        # ---- end of epoch: validate, checkpoint (every epoch: nothing is lost)
-        is_best = val_set is None
-        if val_set is not None:
-            val = evaluate(model, val_set, cfg.eval_batch_size, cfg.precision, process)
-            run.log(dict(split="val", epoch=epoch + 1, step=counters["step"], loss=val.loss,
-                         accuracy=val.accuracy))  # fmt: skip
-            best = counters["best_val_accuracy"]
-            is_best = best is None or val.accuracy > best
-            if is_best:
-                counters["best_val_accuracy"], counters["best_epoch"] = val.accuracy, epoch + 1
-            if process.is_main:
-                bar.write(
-                    f"epoch {epoch + 1}: val accuracy {val.accuracy:.4f} (best "
-                    f"{counters['best_val_accuracy']:.4f}, epoch {counters['best_epoch']})"
-                )
-        counters["wall_seconds"] = time.perf_counter() - session_start
-        run.save_checkpoint(model, optimizer, scheduler, counters, is_best)
-    bar.close()
-
-    # ---- test the best checkpoint, write the summary
-    best_weights = distributed.broadcast_object(
-        run.load_checkpoint(run.best)[0] if process.is_main else None, process
-    )
-    model.load_state_dict(best_weights)
-    test = evaluate(model, test_set, cfg.eval_batch_size, cfg.precision, process)
-    summary = dict(
-        test_accuracy=test.accuracy,
-        test_loss=test.loss,
-        best_val_accuracy=counters["best_val_accuracy"],
-        best_epoch=counters["best_epoch"] or cfg.epochs,
-        epochs=cfg.epochs,
-        steps=counters["step"],
-        wall_seconds=time.perf_counter() - session_start,
-        train_seconds=counters["train_seconds"],
-        images_per_second=counters["train_images"] / max(counters["train_seconds"], 1e-9),
-        processes=process.world_size,
-        device=device.type,
-        precision=cfg.precision,
-        model=cfg.model,
-        init_from=cfg.init_from,
-        data=cfg.data,
-        num_parameters=model.num_parameters(),
-        classes=classes,
-        confusion_matrix=test.confusion.tolist(),
-    )
-    run.write_json(run.summary, summary)
-    run.plot_curves()
-    if process.is_main:
-        print(
-            f"test accuracy {test.accuracy:.2%} ({test.correct}/{test.count}) in "
-            f"{summary['wall_seconds']:.0f} s; run folder {run.path}"
-        )
-    return summary
+    run.log(record)
+    return record
 
 
-def diverged_message(run: RunFolder, counters: dict[str, Any], loss: float, epoch: int) -> str:
-    kept = (
-        f"the last good checkpoint, {run.last} (epoch {counters['epoch']}), is kept"
-        if counters["epoch"]
-        else "no epoch had finished, so there is no checkpoint"
-    )
+def run_evaluators(
+    evaluators: list[Evaluator], task: Task, model: nn.Module, run: RunFolder,
+    process: Process, state: LoopState, steps_per_epoch: int,
+) -> bool:  # fmt: skip
+    """Run and log every evaluator; True if the validation metric is the best so far."""
+    is_best = False
+    for evaluator in evaluators:
+        metrics = evaluator.run(model, process)
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        run.log(dict(split=evaluator.name, epoch=state.step / steps_per_epoch, step=state.step,
+                     **scalars))  # fmt: skip
+        if evaluator.name != "val":
+            continue
+        value = float(metrics[task.best_metric])
+        best = state.best_value
+        if best is None or (value > best if task.best_mode == "max" else value < best):
+            state.best_value, state.best_step = value, state.step
+            state.best_epoch = round(state.step / steps_per_epoch, 3)
+            is_best = True
+        if process.is_main:
+            logger.info(
+                "step %d (epoch %.3g): val %s %.4f (best %.4f, step %d)", state.step,
+                state.step / steps_per_epoch, task.best_metric, value, state.best_value,
+                state.best_step,
+            )  # fmt: skip
+    return is_best
+
+
+def diverged_message(run: RunFolder, state: LoopState, loss: float) -> str:
+    kept = "no checkpoint had been written yet"
+    if run.last.is_file():
+        saved = LoopState.from_dict(run.checkpoint_counters())
+        kept = f"the last good checkpoint, {run.last} (step {saved.step}, epoch {saved.epoch}), is kept"
     return (
         f"the loss became {loss if not math.isfinite(loss) else 'finite but the gradients not'}"
-        f" at step {counters['step'] + 1} (epoch {epoch + 1}): training stopped; {kept}. "
-        "Lower --lr, lengthen --warmup-epochs or clip gradients (--grad-clip 1)."
+        f" at step {state.step + 1}: training stopped; {kept}. Lower --lr, lengthen "
+        "--warmup-epochs or clip gradients (--grad-clip 1)."
+    )
+
+
+def interrupted_message(run: RunFolder, step: int) -> str:
+    if not run.last.is_file():
+        return f"interrupted at step {step}, before the first checkpoint: nothing to resume"
+    return (
+        f"interrupted at step {step}; the last checkpoint is {run.last} (step "
+        f"{run.checkpoint_counters()['step']}): continue with `vitkit train --resume {run.path}`"
     )

@@ -2,8 +2,8 @@
 
     config.json        the resolved ``TrainConfig``
     metrics.jsonl      one JSON line per logged training step and per evaluation
-    last.safetensors   the model after the latest epoch, plus the training state to resume
-    best.safetensors   the same, for the epoch with the best validation accuracy
+    last.safetensors   the model at the latest checkpoint, plus the training state to resume
+    best.safetensors   the same, at the evaluation with the best validation metric
     curves.png         loss and accuracy against the step
     summary.json       test accuracy, best validation accuracy, timing, confusion matrix
 
@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from vitkit.checkpoints.native import (
     STATE_PREFIX,
@@ -31,10 +33,21 @@ from vitkit.checkpoints.native import (
     read_metadata,
     save_pretrained,
 )
-from vitkit.models import VisionTransformer
 
 STATE_KEY = "vitkit_state"
 OPTIMIZER_PREFIX = "optimizer/"
+TASK_PREFIX = "task/"
+
+
+@dataclass
+class SavedTraining:
+    """What a training checkpoint holds."""
+
+    weights: dict[str, torch.Tensor]  # the model's state dict
+    optimizer: dict[str, Any]  # for ``optimizer.load_state_dict``
+    scheduler: dict[str, Any]  # for ``scheduler.load_state_dict``
+    loop_state: dict[str, Any]  # the loop's counters
+    task: dict[str, torch.Tensor]  # the task's own parameters
 
 
 def optimizer_to_tensors(
@@ -111,40 +124,49 @@ class RunFolder:
 
     def save_checkpoint(
         self,
-        model: VisionTransformer,
+        model: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
-        counters: dict[str, Any],
+        loop_state: dict[str, Any],
         is_best: bool,
+        task_tensors: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Write ``last.safetensors`` and, if ``is_best``, copy it to ``best.safetensors``."""
+        """Write ``last.safetensors`` and, if ``is_best``, copy it to ``best.safetensors``.
+
+        ``loop_state`` is the loop's counters (JSON); ``task_tensors`` the task's own
+        parameters (a prediction head, say), kept under ``state/task/``."""
         if not self.writer:
             return
         tensors, optimizer_json = optimizer_to_tensors(optimizer.state_dict())
-        state = {**counters, "optimizer": optimizer_json, "scheduler": scheduler.state_dict()}
+        tensors |= {TASK_PREFIX + k: v for k, v in (task_tensors or {}).items()}
+        state = {**loop_state, "optimizer": optimizer_json, "scheduler": scheduler.state_dict()}
         save_pretrained(model, self.last, tensors, {STATE_KEY: json.dumps(state)})
         if is_best:
             atomic_write(self.best, lambda tmp: shutil.copyfile(self.last, tmp))
 
-    def load_checkpoint(
-        self, path: Path | None = None
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-        """(model weights, optimizer state dict, the rest of the training state) of
-        ``path`` (default: ``last.safetensors``)."""
+    def checkpoint_counters(self) -> dict[str, Any]:
+        """The loop's counters in ``last.safetensors``, read from its metadata alone."""
+        state = json.loads(read_metadata(self.last)[STATE_KEY])
+        return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}
+
+    def load_checkpoint(self, path: Path | None = None) -> SavedTraining:
+        """Everything ``save_checkpoint`` wrote to ``path`` (default: ``last.safetensors``)."""
         path = path or self.last
         state = json.loads(read_metadata(path)[STATE_KEY])
         tensors = load_tensors(path)
         weights = {k: v for k, v in tensors.items() if not k.startswith(STATE_PREFIX)}
-        optimizer_tensors = {
-            k.removeprefix(STATE_PREFIX): v
-            for k, v in tensors.items()
-            if k.startswith(STATE_PREFIX)
-        }
+        saved = {k.removeprefix(STATE_PREFIX): v for k, v in tensors.items()
+                 if k.startswith(STATE_PREFIX)}  # fmt: skip
+        task = {k.removeprefix(TASK_PREFIX): v for k, v in saved.items()
+                if k.startswith(TASK_PREFIX)}  # fmt: skip
+        optimizer_tensors = {k: v for k, v in saved.items() if not k.startswith(TASK_PREFIX)}
         optimizer_state = optimizer_from_tensors(optimizer_tensors, state.pop("optimizer"))
-        return weights, optimizer_state, state
+        scheduler_state = state.pop("scheduler")
+        return SavedTraining(weights, optimizer_state, scheduler_state, state, task)
 
     def plot_curves(self) -> None:
-        """Loss and accuracy against the optimizer step, training and validation."""
+        """Every logged metric against the optimizer step: one panel per metric, one line per
+        split (training and each evaluator)."""
         if not self.writer:
             return
         import matplotlib
@@ -153,20 +175,26 @@ class RunFolder:
         import matplotlib.pyplot as plt
 
         records = self.read_metrics()
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for split, style in (("train", "-"), ("val", "o-")):
-            rows = [r for r in records if r["split"] == split]
-            if not rows:
-                continue
-            steps = [r["step"] for r in rows]
-            axes[0].plot(steps, [r["loss"] for r in rows], style, label=split, markersize=3)
-            axes[1].plot(steps, [r["accuracy"] for r in rows], style, label=split, markersize=3)
-        for ax, name in zip(axes, ("loss", "accuracy"), strict=True):
+        not_metrics = {"split", "epoch", "step", "lr", "images_per_second"}
+        names = sorted({k for r in records for k, v in r.items()
+                        if k not in not_metrics and isinstance(v, int | float)})  # fmt: skip
+        names = sorted(names, key=lambda n: (n != "loss", n))  # the loss first
+        fig, axes = plt.subplots(1, max(len(names), 1), figsize=(5.5 * max(len(names), 1), 4),
+                                 squeeze=False)  # fmt: skip
+        splits = list(dict.fromkeys(r["split"] for r in records))
+        for ax, name in zip(axes[0], names, strict=False):
+            for split in splits:
+                rows = [r for r in records if r["split"] == split and name in r]
+                if rows:
+                    style = "-" if split == "train" else "o-"
+                    ax.plot([r["step"] for r in rows], [r[name] for r in rows], style,
+                            label=split, markersize=3)  # fmt: skip
             ax.set_xlabel("optimizer step")
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)
             ax.legend()
-        axes[0].set_yscale("log")
+            if name == "loss":
+                ax.set_yscale("log")
         fig.tight_layout()
         atomic_write(self.curves, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)

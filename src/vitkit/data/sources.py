@@ -1,0 +1,135 @@
+"""Data sources: what the training loop and the evaluators read, whatever holds the images.
+
+A ``DataSource`` hands out batches of uint8 images (and labels, when it has them) for one
+process of a run. Training asks for the batches of an epoch *from a given batch on*, so a run
+resumed in the middle of an epoch continues with exactly the images it would have seen;
+evaluation asks for every example exactly once over all processes. The loop never learns
+whether the images sit in memory or are streamed from disk: ``InMemorySource`` is the first
+implementation, streaming sources plug in behind the same two methods.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from vitkit.data.datasets import ImageDataset, iterate_batches
+from vitkit.data.readers import load_dataset
+
+logger = logging.getLogger(__name__)
+
+HELD_OUT_TEST = 0.2
+
+
+@dataclass(frozen=True)
+class Batch:
+    images: torch.Tensor  # uint8 (B, C, H, W)
+    labels: torch.Tensor | None  # int64 (B,), None for unlabelled data
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    classes: list[str] | None  # class names (index = label); None for unlabelled data
+    channels: int
+    num_examples: int
+
+
+class DataSource(Protocol):
+    @property
+    def info(self) -> SourceInfo: ...
+
+    def __len__(self) -> int: ...
+
+    def train_batches(
+        self, batch_size: int, *, seed: int, epoch: int, start: int = 0, rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[Batch]:  # fmt: skip
+        """Shuffled batches of ``batch_size`` images (per process) of ``epoch``, from batch
+        ``start`` on; the order depends only on ``(seed, epoch)``, ranks get disjoint images,
+        and every rank gets the same number of full batches."""
+        ...
+
+    def eval_batches(
+        self, batch_size: int, *, rank: int = 0, world_size: int = 1
+    ) -> Iterator[Batch]:
+        """Every example exactly once over the ``world_size`` processes, in order."""
+        ...
+
+
+class InMemorySource:
+    """A ``DataSource`` over an ``ImageDataset`` held in memory."""
+
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.dataset = dataset
+
+    @property
+    def info(self) -> SourceInfo:
+        return SourceInfo(list(self.dataset.classes), self.dataset.images.shape[1], len(self))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def train_batches(
+        self, batch_size: int, *, seed: int, epoch: int, start: int = 0, rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[Batch]:  # fmt: skip
+        batches = iterate_batches(
+            self.dataset, batch_size, shuffle=True, seed=seed, epoch=epoch, rank=rank,
+            world_size=world_size, drop_last=True, start=start,
+        )  # fmt: skip
+        for images, labels in batches:
+            yield Batch(images, labels)
+
+    def eval_batches(
+        self, batch_size: int, *, rank: int = 0, world_size: int = 1
+    ) -> Iterator[Batch]:
+        shard = self.dataset.subset(torch.arange(rank, len(self.dataset), world_size))
+        for images, labels in iterate_batches(shard, batch_size, shuffle=False, seed=0, epoch=0):
+            yield Batch(images, labels)
+
+
+def as_source(data: DataSource | ImageDataset) -> DataSource:
+    return InMemorySource(data) if isinstance(data, ImageDataset) else data
+
+
+@dataclass
+class Splits:
+    train: DataSource
+    val: DataSource | None
+    test: DataSource
+
+
+def open_splits(data: str, val_fraction: float, seed: int) -> Splits:
+    """The train, validation (held out of train, stratified; None for ``val_fraction == 0``)
+    and test sources of ``data``.
+
+    A source with a single split (a folder of class folders, one .npz of images/labels) comes
+    back whole for every split name: a stratified ``HELD_OUT_TEST`` of it, chosen by ``seed``,
+    becomes the test split instead of testing on training images. ``vitkit eval`` uses the
+    same function, so with the run's seed it evaluates on the run's own test images.
+    """
+    train = load_dataset(data, "train")
+    test = load_dataset(data, "test")
+    if torch.equal(train.labels, test.labels) and torch.equal(train.images, test.images):
+        logger.warning("%s has no separate test split: holding out %.0f%% of it", data,
+                       100 * HELD_OUT_TEST)  # fmt: skip
+        train, test = train.split(HELD_OUT_TEST, seed)
+    if train.classes != test.classes:
+        raise ValueError(
+            f"{data}: the train and test splits have different classes ({len(train.classes)}: "
+            f"{_names(train.classes)} vs {len(test.classes)}: {_names(test.classes)}); give "
+            "both the same class folders"
+        )
+    val = None
+    if val_fraction > 0:
+        train, val = train.split(val_fraction, seed)
+    return Splits(InMemorySource(train), InMemorySource(val) if val else None, InMemorySource(test))
+
+
+def _names(classes: list[str], shown: int = 5) -> str:
+    more = f", ... ({len(classes) - shown} more)" if len(classes) > shown else ""
+    return ", ".join(classes[:shown]) + more

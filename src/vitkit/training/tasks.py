@@ -1,0 +1,184 @@
+"""Tasks: what a run learns. The loop (``training/loop.py``) knows none of it.
+
+A task builds the model from the data's description, turns a batch into model inputs and
+targets, computes the loss of a step with the metrics to log, evaluates a model on a data
+source, names the validation metric that picks the best checkpoint and fills the task's part
+of ``summary.json``. Classification is the paper's supervised task; others (masked patch
+prediction) register themselves with ``register_task`` and train through the same loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitkit.checkpoints import read_checkpoint
+from vitkit.checkpoints.core import build_model
+from vitkit.data import BatchTransform
+from vitkit.data.sources import Batch, DataSource, SourceInfo
+from vitkit.models import create_model, model_config
+from vitkit.training.config import TrainConfig
+from vitkit.training.distributed import Process
+from vitkit.training.evaluate import evaluate
+
+
+@dataclass
+class StepResult:
+    """One micro-batch: the loss to back-propagate and, to log, per-example sums (a metric
+    logged as ``sums[name] / count``, e.g. the number right for the accuracy)."""
+
+    loss: torch.Tensor
+    sums: dict[str, torch.Tensor]
+    count: int
+
+
+class Task:
+    """The interface the loop drives; subclasses set the class attributes and override the
+    methods that raise ``NotImplementedError``."""
+
+    name: ClassVar[str]
+    best_metric: ClassVar[str]  # the validation metric that picks best.safetensors
+    best_mode: ClassVar[Literal["max", "min"]]
+    needs_labels: ClassVar[bool] = True
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    def build_model(self, info: SourceInfo) -> nn.Module:
+        """The model the run saves: a new one (``cfg.model``), or the checkpoint's
+        (``cfg.init_from``) fitted to the data."""
+        raise NotImplementedError
+
+    def trainable(self, model: nn.Module) -> nn.Module:
+        """What the optimizer and DDP see: the model plus any parameters of the task's own
+        (a prediction head, a mask token), which checkpoints keep under ``task_state``."""
+        return model
+
+    def task_state(self, trainable: nn.Module) -> dict[str, torch.Tensor]:
+        """Tensors of ``trainable`` that are not the model's, to save for resuming."""
+        return {}
+
+    def load_task_state(self, trainable: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """The inverse of ``task_state``."""
+
+    def setup(self, model: nn.Module) -> None:
+        """Called once the model exists, before the first ``prepare``."""
+
+    def prepare(self, batch: Batch, seed: int) -> tuple[torch.Tensor, Any]:
+        """(model inputs, targets) of a training batch; all randomness drawn from ``seed``."""
+        raise NotImplementedError
+
+    def step(self, net: nn.Module, inputs: torch.Tensor, targets: Any) -> StepResult:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, source: DataSource, process: Process) -> dict[str, Any]:
+        """Metrics of ``model`` on every example of ``source`` (exact under DDP); the float
+        ones are logged, the others may go into the summary."""
+        raise NotImplementedError
+
+    def summary(self, test: dict[str, Any], best: float | None) -> dict[str, Any]:
+        """The task's keys of ``summary.json`` from the test metrics and the best validation
+        value."""
+        return {f"test_{k}": v for k, v in test.items() if isinstance(v, float)} | {
+            f"best_val_{self.best_metric}": best
+        }
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(task: type[Task]) -> type[Task]:
+    """Make ``task`` available as ``TrainConfig.task = task.name`` (usable as a decorator)."""
+    if task.name in TASKS and TASKS[task.name] is not task:
+        raise ValueError(f"task {task.name!r} is registered twice")
+    TASKS[task.name] = task
+    return task
+
+
+def fitted_overrides(config_class: type, **values: Any) -> dict[str, Any]:
+    """The ``values`` the model's config has fields for. Regularisation that a model cannot
+    take (dropout for a network without it) is an error only when it is asked for."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    unsupported = sorted(k for k, v in values.items() if k not in fields and v)
+    if unsupported:
+        raise ValueError(f"{config_class.__name__} has no {', '.join(unsupported)}: leave it unset")
+    return {k: v for k, v in values.items() if k in fields}
+
+
+@register_task
+class Classification(Task):
+    """The paper's supervised task: cross-entropy on (possibly mixed, smoothed) one-hot
+    targets; accuracy picks the best checkpoint; a fine-tuned model gets a new zero head."""
+
+    name = "classification"
+    best_metric = "accuracy"
+    best_mode = "max"
+
+    def build_model(self, info: SourceInfo) -> nn.Module:
+        cfg = self.cfg
+        if info.classes is None:
+            raise ValueError(f"{cfg.data} has no labels: classification needs class folders")
+        extra = {"classes": info.classes}
+        if cfg.init_from is None:
+            size = {"img_size": cfg.img_size} if cfg.img_size else {}
+            config_class = type(model_config(cfg.model))
+            regularisation = fitted_overrides(
+                config_class, dropout=cfg.dropout, drop_path=cfg.drop_path
+            )
+            return create_model(
+                cfg.model, num_classes=len(info.classes), in_chans=info.channels, extra=extra,
+                **size, **regularisation,
+            )  # fmt: skip
+        checkpoint = read_checkpoint(cfg.init_from, cfg.model)
+        regularisation = fitted_overrides(
+            type(checkpoint.config), dropout=cfg.dropout, drop_path=cfg.drop_path
+        )
+        model = build_model(checkpoint, img_size=cfg.img_size, **regularisation)
+        model.reset_classifier(
+            len(info.classes)
+        )  # the paper replaces the head even for equal counts
+        model.cfg = model.cfg.replace(extra={**model.cfg.extra, **extra})
+        return model
+
+    def setup(self, model: nn.Module) -> None:
+        cfg = model.cfg
+        self.transform = BatchTransform(
+            cfg.img_size, cfg.num_classes, self.cfg.augment, 0, channels=cfg.in_chans
+        )
+
+    def prepare(self, batch: Batch, seed: int) -> tuple[torch.Tensor, Any]:
+        assert batch.labels is not None
+        self.transform.generator.manual_seed(seed)
+        inputs, soft_targets = self.transform(batch.images, batch.labels, train=True)
+        return inputs, (soft_targets, batch.labels.to(inputs.device))
+
+    def step(self, net: nn.Module, inputs: torch.Tensor, targets: Any) -> StepResult:
+        soft_targets, labels = targets
+        logits = net(inputs).float()
+        loss = F.cross_entropy(logits, soft_targets)
+        correct = (logits.argmax(-1) == labels).sum()
+        return StepResult(loss, {"loss": loss.detach() * len(labels), "accuracy": correct},
+                          len(labels))  # fmt: skip
+
+    def evaluate(self, model: nn.Module, source: DataSource, process: Process) -> dict[str, Any]:
+        result = evaluate(model, source, self.cfg.eval_batch_size, self.cfg.precision, process)
+        return {"loss": result.loss, "accuracy": result.accuracy, "confusion": result.confusion}
+
+    def summary(self, test: dict[str, Any], best: float | None) -> dict[str, Any]:
+        return {
+            "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"],
+            "best_val_accuracy": best,
+            "confusion_matrix": test["confusion"].tolist(),
+        }
+
+
+def build_task(cfg: TrainConfig) -> Task:
+    if cfg.task not in TASKS:
+        raise ValueError(f"unknown task {cfg.task!r}: choose one of {sorted(TASKS)}")
+    return TASKS[cfg.task](cfg)
