@@ -23,6 +23,8 @@ MODELS = {
         gelu="none", eps=1e-5, img_size=(32, 48), patch_size=(4, 8), qkv_bias=False
     ),
     "features_only": dict(num_classes=0, representation_size=64),
+    # the same with the qkv biases the official layout needs
+    "exact_nonsquare_biased": dict(gelu="none", eps=1e-5, img_size=(32, 48), patch_size=(4, 8)),
     "hybrid": dict(resnet_layers=(1, 1), resnet_width_factor=0.5, patch_size=1),
 }
 TARGETS = {  # format → the path it writes
@@ -82,6 +84,66 @@ def test_round_trip_is_bit_identical(target: str, model_name: str, tmp_path: Pat
     x = images(model)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def keep_only_weights(path: Path) -> None:
+    """Rewrite an ``.npz`` with its float arrays only, as the official code and other Flax tools
+    write checkpoints: vitkit's own metadata (the stored config) is gone."""
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files if data[k].dtype.kind == "f"}
+    path.unlink()
+    np.savez(path, **arrays)
+
+
+# What a user must supply to read an official .npz that carries no vitkit metadata: the grid
+# of a non-square image (the arrays hold only the number of patches) and numerics other than
+# the official tanh GELU and eps 1e-6. The rest is read from the arrays' names and shapes.
+OFFICIAL_WITHOUT_METADATA = {
+    "token": None,
+    "gap_representation": None,
+    "features_only": None,
+    "hybrid": None,
+    "exact_nonsquare_biased": dict(gelu="none", eps=1e-5),
+}
+
+
+@pytest.mark.parametrize("model_name", sorted(OFFICIAL_WITHOUT_METADATA))
+def test_official_npz_without_vitkit_metadata(model_name: str, tmp_path: Path) -> None:
+    model = random_model(model_name)
+    path = export(model, tmp_path / "model.npz", "official")
+    keep_only_weights(path)
+    numerics = OFFICIAL_WITHOUT_METADATA[model_name]
+    if numerics is None:
+        loaded = vitkit.load_pretrained(path)
+    else:
+        with pytest.raises(vitkit.CheckpointError, match="not a square grid: pass model="):
+            vitkit.load_pretrained(path)
+        # The architecture (its image size) does not bring its numerics: the layout implies
+        # the official ones unless they are given as overrides.
+        assert vitkit.load_pretrained(path, model=model.cfg).cfg.gelu == "tanh"
+        loaded = vitkit.load_pretrained(path, model=model.cfg, **numerics)
+    assert loaded.cfg.to_dict() == model.cfg.to_dict()
+    x = images(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_official_npz_holds_exactly_the_official_codes_arrays(tmp_path: Path) -> None:
+    """A checkpoint written by the official JAX code, read and written back by vitkit, holds
+    the same arrays bit for bit; without vitkit's metadata it still gives the JAX logits."""
+    name = "vit_micro_token"
+    src = fixture_dir(name) / f"{name}.npz"
+    path = export(vitkit.load_pretrained(src), tmp_path / "model.npz", "official")
+    keep_only_weights(path)
+    with np.load(src) as official, np.load(path) as ours:
+        assert sorted(ours.files) == sorted(official.files)
+        for key in official.files:
+            assert ours[key].dtype == official[key].dtype, key
+            np.testing.assert_array_equal(ours[key], official[key], err_msg=key)
+    images_nchw, expected = load_io(name)
+    with torch.no_grad():
+        logits = vitkit.load_pretrained(path)(images_nchw)
+    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("model_name", ["token", "exact_nonsquare", "features_only"])
