@@ -80,7 +80,9 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
             ) from None
         raise CheckpointError(f"{path} is not a readable PyTorch file ({err})") from None
     except (RuntimeError, KeyError, EOFError, OSError, ValueError, IndexError) as err:
-        raise CheckpointError(f"{path} is not a readable PyTorch file ({err})") from None
+        # torch.load reports bytes that are not a pickle as a KeyError of the first one
+        reason = "neither a zip archive nor a pickle" if isinstance(err, KeyError) else err
+        raise CheckpointError(f"{path} is not a readable PyTorch file ({reason})") from None
     # Training scripts wrap the weights: {"model": state_dict, "optimizer": ..., "epoch": ...}.
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
