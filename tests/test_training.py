@@ -138,7 +138,7 @@ def test_run_folder_holds_what_a_person_reads(trained_run: Path) -> None:
     names = {p.name for p in trained_run.iterdir()}
     assert {"config.json", "metrics.jsonl", "curves.png", "summary.json"} <= names
     assert {"last.safetensors", "best.safetensors"} <= names
-    assert not [n for n in names if n.endswith(".tmp")]
+    assert not [n for n in names if n.endswith("tmp")]  # .vitkit-tmp: unfinished writes
     summary = json.loads((trained_run / "summary.json").read_text())
     confusion = np.array(summary["confusion_matrix"])
     assert confusion.shape == (10, 10) and confusion.sum() == 100

@@ -198,14 +198,11 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except ValueError as err:
-        if "allow_pickle" not in str(err):
-            raise CheckpointError(f"{path} is not a readable .npz file ({err})") from None
-        raise CheckpointError(
-            f"{path} holds pickled Python objects, which vitkit never loads (unpickling can run "
-            "code): a checkpoint's arrays must be numeric"
-        ) from None
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+        if "allow_pickle" in str(err):  # numpy's advice, not passed on: unpickling runs code
+            err = (
+                "it is no zip of plain arrays: numpy could only unpickle it, and vitkit never does"
+            )
         raise CheckpointError(f"{path} is not a readable .npz file ({err})") from None
 
 

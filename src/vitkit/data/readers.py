@@ -277,11 +277,18 @@ def _to_nchw(images: np.ndarray, path: Path) -> np.ndarray:
     )
 
 
+def _npz_error(path: Path, err: Exception) -> ValueError:
+    """numpy's advice to pass ``allow_pickle`` is not passed on: unpickling data can run code."""
+    if "allow_pickle" in str(err):
+        err = "it is no zip of plain arrays: numpy could only unpickle it, and vitkit never does"
+    return ValueError(f"{path} is not a readable .npz file ({err})")
+
+
 def read_npz(path: Path, split: str) -> ImageDataset:
     try:
         arrays = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable .npz file ({err})") from None
+        raise _npz_error(path, err) from None
     with arrays:
         if "images" in arrays and "labels" in arrays:
             images_key, labels_key = "images", "labels"
@@ -289,16 +296,12 @@ def read_npz(path: Path, split: str) -> ImageDataset:
             found = _other_split(path, split, lambda s: f"x_{s}" in arrays and f"y_{s}" in arrays)
             images_key, labels_key = f"x_{found}", f"y_{found}"
         try:
-            images = _to_nchw(arrays[images_key], path)
-            labels = arrays[labels_key].reshape(-1).astype(np.int64)
+            images, labels = arrays[images_key], arrays[labels_key]
             classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else None
-        except ValueError as err:
-            if "allow_pickle" not in str(err):
-                raise
-            raise ValueError(
-                f"{path} holds pickled Python objects, which vitkit never loads (unpickling can "
-                "run code): save plain arrays (uint8 images, integer labels, string classes)"
-            ) from None
+        except ValueError as err:  # an array of Python objects
+            raise _npz_error(path, err) from None
+    images = _to_nchw(images, path)
+    labels = labels.reshape(-1).astype(np.int64)
     if len(images) != len(labels):
         raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
     return ImageDataset(
