@@ -149,7 +149,7 @@ def test_version(capsys) -> None:
 # --------------------------------------------------------------------- silent wrong behaviour
 def test_a_recipe_must_name_its_data(tmp_path: Path, capsys) -> None:
     recipe = tmp_path / "mnist.toml"
-    recipe.write_text("model = 'vit_micro'\nepochs = 1\n")
+    recipe.write_text("model = 'vit_digits'\nlr = 0.001\n")
     assert main(["train", "--config", str(recipe), "--out", str(tmp_path / "run")]) == 2
     assert (
         error_line(capsys)

@@ -187,14 +187,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     flags = {k: v for k, v in given.items() if k in train_fields}
     flags["augment"] = {k: v for k, v in given.items() if k in augment_fields}
     values = dict(args.preset)
-    if args.config is not None:
-        recipe = read_toml(args.config)
-        if "data" not in recipe and "data" not in flags:
-            # The default data (the shipped digits) is for the bare `vitkit train`: a recipe
-            # is written for a dataset, and training it on another one would go unnoticed.
-            raise ValueError(f"the recipe {args.config} names no data: pass --data")
-        values = merge(values, recipe)
-    return TrainConfig.from_dict(merge(values, flags))
+    recipe = read_toml(args.config) if args.config is not None else None
+    cfg = TrainConfig.from_dict(merge(merge(values, recipe or {}), flags))
+    if recipe is not None and "data" not in recipe and "data" not in flags:
+        # The default data (the shipped digits) is for the bare `vitkit train`: a recipe is
+        # written for a dataset, and training it on another one would go unnoticed.
+        raise ValueError(f"the recipe {args.config} names no data: pass --data")
+    return cfg
 
 
 def run_train(args: argparse.Namespace) -> int:
