@@ -259,14 +259,17 @@ def test_image_folder_with_split_folders_and_a_corrupt_image(tmp_path: Path) -> 
     (tmp_path / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (tmp_path / "train" / "dog" / "notes.txt").write_text("ignored: not an image suffix")
     save_image(tmp_path / "val" / "cat" / "d.png", cat)
-    with pytest.warns(UserWarning, match="skipped 1 unreadable") as caught:
+    with pytest.warns(
+        UserWarning,
+        match=r"skipped 1 unreadable .* of 4: dog/broken\.jpg \(cannot identify image file 'dog/",
+    ) as caught:
         train = load_dataset(tmp_path, "train")
     assert len(caught) == 1
     assert train.classes == ["cat", "dog"] and train.labels.tolist() == [0, 1, 1]
     assert torch.equal(train.images[0], torch.from_numpy(cat).permute(2, 0, 1))  # PNG: lossless
     assert (train.images[2].float() - 90).abs().max() <= 2  # JPEG: nearly
     assert len(load_dataset(tmp_path, "test")) == 1  # test falls back to val
-    with pytest.warns(UserWarning, match="skipped 1"):  # the cached copy still reports it
+    with pytest.warns(UserWarning, match="skipped 1 .*broken"):  # the cached copy names it too
         assert torch.equal(load_dataset(tmp_path, "train").images, train.images)
 
 
@@ -446,3 +449,72 @@ def test_shared_cifar10_jpeg_folder() -> None:
     assert test.images.shape == (10000, 3, 32, 32)
     assert test.classes[:3] == ["airplane", "automobile", "bird"]
     assert torch.bincount(test.labels).tolist() == [1000] * 10
+
+
+# ------------------------------------------------------------------- damaged files (issue 14)
+def test_truncated_mnist_gz_is_named(tmp_path: Path) -> None:
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((2, 3, 3)), compress=True)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(2), compress=True)
+    images_file = tmp_path / "train-images-idx3-ubyte.gz"
+    images_file.write_bytes(images_file.read_bytes()[:-9])  # cut into the gzip trailer
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz is a truncated or corrupt"):
+        load_dataset(tmp_path)
+
+
+def test_damaged_decode_cache_is_named_and_rebuilt(tmp_path: Path, private_cache: Path) -> None:
+    root = tmp_path / "images"
+    save_image(root / "a" / "1.png", np.full((4, 4), 40, np.uint8))
+    expected = load_dataset(root).images
+    (cache,) = private_cache.glob("*.npz")
+    cache.write_bytes(cache.read_bytes()[:100])
+    with pytest.warns(UserWarning, match=f"{cache}.* damaged .*rebuilding it"):
+        assert torch.equal(load_dataset(root).images, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rebuilt: read back without a word
+        assert torch.equal(load_dataset(root).images, expected)
+
+
+def test_decompression_bomb_is_skipped_and_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_image(tmp_path / "a" / "small.png", np.zeros((4, 4), np.uint8))
+    save_image(tmp_path / "b" / "huge.png", np.zeros((4, 12), np.uint8))
+    # Pillow refuses images over twice MAX_IMAGE_PIXELS (a warning between one and two times)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)
+    with pytest.warns(UserWarning, match=r"skipped 1 .* of 2: b/huge\.png \(.*decompression bomb"):
+        data = load_dataset(tmp_path)
+    assert len(data) == 1 and data.classes == ["a", "b"]
+
+
+def test_skipped_images_are_named_once_however_often_loaded(tmp_path: Path) -> None:
+    save_image(tmp_path / "a" / "good.png", np.zeros((4, 4), np.uint8))
+    for i in range(5):
+        (tmp_path / "a" / f"bad{i}.png").write_bytes(b"not a png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own setting for UserWarning
+        load_dataset(tmp_path, "train")
+        load_dataset(tmp_path, "test")  # a single-split folder: the same images again
+    (warning,) = [str(w.message) for w in caught]
+    assert "skipped 5 unreadable or corrupt image(s) of 6: a/bad0.png" in warning
+    assert "a/bad2.png" in warning and "a/bad3.png" not in warning
+    assert warning.endswith("; and 2 more")
+
+
+def test_cifar_folder_with_some_batches_names_the_missing_ones(tmp_path: Path) -> None:
+    write_pickle(tmp_path / "data_batch_1", {b"data": cifar_rows(2, 1), b"labels": [1, 0]})
+    with pytest.raises(ValueError, match=r"part of CIFAR10: it lacks data_batch_2, .*test_batch"):
+        load_dataset(tmp_path)
+
+
+def test_npz_of_pickled_objects_never_suggests_allow_pickle(tmp_path: Path) -> None:
+    path = tmp_path / "objects.npz"
+    np.savez(path, images=np.array([None, 1], dtype=object), labels=np.array([0, 1]))
+    with pytest.raises(
+        ValueError, match=r"not a readable \.npz file \(it is no zip of plain arrays"
+    ) as err:
+        load_dataset(path)
+    assert "allow_pickle" not in str(err.value)
+    path.write_text("not an npz")  # numpy takes any non-zip for a pickle and says so too
+    with pytest.raises(ValueError, match="no zip of plain arrays") as err:
+        load_dataset(path)
+    assert "allow_pickle" not in str(err.value)

@@ -115,7 +115,9 @@ def load_images(paths: Sequence[str | Path], cfg: ViTConfig) -> Samples:
                 arrays.append(np.asarray(img).reshape(height, width, cfg.in_chans))
         except FileNotFoundError:
             raise FileNotFoundError(f"image {path} does not exist") from None
-        except (UnidentifiedImageError, OSError) as err:
+        except IsADirectoryError:
+            raise ValueError(f"{path} is a folder, not an image file") from None
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             raise ValueError(f"{path} is not an image Pillow can read ({err})") from None
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return Samples(to_model_input(images), [Path(p).name for p in paths])

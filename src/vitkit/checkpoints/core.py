@@ -9,6 +9,7 @@ fine-tuning overrides, so every format gets the same checks and the same overrid
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ class Checkpoint:
 
 
 ModelSpec = str | ViTConfig | None
+# The img_size a caller of load_pretrained asked for. Formats that record no image size take it
+# for a position embedding whose patch count is no square grid, when the counts match.
+IMG_SIZE_HINT: ContextVar[int | tuple[int, int] | None] = ContextVar("img_size", default=None)
 
 
 @dataclass(frozen=True)
@@ -119,4 +123,9 @@ def load_pretrained(
     ``model`` names a registered model or passes a ``ViTConfig``, for formats that do not
     record the whole architecture. See ``build_model`` for the overrides.
     """
-    return build_model(read_checkpoint(path, model), **overrides)
+    token = IMG_SIZE_HINT.set(overrides.get("img_size"))
+    try:
+        ckpt = read_checkpoint(path, model)
+    finally:
+        IMG_SIZE_HINT.reset(token)
+    return build_model(ckpt, **overrides)

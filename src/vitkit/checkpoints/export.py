@@ -14,7 +14,14 @@ from pathlib import Path
 
 from vitkit.checkpoints import hf, official, timm
 from vitkit.checkpoints.core import CheckpointError
-from vitkit.checkpoints.native import current_umask, save_pretrained
+from vitkit.checkpoints.native import (
+    TEMP_SUFFIX,
+    current_umask,
+    explain_os_error,
+    make_parent,
+    save_pretrained,
+    temp_name,
+)
 from vitkit.models.vit import VisionTransformer
 
 WRITERS: dict[str, Callable[[VisionTransformer, Path], object]] = {
@@ -34,14 +41,19 @@ def atomic_dir(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp_folder)``, then put the folder at ``path`` (replacing an old one)."""
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} exists and is not a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    make_parent(path)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_name(path), suffix=TEMP_SUFFIX))
+    except OSError as err:
+        raise explain_os_error(err, path, None) from None
     try:
         write(tmp)
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private (0700)
         if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            os.replace(path, old)  # a crash between the two renames leaves the old one here
+            # A crash between the two renames leaves the old folder here, under a name that
+            # remove_stale_temps does not match: it is then the only copy.
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_name(path), suffix=".old"))
+            os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old)
         else:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vitkit.checkpoints.core import Checkpoint, CheckpointError
-from vitkit.models.vit import VisionTransformer, ViTConfig
+from vitkit.checkpoints.core import IMG_SIZE_HINT, Checkpoint, CheckpointError
+from vitkit.models.vit import VisionTransformer, ViTConfig, to_pair
 
 Tensor = torch.Tensor
 
@@ -126,17 +126,27 @@ def img_size_from_patches(
 ) -> tuple[int, int]:
     """The image size implied by a position embedding of ``n_patches`` positions.
 
-    ``spec``'s image size when its grid has that many patches, else a square grid.
+    ``spec``'s image size when its grid has that many patches, else a square grid, else the
+    ``img_size`` asked of ``load_pretrained`` when its grid has that many patches (not before
+    the square: a square checkpoint resized to a non-square size of equal count stays square).
     """
     if spec is not None and spec.grid[0] * spec.grid[1] == n_patches:
         return spec.img_size
+    step = (patch[0] * reduction, patch[1] * reduction)
     side = round(n_patches**0.5)
-    if side * side != n_patches:
-        raise CheckpointError(
-            f"the position embedding has {n_patches} patches, not a square grid: "
-            "pass model=<config with the checkpoint's img_size> to say its shape"
-        )
-    return (side * patch[0] * reduction, side * patch[1] * reduction)
+    if side * side == n_patches:
+        return (side * step[0], side * step[1])
+    hint = IMG_SIZE_HINT.get()
+    if hint is not None:
+        height, width = to_pair(hint)
+        divisible = height % step[0] == width % step[1] == 0
+        if divisible and (height // step[0]) * (width // step[1]) == n_patches:
+            return (height, width)
+    raise CheckpointError(
+        f"the position embedding has {n_patches} patches, not a square grid, and the format "
+        "records no image size: pass img_size=(height, width) (the size it was trained at, "
+        f"{n_patches} patches of {step[0]}x{step[1]} pixels) or model=<config with that img_size>"
+    )
 
 
 def heads_from_spec(spec: ViTConfig | None, width: int, layout: str, example: str) -> int:

@@ -199,6 +199,10 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+        if "allow_pickle" in str(err):  # numpy's advice, not passed on: unpickling runs code
+            err = (
+                "it is no zip of plain arrays: numpy could only unpickle it, and vitkit never does"
+            )
         raise CheckpointError(f"{path} is not a readable .npz file ({err})") from None
 
 

@@ -5,6 +5,8 @@ representation layer ``pre_logits.fc`` (vitkit: ``pre_logits``); qkv is fused th
 timm's ViTs use the exact GELU and LayerNorm eps 1e-6. A state dict does not record the number
 of attention heads, so reading one needs ``model=``, unless vitkit wrote it: ``write`` stores
 the model's config in the safetensors metadata (``vitkit_export_config``; timm ignores it).
+A ``.pth``/``.pt``/``.bin`` file has no such place (a non-tensor entry would break timm's
+loading), so it reads back with timm's numerics and without class names: ``write`` says so.
 
 Pickle files are loaded with ``torch.load(weights_only=True)``: tensors only, never code.
 Not supported, with a message saying so: timm's hybrid (ResNet) naming (read the official
@@ -14,6 +16,7 @@ Not supported, with a message saying so: timm's hybrid (ResNet) naming (read the
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from pathlib import Path
 
@@ -54,6 +57,8 @@ UNSUPPORTED = {
 # Hugging Face's names, to say so when someone passes its weights file instead of its folder.
 HF_MARKER = "embeddings.patch_embeddings.projection.weight"
 
+logger = logging.getLogger(__name__)
+
 
 def timm_name(key: str) -> str:
     if key == "pos_embed.weight":
@@ -80,7 +85,9 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
             ) from None
         raise CheckpointError(f"{path} is not a readable PyTorch file ({err})") from None
     except (RuntimeError, KeyError, EOFError, OSError, ValueError, IndexError) as err:
-        raise CheckpointError(f"{path} is not a readable PyTorch file ({err})") from None
+        # torch.load reports bytes that are not a pickle as a KeyError of the first one
+        reason = "neither a zip archive nor a pickle" if isinstance(err, KeyError) else err
+        raise CheckpointError(f"{path} is not a readable PyTorch file ({reason})") from None
     # Training scripts wrap the weights: {"model": state_dict, "optimizer": ..., "epoch": ...}.
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
@@ -169,6 +176,25 @@ def write(model: VisionTransformer, path: Path) -> None:
     else:
         sd = {k: v.contiguous().clone() for k, v in sd.items()}  # no views of shared storage
         atomic_write(path, lambda tmp: torch.save(sd, tmp))
+        lost = config_not_kept(cfg, sd)
+        logger.warning(
+            "%s records no config: reading it back needs model= (--model) for the number of "
+            "heads%s; write .safetensors to keep everything",
+            path,
+            f" and gives {'; '.join(lost)}" if lost else "",
+        )
+
+
+def config_not_kept(cfg: ViTConfig, sd: dict[str, torch.Tensor]) -> list[str]:
+    """How the config read back from the plain state dict ``sd`` differs from ``cfg``."""
+    inferred = infer_config(sd, cfg).to_dict()
+    return [
+        f"no {', '.join(value)} metadata"
+        if key == "extra"
+        else f"{key} {inferred[key]!r} instead of {value!r}"
+        for key, value in cfg.to_dict().items()
+        if inferred[key] != value
+    ]
 
 
 register_format(CheckpointFormat("timm", detect, read))

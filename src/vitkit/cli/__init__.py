@@ -7,10 +7,13 @@ the parsed ``argparse.Namespace`` and returning an exit code) as the parser's de
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import sys
+
+import vitkit
 
 COMMAND_MODULES: tuple[str, ...] = ("models", "analyze", "convert", "inspect", "train")
 
@@ -21,13 +24,33 @@ def build_parser() -> argparse.ArgumentParser:
         description="The Vision Transformer (Dosovitskiy et al., ICLR 2021): models, "
         "checkpoints, training and analysis.",
     )
+    parser.add_argument("--version", action="version", version=f"vitkit {vitkit.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"vitkit.cli.{name}").register(subparsers)
     return parser
 
 
+def describe_os_error(err: OSError) -> str:
+    """One line for an operating-system fault: the path and the system's reason, without
+    Python's ``[Errno N]``; vitkit's own messages (no errno) as they are."""
+    if err.errno is None or not err.strerror:
+        return str(err)
+    where = f"{err.filename} -> {err.filename2}" if err.filename2 else err.filename
+    return f"{where}: {err.strerror}" if where else err.strerror
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe (``vitkit inspect ... | head``), point stdout at /dev/null so that
+    Python's flush at exit does not fail again (the recipe of Python's ``signal`` docs)."""
+    # (stdout may have been replaced by something without a file descriptor)
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand; a failure is one line on stderr: exit code 2 for bad input (a wrong
+    value, a missing file), 1 for the system refusing (read-only folder, full disk)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -36,9 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     # The library reports through logging; the command line shows its info lines plainly.
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here rather than at exit
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return 1
     except (ValueError, FileNotFoundError) as err:
-        # Under torchrun every rank meets the same bad input: one message is enough.
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"vitkit {args.command}: error: {err}", file=sys.stderr)
+        message = describe_os_error(err) if isinstance(err, OSError) else str(err)
+        report(f"vitkit {args.command}: error: {message}")
         return 2
+    except OSError as err:
+        report(f"vitkit {args.command}: error: {describe_os_error(err)}")
+        return 1
+
+
+def report(message: str) -> None:
+    """Print an error once: under torchrun every rank meets the same bad input."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from vitkit.checkpoints import EXPORT_FORMATS, export
-from vitkit.checkpoints.core import build_model, read_checkpoint
+from vitkit.checkpoints.core import Checkpoint, build_model, read_checkpoint
+
+SHOWN_DROPPED = 3
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Read SRC in any format vitkit knows (recognised by itself) and write it "
         "to DST. DST is a folder for --to hf and for --to vitkit (unless it ends in "
         ".safetensors), a .safetensors/.pth/.pt/.bin file for --to timm, an .npz file for "
-        "--to official. DST is written under a temporary name and renamed when complete.",
+        "--to official. DST is written under a temporary name and renamed when complete. "
+        "Only the model is converted: what SRC holds besides (a training checkpoint's "
+        "optimizer and scheduler state, ...) is listed on stderr, and SRC itself is never "
+        "replaced by a copy without it.",
     )
     p.add_argument("src", help="checkpoint file or folder to read")
     p.add_argument("dst", help="where to write")
@@ -34,6 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def describe_dropped(ckpt: Checkpoint) -> str:
+    shown = ", ".join(ckpt.dropped[:SHOWN_DROPPED])
+    more = len(ckpt.dropped) - SHOWN_DROPPED
+    return f"{len(ckpt.dropped)} entries that are not model weights ({shown}" + (
+        f" and {more} more)" if more > 0 else ")"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if dst.exists() and not args.overwrite:
@@ -44,7 +58,18 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None
     }
     ckpt = read_checkpoint(args.src, args.model)
+    if ckpt.dropped and dst.exists() and dst.resolve() == Path(args.src).resolve():
+        raise ValueError(
+            f"{args.src} holds {describe_dropped(ckpt)}, e.g. the optimizer and scheduler state "
+            "that `vitkit train --resume` needs; converting it onto itself would delete them: "
+            "write to another path"
+        )
     model = build_model(ckpt, **overrides)
     export(model, dst, args.to)
     print(f"{args.src} ({ckpt.format}) -> {dst} ({args.to}): {model.num_parameters():,} parameters")
+    if ckpt.dropped:
+        print(
+            f"note: {args.src} also holds {describe_dropped(ckpt)}; {dst} has the model only",
+            file=sys.stderr,
+        )
     return 0

@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from vitkit.analysis.inputs import locate_checkpoint
 from vitkit.checkpoints.core import CheckpointError, check_state_dict, read_checkpoint
 from vitkit.models.vit import VisionTransformer, ViTConfig
 
@@ -21,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "numerics (GELU form, LayerNorm epsilon), whether its weights fit that architecture, "
         "and the stored entries that loading would drop (optimizer state, ...).",
     )
-    p.add_argument("checkpoint", help="checkpoint file or folder")
+    p.add_argument(
+        "checkpoint", help="checkpoint file or folder, or a run folder (its best checkpoint)"
+    )
     p.add_argument(
         "--model", help="registered model name giving what CKPT does not record, e.g. vit_b16"
     )
@@ -45,7 +48,7 @@ def describe(cfg: ViTConfig) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    ckpt = read_checkpoint(args.checkpoint, args.model)
+    ckpt = read_checkpoint(locate_checkpoint(args.checkpoint)[0], args.model)
     cfg = ckpt.config
     with torch.device("meta"):
         model = VisionTransformer(cfg)

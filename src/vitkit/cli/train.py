@@ -23,8 +23,10 @@ from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from vitkit.analysis.inputs import locate_checkpoint
 from vitkit.checkpoints import load_pretrained
 from vitkit.data import AugmentConfig, load_dataset
+from vitkit.data.datasets import differing_classes
 from vitkit.training import (
     FINETUNE_DEFAULTS,
     TrainConfig,
@@ -144,7 +146,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate a checkpoint on a split of a dataset: accuracy, mean "
         "cross-entropy and the confusion matrix.",
     )  # fmt: skip
-    eval_parser.add_argument("checkpoint", help="any checkpoint load_pretrained reads")
+    eval_parser.add_argument(
+        "checkpoint", help="any checkpoint load_pretrained reads, or a run folder (its best)"
+    )
     eval_parser.add_argument(
         "--data", required=True, help="'digits' (shipped) or a path: image folder, idx / CIFAR "
         "folder or .npz",
@@ -163,7 +167,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "predict", help="top-k classes of images",
         description="Print the top-k class names and probabilities of each image.",
     )  # fmt: skip
-    predict_parser.add_argument("checkpoint", help="any checkpoint load_pretrained reads")
+    predict_parser.add_argument(
+        "checkpoint", help="any checkpoint load_pretrained reads, or a run folder (its best)"
+    )
     predict_parser.add_argument(
         "images", nargs="+", type=Path, metavar="IMAGE", help="image files Pillow reads"
     )
@@ -191,9 +197,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     flags = {k: v for k, v in given.items() if k in train_fields}
     flags["augment"] = {k: v for k, v in given.items() if k in augment_fields}
     values = dict(args.preset)
-    if args.config is not None:
-        values = merge(values, read_toml(args.config))
-    return TrainConfig.from_dict(merge(values, flags))
+    recipe = read_toml(args.config) if args.config is not None else None
+    cfg = TrainConfig.from_dict(merge(merge(values, recipe or {}), flags))
+    if recipe is not None and "data" not in recipe and "data" not in flags:
+        # The default data (the shipped digits) is for the bare `vitkit train`: a recipe is
+        # written for a dataset, and training it on another one would go unnoticed.
+        raise ValueError(f"the recipe {args.config} names no data: pass --data")
+    return cfg
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -267,13 +277,33 @@ def progress_bar() -> Iterator[Progress]:
 
 
 def load_for_inference(args: argparse.Namespace) -> Any:
-    model = load_pretrained(args.checkpoint, args.model)
+    """The model of any checkpoint or run folder (its best checkpoint, else its last), with a
+    classification head, on the chosen device."""
+    checkpoint, _ = locate_checkpoint(args.checkpoint)
+    model = load_pretrained(checkpoint, args.model)
+    if not model.cfg.num_classes:
+        raise ValueError(
+            f"{args.checkpoint} has no classification head (num_classes 0): it gives features, "
+            "not classes; fine-tune it with `vitkit finetune --from` to classify"
+        )
     return model.to(choose_device(args.device))
+
+
+def check_classes(model: Any, dataset: Any) -> str | None:
+    """A warning when the model's class names (recorded by training) are not the data's:
+    accuracy then compares unrelated labels."""
+    names = model.cfg.extra.get("classes")
+    if not isinstance(names, list) or [str(n) for n in names] == list(dataset.classes):
+        return None
+    return f"warning: {differing_classes(names, dataset.classes, 'the model', 'the data')}"
 
 
 def run_eval(args: argparse.Namespace) -> int:
     model = load_for_inference(args)
     dataset = load_dataset(args.data, args.split)
+    warning = check_classes(model, dataset)
+    if warning:
+        print(warning, file=sys.stderr)
     result = evaluate(model, dataset, args.batch_size, args.precision)
     print(
         f"{args.checkpoint} on {args.data} ({args.split}): accuracy {result.accuracy:.4f} "
@@ -290,12 +320,14 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def read_image(path: Path, channels: int) -> torch.Tensor:
     """One image file as uint8 (1, channels, H, W)."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
     try:
         with Image.open(path) as image:
             pixels = np.array(image.convert("L" if channels == 1 else "RGB"))
-    except OSError as err:
+    except (OSError, Image.DecompressionBombError) as err:
         raise ValueError(f"{path} is not an image Pillow can read ({err})") from None
     pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(0)

@@ -67,6 +67,21 @@ class ImageDataset:
         )
 
 
+def differing_classes(
+    first: list[str], second: list[str], first_name: str, second_name: str, shown: int = 10
+) -> str:
+    """Say how two lists of class names differ, naming them (the first ``shown`` of each)."""
+
+    def listed(names: list[str]) -> str:
+        more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+        return ", ".join(map(str, names[:shown])) + more
+
+    return (
+        f"{first_name} and {second_name} have different classes: {first_name}: "
+        f"[{listed(first)}]; {second_name}: [{listed(second)}]"
+    )
+
+
 def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
     """A permutation of ``range(num_items)`` that depends only on ``(seed, epoch)``."""
     epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])

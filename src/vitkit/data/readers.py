@@ -14,6 +14,8 @@ import hashlib
 import os
 import pickle
 import warnings
+import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +34,8 @@ IMAGE_SUFFIXES = frozenset(
 )
 DIGITS_FILE = Path(__file__).with_name("digits.csv.gz")
 DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED = 0.2, 0
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: the names of skipped files
+SHOWN_SKIPPED = 3
 
 
 def load_dataset(source: str | Path, split: str = "train") -> ImageDataset:
@@ -48,7 +51,8 @@ def load_dataset(source: str | Path, split: str = "train") -> ImageDataset:
     - an ``.npz`` file with ``x_<split>`` / ``y_<split>`` (or ``images`` / ``labels``), uint8
       images as NHWC, NCHW or NHW (grey), and optionally ``classes`` (names).
 
-    Unreadable images in a folder are skipped with one warning that counts them.
+    Unreadable images in a folder (corrupt, or over Pillow's decompression-bomb limit) are
+    skipped with one warning that names the first few and counts them.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -125,7 +129,12 @@ def read_idx(path: Path) -> np.ndarray:
     """One idx file (the MNIST format: a magic number, the sizes, then the array)."""
     data = path.read_bytes()
     if path.suffix == ".gz":
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, zlib.error) as err:
+            raise ValueError(
+                f"{path} is a truncated or corrupt gzip file ({err}): download it again"
+            ) from None
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an idx file (bad magic number {data[:4]!r})")
     ndim = data[3]
@@ -221,6 +230,12 @@ def read_cifar_folder(folder: Path, split: str) -> ImageDataset:
     def available(s: str) -> bool:
         return s in files and all((folder / name).is_file() for name in files[s])
 
+    if not any(available(s) for s in files):
+        missing = [n for names in files.values() for n in names if not (folder / n).is_file()]
+        raise ValueError(
+            f"{folder} holds only part of {variant.upper()}: it lacks {', '.join(missing)}; "
+            "unpack the whole archive there"
+        )
     split_files = files[_other_split(folder, split, available)]
     batches = [_unpickle(folder / name) for name in split_files]
     label_key = "labels" if variant == "cifar10" else "fine_labels"
@@ -262,20 +277,31 @@ def _to_nchw(images: np.ndarray, path: Path) -> np.ndarray:
     )
 
 
+def _npz_error(path: Path, err: Exception) -> ValueError:
+    """numpy's advice to pass ``allow_pickle`` is not passed on: unpickling data can run code."""
+    if "allow_pickle" in str(err):
+        err = "it is no zip of plain arrays: numpy could only unpickle it, and vitkit never does"
+    return ValueError(f"{path} is not a readable .npz file ({err})")
+
+
 def read_npz(path: Path, split: str) -> ImageDataset:
     try:
         arrays = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable .npz file ({err})") from None
+        raise _npz_error(path, err) from None
     with arrays:
         if "images" in arrays and "labels" in arrays:
             images_key, labels_key = "images", "labels"
         else:
             found = _other_split(path, split, lambda s: f"x_{s}" in arrays and f"y_{s}" in arrays)
             images_key, labels_key = f"x_{found}", f"y_{found}"
-        images = _to_nchw(arrays[images_key], path)
-        labels = arrays[labels_key].reshape(-1).astype(np.int64)
-        classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else None
+        try:
+            images, labels = arrays[images_key], arrays[labels_key]
+            classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else None
+        except ValueError as err:  # an array of Python objects
+            raise _npz_error(path, err) from None
+    images = _to_nchw(images, path)
+    labels = labels.reshape(-1).astype(np.int64)
     if len(images) != len(labels):
         raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
     return ImageDataset(
@@ -351,9 +377,23 @@ def _stack(pixels: list[np.ndarray], root: Path) -> np.ndarray:
     return np.stack(rgb).transpose(0, 3, 1, 2)
 
 
-def _decode_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[str], int]:
+def _read_cache(cache: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[str]] | None:
+    """What ``_decode_folder`` cached, or None (with a warning) when the file is damaged, so
+    that it is rebuilt."""
+    try:
+        with np.load(cache, allow_pickle=False) as cached:
+            return (cached["images"], cached["labels"], [str(c) for c in cached["classes"]],
+                    [str(f) for f in cached["skipped"]])  # fmt: skip
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        warnings.warn(f"the decoded-image cache {cache} is damaged ({err}); rebuilding it",
+                      stacklevel=4)  # fmt: skip
+        return None
+
+
+def _decode_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """Decode every image under ``root/<class>/`` in parallel: (images, labels, classes,
-    number of unreadable images skipped), cached on disk so the next call is instant."""
+    the unreadable images skipped, as "path (reason)"), cached on disk so the next call is
+    instant."""
     classes, files, labels = _list_image_folder(root)
     if not files:
         raise ValueError(
@@ -363,13 +403,15 @@ def _decode_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[str], int]:
         )
     cache = _cache_file(root, files)
     if cache is not None and cache.is_file():
-        with np.load(cache, allow_pickle=False) as cached:
-            return (cached["images"], cached["labels"], [str(c) for c in cached["classes"]],
-                    int(cached["skipped"]))  # fmt: skip
+        cached = _read_cache(cache)
+        if cached is not None:
+            return cached
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         decoded = list(pool.map(_decode, [f"{root}/{name}" for name in files], chunksize=256))
     readable = [i for i, p in enumerate(decoded) if isinstance(p, np.ndarray)]
-    skipped = len(files) - len(readable)
+    skipped = [f"{name} ({str(err).replace(f'{root}/', '')})"  # Pillow repeats the path
+               for name, err in zip(files, decoded, strict=True)
+               if not isinstance(err, np.ndarray)]  # fmt: skip
     if not readable:
         raise ValueError(f"{root}: none of its {len(files)} images could be read ({decoded[0]})")
     images = _stack([decoded[i] for i in readable], root)
@@ -379,7 +421,7 @@ def _decode_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[str], int]:
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 np.savez(f, images=images, labels=label_array, classes=np.asarray(classes),
-                         skipped=np.int64(skipped))  # fmt: skip
+                         skipped=np.asarray(skipped, dtype=str))  # fmt: skip
 
         try:
             atomic_write(cache, write)
@@ -394,9 +436,14 @@ def read_image_folder(root: Path, split: str) -> ImageDataset:
         root = split_dirs[_other_split(root, split, lambda s: s in split_dirs)]
     images, labels, classes, skipped = _decode_folder(root)
     if skipped:
+        more = len(skipped) - SHOWN_SKIPPED
+        # stacklevel 1: one location, so that Python's default filter shows this once per
+        # process however many times (and from wherever) the folder is loaded
         warnings.warn(
-            f"{root}: skipped {skipped} unreadable or corrupt image(s) of {skipped + len(labels)}",
-            stacklevel=3,
+            f"{root}: skipped {len(skipped)} unreadable or corrupt image(s) of "
+            f"{len(skipped) + len(labels)}: {'; '.join(skipped[:SHOWN_SKIPPED])}"
+            + (f"; and {more} more" if more > 0 else ""),
+            stacklevel=1,
         )
     return ImageDataset(torch.from_numpy(images), torch.from_numpy(labels), classes)
 

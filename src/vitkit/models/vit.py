@@ -68,7 +68,8 @@ class ViTConfig:
             problems.append(f"pos_embed must be one of {POS_EMBED_KINDS}, not {self.pos_embed!r}")
         if self.gelu not in ("tanh", "none"):
             problems.append(f"gelu must be 'tanh' or 'none' (exact), not {self.gelu!r}")
-        if self.width % self.num_heads:
+        problems += self._nonsense_sizes()
+        if self.num_heads >= 1 and self.width % self.num_heads:
             problems.append(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.num_classes < 0:
             problems.append(f"num_classes must be >= 0 (0 = no head), not {self.num_classes}")
@@ -79,13 +80,41 @@ class ViTConfig:
         for size, patch, axis in zip(
             self.img_size, self.patch_size, ("height", "width"), strict=True
         ):
-            if size % (patch * reduction):
+            if patch >= 1 and size % (patch * reduction):
                 problems.append(
                     f"image {axis} {size} is not divisible by the patch size {patch}"
                     + (f" times the backbone's reduction {reduction}" if reduction > 1 else "")
                 )
         if problems:
             raise ValueError("invalid ViT config: " + "; ".join(problems))
+
+    def _nonsense_sizes(self) -> list[str]:
+        """Sizes and numerics that would build a broken model (or NaN outputs) rather than
+        fail: checked here so that overrides (``vitkit convert --eps``, ``replace``) are
+        validated like configs."""
+        problems = []
+        positive = {
+            "img_size": self.img_size,
+            "patch_size": self.patch_size,
+            "resnet_layers": self.resnet_layers or (),
+            "in_chans": (self.in_chans,),
+            "width": (self.width,),
+            "depth": (self.depth,),
+            "num_heads": (self.num_heads,),
+            "mlp_dim": (self.mlp_dim,),
+            "representation_size": (
+                1 if self.representation_size is None else self.representation_size,
+            ),
+        }
+        for name, values in positive.items():
+            if any(v < 1 for v in values):
+                shown = values if len(values) != 1 else values[0]
+                problems.append(f"{name} must be at least 1, not {shown}")
+        if not self.eps > 0:  # also catches NaN
+            problems.append(f"eps must be > 0, not {self.eps}")
+        if not self.resnet_width_factor > 0:
+            problems.append(f"resnet_width_factor must be > 0, not {self.resnet_width_factor}")
+        return problems
 
     @property
     def backbone_reduction(self) -> int:
