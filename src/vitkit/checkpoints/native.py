@@ -1,27 +1,20 @@
-"""vitkit's own format: safetensors weights plus the ``ViTConfig`` as JSON.
+"""vitkit's own format: safetensors weights plus the model's config and architecture as JSON.
 
-Two shapes of the same thing:
-- a folder with ``config.json`` and ``model.safetensors`` (what ``save_pretrained`` writes for
-  a directory path, like Hugging Face's layout);
-- one ``.safetensors`` file whose metadata holds the config under ``vitkit_config``. Training
-  checkpoints use this shape and add their optimizer, scheduler and RNG state as tensors under
-  ``state/`` and JSON under the metadata key ``vitkit_state``; model loading ignores both.
-
-Everything is written to a temporary file first and then renamed, so a crash never leaves a
-half-written checkpoint where a good one was.
+``vitkit.models.pretrained`` writes it (so that ``model.save_pretrained`` needs nothing from
+this layer) and describes its two shapes; this module reads it back, for any registered
+architecture, and re-exports the writers. A file without the architecture's name was written
+before architectures existed and holds a ViT.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
+from torch import nn
 
 from vitkit.checkpoints.core import (
     Checkpoint,
@@ -29,70 +22,19 @@ from vitkit.checkpoints.core import (
     CheckpointFormat,
     ModelSpec,
     build_model,
-    register_format,
 )
-from vitkit.models.vit import VisionTransformer, ViTConfig
+from vitkit.models.pretrained import (
+    ARCHITECTURE_KEY,
+    CONFIG_FILE,
+    CONFIG_KEY,
+    STATE_PREFIX,
+    WEIGHTS_FILE,
+    save_pretrained,
+    save_safetensors,
+)
+from vitkit.models.registry import get_architecture
 
-CONFIG_KEY = "vitkit_config"
-STATE_PREFIX = "state/"
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)``, then rename the temporary file over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private (0600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_safetensors(
-    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
-) -> None:
-    """Atomically write tensors (made contiguous, storage not shared) and string metadata."""
-    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
-def save_pretrained(
-    model: VisionTransformer,
-    path: str | Path,
-    extra_tensors: dict[str, torch.Tensor] | None = None,
-    extra_metadata: dict[str, str] | None = None,
-) -> Path:
-    """Save ``model`` as a folder, or as one file when ``path`` ends in ``.safetensors``.
-
-    ``extra_tensors`` (stored under ``state/``) and ``extra_metadata`` only fit the one-file
-    shape; training checkpoints use them.
-    """
-    path = Path(path)
-    config_json = json.dumps(model.cfg.to_dict(), sort_keys=True)
-    weights = dict(model.state_dict())
-    if path.suffix == ".safetensors":
-        extra = {STATE_PREFIX + k: v for k, v in (extra_tensors or {}).items()}
-        save_safetensors(
-            path, {**weights, **extra}, {CONFIG_KEY: config_json, **(extra_metadata or {})}
-        )
-        return path
-    if extra_tensors or extra_metadata:
-        raise ValueError("training state can only be saved in the one-file (.safetensors) shape")
-    save_safetensors(path / WEIGHTS_FILE, weights, {CONFIG_KEY: config_json})
-    atomic_write(
-        path / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(model.cfg.to_dict(), indent=2))
-    )
-    return path
+DEFAULT_ARCHITECTURE = "vit"  # what files written before architectures were recorded hold
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -129,7 +71,11 @@ def read(path: Path, spec: ModelSpec = None) -> Checkpoint:
     weights = _weights_file(path)
     metadata = read_metadata(weights)
     try:
-        config = ViTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+        architecture = get_architecture(metadata.get(ARCHITECTURE_KEY, DEFAULT_ARCHITECTURE))
+    except ValueError as err:
+        raise CheckpointError(f"{weights}: {err}") from None
+    try:
+        config = architecture.config_class.from_dict(json.loads(metadata[CONFIG_KEY]))
     except (KeyError, json.JSONDecodeError, TypeError, ValueError) as err:
         raise CheckpointError(
             f"{weights}: its vitkit config is missing or invalid ({err})"
@@ -140,9 +86,22 @@ def read(path: Path, spec: ModelSpec = None) -> Checkpoint:
     return Checkpoint(config, state_dict, "vitkit", dropped=dropped)
 
 
-def from_pretrained(path: str | Path) -> VisionTransformer:
+def from_pretrained(path: str | Path) -> nn.Module:
     """Read back what ``save_pretrained`` wrote, bit-exactly."""
     return build_model(read(Path(path)))
 
 
-register_format(CheckpointFormat("vitkit", detect, read))
+FORMAT = CheckpointFormat("vitkit", detect, read)
+
+__all__ = [
+    "CONFIG_FILE",
+    "FORMAT",
+    "STATE_PREFIX",
+    "WEIGHTS_FILE",
+    "from_pretrained",
+    "load_tensors",
+    "read",
+    "read_metadata",
+    "save_pretrained",
+    "save_safetensors",
+]
