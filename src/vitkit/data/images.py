@@ -34,10 +34,10 @@ def read_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             ImageOps.exif_transpose(image, in_place=True)
-            if image.mode not in ("L", "RGB"):
-                grey = image.mode in GREY_MODES or image.mode.startswith("I;16")
-                image = image.convert("L" if grey else "RGB")
-            return np.asarray(image)
+            if image.mode in ("L", "RGB"):
+                return np.asarray(image)
+            grey = image.mode in GREY_MODES or image.mode.startswith("I;16")
+            return np.asarray(image.convert("L" if grey else "RGB"))
     except FileNotFoundError:
         raise FileNotFoundError(f"image {path} does not exist") from None
     except (OSError, ValueError, Image.DecompressionBombError) as err:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -55,7 +56,8 @@ def save_pretrained(
     """
     path = Path(path)
     architecture = architecture_of(model).name
-    config = model.cfg.to_dict()
+    cfg: Any = model.cfg
+    config = cfg.to_dict()
     metadata = {CONFIG_KEY: json.dumps(config, sort_keys=True), ARCHITECTURE_KEY: architecture}
     weights = dict(model.state_dict())
     if path.suffix == ".safetensors":
