@@ -162,6 +162,43 @@ def test_hugging_face_export_runs_in_transformers(model_name: str, tmp_path: Pat
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
+CLASSES = ["cat", "dog", "bird", "fish", "frog"]
+
+
+def test_class_names_go_to_hugging_face_and_come_back(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    model = random_model("token")
+    model.cfg.extra["classes"] = CLASSES
+    export(model, tmp_path / "hf", "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["id2label"] == {"0": "cat", "1": "dog", "2": "bird", "3": "fish", "4": "frog"}
+    assert config["label2id"] == {"cat": 0, "dog": 1, "bird": 2, "fish": 3, "frog": 4}
+    theirs = transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf")
+    assert theirs.config.id2label == dict(enumerate(CLASSES))
+    assert vitkit.load_pretrained(tmp_path / "hf").cfg.extra == {"classes": CLASSES}
+
+
+def test_class_names_written_by_transformers_are_read(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        image_size=16, patch_size=8, id2label={0: "left", 1: "right"},
+        label2id={"left": 0, "right": 1},
+    )  # fmt: skip
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "theirs")
+    model = vitkit.load_pretrained(tmp_path / "theirs")
+    assert model.cfg.num_classes == 2 and model.cfg.extra == {"classes": ["left", "right"]}
+
+
+def test_without_class_names_transformers_placeholders_are_written_not_read(
+    tmp_path: Path,
+) -> None:
+    export(random_model("token"), tmp_path / "hf", "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["id2label"] == {str(i): f"LABEL_{i}" for i in range(5)}
+    assert vitkit.load_pretrained(tmp_path / "hf").cfg.extra == {}
+
+
 # ----------------------------------------------------------------------------------- CLI
 def test_convert_and_inspect_an_official_checkpoint(tmp_path: Path, capsys) -> None:
     name = "vit_micro_token"

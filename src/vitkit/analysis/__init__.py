@@ -16,11 +16,11 @@ from vitkit.analysis.attention import (
 )
 from vitkit.analysis.embeddings import (
     FilterComponents,
-    NotApplicable,
     embedding_filter_components,
     position_embedding_similarity,
 )
 from vitkit.analysis.report import analyze
+from vitkit.analysis.requirements import NotApplicable
 
 __all__ = [
     "FilterComponents",

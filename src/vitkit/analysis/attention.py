@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
+from vitkit.analysis.requirements import require
 from vitkit.models.posembed import Grid
-from vitkit.models.vit import VisionTransformer
 
 
 @torch.no_grad()
-def collect_attentions(model: VisionTransformer, images: torch.Tensor) -> np.ndarray:
+def collect_attentions(model: nn.Module, images: torch.Tensor) -> np.ndarray:
     """Attention probabilities of every layer, (layers, batch, heads, tokens, tokens).
 
     ``images`` are model inputs (float, [-1, 1], NCHW). The model is run in eval mode, so
-    attention dropout does not change what is measured.
+    attention dropout does not change what is measured. Raises ``NotApplicable`` for a model
+    without attention (not a ViT).
     """
+    require(model, "forward_intermediates", "attention")
     was_training = model.training
     model.eval()
     try:

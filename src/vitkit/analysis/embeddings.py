@@ -6,21 +6,20 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+from torch import nn
 
-from vitkit.models.vit import VisionTransformer
-
-
-class NotApplicable(ValueError):
-    """This analysis has no meaning for this model; the message says why."""
+from vitkit.analysis.requirements import NotApplicable, require
 
 
-def position_embedding_similarity(model: VisionTransformer) -> np.ndarray:
+def position_embedding_similarity(model: nn.Module) -> np.ndarray:
     """Cosine similarity of every patch's position embedding to every other's, (gh, gw, gh, gw).
 
     ``result[i, j]`` is the (gh, gw) tile of the paper's Figure 7 (centre) for the patch in
     row ``i``, column ``j``. Raises ``NotApplicable`` for models whose position information is
-    not an embedding added to the patches (``relative``, ``none``).
+    not an embedding added to the patches (``relative``, ``none``) and for models without
+    position embeddings (not ViTs).
     """
+    require(model, "pos_embed", "position embedding")
     patches = model.pos_embed.patch_embeddings()
     if patches is None:
         raise NotApplicable(
@@ -38,16 +37,16 @@ class FilterComponents(NamedTuple):
     explained_variance_ratio: np.ndarray  # (k,) share of the filters' variance each explains
 
 
-def embedding_filter_components(
-    model: VisionTransformer, num_components: int = 28
-) -> FilterComponents:
+def embedding_filter_components(model: nn.Module, num_components: int = 28) -> FilterComponents:
     """Principal components of the patch projection's filters (paper Figure 7, left).
 
     Each of the ``width`` output channels of the projection is a filter over one patch; the
     filters are centred and their principal directions, as patches, are what the model's first
     layer is most sensitive to. Raises ``NotApplicable`` for the hybrid, whose projection is
-    a 1x1 map of ResNet features rather than a filter over pixels.
+    a 1x1 map of ResNet features rather than a filter over pixels, and for models without a
+    patch embedding (not ViTs).
     """
+    require(model, "patch_embed", "patch embedding")
     if model.patch_embed.backbone is not None:
         raise NotApplicable(
             "the model is a ResNet hybrid: its patch projection acts on ResNet features, "

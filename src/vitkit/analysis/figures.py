@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from vitkit.checkpoints.native import atomic_write
+from vitkit.utils.files import atomic_write
 
 PANEL_INCHES = 1.2
 

@@ -1,6 +1,6 @@
 """What an analysis reads: the checkpoint, the run folder around it, and the images to show.
 
-A run folder is what ``vitkit train --out DIR`` writes (see ``vitkit.training.run``):
+A run folder is what ``vitkit train --out DIR`` writes (the names: ``vitkit.utils.runlayout``):
 ``best.safetensors`` and ``last.safetensors``, ``config.json`` (the training config, with the
 model and the data source), ``metrics.jsonl``, ``curves.png`` and ``summary.json``. Its files
 are read defensively: a run killed early or written by an older vitkit may lack any of them,
@@ -17,11 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from vitkit.data import AugmentConfig, BatchTransform, load_dataset, to_model_input
-from vitkit.models.vit import ViTConfig
-from vitkit.training.run import RunFolder
+from vitkit.data import load_dataset, load_image, preprocess
+from vitkit.utils.runlayout import RunLayout
 
 
 @dataclass
@@ -54,7 +52,7 @@ def locate_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint or run folder {path} does not exist")
     if path.is_dir():
-        run = RunFolder(path)
+        run = RunLayout(path)
         for checkpoint in (run.best, run.last):
             if checkpoint.is_file():
                 return checkpoint, path
@@ -64,7 +62,7 @@ def locate_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
                 f"{run.last.name}"
             )
         return path, None
-    run = RunFolder(path.parent)
+    run = RunLayout(path.parent)
     return path, run.path if run.metrics.is_file() or run.summary.is_file() else None
 
 
@@ -85,45 +83,22 @@ def _read_json(path: Path, notes: list[str]) -> dict[str, Any]:
 
 def read_run(folder: str | Path) -> RunFiles:
     """Read a run folder's config and summary, never failing on a damaged file."""
-    files = RunFolder(folder)
+    files = RunLayout(folder)
     run = RunFiles(files.path)
     run.config = _read_json(files.config, run.notes)
     run.summary = _read_json(files.summary, run.notes)
     return run
 
 
-def load_images(paths: Sequence[str | Path], cfg: ViTConfig) -> Samples:
-    """Image files as model inputs: converted to the model's channels, resized to its size.
-
-    Pillow reads the files; the resize is bicubic, to the model's ``img_size`` exactly (the
-    aspect ratio is not kept).
-    """
-    modes = {1: "L", 3: "RGB"}
-    if cfg.in_chans not in modes:
-        raise ValueError(
-            f"image files can only be shown to 1- or 3-channel models; this one takes "
-            f"{cfg.in_chans} channels"
-        )
-    height, width = cfg.img_size
-    arrays = []
-    for path in map(Path, paths):
-        try:
-            with Image.open(path) as img:
-                img = img.convert(modes[cfg.in_chans])
-                if img.size != (width, height):
-                    img = img.resize((width, height), Image.Resampling.BICUBIC)
-                arrays.append(np.asarray(img).reshape(height, width, cfg.in_chans))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image {path} does not exist") from None
-        except IsADirectoryError:
-            raise ValueError(f"{path} is a folder, not an image file") from None
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-            raise ValueError(f"{path} is not an image Pillow can read ({err})") from None
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return Samples(to_model_input(images), [Path(p).name for p in paths])
+def load_images(paths: Sequence[str | Path], cfg: Any) -> Samples:
+    """Image files as the model's inputs, exactly as ``vitkit predict`` makes them: read by
+    ``vitkit.data.read_image`` and preprocessed by ``vitkit.data.preprocess`` for the model
+    config ``cfg`` (its channels and ``img_size``; the aspect ratio is not kept)."""
+    images = [preprocess(load_image(path), cfg.img_size, cfg.in_chans) for path in paths]
+    return Samples(torch.cat(images), [Path(p).name for p in paths])
 
 
-def sample_dataset(source: str | Path, cfg: ViTConfig, count: int) -> Samples:
+def sample_dataset(source: str | Path, cfg: Any, count: int) -> Samples:
     """``count`` images of a dataset (its test split, else its train split), classes in turn.
 
     The images are taken in the order: the first of every class, then the second of every
@@ -140,10 +115,7 @@ def sample_dataset(source: str | Path, cfg: ViTConfig, count: int) -> Samples:
         members = np.flatnonzero(labels == label)
         rank_in_class[members] = np.arange(len(members))
     order = torch.from_numpy(np.lexsort((labels, rank_in_class))[:count])
-    transform = BatchTransform(
-        cfg.img_size, len(data.classes), AugmentConfig(), seed=0, channels=cfg.in_chans
-    )
-    images, _ = transform(data.images[order], data.labels[order], train=False)
+    images = preprocess(data.images[order], cfg.img_size, cfg.in_chans)
     names = [f"{split} #{int(i)}" for i in order]
     return Samples(images, names, data.labels[order], list(data.classes))
 

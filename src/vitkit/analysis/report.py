@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from vitkit.analysis import figures
 from vitkit.analysis.attention import (
@@ -22,11 +23,7 @@ from vitkit.analysis.attention import (
     collect_attentions,
     mean_attention_distance,
 )
-from vitkit.analysis.embeddings import (
-    NotApplicable,
-    embedding_filter_components,
-    position_embedding_similarity,
-)
+from vitkit.analysis.embeddings import embedding_filter_components, position_embedding_similarity
 from vitkit.analysis.inputs import (
     RunFiles,
     Samples,
@@ -35,10 +32,11 @@ from vitkit.analysis.inputs import (
     read_run,
     sample_dataset,
 )
-from vitkit.checkpoints.core import load_pretrained
-from vitkit.checkpoints.native import atomic_write
-from vitkit.models.vit import VisionTransformer, flops_per_image
-from vitkit.training.run import RunFolder
+from vitkit.analysis.requirements import NotApplicable
+from vitkit.checkpoints import load_pretrained
+from vitkit.models import ViTConfig, architecture_of, flops_per_image
+from vitkit.utils.files import atomic_write
+from vitkit.utils.runlayout import RunLayout
 
 REPORT_FILE = "report.html"
 
@@ -120,22 +118,30 @@ def render_report(title: str, sections: Sequence[Section]) -> str:
     )
 
 
-def _model_section(
-    model: VisionTransformer, checkpoint: Path, run: RunFiles | None, classes: list[str] | None
-) -> Section:
-    cfg = model.cfg
+def _vit_rows(cfg: ViTConfig) -> list[tuple[str, str]]:
     rows = [
-        ("checkpoint", str(checkpoint)),
-        ("input", f"{cfg.img_size[0]}x{cfg.img_size[1]}, {cfg.in_chans} channel(s)"),
         ("patches", f"{cfg.patch_size[0]}x{cfg.patch_size[1]}, grid {cfg.grid[0]}x{cfg.grid[1]}"),
         ("encoder", f"{cfg.depth} layers, width {cfg.width}, {cfg.num_heads} heads"),
         ("MLP width", str(cfg.mlp_dim)),
         ("classifier", f"{cfg.classifier}, position embedding {cfg.pos_embed}"),
+    ]
+    if cfg.resnet_layers is not None:
+        rows.insert(1, ("hybrid", f"ResNet stages {list(cfg.resnet_layers)}"))
+    return rows
+
+
+def _model_section(
+    model: nn.Module, checkpoint: Path, run: RunFiles | None, classes: list[str] | None
+) -> Section:
+    cfg = model.cfg
+    rows = [
+        ("checkpoint", str(checkpoint)),
+        ("architecture", architecture_of(cfg).name),
+        ("input", f"{cfg.img_size[0]}x{cfg.img_size[1]}, {cfg.in_chans} channel(s)"),
+        *(_vit_rows(cfg) if isinstance(cfg, ViTConfig) else []),
         ("parameters", f"{model.num_parameters():,}"),
         ("GFLOPs per image", f"{flops_per_image(cfg) / 1e9:.3g}"),
     ]
-    if cfg.resnet_layers is not None:
-        rows.insert(3, ("hybrid", f"ResNet stages {list(cfg.resnet_layers)}"))
     if classes:
         listed = ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else "")
         rows.append(("classes", f"{len(classes)}: {listed}"))
@@ -158,7 +164,7 @@ def _model_section(
 
 
 def _pick_images(
-    model: VisionTransformer,
+    model: nn.Module,
     run: RunFiles | None,
     images: Sequence[str | Path] | None,
     data: str | None,
@@ -176,11 +182,11 @@ def _pick_images(
 
 
 def _image_titles(
-    model: VisionTransformer, samples: Samples, count: int, classes: list[str] | None
+    model: nn.Module, samples: Samples, count: int, classes: list[str] | None
 ) -> tuple[list[str], str]:
     """A title for each shown image, and the caption's words for what the titles give."""
     names = samples.names[:count]
-    if model.head is None:
+    if not model.cfg.num_classes:
         return names, "the image names"
 
     def class_name(label: int) -> str:
@@ -198,7 +204,7 @@ def _image_titles(
 
 
 def _run_sections(run: RunFiles, out_dir: Path) -> list[Section]:
-    curves = RunFolder(run.folder).curves  # drawn by the training run itself
+    curves = RunLayout(run.folder).curves  # drawn by the training run itself
     if curves.is_file():
         name = "training-curves.png"
         atomic_write(out_dir / name, lambda tmp: shutil.copyfile(curves, tmp))
@@ -228,8 +234,15 @@ def _run_sections(run: RunFiles, out_dir: Path) -> list[Section]:
     return sections
 
 
+ATTENTION_TITLES = (
+    "Attention maps per layer and head",
+    "Attention rollout",
+    "Mean attention distance",
+)
+
+
 def _attention_sections(
-    model: VisionTransformer,
+    model: nn.Module,
     samples: Samples,
     num_images: int,
     distance_images: int,
@@ -237,10 +250,13 @@ def _attention_sections(
     classes: list[str] | None,
     out_dir: Path,
 ) -> list[Section]:
+    shown = samples.images[:num_images]
+    try:
+        attentions = collect_attentions(model, shown)
+    except NotApplicable as err:
+        return [Section(title, note=f"Not shown: {err}.") for title in ATTENTION_TITLES]
     cfg, prefix = model.cfg, model.num_prefix
     query = "[class] token" if prefix else "mean over all patches (gap model)"
-    shown = samples.images[:num_images]
-    attentions = collect_attentions(model, shown)
 
     maps = attention_maps(attentions, cfg.grid, prefix)
     map_files = [
@@ -250,18 +266,14 @@ def _attention_sections(
         ).name
         for i in range(len(shown))
     ]
-    sections = [
-        Section(
-            "Attention maps per layer and head", CAPTIONS["maps"].format(query=query), map_files
-        )
-    ]
+    sections = [Section(ATTENTION_TITLES[0], CAPTIONS["maps"].format(query=query), map_files)]
 
     titles, titles_give = _image_titles(model, samples, num_images, classes)
     rollout = attention_rollout(attentions, cfg.grid, prefix)
     fig = figures.rollout_figure(shown.numpy(), rollout, titles)
     name = figures.save_figure(fig, out_dir / "attention-rollout.png").name
     caption = CAPTIONS["rollout"].format(query=query, titles=titles_give)
-    sections.append(Section("Attention rollout", caption, [name]))
+    sections.append(Section(ATTENTION_TITLES[1], caption, [name]))
 
     pool = samples.images[:distance_images]
     total = np.zeros((cfg.depth, cfg.num_heads))
@@ -274,11 +286,11 @@ def _attention_sections(
     fig = figures.attention_distance_figure(total / len(pool), max(cfg.img_size))
     name = figures.save_figure(fig, out_dir / "attention-distance.png").name
     caption = CAPTIONS["distance"].format(count=len(pool))
-    sections.append(Section("Mean attention distance", caption, [name]))
+    sections.append(Section(ATTENTION_TITLES[2], caption, [name]))
     return sections
 
 
-def _embedding_sections(model: VisionTransformer, out_dir: Path) -> list[Section]:
+def _embedding_sections(model: nn.Module, out_dir: Path) -> list[Section]:
     sections = []
     title = "Position-embedding similarity"
     try:

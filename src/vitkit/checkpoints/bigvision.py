@@ -21,7 +21,6 @@ from vitkit.checkpoints.core import (
     CheckpointError,
     CheckpointFormat,
     ModelSpec,
-    register_format,
 )
 from vitkit.checkpoints.official import FlaxLayout, npz_names, read_flax, read_npz, strip_prefix
 
@@ -56,4 +55,4 @@ def read(path: Path, spec: ModelSpec) -> Checkpoint:
     return read_flax(arrays, BIG_VISION, spec, path)
 
 
-register_format(CheckpointFormat("big_vision", detect, read))
+FORMAT = CheckpointFormat("big_vision", detect, read)

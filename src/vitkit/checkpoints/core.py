@@ -1,9 +1,10 @@
 """Format-independent checkpoint loading.
 
 Each format is a ``CheckpointFormat``: it recognises a path and reads it into a
-``Checkpoint`` (the architecture it implies and a state dict in vitkit's own layout).
-``load_pretrained`` then builds the model, loads the weights strictly and applies the
-fine-tuning overrides, so every format gets the same checks and the same overrides.
+``Checkpoint`` (the config of a registered architecture and a state dict in vitkit's own
+layout). ``build_model`` then builds the model, loads the weights strictly and applies the
+fine-tuning overrides, so every format gets the same checks and the same overrides. Which
+formats exist, and the order they are tried in, is ``vitkit.checkpoints.formats.FORMATS``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from vitkit.models.registry import model_config
-from vitkit.models.vit import VisionTransformer, ViTConfig
+from vitkit.models.registry import architecture_of, model_config
 
 
 class CheckpointError(ValueError):
@@ -26,13 +27,13 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Checkpoint:
-    config: ViTConfig
+    config: Any  # the config of a registered architecture
     state_dict: dict[str, torch.Tensor]
     format: str
     dropped: list[str] = field(default_factory=list)  # stored keys that are not model weights
 
 
-ModelSpec = str | ViTConfig | None
+ModelSpec = str | Any | None  # a registered model's name, a config, or nothing
 # The img_size a caller of load_pretrained asked for. Formats that record no image size take it
 # for a position embedding whose patch count is no square grid, when the counts match.
 IMG_SIZE_HINT: ContextVar[int | tuple[int, int] | None] = ContextVar("img_size", default=None)
@@ -45,30 +46,13 @@ class CheckpointFormat:
     read: Callable[[Path, ModelSpec], Checkpoint]
 
 
-FORMATS: list[CheckpointFormat] = []
-
-
-def register_format(fmt: CheckpointFormat) -> None:
-    FORMATS.append(fmt)
-
-
-def resolve_spec(spec: ModelSpec) -> ViTConfig | None:
-    """A registered model name or a config, as a config."""
-    if spec is None or isinstance(spec, ViTConfig):
-        return spec
-    return model_config(spec)
-
-
-def read_checkpoint(path: str | Path, model: ModelSpec = None) -> Checkpoint:
-    """Recognise the format of ``path`` and read it, without building a model."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    for fmt in FORMATS:
-        if fmt.detect(path):
-            return fmt.read(path, model)
-    names = ", ".join(f.name for f in FORMATS)
-    raise CheckpointError(f"{path} is not a checkpoint format vitkit knows ({names})")
+def resolve_spec(spec: ModelSpec) -> Any:
+    """A registered model name or a config (of any registered architecture), as a config."""
+    if isinstance(spec, str):
+        return model_config(spec)
+    if spec is not None:
+        architecture_of(spec)  # refuse what is not the config of a registered architecture
+    return spec
 
 
 def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
@@ -92,20 +76,25 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
         raise CheckpointError("checkpoint does not fit the model: " + ", ".join(problems))
 
 
-def build_model(ckpt: Checkpoint, **overrides: Any) -> VisionTransformer:
+def build_model(ckpt: Checkpoint, **overrides: Any) -> nn.Module:
     """Build the checkpoint's model, load its weights, then apply the overrides.
 
-    ``img_size`` resizes the position embeddings the way the official fine-tuning code does;
-    ``num_classes`` puts a fresh zero-initialised head; anything else (``gelu``, ``eps``,
-    dropout rates, ``attn_impl``, ...) replaces the stored config before the weights load.
+    ``img_size`` resizes a ViT's position embeddings the way the official fine-tuning code
+    does (a model without ``set_img_size`` has no weights that depend on it: it is built at
+    that size); ``num_classes`` puts a fresh zero-initialised head; anything else (``gelu``,
+    ``eps``, dropout rates, ``attn_impl``, ...) replaces the stored config before the weights
+    load.
     """
     img_size = overrides.pop("img_size", None)
     num_classes = overrides.pop("num_classes", None)
     try:
         config = ckpt.config.replace(**overrides)
+        model = architecture_of(config).build(config)
+        if img_size is not None and not hasattr(model, "set_img_size"):
+            config = config.replace(img_size=img_size)
+            model, img_size = architecture_of(config).build(config), None
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"invalid override: {err}") from None
-    model = VisionTransformer(config)
     check_state_dict(model, ckpt.state_dict)
     model.load_state_dict(ckpt.state_dict, strict=True)
     if img_size is not None:
@@ -113,19 +102,3 @@ def build_model(ckpt: Checkpoint, **overrides: Any) -> VisionTransformer:
     if num_classes is not None and num_classes != config.num_classes:
         model.reset_classifier(num_classes)
     return model.eval()
-
-
-def load_pretrained(
-    path: str | Path, model: ModelSpec = None, **overrides: Any
-) -> VisionTransformer:
-    """Load any checkpoint vitkit reads into a ``VisionTransformer``.
-
-    ``model`` names a registered model or passes a ``ViTConfig``, for formats that do not
-    record the whole architecture. See ``build_model`` for the overrides.
-    """
-    token = IMG_SIZE_HINT.set(overrides.get("img_size"))
-    try:
-        ckpt = read_checkpoint(path, model)
-    finally:
-        IMG_SIZE_HINT.reset(token)
-    return build_model(ckpt, **overrides)

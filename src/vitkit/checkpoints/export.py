@@ -11,20 +11,24 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from torch import nn
 
 from vitkit.checkpoints import hf, official, timm
 from vitkit.checkpoints.core import CheckpointError
-from vitkit.checkpoints.native import (
+from vitkit.checkpoints.native import save_pretrained
+from vitkit.models.registry import architecture_of
+from vitkit.models.vit import VisionTransformer
+from vitkit.utils.files import (
     TEMP_SUFFIX,
     current_umask,
     explain_os_error,
     make_parent,
-    save_pretrained,
     temp_name,
 )
-from vitkit.models.vit import VisionTransformer
 
-WRITERS: dict[str, Callable[[VisionTransformer, Path], object]] = {
+WRITERS: dict[str, Callable[[Any, Path], object]] = {
     "vitkit": save_pretrained,  # a folder, or one file when the path ends in .safetensors
     "timm": timm.write,  # .safetensors, .pth, .pt or .bin
     "official": official.write,  # .npz
@@ -63,11 +67,19 @@ def atomic_dir(path: Path, write: Callable[[Path], object]) -> None:
         raise
 
 
-def export(model: VisionTransformer, path: str | Path, to: str) -> Path:
-    """Write ``model`` at ``path`` in format ``to`` (one of ``EXPORT_FORMATS``)."""
+def export(model: nn.Module, path: str | Path, to: str) -> Path:
+    """Write ``model`` at ``path`` in format ``to`` (one of ``EXPORT_FORMATS``).
+
+    vitkit's format takes a model of any registered architecture, the others ViTs only.
+    """
     path = Path(path)
     if to not in WRITERS:
         raise CheckpointError(f"unknown export format {to!r}; choose one of {EXPORT_FORMATS}")
+    if to != "vitkit" and not isinstance(model, VisionTransformer):
+        raise CheckpointError(
+            f"the {to} format holds ViTs only; this is a {architecture_of(model).name!r} model: "
+            "write it with --to vitkit"
+        )
     if writes_folder(path, to):
         atomic_dir(path, lambda tmp: WRITERS[to](model, tmp))
     else:

@@ -6,7 +6,8 @@ listed in ``model.safetensors.index.json``, or ``pytorch_model.bin``). The weigh
 have no prefix and usually a ``pooler`` (Dense + tanh on the [class] token: vitkit's
 ``pre_logits`` with ``representation_size`` = ``pooler_output_size``). Query, key and value
 are separate (D, D) projections; vitkit fuses them. ``hidden_act`` and ``layer_norm_eps``
-give the numerics.
+give the numerics; ``id2label`` / ``label2id`` carry the class names (vitkit's
+``cfg.extra["classes"]``) both ways.
 
 Hugging Face's ViT always classifies from the [class] token with a learned 1-D position
 embedding and no hybrid stem, and its classifier has no representation layer in front, so
@@ -27,12 +28,12 @@ from vitkit.checkpoints.core import (
     CheckpointError,
     CheckpointFormat,
     ModelSpec,
-    register_format,
 )
 from vitkit.checkpoints.mapping import FUSED_QKV, Rule, from_vitkit, read_all_keys
-from vitkit.checkpoints.native import atomic_write, load_tensors, save_safetensors
+from vitkit.checkpoints.native import load_tensors, save_safetensors
 from vitkit.checkpoints.timm import load_pickle
 from vitkit.models.vit import VisionTransformer, ViTConfig
+from vitkit.utils.files import atomic_write
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 INDEX_FILE, PICKLE_FILE = "model.safetensors.index.json", "pytorch_model.bin"
@@ -124,11 +125,13 @@ def config_from_hf(hf: dict[str, Any], sd: dict[str, torch.Tensor], prefix: str)
     has_pooler = pooler in sd and "classifier.weight" not in sd
     if has_pooler and hf["pooler_act"] != "tanh":
         raise CheckpointError(f"pooler_act {hf['pooler_act']!r}: vitkit's representation is tanh")
+    num_classes = int(sd["classifier.weight"].shape[0]) if "classifier.weight" in sd else 0
+    classes = classes_from_hf(hf, num_classes)
     return ViTConfig(
         img_size=hf["image_size"],
         patch_size=hf["patch_size"],
         in_chans=hf["num_channels"],
-        num_classes=int(sd["classifier.weight"].shape[0]) if "classifier.weight" in sd else 0,
+        num_classes=num_classes,
         width=hf["hidden_size"],
         depth=hf["num_hidden_layers"],
         num_heads=hf["num_attention_heads"],
@@ -138,7 +141,36 @@ def config_from_hf(hf: dict[str, Any], sd: dict[str, torch.Tensor], prefix: str)
         gelu=ACTIVATIONS[hf["hidden_act"]],
         classifier="token",
         representation_size=int(sd[pooler].shape[0]) if has_pooler else None,
+        extra={"classes": classes} if classes else {},
     )
+
+
+def class_names(cfg: ViTConfig) -> list[str]:
+    """The model's class names (``cfg.extra["classes"]``), else transformers' ``LABEL_<i>``.
+
+    transformers' ``label2id`` maps each name to one index, so repeated names cannot be
+    written; they fall back to ``LABEL_<i>`` too.
+    """
+    names = cfg.extra.get("classes")
+    if (
+        isinstance(names, list)
+        and len(names) == cfg.num_classes
+        and len(set(map(str, names))) == len(names)
+    ):
+        return [str(n) for n in names]
+    return [f"LABEL_{i}" for i in range(cfg.num_classes)]
+
+
+def classes_from_hf(hf: dict[str, Any], num_classes: int) -> list[str] | None:
+    """The class names of ``id2label``, or None when absent, incomplete or transformers'
+    placeholders (``LABEL_<i>``), which name nothing."""
+    id2label = hf.get("id2label")
+    if not isinstance(id2label, dict) or not num_classes:
+        return None
+    names = [id2label.get(str(i), id2label.get(i)) for i in range(num_classes)]
+    if any(n is None for n in names) or names == [f"LABEL_{i}" for i in range(num_classes)]:
+        return None
+    return [str(n) for n in names]
 
 
 def detect(path: Path) -> bool:
@@ -179,6 +211,7 @@ def write(model: VisionTransformer, folder: Path) -> None:
     if problems:
         raise CheckpointError("cannot write a Hugging Face ViT: " + "; ".join(problems))
     classify = cfg.num_classes > 0
+    labels = class_names(cfg)
     size = cfg.img_size[0] if cfg.img_size[0] == cfg.img_size[1] else list(cfg.img_size)
     patch = cfg.patch_size[0] if cfg.patch_size[0] == cfg.patch_size[1] else list(cfg.patch_size)
     config = {
@@ -198,12 +231,12 @@ def write(model: VisionTransformer, folder: Path) -> None:
         "qkv_bias": cfg.qkv_bias,
         "pooler_output_size": cfg.representation_size or cfg.width,
         "pooler_act": "tanh",
-        "id2label": {str(i): f"LABEL_{i}" for i in range(cfg.num_classes)},
-        "label2id": {f"LABEL_{i}": i for i in range(cfg.num_classes)},
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
     }
     sd = from_vitkit(hf_rules(cfg, "vit." if classify else ""), model.state_dict(), cfg)
     save_safetensors(folder / WEIGHTS_FILE, sd, {"format": "pt"})
     atomic_write(folder / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
 
 
-register_format(CheckpointFormat("hf", detect, read))
+FORMAT = CheckpointFormat("hf", detect, read)

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from vitkit.checkpoints.core import IMG_SIZE_HINT, Checkpoint, CheckpointError
+from vitkit.checkpoints.core import (
+    IMG_SIZE_HINT,
+    Checkpoint,
+    CheckpointError,
+    ModelSpec,
+    resolve_spec,
+)
+from vitkit.models.registry import architecture_of
 from vitkit.models.vit import VisionTransformer, ViTConfig, to_pair
 
 Tensor = torch.Tensor
@@ -119,6 +126,17 @@ def count_indexed(keys: Mapping[str, object], fmt: str, start: int) -> int:
     while any(k.startswith(fmt.format(start + n)) for k in keys):
         n += 1
     return n
+
+
+def resolve_vit_spec(spec: ModelSpec) -> ViTConfig | None:
+    """``model=`` for a format that holds only ViTs: a registered ViT's name or a ``ViTConfig``."""
+    config = resolve_spec(spec)
+    if config is not None and not isinstance(config, ViTConfig):
+        raise CheckpointError(
+            f"this format holds ViTs, but model= gives a {architecture_of(config).name!r} "
+            f"model ({type(config).__name__}): name a ViT"
+        )
+    return config
 
 
 def img_size_from_patches(

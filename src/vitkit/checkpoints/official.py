@@ -25,8 +25,6 @@ from vitkit.checkpoints.core import (
     CheckpointError,
     CheckpointFormat,
     ModelSpec,
-    register_format,
-    resolve_spec,
 )
 from vitkit.checkpoints.mapping import (
     CONV,
@@ -38,11 +36,12 @@ from vitkit.checkpoints.mapping import (
     count_indexed,
     from_vitkit,
     img_size_from_patches,
+    resolve_vit_spec,
     to_vitkit,
     unused_keys,
 )
-from vitkit.checkpoints.native import atomic_write
 from vitkit.models.vit import VisionTransformer, ViTConfig
+from vitkit.utils.files import atomic_write
 
 TRAINING_PREFIX = "opt/target/"  # checkpoints saved mid-training nest the weights here
 CONFIG_ARRAY = "vitkit_config"
@@ -237,7 +236,7 @@ def read_flax(
         if CONFIG_ARRAY in arrays:  # written by vitkit: the exact config, numerics included
             cfg = ViTConfig.from_dict(json.loads(str(arrays[CONFIG_ARRAY])))
         else:
-            cfg = infer_config(a, layout, resolve_spec(spec))
+            cfg = infer_config(a, layout, resolve_vit_spec(spec))
     except KeyError as err:
         raise CheckpointError(
             f"{source}: {layout.name} ViT layout is missing the array {err}"
@@ -296,4 +295,4 @@ def write(model: VisionTransformer, path: Path) -> None:
     atomic_write(path, save)
 
 
-register_format(CheckpointFormat("official", detect, read))
+FORMAT = CheckpointFormat("official", detect, read)

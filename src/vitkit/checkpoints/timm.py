@@ -27,8 +27,6 @@ from vitkit.checkpoints.core import (
     CheckpointError,
     CheckpointFormat,
     ModelSpec,
-    register_format,
-    resolve_spec,
 )
 from vitkit.checkpoints.mapping import (
     Rule,
@@ -37,10 +35,12 @@ from vitkit.checkpoints.mapping import (
     heads_from_spec,
     img_size_from_patches,
     read_all_keys,
+    resolve_vit_spec,
     state_dict_keys,
 )
-from vitkit.checkpoints.native import atomic_write, load_tensors, read_metadata, save_safetensors
+from vitkit.checkpoints.native import load_tensors, read_metadata, save_safetensors
 from vitkit.models.vit import VisionTransformer, ViTConfig
+from vitkit.utils.files import atomic_write
 
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 EXPORT_CONFIG_KEY = "vitkit_export_config"
@@ -149,7 +149,7 @@ def read(path: Path, spec: ModelSpec) -> Checkpoint:
         if EXPORT_CONFIG_KEY in metadata:  # written by vitkit: the exact config
             cfg = ViTConfig.from_dict(json.loads(metadata[EXPORT_CONFIG_KEY]))
         else:
-            cfg = infer_config(sd, resolve_spec(spec))
+            cfg = infer_config(sd, resolve_vit_spec(spec))
     except KeyError as err:
         raise CheckpointError(f"{path}: timm ViT state dict is missing the key {err}") from None
     except (TypeError, ValueError) as err:  # json.JSONDecodeError and CheckpointError included
@@ -197,4 +197,4 @@ def config_not_kept(cfg: ViTConfig, sd: dict[str, torch.Tensor]) -> list[str]:
     ]
 
 
-register_format(CheckpointFormat("timm", detect, read))
+FORMAT = CheckpointFormat("timm", detect, read)

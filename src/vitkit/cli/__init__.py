@@ -12,10 +12,17 @@ import importlib
 import logging
 import os
 import sys
+from importlib.metadata import version
 
-import vitkit
-
-COMMAND_MODULES: tuple[str, ...] = ("models", "analyze", "convert", "inspect", "train")
+COMMAND_MODULES: tuple[str, ...] = (
+    "models",
+    "analyze",
+    "convert",
+    "inspect",
+    "train",
+    "evaluate",
+    "predict",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The Vision Transformer (Dosovitskiy et al., ICLR 2021): models, "
         "checkpoints, training and analysis.",
     )
-    parser.add_argument("--version", action="version", version=f"vitkit {vitkit.__version__}")
+    parser.add_argument("--version", action="version", version=f"vitkit {version('vitkit')}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"vitkit.cli.{name}").register(subparsers)

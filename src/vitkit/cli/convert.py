@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from vitkit.checkpoints import EXPORT_FORMATS, export
-from vitkit.checkpoints.core import Checkpoint, build_model, read_checkpoint
+from vitkit.checkpoints import EXPORT_FORMATS, build_model, export, read_checkpoint
+from vitkit.checkpoints.core import Checkpoint
 
 SHOWN_DROPPED = 3
 
@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "convert",
         help="convert a checkpoint to vitkit, timm, official .npz or Hugging Face format",
         description="Read SRC in any format vitkit knows (recognised by itself) and write it "
-        "to DST. DST is a folder for --to hf and for --to vitkit (unless it ends in "
+        "to DST (a model of any registered architecture to vitkit's format, ViTs to all). DST is a folder for --to hf and for --to vitkit (unless it ends in "
         ".safetensors), a .safetensors/.pth/.pt/.bin file for --to timm, an .npz file for "
         "--to official. DST is written under a temporary name and renamed when complete. "
         "Only the model is converted: what SRC holds besides (a training checkpoint's "

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import torch
 
 from vitkit.analysis.inputs import locate_checkpoint
-from vitkit.checkpoints.core import CheckpointError, check_state_dict, read_checkpoint
-from vitkit.models.vit import VisionTransformer, ViTConfig
+from vitkit.checkpoints import CheckpointError, read_checkpoint
+from vitkit.checkpoints.core import check_state_dict
+from vitkit.models import ViTConfig, architecture_of
 
 SHOWN_DROPPED = 10
 
@@ -32,7 +34,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def describe(cfg: ViTConfig) -> str:
+def describe(cfg: Any) -> str:
+    """The architecture in words: every field for a ViT, the common ones for the others."""
+    if not isinstance(cfg, ViTConfig):
+        return (
+            f"{architecture_of(cfg).name}: image {cfg.img_size[0]}x{cfg.img_size[1]}, "
+            f"{cfg.in_chans} channels, "
+            + (f"{cfg.num_classes} classes" if cfg.num_classes else "no head")
+        )
     parts = [
         f"width {cfg.width}, depth {cfg.depth}, {cfg.num_heads} heads, MLP {cfg.mlp_dim}",
         f"patch {cfg.patch_size[0]}x{cfg.patch_size[1]}, image {cfg.img_size[0]}x{cfg.img_size[1]}"
@@ -47,11 +56,18 @@ def describe(cfg: ViTConfig) -> str:
     return "; ".join(parts)
 
 
+def numerics(cfg: Any) -> str:
+    if not isinstance(cfg, ViTConfig):
+        return "-"
+    gelu = "tanh approximation" if cfg.gelu == "tanh" else "exact (erf)"
+    return f"GELU {gelu}, LayerNorm eps {cfg.eps:g}"
+
+
 def run(args: argparse.Namespace) -> int:
     ckpt = read_checkpoint(locate_checkpoint(args.checkpoint)[0], args.model)
     cfg = ckpt.config
     with torch.device("meta"):
-        model = VisionTransformer(cfg)
+        model = architecture_of(cfg).build(cfg)
     try:
         check_state_dict(model, ckpt.state_dict)
         fits = "yes"
@@ -61,8 +77,7 @@ def run(args: argparse.Namespace) -> int:
         "format": ckpt.format,
         "architecture": describe(cfg),
         "parameters": sum(t.numel() for t in ckpt.state_dict.values()),
-        "numerics": f"GELU {'tanh approximation' if cfg.gelu == 'tanh' else 'exact (erf)'}, "
-        f"LayerNorm eps {cfg.eps:g}",
+        "numerics": numerics(cfg),
         "weights fit": fits,
         "dropped": ckpt.dropped,
     }

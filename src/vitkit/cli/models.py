@@ -1,23 +1,32 @@
-"""``vitkit models``: every registered model with its size and cost."""
+"""``vitkit models``: every registered model, of every architecture, with its size and cost."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
 
-from vitkit.models import VisionTransformer, flops_per_image, list_models, model_config
+from vitkit.models import ViTConfig, architecture_of, flops_per_image, list_models, model_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "models",
         help="list the registered models",
-        description="List every registered model with its parameter count and forward GFLOPs "
-        "(2 FLOPs per multiply-add) per image at its default resolution.",
+        description="List every registered model with its architecture, parameter count, "
+        "forward GFLOPs (2 FLOPs per multiply-add) per image at its default resolution, and "
+        "for ViTs width, depth and patch size ('-' where a column does not apply).",
     )
     p.add_argument("--filter", default="", help="only names containing this text, e.g. 'b16'")
     p.set_defaults(func=run)
+
+
+def _vit_columns(cfg: Any) -> tuple[str, str, str]:
+    """Width, depth and patch size of a ViT; '-' for other architectures."""
+    if not isinstance(cfg, ViTConfig):
+        return ("-", "-", "-")
+    return (str(cfg.width), str(cfg.depth), f"{cfg.patch_size[0]}x{cfg.patch_size[1]}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,19 +35,26 @@ def run(args: argparse.Namespace) -> int:
         if args.filter not in name:
             continue
         cfg = model_config(name)
+        architecture = architecture_of(cfg)
         with torch.device("meta"):  # no memory, no initialisation: ViT-H costs nothing here
-            n_params = VisionTransformer(cfg).num_parameters()
-        size = f"{cfg.img_size[0]}x{cfg.img_size[1]}"
+            n_params = architecture.build(cfg).num_parameters()
         gflops = flops_per_image(cfg) / 1e9
         rows.append(
-            (name, f"{n_params:,}", f"{gflops:.2f}" if gflops >= 0.1 else f"{gflops:.4f}", size)
+            (
+                name,
+                architecture.name,
+                f"{n_params:,}",
+                f"{gflops:.2f}" if gflops >= 0.1 else f"{gflops:.4f}",
+                f"{cfg.img_size[0]}x{cfg.img_size[1]}",
+                *_vit_columns(cfg),
+            )
         )
-    header = ("model", "parameters", "GFLOPs", "input")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    header = ("model", "architecture", "parameters", "GFLOPs", "input", "width", "depth", "patch")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print(
             "  ".join(
-                c.rjust(w) if i else c.ljust(w)
+                c.rjust(w) if i > 1 else c.ljust(w)
                 for i, (c, w) in enumerate(zip(row, widths, strict=True))
             )
         )

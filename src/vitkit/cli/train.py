@@ -1,4 +1,4 @@
-"""``vitkit train``, ``finetune``, ``eval`` and ``predict``.
+"""``vitkit train`` and ``finetune``.
 
 The options of ``train`` and ``finetune`` are generated from ``TrainConfig``'s fields (and
 ``AugmentConfig``'s), so every setting is a flag, a TOML key and a line of ``--help``.
@@ -17,27 +17,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from vitkit.analysis.inputs import locate_checkpoint
-from vitkit.checkpoints import load_pretrained
-from vitkit.data import AugmentConfig, load_dataset
-from vitkit.data.datasets import differing_classes
+from vitkit.data import AugmentConfig
 from vitkit.training import (
     FINETUNE_DEFAULTS,
     TrainConfig,
     TrainingDiverged,
     TrainingInterrupted,
-    evaluate,
-    predict,
     train,
 )
-from vitkit.training.config import DEFAULT_AUGMENT, DEVICES, PRECISIONS, merge, read_toml
-from vitkit.training.distributed import choose_device
+from vitkit.training.config import DEFAULT_AUGMENT, merge, read_toml
 from vitkit.training.loop import Progress
 
 AUGMENT_HELP = {
@@ -141,53 +132,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_flags(finetune_parser, FINETUNE_DEFAULTS)
     finetune_parser.set_defaults(func=run_train, preset=FINETUNE_DEFAULTS)
 
-    eval_parser = subparsers.add_parser(
-        "eval", help="accuracy and loss of a checkpoint on a dataset",
-        description="Evaluate a checkpoint on a split of a dataset: accuracy, mean "
-        "cross-entropy and the confusion matrix.",
-    )  # fmt: skip
-    eval_parser.add_argument(
-        "checkpoint", help="any checkpoint load_pretrained reads, or a run folder (its best)"
-    )
-    eval_parser.add_argument(
-        "--data", required=True, help="'digits' (shipped) or a path: image folder, idx / CIFAR "
-        "folder or .npz",
-    )  # fmt: skip
-    eval_parser.add_argument(
-        "--split", default="test", choices=("train", "val", "test"), help="(default: test)"
-    )
-    add_inference_flags(eval_parser)
-    eval_parser.add_argument(
-        "--precision", choices=PRECISIONS, default="fp32", help="bf16: bfloat16 autocast"
-    )
-    eval_parser.add_argument("--batch-size", type=int, default=512, help="(default: 512)")
-    eval_parser.set_defaults(func=run_eval)
-
-    predict_parser = subparsers.add_parser(
-        "predict", help="top-k classes of images",
-        description="Print the top-k class names and probabilities of each image.",
-    )  # fmt: skip
-    predict_parser.add_argument(
-        "checkpoint", help="any checkpoint load_pretrained reads, or a run folder (its best)"
-    )
-    predict_parser.add_argument(
-        "images", nargs="+", type=Path, metavar="IMAGE", help="image files Pillow reads"
-    )
-    predict_parser.add_argument(
-        "--top-k", type=int, default=5, help="how many classes to show (default: 5)"
-    )
-    add_inference_flags(predict_parser)
-    predict_parser.set_defaults(func=run_predict)
-
-
-def add_inference_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", help="registered model name, for checkpoint formats without an architecture"
-    )
-    parser.add_argument(
-        "--device", choices=DEVICES, default="auto", help="'auto' takes a GPU if there is one"
-    )
-
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults of the subcommand, then the TOML file, then the flags."""
@@ -274,70 +218,3 @@ def progress_bar() -> Iterator[Progress]:
         finally:
             if bar is not None:
                 bar.close()
-
-
-def load_for_inference(args: argparse.Namespace) -> Any:
-    """The model of any checkpoint or run folder (its best checkpoint, else its last), with a
-    classification head, on the chosen device."""
-    checkpoint, _ = locate_checkpoint(args.checkpoint)
-    model = load_pretrained(checkpoint, args.model)
-    if not model.cfg.num_classes:
-        raise ValueError(
-            f"{args.checkpoint} has no classification head (num_classes 0): it gives features, "
-            "not classes; fine-tune it with `vitkit finetune --from` to classify"
-        )
-    return model.to(choose_device(args.device))
-
-
-def check_classes(model: Any, dataset: Any) -> str | None:
-    """A warning when the model's class names (recorded by training) are not the data's:
-    accuracy then compares unrelated labels."""
-    names = model.cfg.extra.get("classes")
-    if not isinstance(names, list) or [str(n) for n in names] == list(dataset.classes):
-        return None
-    return f"warning: {differing_classes(names, dataset.classes, 'the model', 'the data')}"
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    model = load_for_inference(args)
-    dataset = load_dataset(args.data, args.split)
-    warning = check_classes(model, dataset)
-    if warning:
-        print(warning, file=sys.stderr)
-    result = evaluate(model, dataset, args.batch_size, args.precision)
-    print(
-        f"{args.checkpoint} on {args.data} ({args.split}): accuracy {result.accuracy:.4f} "
-        f"({result.correct}/{result.count}), loss {result.loss:.4f}"
-    )
-    print("confusion matrix (rows: true class, columns: predicted):")
-    names = dataset.classes
-    width = max(len(str(result.confusion.max().item())), *(len(n) for n in names))
-    print(" " * width + " " + " ".join(n.rjust(width) for n in names))
-    for name, row in zip(names, result.confusion.tolist(), strict=True):
-        print(name.rjust(width) + " " + " ".join(str(c).rjust(width) for c in row))
-    return 0
-
-
-def read_image(path: Path, channels: int) -> torch.Tensor:
-    """One image file as uint8 (1, channels, H, W)."""
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder, not an image file")
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as image:
-            pixels = np.array(image.convert("L" if channels == 1 else "RGB"))
-    except (OSError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path} is not an image Pillow can read ({err})") from None
-    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(0)
-
-
-def run_predict(args: argparse.Namespace) -> int:
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
-    model = load_for_inference(args)
-    for path in args.images:
-        (top,) = predict(model, read_image(path, model.cfg.in_chans), args.top_k)
-        print(f"{path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in top))
-    return 0

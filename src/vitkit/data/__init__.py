@@ -1,7 +1,9 @@
-"""Data: in-memory datasets, the readers behind ``load_dataset`` and batched augmentation."""
+"""Data: in-memory datasets, the readers behind ``load_dataset``, the one image-input path
+(``read_image``, ``preprocess``) and batched augmentation."""
 
-from vitkit.data.augment import AugmentConfig, BatchTransform, to_model_input
+from vitkit.data.augment import AugmentConfig, BatchTransform
 from vitkit.data.datasets import ImageDataset, iterate_batches
+from vitkit.data.images import load_image, preprocess, read_image, to_model_input
 from vitkit.data.readers import load_dataset
 
 __all__ = [
@@ -10,5 +12,8 @@ __all__ = [
     "ImageDataset",
     "iterate_batches",
     "load_dataset",
+    "load_image",
+    "preprocess",
+    "read_image",
     "to_model_input",
 ]

@@ -25,14 +25,9 @@ import torch
 import torch.nn.functional as F
 from kornia.augmentation.auto import RandAugment
 from kornia.augmentation.auto.rand_augment.rand_augment import default_policy
-from kornia.color import rgb_to_grayscale
 from torch import nn
 
-
-def to_model_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) (or floats in 0..255) -> float32 in [-1, 1], ``(x - 127.5) / 127.5``
-    as the official code."""
-    return (images.float() - 127.5) / 127.5
+from vitkit.data.images import check_batch, match_channels, preprocess, resize, to_model_input
 
 
 @dataclass
@@ -134,20 +129,6 @@ class BatchTransform(nn.Module):
     def set_extra_state(self, state: torch.Tensor) -> None:
         self.generator.set_state(state)
 
-    def _match_channels(self, images: torch.Tensor) -> torch.Tensor:
-        if self.channels is None or images.shape[1] == self.channels:
-            return images
-        if images.shape[1] == 1 and self.channels == 3:
-            return images.repeat(1, 3, 1, 1)
-        if images.shape[1] == 3 and self.channels == 1:
-            return rgb_to_grayscale(images)
-        raise ValueError(f"cannot turn {images.shape[1]}-channel images into {self.channels}")
-
-    def _resize(self, images: torch.Tensor) -> torch.Tensor:
-        if tuple(images.shape[-2:]) == self.img_size:
-            return images
-        return F.interpolate(images, self.img_size, mode="bilinear", antialias=True)
-
     def one_hot(self, labels: torch.Tensor) -> torch.Tensor:
         """Smoothed one-hot targets: ``1 - s + s/K`` on the label, ``s/K`` elsewhere."""
         smoothing = self.augment.label_smoothing
@@ -157,14 +138,12 @@ class BatchTransform(nn.Module):
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor, train: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(
-                f"expected uint8 (B, C, H, W) images, got {images.dtype} {tuple(images.shape)}"
-            )
-        images = self._match_channels(images.float())
+        check_batch(images)
         labels = labels.long().to(images.device)
         if not train:
-            return to_model_input(self._resize(images)), F.one_hot(labels, self.num_classes).float()
+            targets = F.one_hot(labels, self.num_classes).float()
+            return preprocess(images, self.img_size, self.channels), targets
+        images = match_channels(images.float(), self.channels)
         seed = int(torch.randint(2**62, (), generator=self.generator))
         devices = [images.device] if images.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -177,7 +156,7 @@ class BatchTransform(nn.Module):
     def _augment(
         self, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        images = self.crop(images) if self.crop is not None else self._resize(images)
+        images = self.crop(images) if self.crop is not None else resize(images, self.img_size)
         if self.flip is not None:
             images = self.flip(images)
         if self.randaugment is not None:

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vitkit.checkpoints.native import atomic_write
 from vitkit.data.datasets import ImageDataset
+from vitkit.data.images import read_image
+from vitkit.utils.files import atomic_write
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = frozenset(
@@ -34,7 +35,7 @@ IMAGE_SUFFIXES = frozenset(
 )
 DIGITS_FILE = Path(__file__).with_name("digits.csv.gz")
 DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED = 0.2, 0
-CACHE_FORMAT_VERSION = 2  # 2: the names of skipped files
+CACHE_FORMAT_VERSION = 3  # 2: names of skipped files; 3: EXIF orientation applied
 SHOWN_SKIPPED = 3
 
 
@@ -315,13 +316,10 @@ def read_npz(path: Path, split: str) -> ImageDataset:
 
 
 def _decode(path: str) -> np.ndarray | Exception:
-    """(H, W) grey or (H, W, 3) RGB uint8 pixels, or the error that made it unreadable."""
+    """``read_image``'s pixels, or the error that made the file unreadable (to be counted)."""
     try:
-        with Image.open(path) as image:
-            if image.mode not in ("L", "RGB"):
-                image = image.convert("L" if image.mode in ("1", "LA", "I", "I;16", "F") else "RGB")
-            return np.asarray(image)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        return read_image(path)
+    except (OSError, ValueError) as err:
         return err
 
 

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from vitkit.data.datasets import ImageDataset, iterate_batches
+from vitkit.data.datasets import ImageDataset, differing_classes, iterate_batches
 from vitkit.data.readers import load_dataset
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class Splits:
     train: DataSource
     val: DataSource | None
     test: DataSource
+    held_out_test: bool = False  # the source had one split; test was held out of it
 
 
 def open_splits(data: str, val_fraction: float, seed: int) -> Splits:
@@ -114,22 +115,26 @@ def open_splits(data: str, val_fraction: float, seed: int) -> Splits:
     """
     train = load_dataset(data, "train")
     test = load_dataset(data, "test")
-    if torch.equal(train.labels, test.labels) and torch.equal(train.images, test.images):
+    single_split = same_images(train, test)
+    if single_split:
         logger.warning("%s has no separate test split: holding out %.0f%% of it", data,
                        100 * HELD_OUT_TEST)  # fmt: skip
         train, test = train.split(HELD_OUT_TEST, seed)
     if train.classes != test.classes:
         raise ValueError(
-            f"{data}: the train and test splits have different classes ({len(train.classes)}: "
-            f"{_names(train.classes)} vs {len(test.classes)}: {_names(test.classes)}); give "
-            "both the same class folders"
+            f"{data}: {differing_classes(train.classes, test.classes, 'the train split', 'the test split')}; "
+            "give both the same class folders"
         )
     val = None
     if val_fraction > 0:
         train, val = train.split(val_fraction, seed)
-    return Splits(InMemorySource(train), InMemorySource(val) if val else None, InMemorySource(test))
+    return Splits(
+        InMemorySource(train), InMemorySource(val) if val else None, InMemorySource(test),
+        held_out_test=single_split,
+    )  # fmt: skip
 
 
-def _names(classes: list[str], shown: int = 5) -> str:
-    more = f", ... ({len(classes) - shown} more)" if len(classes) > shown else ""
-    return ", ".join(classes[:shown]) + more
+def same_images(first: ImageDataset, second: ImageDataset) -> bool:
+    """Whether two splits are the same images: a single-split source returns itself for
+    every split name."""
+    return torch.equal(first.labels, second.labels) and torch.equal(first.images, second.images)

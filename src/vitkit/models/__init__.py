@@ -1,14 +1,34 @@
-"""The model: ViT, its layers, position embeddings, the hybrid's ResNet and the registry."""
+"""The models (ViT with its hybrid), their layers, position embeddings and the registry."""
 
-from vitkit.models.registry import create_model, list_models, model_config
-from vitkit.models.vit import Intermediates, VisionTransformer, ViTConfig, flops_per_image
+from vitkit.models import zoo  # noqa: F401  (registers the ViT architecture and named models)
+from vitkit.models.registry import (
+    Architecture,
+    architecture_of,
+    create_model,
+    flops_per_image,
+    get_architecture,
+    list_architectures,
+    list_models,
+    model_config,
+    register,
+    register_architecture,
+    unregister_architecture,
+)
+from vitkit.models.vit import Intermediates, VisionTransformer, ViTConfig
 
 __all__ = [
+    "Architecture",
     "Intermediates",
     "ViTConfig",
     "VisionTransformer",
+    "architecture_of",
     "create_model",
     "flops_per_image",
+    "get_architecture",
+    "list_architectures",
     "list_models",
     "model_config",
+    "register",
+    "register_architecture",
+    "unregister_architecture",
 ]

@@ -1,78 +1,126 @@
-"""Named models: the sizes of the paper's Table 1 (plus Tiny and Small) as plain data."""
+"""The registry: architectures (a config class and a builder) and named models of each.
+
+An architecture is what a checkpoint records (``"architecture"`` in vitkit's config.json and
+safetensors metadata) so that it can be rebuilt; a named model is a set of config values for
+one architecture. Configs are looked up by their type, so each architecture has its own
+config class: a dataclass with ``to_dict()``, ``from_dict()`` and ``replace()`` and at least
+the fields ``img_size``, ``in_chans``, ``num_classes`` and ``extra``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from vitkit.models.vit import VisionTransformer, ViTConfig
-
-# width, depth, heads, MLP width (Table 1; Ti and S from DeiT / the official code).
-SIZES: dict[str, dict[str, int]] = {
-    "ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
-    "s": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
-    "b": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
-    "l": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
-    "h": dict(width=1280, depth=32, num_heads=16, mlp_dim=5120),
-}
-PATCHES: dict[str, tuple[int, ...]] = {
-    "ti": (16,),
-    "s": (16, 32),
-    "b": (8, 16, 32),
-    "l": (16, 32),
-    "h": (14,),
-}
-
-_REGISTRY: dict[str, dict[str, Any]] = {}
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
-def register(name: str, **config: Any) -> None:
-    if name in _REGISTRY:
+@dataclass(frozen=True)
+class Architecture:
+    name: str  # "vit", "resnetv2", ...; recorded with every checkpoint vitkit writes
+    config_class: type
+    build: Callable[[Any], nn.Module]  # config -> model
+
+
+_ARCHITECTURES: dict[str, Architecture] = {}
+_MODELS: dict[str, tuple[str, dict[str, Any]]] = {}  # name -> (architecture, config values)
+
+
+def register_architecture(arch: Architecture) -> None:
+    if arch.name in _ARCHITECTURES:
+        raise ValueError(f"architecture {arch.name!r} is registered twice")
+    for other in _ARCHITECTURES.values():
+        if other.config_class is arch.config_class:
+            raise ValueError(
+                f"architectures {other.name!r} and {arch.name!r} share the config class "
+                f"{arch.config_class.__name__}: each needs its own, configs name their architecture"
+            )
+    _ARCHITECTURES[arch.name] = arch
+
+
+def unregister_architecture(name: str) -> None:
+    """Remove an architecture and its named models (for tests that register their own)."""
+    get_architecture(name)
+    del _ARCHITECTURES[name]
+    for model in [m for m, (a, _) in _MODELS.items() if a == name]:
+        del _MODELS[model]
+
+
+def get_architecture(name: str) -> Architecture:
+    if name not in _ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture {name!r}; registered architectures: "
+            f"{', '.join(sorted(_ARCHITECTURES))}"
+        )
+    return _ARCHITECTURES[name]
+
+
+def list_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)
+
+
+def register(name: str, architecture: str = "vit", **config: Any) -> None:
+    """Register a named model of ``architecture`` with these config values (checked now)."""
+    if name in _MODELS:
         raise ValueError(f"model {name!r} is registered twice")
-    ViTConfig(**config)  # validate now, not when a user first asks for it
-    _REGISTRY[name] = config
+    get_architecture(architecture).config_class(**config)  # fail at import, not at first use
+    _MODELS[name] = (architecture, config)
 
 
-for _size, _patches in PATCHES.items():
-    for _patch in _patches:
-        register(f"vit_{_size}{_patch}", patch_size=_patch, **SIZES[_size])
-        register(f"vit_{_size}{_patch}_gap", patch_size=_patch, classifier="gap", **SIZES[_size])
-# The hybrid: ResNet-50 with stage 4's units folded into stage 3, 1x1 patches.
-for _classifier, _suffix in (("token", ""), ("gap", "_gap")):
-    register(
-        f"r50_vit_b16{_suffix}",
-        patch_size=1,
-        resnet_layers=(3, 4, 9),
-        classifier=_classifier,
-        **SIZES["b"],
-    )
-# Small models for laptops, tests and the shipped digits.
-register("vit_micro", img_size=32, patch_size=4, width=64, depth=2, num_heads=4, mlp_dim=256)
-register("vit_digits", img_size=8, patch_size=2, in_chans=1, num_classes=10, width=64, depth=4,
-         num_heads=4, mlp_dim=128)  # fmt: skip
-# The training recipes of benchmarks/recipes/: MNIST (7x7 patches) and CIFAR-10 (4x4 patches).
-register("vit_mnist", img_size=28, patch_size=7, in_chans=1, num_classes=10, width=128, depth=6,
-         num_heads=4, mlp_dim=256)  # fmt: skip
-register("vit_cifar", img_size=32, patch_size=4, num_classes=10, width=192, depth=6, num_heads=3,
-         mlp_dim=384)  # fmt: skip
-# The same encoder behind a miniature of the paper's hybrid: the ResNet stem and one stage of two
-# bottleneck units (width 64) give an 8x8 feature map, cut into 1x1 patches, as many tokens as
-# vit_cifar's 4x4 patches. On CIFAR-10 it learns much faster per image for 10-20% more time a step.
-register("vit_cifar_hybrid", img_size=32, patch_size=1, resnet_layers=(2,), num_classes=10,
-         width=192, depth=6, num_heads=3, mlp_dim=384)  # fmt: skip
+def list_models(architecture: str | None = None) -> list[str]:
+    """Names of every registered model (of one architecture, if given), sorted."""
+    return sorted(m for m, (a, _) in _MODELS.items() if architecture in (None, a))
 
 
-def list_models() -> list[str]:
-    """Names of every registered model, sorted."""
-    return sorted(_REGISTRY)
-
-
-def model_config(name: str, **overrides: Any) -> ViTConfig:
-    """The ``ViTConfig`` of a registered model, with ``overrides`` applied."""
-    if name not in _REGISTRY:
+def model_config(name: str, **overrides: Any) -> Any:
+    """The config of a registered model, with ``overrides`` applied."""
+    if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
-    return ViTConfig(**{**_REGISTRY[name], **overrides})
+    architecture, config = _MODELS[name]
+    return get_architecture(architecture).config_class(**{**config, **overrides})
 
 
-def create_model(name: str, **overrides: Any) -> VisionTransformer:
+def architecture_of(config_or_model: Any) -> Architecture:
+    """The architecture of a config, or of a model (by its ``cfg``)."""
+    config = config_or_model.cfg if isinstance(config_or_model, nn.Module) else config_or_model
+    for arch in _ARCHITECTURES.values():
+        if type(config) is arch.config_class:
+            return arch
+    raise ValueError(
+        f"{type(config).__name__} is not the config of a registered architecture "
+        f"({', '.join(sorted(_ARCHITECTURES))})"
+    )
+
+
+def flops_per_image(config: Any) -> float:
+    """Forward FLOPs of one image (2 per multiply-add), counted by PyTorch on the meta device."""
+    with torch.device("meta"):
+        model = architecture_of(config).build(config)
+        x = torch.empty(1, config.in_chans, *config.img_size)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    return float(counter.get_total_flops())
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build a registered model, e.g. ``create_model("vit_b16", num_classes=10, img_size=384)``."""
-    return VisionTransformer(model_config(name, **overrides))
+    config = model_config(name, **overrides)
+    return architecture_of(config).build(config)
+
+
+__all__ = [
+    "Architecture",
+    "architecture_of",
+    "create_model",
+    "flops_per_image",
+    "get_architecture",
+    "list_architectures",
+    "list_models",
+    "model_config",
+    "register",
+    "register_architecture",
+    "unregister_architecture",
+]

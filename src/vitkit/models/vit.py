@@ -18,6 +18,7 @@ from torch import nn
 
 from vitkit.models.layers import AttentionImpl, Block, lecun_normal_
 from vitkit.models.posembed import POS_EMBED_KINDS, Grid, PosEmbedKind, PositionEmbedding
+from vitkit.models.pretrained import save_pretrained
 from vitkit.models.resnet import ResNetBackbone
 
 
@@ -313,25 +314,11 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Save in vitkit's own format (see ``vitkit.checkpoints.native``)."""
-        from vitkit.checkpoints.native import save_pretrained  # the format lives one layer up
-
+        """Save in vitkit's own format (see ``vitkit.models.pretrained``)."""
         return save_pretrained(self, path)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
-def flops_per_image(cfg: ViTConfig) -> float:
-    """Forward FLOPs of one image (2 per multiply-add), counted by PyTorch on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        model = VisionTransformer(cfg.replace(attn_impl="sdpa"))
-        x = torch.empty(1, cfg.in_chans, *cfg.img_size)
-    with FlopCounterMode(display=False) as counter:
-        model(x)
-    return float(counter.get_total_flops())
-
-
-__all__ = ["Intermediates", "ViTConfig", "VisionTransformer", "flops_per_image"]
+__all__ = ["Intermediates", "ViTConfig", "VisionTransformer"]

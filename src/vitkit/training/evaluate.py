@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.data import AugmentConfig, BatchTransform, ImageDataset
+from vitkit.data import AugmentConfig, BatchTransform, ImageDataset, preprocess
 from vitkit.data.sources import DataSource, as_source
 from vitkit.training.distributed import Process, all_reduce_sum
 
@@ -22,7 +22,8 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
 
 
 def eval_transform(model: nn.Module) -> BatchTransform:
-    """Resize to the model's resolution, match its channels, scale to [-1, 1]."""
+    """Match the model's channels, resize to its resolution, scale to [-1, 1]: ``preprocess``
+    (the one evaluation input path), with the labels as one-hot targets."""
     cfg = model.cfg
     return BatchTransform(cfg.img_size, cfg.num_classes, AugmentConfig(), 0, channels=cfg.in_chans)
 
@@ -92,8 +93,7 @@ def predict(
 ) -> list[list[tuple[str, float]]]:
     """Top-``top_k`` (class name, probability) of each uint8 image (B, C, H, W)."""
     device = next(model.parameters()).device
-    labels = torch.zeros(len(images), dtype=torch.long)
-    x, _ = eval_transform(model)(images.to(device), labels, train=False)
+    x = preprocess(images.to(device), model.cfg.img_size, model.cfg.in_chans)
     probs = model.eval()(x).float().softmax(-1)
     names = class_names(model)
     top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)

@@ -26,13 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitkit.checkpoints.native import (
-    STATE_PREFIX,
-    atomic_write,
-    load_tensors,
-    read_metadata,
-    save_pretrained,
-)
+from vitkit.checkpoints.native import STATE_PREFIX, load_tensors, read_metadata, save_pretrained
+from vitkit.utils.files import atomic_write
+from vitkit.utils.runlayout import RunLayout
 
 STATE_KEY = "vitkit_state"
 OPTIMIZER_PREFIX = "optimizer/"
@@ -76,22 +72,13 @@ def optimizer_from_tensors(
     return {"state": state, "param_groups": saved["param_groups"]}
 
 
-class RunFolder:
-    """The files of one run. Only the main process writes: on the others every write is a
-    no-op, so the training loop calls them unconditionally."""
+class RunFolder(RunLayout):
+    """The files of one run (their names: ``RunLayout``). Only the main process writes: on
+    the others every write is a no-op, so the training loop calls them unconditionally."""
 
     def __init__(self, path: str | Path, writer: bool = True) -> None:
-        self.path = Path(path)
+        super().__init__(path)
         self.writer = writer
-        self.config = self.path / "config.json"
-        self.metrics = self.path / "metrics.jsonl"
-        self.last = self.path / "last.safetensors"
-        self.best = self.path / "best.safetensors"
-        self.curves = self.path / "curves.png"
-        self.summary = self.path / "summary.json"
-
-    def holds_run(self) -> bool:
-        return self.config.is_file()
 
     def write_json(self, path: Path, content: dict[str, Any]) -> None:
         if self.writer:

@@ -1,0 +1,23 @@
+"""What an analysis needs from a model, and the error saying that a model lacks it.
+
+The paper's analyses look at a ViT's attention, position embeddings and patch projection.
+Other architectures (a ResNet) have none of them; the analyses then raise ``NotApplicable``
+and the report shows that note in place of the figure.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class NotApplicable(ValueError):
+    """This analysis has no meaning for this model; the message says why."""
+
+
+def require(model: nn.Module, attribute: str, what: str) -> None:
+    """Raise ``NotApplicable`` ("model X has no <what>") unless ``model`` has ``attribute``."""
+    if getattr(model, attribute, None) is None:
+        raise NotApplicable(f"model {type(model).__name__} has no {what}")
+
+
+__all__ = ["NotApplicable", "require"]

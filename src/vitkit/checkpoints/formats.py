@@ -1,0 +1,62 @@
+"""The checkpoint formats vitkit reads, in the one order they are tried: ``FORMATS``.
+
+vitkit's own comes first: its folder also has a config.json like a Hugging Face folder, and
+its one-file shape is a ``.safetensors`` file like timm's; it is recognised by its metadata.
+The others do not overlap: Hugging Face folders (config.json), official and big_vision
+``.npz`` files (told apart by their module names), timm state dicts (any other
+``.safetensors``, ``.pth``, ``.pt`` or ``.bin`` file).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from vitkit.checkpoints import bigvision, hf, native, official, timm
+from vitkit.checkpoints.core import (
+    IMG_SIZE_HINT,
+    Checkpoint,
+    CheckpointError,
+    CheckpointFormat,
+    ModelSpec,
+    build_model,
+)
+
+FORMATS: tuple[CheckpointFormat, ...] = (
+    native.FORMAT,
+    hf.FORMAT,
+    official.FORMAT,
+    bigvision.FORMAT,
+    timm.FORMAT,
+)
+
+
+def read_checkpoint(path: str | Path, model: ModelSpec = None) -> Checkpoint:
+    """Recognise the format of ``path`` and read it, without building a model."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    for fmt in FORMATS:
+        if fmt.detect(path):
+            return fmt.read(path, model)
+    names = ", ".join(f.name for f in FORMATS)
+    raise CheckpointError(f"{path} is not a checkpoint format vitkit knows ({names})")
+
+
+def load_pretrained(path: str | Path, model: ModelSpec = None, **overrides: Any) -> nn.Module:
+    """Load any checkpoint vitkit reads into a model of its registered architecture.
+
+    ``model`` names a registered model or passes a config, for formats that do not record
+    the whole architecture. See ``build_model`` for the overrides.
+    """
+    token = IMG_SIZE_HINT.set(overrides.get("img_size"))
+    try:
+        checkpoint = read_checkpoint(path, model)
+    finally:
+        IMG_SIZE_HINT.reset(token)
+    return build_model(checkpoint, **overrides)
+
+
+__all__ = ["FORMATS", "load_pretrained", "read_checkpoint"]

@@ -1,0 +1,120 @@
+"""``vitkit eval``: accuracy, loss and confusion matrix of a checkpoint on a dataset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from vitkit.analysis.inputs import locate_checkpoint
+from vitkit.checkpoints import load_pretrained
+from vitkit.data import load_dataset
+from vitkit.data.datasets import differing_classes
+from vitkit.data.sources import DataSource, InMemorySource, open_splits, same_images
+from vitkit.training import evaluate
+from vitkit.training.config import DEVICES, PRECISIONS
+from vitkit.training.distributed import choose_device
+from vitkit.utils.runlayout import RunLayout
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval", help="accuracy and loss of a checkpoint on a dataset",
+        description="Evaluate a checkpoint (any registered architecture) on a split of a "
+        "dataset: accuracy, mean cross-entropy and the confusion matrix. For data with a "
+        "single split, a checkpoint of a run folder is evaluated on that run's own held-out "
+        "images.",
+    )  # fmt: skip
+    p.add_argument(
+        "checkpoint", help="any checkpoint load_pretrained reads, or a run folder (its best)"
+    )
+    p.add_argument(
+        "--data", required=True, help="'digits' (shipped) or a path: image folder, idx / CIFAR "
+        "folder or .npz",
+    )  # fmt: skip
+    p.add_argument(
+        "--split", default="test", choices=("train", "val", "test"), help="(default: test)"
+    )
+    add_inference_flags(p)
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default="fp32", help="bf16: bfloat16 autocast"
+    )
+    p.add_argument("--batch-size", type=int, default=512, help="(default: 512)")
+    p.set_defaults(func=run)
+
+
+def add_inference_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags ``eval`` and ``predict`` share: which model, on which device."""
+    parser.add_argument(
+        "--model", help="registered model name, for checkpoint formats without an architecture"
+    )
+    parser.add_argument(
+        "--device", choices=DEVICES, default="auto", help="'auto' takes a GPU if there is one"
+    )
+
+
+def load_for_inference(args: argparse.Namespace) -> tuple[nn.Module, Path | None]:
+    """The model of any checkpoint or run folder (its best checkpoint, else its last), with a
+    classification head, on the chosen device; and the run folder it came from, if any."""
+    checkpoint, run_folder = locate_checkpoint(args.checkpoint)
+    model = load_pretrained(checkpoint, args.model)
+    if not model.cfg.num_classes:
+        raise ValueError(
+            f"{args.checkpoint} has no classification head (num_classes 0): it gives features, "
+            "not classes; fine-tune it with `vitkit finetune --from` to classify"
+        )
+    return model.to(choose_device(args.device)), run_folder
+
+
+def evaluation_data(data: str, split: str, run_folder: Path | None) -> tuple[DataSource, str]:
+    """The images to evaluate on, and a note when they are not a clean test split.
+
+    Data with a single split is split as the training run did (its seed and validation
+    fraction, from the run folder's config.json), so "test" means the run's held-out images;
+    without a run folder it is evaluated whole, and the note says so.
+    """
+    run_config: dict[str, Any] = {}
+    if run_folder is not None and RunLayout(run_folder).config.is_file():
+        run_config = json.loads(RunLayout(run_folder).config.read_text())
+    if run_config.get("data") == data:
+        splits = open_splits(data, run_config.get("val_fraction", 0.0), run_config.get("seed", 0))
+        chosen = {"train": splits.train, "val": splits.val or splits.test, "test": splits.test}
+        return chosen[split], ""
+    dataset = load_dataset(data, split)
+    if split != "train" and same_images(dataset, load_dataset(data, "train")):
+        return InMemorySource(dataset), (
+            f"note: {data} has no separate {split} split and {Path(str(data)).name} is not "
+            "the data of this checkpoint's run folder: evaluating on all of its "
+            f"{len(dataset)} images, training images included"
+        )
+    return InMemorySource(dataset), ""
+
+
+def run(args: argparse.Namespace) -> int:
+    model, run_folder = load_for_inference(args)
+    source, note = evaluation_data(args.data, args.split, run_folder)
+    if note:
+        print(note, file=sys.stderr)
+    classes = source.info.classes or []
+    names = model.cfg.extra.get("classes")
+    if isinstance(names, list) and [str(n) for n in names] != classes:
+        # Accuracy would compare unrelated labels: say so, naming both sides.
+        print(
+            f"warning: {differing_classes(names, classes, 'the model', 'the data')}",
+            file=sys.stderr,
+        )
+    result = evaluate(model, source, args.batch_size, args.precision)
+    print(
+        f"{args.checkpoint} on {args.data} ({args.split}): accuracy {result.accuracy:.4f} "
+        f"({result.correct}/{result.count}), loss {result.loss:.4f}"
+    )
+    print("confusion matrix (rows: true class, columns: predicted):")
+    width = max(len(str(result.confusion.max().item())), *(len(n) for n in classes))
+    print(" " * width + " " + " ".join(n.rjust(width) for n in classes))
+    for name, row in zip(classes, result.confusion.tolist(), strict=True):
+        print(name.rjust(width) + " " + " ".join(str(c).rjust(width) for c in row))
+    return 0

@@ -1,0 +1,35 @@
+"""``vitkit predict``: the top-k classes of image files."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vitkit.cli.evaluate import add_inference_flags, load_for_inference
+from vitkit.data import load_image
+from vitkit.training import predict
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict", help="top-k classes of images",
+        description="Print the top-k class names and probabilities of each image (read and "
+        "preprocessed exactly as `vitkit analyze --images` does).",
+    )  # fmt: skip
+    p.add_argument(
+        "checkpoint", help="any checkpoint load_pretrained reads, or a run folder (its best)"
+    )
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files Pillow reads")
+    p.add_argument("--top-k", type=int, default=5, help="how many classes to show (default: 5)")
+    add_inference_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    model, _ = load_for_inference(args)
+    for path in args.images:
+        (top,) = predict(model, load_image(path), args.top_k)
+        print(f"{path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in top))
+    return 0

@@ -1,0 +1,102 @@
+"""The one image-input path: ``read_image`` decodes a file, ``preprocess`` makes model inputs.
+
+``vitkit predict``, ``vitkit analyze --images`` and the image-folder reader decode files with
+``read_image``; every evaluation input (``predict``, ``eval``, ``analyze``, and
+``BatchTransform`` outside training) goes through ``preprocess``. So one file gives the same
+model input in every tool, and the class ``analyze`` shows is the one ``predict`` prints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from kornia.color import rgb_to_grayscale
+from PIL import Image, ImageOps
+
+# Pillow modes whose pixels are one grey value (with or without alpha); others become RGB.
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """One image file as (H, W) grey or (H, W, 3) RGB uint8 pixels, upright.
+
+    The EXIF orientation (how a camera says the picture was held) is applied, as image
+    viewers do; an alpha channel is dropped; palette, CMYK and other colour modes become RGB,
+    grey modes (1-bit, 16-bit, float, with alpha) grey. Raises ``FileNotFoundError`` for a
+    missing file and ``ValueError`` for a folder or a file Pillow cannot read.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"image {path} is a folder: give an image file")
+    try:
+        with Image.open(path) as image:
+            ImageOps.exif_transpose(image, in_place=True)
+            if image.mode in ("L", "RGB"):
+                return np.asarray(image)
+            grey = image.mode in GREY_MODES or image.mode.startswith("I;16")
+            return np.asarray(image.convert("L" if grey else "RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path} does not exist") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{path} is not an image Pillow can read ({err})") from None
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """``read_image`` as a uint8 batch of one, (1, C, H, W) with C = 1 or 3."""
+    pixels = read_image(path)
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    return torch.from_numpy(pixels.copy()).unsqueeze(0)  # a writable, contiguous copy
+
+
+def to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) (or floats in 0..255) -> float32 in [-1, 1], ``(x - 127.5) / 127.5``
+    as the official code."""
+    return (images.float() - 127.5) / 127.5
+
+
+def check_batch(images: torch.Tensor) -> None:
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(
+            f"expected uint8 (B, C, H, W) images, got {images.dtype} {tuple(images.shape)}"
+        )
+
+
+def match_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
+    """Float (B, C, H, W) images with ``channels`` channels: grey repeated to RGB, RGB to grey
+    by the ITU-R 601 luma weights; ``None`` keeps the input's."""
+    if channels is None or images.shape[1] == channels:
+        return images
+    if images.shape[1] == 1 and channels == 3:
+        return images.repeat(1, 3, 1, 1)
+    if images.shape[1] == 3 and channels == 1:
+        return rgb_to_grayscale(images)
+    raise ValueError(f"cannot turn {images.shape[1]}-channel images into {channels}")
+
+
+def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Float (B, C, H, W) images resized to ``size`` (bilinear, antialiased when shrinking)."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    return F.interpolate(images, size, mode="bilinear", antialias=True)
+
+
+def preprocess(
+    images: torch.Tensor, img_size: tuple[int, int], channels: int | None
+) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> model inputs: ``channels`` channels, ``img_size``, in [-1, 1]."""
+    check_batch(images)
+    return to_model_input(resize(match_channels(images.float(), channels), img_size))
+
+
+__all__ = [
+    "check_batch",
+    "load_image",
+    "match_channels",
+    "preprocess",
+    "read_image",
+    "resize",
+    "to_model_input",
+]

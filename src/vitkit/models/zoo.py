@@ -1,0 +1,52 @@
+"""Named models: the sizes of the paper's Table 1 (plus Tiny and Small) as plain data."""
+
+from __future__ import annotations
+
+from vitkit.models.registry import Architecture, register, register_architecture
+from vitkit.models.vit import VisionTransformer, ViTConfig
+
+# width, depth, heads, MLP width (Table 1; Ti and S from DeiT / the official code).
+SIZES: dict[str, dict[str, int]] = {
+    "ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
+    "s": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
+    "b": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "l": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+    "h": dict(width=1280, depth=32, num_heads=16, mlp_dim=5120),
+}
+PATCHES: dict[str, tuple[int, ...]] = {
+    "ti": (16,),
+    "s": (16, 32),
+    "b": (8, 16, 32),
+    "l": (16, 32),
+    "h": (14,),
+}
+
+register_architecture(Architecture("vit", ViTConfig, VisionTransformer))  # with the hybrid
+
+for _size, _patches in PATCHES.items():
+    for _patch in _patches:
+        register(f"vit_{_size}{_patch}", patch_size=_patch, **SIZES[_size])
+        register(f"vit_{_size}{_patch}_gap", patch_size=_patch, classifier="gap", **SIZES[_size])
+# The hybrid: ResNet-50 with stage 4's units folded into stage 3, 1x1 patches.
+for _classifier, _suffix in (("token", ""), ("gap", "_gap")):
+    register(
+        f"r50_vit_b16{_suffix}",
+        patch_size=1,
+        resnet_layers=(3, 4, 9),
+        classifier=_classifier,
+        **SIZES["b"],
+    )
+# Small models for laptops, tests and the shipped digits.
+register("vit_micro", img_size=32, patch_size=4, width=64, depth=2, num_heads=4, mlp_dim=256)
+register("vit_digits", img_size=8, patch_size=2, in_chans=1, num_classes=10, width=64, depth=4,
+         num_heads=4, mlp_dim=128)  # fmt: skip
+# The training recipes of benchmarks/recipes/: MNIST (7x7 patches) and CIFAR-10 (4x4 patches).
+register("vit_mnist", img_size=28, patch_size=7, in_chans=1, num_classes=10, width=128, depth=6,
+         num_heads=4, mlp_dim=256)  # fmt: skip
+register("vit_cifar", img_size=32, patch_size=4, num_classes=10, width=192, depth=6, num_heads=3,
+         mlp_dim=384)  # fmt: skip
+# The same encoder behind a miniature of the paper's hybrid: the ResNet stem and one stage of two
+# bottleneck units (width 64) give an 8x8 feature map, cut into 1x1 patches, as many tokens as
+# vit_cifar's 4x4 patches. On CIFAR-10 it learns much faster per image for 10-20% more time a step.
+register("vit_cifar_hybrid", img_size=32, patch_size=1, resnet_layers=(2,), num_classes=10,
+         width=192, depth=6, num_heads=3, mlp_dim=384)  # fmt: skip

@@ -1,0 +1,36 @@
+"""The names of the files in a run folder, shared by what writes them and what reads them.
+
+    config.json        the resolved training config
+    metrics.jsonl      one JSON line per logged training step and per evaluation
+    last.safetensors   the model after the latest checkpoint, plus the training state to resume
+    best.safetensors   the same, for the best evaluation so far
+    curves.png         the logged metrics against the step
+    summary.json       test results and timing
+
+Training writes a run folder and analysis reads one; keeping the names here, below both, lets
+analysis find the files without importing the training code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class RunLayout:
+    """The paths of one run folder's files (nothing is read or written here)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.config = self.path / "config.json"
+        self.metrics = self.path / "metrics.jsonl"
+        self.last = self.path / "last.safetensors"
+        self.best = self.path / "best.safetensors"
+        self.curves = self.path / "curves.png"
+        self.summary = self.path / "summary.json"
+
+    def holds_run(self) -> bool:
+        """Whether a run was started here (its config is written before anything else)."""
+        return self.config.is_file()
+
+
+__all__ = ["RunLayout"]

@@ -1,0 +1,169 @@
+"""Layering: imports flow one way, cli -> analysis -> training -> (checkpoints, data,
+evaluation) -> models -> utils; the checkpoint formats are tried in one written order; the
+shared utilities at the bottom (atomic writes, the run-folder layout)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+import vitkit
+from vitkit.checkpoints import FORMATS, hf, native, read_checkpoint
+from vitkit.training.run import RunFolder
+from vitkit.utils.files import atomic_write
+from vitkit.utils.runlayout import RunLayout
+
+SRC = Path(vitkit.__file__).parent
+# Each package's layer: a module may import its own package and packages of lower layers only.
+LAYERS = {
+    "utils": 0,
+    "models": 1,
+    "checkpoints": 2,
+    "data": 2,
+    "evaluation": 2,
+    "training": 3,
+    "analysis": 4,
+    "cli": 5,
+}
+TOP = ("vitkit", "vitkit.__main__")  # the public facade and ``python -m``: above everything
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(source: str, module: str, is_package: bool) -> list[tuple[int, str]]:
+    """Every vitkit module ``source`` imports, anywhere (functions included): (line, name)."""
+    package = module if is_package else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            found += [(node.lineno, base)]
+            found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
+    return [(line, name) for line, name in found if name.split(".")[0] == "vitkit"]
+
+
+def violations(source: str, module: str, is_package: bool = False) -> list[str]:
+    if module in TOP:
+        return []
+    own = module.split(".")[1] if "." in module else module
+    problems = []
+    for line, name in imported_modules(source, module, is_package):
+        parts = name.split(".")
+        if len(parts) == 1 or name in TOP:
+            problems.append(f"{module}:{line} imports the vitkit facade ({name})")
+            continue
+        target = parts[1]
+        if target not in LAYERS:  # an imported name, e.g. ``from vitkit import models``
+            continue
+        if target != own and LAYERS[target] >= LAYERS[own]:
+            problems.append(f"{module}:{line} ({own}) imports {name} ({target})")
+    return sorted(set(problems))
+
+
+def test_no_module_imports_against_the_layer_order() -> None:
+    problems = []
+    files = sorted(SRC.rglob("*.py"))
+    assert len(files) > 40
+    for path in files:
+        module = module_name(path)
+        problems += violations(path.read_text(), module, path.name == "__init__.py")
+    assert problems == []
+
+
+def test_every_package_has_a_layer() -> None:
+    packages = {p.name for p in SRC.iterdir() if (p / "__init__.py").is_file()}
+    assert packages <= set(LAYERS)
+
+
+@pytest.mark.parametrize(
+    ("module", "source", "bad"),
+    [
+        ("vitkit.models.vit", "def f():\n    from vitkit.checkpoints.native import x\n", True),
+        ("vitkit.data.readers", "from vitkit.checkpoints.native import atomic_write\n", True),
+        ("vitkit.training.run", "import vitkit.analysis.report\n", True),
+        ("vitkit.models.vit", "from ..checkpoints import native\n", True),
+        ("vitkit.utils.files", "def f():\n    if True:\n        import vitkit.models\n", True),
+        ("vitkit.models.vit", "import vitkit\n", True),
+        ("vitkit.models.vit", "from vitkit.utils.files import atomic_write\n", False),
+        ("vitkit.training.run", "from vitkit.checkpoints.native import read\n", False),
+        ("vitkit.models.vit", "from .layers import Block\n", False),
+        ("vitkit.cli.train", "from vitkit.analysis import analyze\n", False),
+    ],
+)
+def test_the_checker_sees_imports_anywhere(module: str, source: str, bad: bool) -> None:
+    assert bool(violations(source, module)) == bad
+
+
+# ------------------------------------------------------------------ checkpoint format order
+
+
+def test_formats_are_tried_in_one_written_order() -> None:
+    assert [f.name for f in FORMATS] == ["vitkit", "hf", "official", "big_vision", "timm"]
+    assert not hasattr(vitkit.checkpoints, "register_format")
+
+
+def test_vitkit_folder_matches_hf_too_and_its_place_in_the_order_decides(tmp_path: Path) -> None:
+    folder = vitkit.create_model("vit_micro").save_pretrained(tmp_path / "m")
+    assert native.FORMAT.detect(folder) and hf.FORMAT.detect(folder)
+    assert read_checkpoint(folder).format == "vitkit"
+
+
+# -------------------------------------------------------------------------- shared utilities
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "file.txt"
+    atomic_write(path, lambda tmp: tmp.write_text("old"))
+
+    def fail(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, fail)
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["file.txt"]  # no temporary left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # not mkstemp's private 0600
+
+
+def test_run_layout_names_the_files_a_run_folder_holds(tmp_path: Path) -> None:
+    layout = RunLayout(tmp_path)
+    names = [layout.config, layout.metrics, layout.last, layout.best, layout.curves]
+    assert [p.name for p in [*names, layout.summary]] == [
+        "config.json",
+        "metrics.jsonl",
+        "last.safetensors",
+        "best.safetensors",
+        "curves.png",
+        "summary.json",
+    ]
+    assert all(p.parent == tmp_path for p in names)
+    assert not layout.holds_run()
+    layout.config.write_text("{}")
+    assert layout.holds_run()
+    run = RunFolder(tmp_path, writer=False)
+    assert isinstance(run, RunLayout) and run.best == layout.best and run.holds_run()
+
+
+def test_save_pretrained_records_the_architecture(tmp_path: Path) -> None:
+    model = vitkit.create_model("vit_micro")
+    folder = model.save_pretrained(tmp_path / "m")
+    assert '"architecture": "vit"' in (folder / "config.json").read_text()
+    file = model.save_pretrained(tmp_path / "m.safetensors")
+    assert native.read_metadata(file)["vitkit_architecture"] == "vit"
+    assert torch.equal(vitkit.from_pretrained(file).cls_token, model.cls_token)
