@@ -285,8 +285,13 @@ def write(model: VisionTransformer, path: Path) -> None:
     if problems:
         raise CheckpointError("cannot write the official layout: " + "; ".join(problems))
     tensors = from_vitkit(flax_rules(cfg, OFFICIAL), model.state_dict(), cfg)
+    save_npz(path, tensors, cfg.to_dict())
+
+
+def save_npz(path: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """Write float32 arrays and vitkit's config (the ``vitkit_config`` array) atomically."""
     arrays = {k: v.float().cpu().numpy() for k, v in tensors.items()}
-    arrays[CONFIG_ARRAY] = np.array(json.dumps(cfg.to_dict(), sort_keys=True))
+    arrays[CONFIG_ARRAY] = np.array(json.dumps(config, sort_keys=True))
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:

@@ -21,6 +21,8 @@ import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import safe_open
 
 from vitkit.checkpoints.core import (
     Checkpoint,
@@ -54,6 +56,8 @@ UNSUPPORTED = {
     ".q_norm.": "query/key normalisation",
     "attn_pool.": "an attention-pooling head",
 }
+# timm's ResNet-v2 stem (``resnetv2_*_bit``): such files are BiT ResNets, read by ``bit.py``.
+RESNETV2_STEM = "stem.conv.weight"
 # Hugging Face's names, to say so when someone passes its weights file instead of its folder.
 HF_MARKER = "embeddings.patch_embeddings.projection.weight"
 
@@ -72,10 +76,13 @@ def timm_rules(cfg: ViTConfig) -> list[Rule]:
     return [Rule(key, (timm_name(key),)) for key in state_dict_keys(cfg)]
 
 
-def load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a PyTorch pickle file, tensors only (no code is ever run)."""
+def load_pickle(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A state dict from a PyTorch pickle file, tensors only (no code is ever run).
+
+    ``mmap`` maps the tensors instead of reading them: cheap when only the keys are needed.
+    """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "Weights only load failed" in str(err):
             raise CheckpointError(
@@ -124,8 +131,20 @@ def infer_config(sd: dict[str, torch.Tensor], spec: ViTConfig | None) -> ViTConf
     )
 
 
+def stored_keys(path: Path) -> list[str]:
+    """The tensor names in a state-dict file without reading the tensors; none if unreadable."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        return list(load_pickle(path, mmap=True))
+    except (CheckpointError, SafetensorError, OSError):
+        return []
+
+
 def detect(path: Path) -> bool:
-    return path.is_file() and path.suffix in SUFFIXES
+    """Any state-dict file, except timm's ResNet-v2 (BiT), which ``bit.py`` reads."""
+    return path.is_file() and path.suffix in SUFFIXES and RESNETV2_STEM not in stored_keys(path)
 
 
 def read(path: Path, spec: ModelSpec) -> Checkpoint:
@@ -169,10 +188,14 @@ def write(model: VisionTransformer, path: Path) -> None:
         problems.append("vitkit does not write timm's hybrid naming (write the official layout)")
     if problems:
         raise CheckpointError("cannot write a timm state dict: " + "; ".join(problems))
-    sd = from_vitkit(timm_rules(cfg), model.state_dict(), cfg)
+    save_state_dict(path, from_vitkit(timm_rules(cfg), model.state_dict(), cfg), cfg.to_dict())
+
+
+def save_state_dict(path: Path, sd: dict[str, torch.Tensor], config: dict) -> None:
+    """Write a state dict atomically, by suffix; ``.safetensors`` also records vitkit's config."""
     if path.suffix == ".safetensors":
-        config = json.dumps(cfg.to_dict(), sort_keys=True)
-        save_safetensors(path, sd, {"format": "pt", EXPORT_CONFIG_KEY: config})
+        metadata = {"format": "pt", EXPORT_CONFIG_KEY: json.dumps(config, sort_keys=True)}
+        save_safetensors(path, sd, metadata)
     else:
         sd = {k: v.contiguous().clone() for k, v in sd.items()}  # no views of shared storage
         atomic_write(path, lambda tmp: torch.save(sd, tmp))

@@ -1,19 +1,32 @@
-"""The ResNet backbone of the hybrid ViT, as the official ``models_resnet.py``.
+"""ResNet building blocks shared by the hybrid ViT's backbone and BiT's ResNet-v2.
 
-Bottleneck units with weight-standardised convolutions and GroupNorm (32 groups), and
-TensorFlow's 'SAME' padding, which puts the odd extra row and column of padding at the
-bottom and right: PyTorch's symmetric ``padding=`` cannot express that, so we pad by hand.
+Both use weight-standardised convolutions and GroupNorm (32 groups), but their reference
+code differs in three numerical details that a faithful port must keep apart:
+
+- padding: the official ViT code (Flax) pads as TensorFlow's 'SAME', which puts the odd extra
+  row and column at the bottom and right (PyTorch's symmetric ``padding=`` cannot express it,
+  so we pad by hand); BiT pads ``kernel // 2`` on every side (its ``fixed_padding``);
+- weight standardisation: the hybrid divides by ``std + 1e-5``, BiT by ``sqrt(var + eps)``;
+- GroupNorm eps: 1e-6 in the hybrid, 1e-5 in BiT.
+
+This module also holds the hybrid's backbone itself, as the official ``models_resnet.py``:
+post-activation bottleneck units (ResNet v1.5: the stride sits in the 3x3 convolution).
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vitkit.models.layers import lecun_normal_
+
+Padding = Literal["same", "symmetric"]
+EpsOn = Literal["std", "var"]
 
 
 def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
@@ -25,23 +38,79 @@ def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> t
     return F.pad(x, pads, value=value) if any(pads) else x
 
 
-class StdConv2dSame(nn.Conv2d):
-    """Conv with weight standardisation ``(w - mean) / (std + 1e-5)`` and 'SAME' padding."""
+def standardize_weight(w: torch.Tensor, eps: float, eps_on: EpsOn) -> torch.Tensor:
+    """Each output filter to zero mean and unit (biased) variance.
 
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1) -> None:
-        super().__init__(c_in, c_out, kernel, stride=stride, padding=0, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
+    ``eps_on="std"`` computes ``(w - mean) / (std + eps)`` (the official ViT hybrid),
+    ``"var"`` computes ``(w - mean) / sqrt(var + eps)`` (BiT and timm).
+    """
+    if eps_on == "std":
         mean = w.mean(dim=(1, 2, 3), keepdim=True)
         std = w.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
-        w = (w - mean) / (std + 1e-5)
-        x = pad_same(x, self.kernel_size[0], self.stride[0])
-        return F.conv2d(x, w, None, self.stride)
+        return (w - mean) / (std + eps)
+    var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+    return (w - mean) / torch.sqrt(var + eps)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+class StdConv2d(nn.Conv2d):
+    """Bias-free convolution with weight standardisation, padded 'same' or symmetrically."""
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel: int,
+        stride: int = 1,
+        *,
+        padding: Padding,
+        eps: float,
+        eps_on: EpsOn,
+    ) -> None:
+        symmetric = kernel // 2 if padding == "symmetric" else 0
+        super().__init__(c_in, c_out, kernel, stride=stride, padding=symmetric, bias=False)
+        self.same = padding == "same"
+        self.eps, self.eps_on = eps, eps_on
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = standardize_weight(self.weight, self.eps, self.eps_on)
+        if self.same:
+            x = pad_same(x, self.kernel_size[0], self.stride[0])
+        return F.conv2d(x, w, None, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, same={self.same}, eps={self.eps}, eps_on={self.eps_on}"
+
+
+def group_norm(channels: int, eps: float) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=eps)
+
+
+def bottleneck_plan(layers: tuple[int, ...], width: int) -> list[list[tuple[int, int, int]]]:
+    """``(input channels, bottleneck width, stride)`` of every unit, stage by stage.
+
+    Stage s has bottleneck width ``width * 2**s`` and outputs 4x that; its first unit takes
+    the previous stage's output (the stem's ``width`` channels for stage 0) and, from stage 1
+    on, halves the resolution. Both ResNets here put that stride in the 3x3 convolution.
+    """
+    plan, c_in = [], width
+    for s, units in enumerate(layers):
+        mid = width * 2**s
+        stage = []
+        for u in range(units):
+            stage.append((c_in, mid, 2 if s > 0 and u == 0 else 1))
+            c_in = 4 * mid
+        plan.append(stage)
+    return plan
+
+
+def needs_projection(c_in: int, mid: int, stride: int) -> bool:
+    """A unit that changes width or resolution needs a projection shortcut."""
+    return c_in != 4 * mid or stride != 1
+
+
+# ----------------------------------------------------------- the hybrid's backbone (ViT code)
+hybrid_conv = partial(StdConv2d, padding="same", eps=1e-5, eps_on="std")
+HYBRID_NORM_EPS = 1e-6
 
 
 class Bottleneck(nn.Module):
@@ -50,13 +119,16 @@ class Bottleneck(nn.Module):
     def __init__(self, c_in: int, width: int, stride: int) -> None:
         super().__init__()
         c_out = 4 * width
-        self.conv1, self.gn1 = StdConv2dSame(c_in, width, 1), group_norm(width)
-        self.conv2, self.gn2 = StdConv2dSame(width, width, 3, stride), group_norm(width)
-        self.conv3, self.gn3 = StdConv2dSame(width, c_out, 1), group_norm(c_out)
+        self.conv1 = hybrid_conv(c_in, width, 1)
+        self.gn1 = group_norm(width, HYBRID_NORM_EPS)
+        self.conv2 = hybrid_conv(width, width, 3, stride)
+        self.gn2 = group_norm(width, HYBRID_NORM_EPS)
+        self.conv3 = hybrid_conv(width, c_out, 1)
+        self.gn3 = group_norm(c_out, HYBRID_NORM_EPS)
         self.conv_proj = self.gn_proj = None
-        if c_in != c_out or stride != 1:
-            self.conv_proj = StdConv2dSame(c_in, c_out, 1, stride)
-            self.gn_proj = group_norm(c_out)
+        if needs_projection(c_in, width, stride):
+            self.conv_proj = hybrid_conv(c_in, c_out, 1, stride)
+            self.gn_proj = group_norm(c_out, HYBRID_NORM_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x if self.conv_proj is None else self.gn_proj(self.conv_proj(x))
@@ -71,8 +143,8 @@ class ResNetStem(nn.Module):
 
     def __init__(self, in_chans: int, width: int) -> None:
         super().__init__()
-        self.conv = StdConv2dSame(in_chans, width, 7, 2)
-        self.norm = group_norm(width)
+        self.conv = hybrid_conv(in_chans, width, 7, 2)
+        self.norm = group_norm(width, HYBRID_NORM_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.norm(self.conv(x)))
@@ -86,17 +158,11 @@ class ResNetBackbone(nn.Module):
         super().__init__()
         width = int(64 * width_factor)
         self.stem = ResNetStem(in_chans, width)
-        stages, c_in = [], width
-        for s, units in enumerate(layers):
-            stage_width = width * 2**s
-            stride = 1 if s == 0 else 2
-            blocks = []
-            for u in range(units):
-                blocks.append(Bottleneck(c_in, stage_width, stride if u == 0 else 1))
-                c_in = 4 * stage_width
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.Sequential(*stages)
-        self.out_channels = c_in
+        plan = bottleneck_plan(layers, width)
+        self.stages = nn.Sequential(
+            *(nn.Sequential(*(Bottleneck(*unit) for unit in stage)) for stage in plan)
+        )
+        self.out_channels = 4 * plan[-1][-1][1]
         self.reduction = 4 * 2 ** (len(layers) - 1)
 
     def init_weights(self) -> None:
