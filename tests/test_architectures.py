@@ -201,7 +201,7 @@ def test_an_unregistered_architecture_is_named(tiny: str, tmp_path: Path) -> Non
 
 def test_vit_only_formats_refuse_another_architecture(tiny: str, tmp_path: Path) -> None:
     model = create_model(tiny)
-    with pytest.raises(CheckpointError, match="holds ViTs only; this is a 'tiny' model"):
+    with pytest.raises(CheckpointError, match="holds vit models; this is a 'tiny' model"):
         vitkit.checkpoints.export(model, tmp_path / "m.npz", "official")
     timm_file = tmp_path / "timm.pth"
     vitkit.checkpoints.export(create_model("vit_micro"), timm_file, "timm")
@@ -235,7 +235,7 @@ def test_inspect_and_convert_another_architecture(tiny: str, tmp_path: Path, cap
     assert main(["convert", str(src), str(tmp_path / "c"), "--to", "vitkit"]) == 0
     assert isinstance(vitkit.from_pretrained(tmp_path / "c"), TinyConvNet)
     assert main(["convert", str(src), str(tmp_path / "h"), "--to", "hf"]) == 2
-    assert "holds ViTs only" in capsys.readouterr().err
+    assert "holds vit models" in capsys.readouterr().err
 
 
 def test_eval_and_predict_another_architecture(tiny: str, tmp_path: Path, capsys) -> None:

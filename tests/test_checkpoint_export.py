@@ -116,7 +116,10 @@ def test_official_npz_without_vitkit_metadata(model_name: str, tmp_path: Path) -
     if numerics is None:
         loaded = vitkit.load_pretrained(path)
     else:
-        with pytest.raises(vitkit.CheckpointError, match="not a square grid: pass model="):
+        with pytest.raises(
+            vitkit.CheckpointError,
+            match="not a square grid, and the format records no image size: pass img_size=",
+        ):
             vitkit.load_pretrained(path)
         # The architecture (its image size) does not bring its numerics: the layout implies
         # the official ones unless they are given as overrides.

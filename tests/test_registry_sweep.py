@@ -20,6 +20,7 @@ import torch
 import vitkit
 from tests.test_models import perturbed
 from vitkit import ViTConfig
+from vitkit.models.resnetv2 import ResNetV2Config
 
 # ------------------------------------------------------------------------------ the sweep
 
@@ -45,6 +46,13 @@ def reduced(name: str) -> dict[str, Any]:
     groups still fit); 3 classes (or none, for a features-only model).
     """
     cfg = vitkit.model_config(name)
+    if isinstance(cfg, ResNetV2Config):
+        # One unit per stage (the stage count kept), the narrowest width GroupNorm's 32 groups
+        # allow, and an image that leaves a 2x2 map after every downsampling.
+        stem_reduction = 4 if cfg.stem == "bit" else 1
+        side = 2 * stem_reduction * 2 ** (len(cfg.layers) - 1)
+        return dict(layers=(1,) * len(cfg.layers), width_factor=0.5, img_size=side,
+                    num_classes=3 if cfg.num_classes else 0)  # fmt: skip
     if not isinstance(cfg, ViTConfig):
         pytest.fail(f"{name}: no reduced size for {type(cfg).__name__}; add one to reduced()")
     width = 8 * cfg.num_heads
@@ -62,7 +70,27 @@ def reduced(name: str) -> dict[str, Any]:
     return overrides
 
 
-KEPT = ("classifier", "pos_embed", "patch_size", "in_chans", "resnet_layers", "gelu", "eps")
+KEPT = {
+    ViTConfig: (
+        "classifier",
+        "pos_embed",
+        "patch_size",
+        "in_chans",
+        "resnet_layers",
+        "gelu",
+        "eps",
+    ),
+    ResNetV2Config: ("stem", "in_chans", "ws_eps", "norm_eps"),
+}
+
+
+def output_width(cfg: Any) -> int:
+    """What the model returns per image: logits, else its pre-logits features."""
+    if cfg.num_classes:
+        return cfg.num_classes
+    if isinstance(cfg, ResNetV2Config):
+        return int(64 * cfg.width_factor * 2 ** (len(cfg.layers) + 1))
+    return cfg.representation_size or cfg.width
 
 
 @pytest.mark.parametrize("name", vitkit.list_models())
@@ -71,15 +99,17 @@ def test_full_size_shapes_on_the_meta_device(name: str) -> None:
     cfg = vitkit.model_config(name)
     with torch.device("meta"):
         out = vitkit.create_model(name)(torch.empty(2, cfg.in_chans, *cfg.img_size))
-    assert out.shape == (2, cfg.num_classes or cfg.representation_size or cfg.width)
+    assert out.shape == (2, output_width(cfg))
 
 
 @pytest.mark.parametrize("name", vitkit.list_models())
 def test_every_registered_model_at_a_reduced_size(name: str, tmp_path: Path) -> None:
     model = vitkit.create_model(name, **reduced(name))
     cfg, registered = model.cfg, vitkit.model_config(name)
-    assert cfg.grid == (2, 2)
-    assert {k: getattr(cfg, k) for k in KEPT} == {k: getattr(registered, k) for k in KEPT}
+    if isinstance(cfg, ViTConfig):
+        assert cfg.grid == (2, 2)
+    kept = KEPT[type(cfg)]
+    assert {k: getattr(cfg, k) for k in kept} == {k: getattr(registered, k) for k in kept}
     # Noise on every parameter first. At initialisation the head is zero, so the logits do not
     # depend on the encoder and every encoder gradient is exactly zero; the hybrid's last
     # GroupNorm scale in each residual unit is zero too, blocking its convolutions. Noise
@@ -88,7 +118,7 @@ def test_every_registered_model_at_a_reduced_size(name: str, tmp_path: Path) -> 
     model = perturbed(model).train()
     x = torch.randn(2, cfg.in_chans, *cfg.img_size)
     out = model(x)
-    assert out.shape == (2, cfg.num_classes or cfg.representation_size or cfg.width)
+    assert out.shape == (2, output_width(cfg))
     assert torch.isfinite(out).all()
     (out * torch.randn_like(out)).sum().backward()
     for param_name, p in model.named_parameters():

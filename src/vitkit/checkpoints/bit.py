@@ -27,7 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitkit.checkpoints.core import Checkpoint, CheckpointError, ModelSpec, resolve_spec
+from vitkit.checkpoints.core import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointFormat,
+    ModelSpec,
+    resolve_spec,
+)
 from vitkit.checkpoints.mapping import (
     CONV,
     IDENTITY,
@@ -248,3 +254,7 @@ def write_timm(model: ResNetV2, path: Path) -> None:
         )
     cfg = model.cfg
     save_state_dict(path, from_vitkit(timm_rules(cfg), model.state_dict(), cfg), cfg.to_dict())
+
+
+BIT_FORMAT = CheckpointFormat("bit", detect_bit, read_bit)
+TIMM_FORMAT = CheckpointFormat("timm_resnetv2", detect_timm, read_timm)

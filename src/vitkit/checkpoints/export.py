@@ -15,11 +15,10 @@ from typing import Any
 
 from torch import nn
 
-from vitkit.checkpoints import hf, official, timm
+from vitkit.checkpoints import bit, hf, official, timm
 from vitkit.checkpoints.core import CheckpointError
 from vitkit.checkpoints.native import save_pretrained
 from vitkit.models.registry import architecture_of
-from vitkit.models.vit import VisionTransformer
 from vitkit.utils.files import (
     TEMP_SUFFIX,
     current_umask,
@@ -28,11 +27,14 @@ from vitkit.utils.files import (
     temp_name,
 )
 
-WRITERS: dict[str, Callable[[Any, Path], object]] = {
-    "vitkit": save_pretrained,  # a folder, or one file when the path ends in .safetensors
-    "timm": timm.write,  # .safetensors, .pth, .pt or .bin
-    "official": official.write,  # .npz
-    "hf": hf.write,  # a folder
+Writer = Callable[[Any, Path], object]
+# Per format, the writer for each architecture it holds ("*": any registered architecture).
+WRITERS: dict[str, dict[str, Writer]] = {
+    "vitkit": {"*": save_pretrained},  # a folder, or one file when the path ends in .safetensors
+    "timm": {"vit": timm.write, "resnetv2": bit.write_timm},  # .safetensors, .pth, .pt or .bin
+    "official": {"vit": official.write},  # .npz
+    "bit": {"resnetv2": bit.write_bit},  # .npz
+    "hf": {"vit": hf.write},  # a folder
 }
 EXPORT_FORMATS = tuple(WRITERS)
 
@@ -70,18 +72,22 @@ def atomic_dir(path: Path, write: Callable[[Path], object]) -> None:
 def export(model: nn.Module, path: str | Path, to: str) -> Path:
     """Write ``model`` at ``path`` in format ``to`` (one of ``EXPORT_FORMATS``).
 
-    vitkit's format takes a model of any registered architecture, the others ViTs only.
+    vitkit's format takes a model of any registered architecture, the others the
+    architectures listed for them in ``WRITERS``.
     """
     path = Path(path)
     if to not in WRITERS:
         raise CheckpointError(f"unknown export format {to!r}; choose one of {EXPORT_FORMATS}")
-    if to != "vitkit" and not isinstance(model, VisionTransformer):
+    architecture = architecture_of(model).name
+    writers = WRITERS[to]
+    write = writers.get(architecture) or writers.get("*")
+    if write is None:
         raise CheckpointError(
-            f"the {to} format holds ViTs only; this is a {architecture_of(model).name!r} model: "
-            "write it with --to vitkit"
+            f"the {to} format holds {' and '.join(writers)} models; this is a {architecture!r} "
+            "model: write it with --to vitkit"
         )
     if writes_folder(path, to):
-        atomic_dir(path, lambda tmp: WRITERS[to](model, tmp))
+        atomic_dir(path, lambda tmp: write(model, tmp))
     else:
-        WRITERS[to](model, path)
+        write(model, path)
     return path

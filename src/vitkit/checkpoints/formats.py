@@ -2,9 +2,10 @@
 
 vitkit's own comes first: its folder also has a config.json like a Hugging Face folder, and
 its one-file shape is a ``.safetensors`` file like timm's; it is recognised by its metadata.
-The others do not overlap: Hugging Face folders (config.json), official and big_vision
-``.npz`` files (told apart by their module names), timm state dicts (any other
-``.safetensors``, ``.pth``, ``.pt`` or ``.bin`` file).
+The others do not overlap: Hugging Face folders (config.json), official, big_vision and BiT
+``.npz`` files (told apart by their module names), timm ResNet-v2 state dicts (told by their
+stem) and timm ViT state dicts (any other ``.safetensors``, ``.pth``, ``.pt`` or ``.bin``
+file).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from vitkit.checkpoints import bigvision, hf, native, official, timm
+from vitkit.checkpoints import bigvision, bit, hf, native, official, timm
 from vitkit.checkpoints.core import (
     IMG_SIZE_HINT,
     Checkpoint,
@@ -29,6 +30,8 @@ FORMATS: tuple[CheckpointFormat, ...] = (
     hf.FORMAT,
     official.FORMAT,
     bigvision.FORMAT,
+    bit.BIT_FORMAT,
+    bit.TIMM_FORMAT,  # before timm's ViT reader, which would take any state dict
     timm.FORMAT,
 )
 

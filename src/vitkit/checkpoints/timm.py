@@ -188,7 +188,16 @@ def write(model: VisionTransformer, path: Path) -> None:
         problems.append("vitkit does not write timm's hybrid naming (write the official layout)")
     if problems:
         raise CheckpointError("cannot write a timm state dict: " + "; ".join(problems))
-    save_state_dict(path, from_vitkit(timm_rules(cfg), model.state_dict(), cfg), cfg.to_dict())
+    sd = from_vitkit(timm_rules(cfg), model.state_dict(), cfg)
+    save_state_dict(path, sd, cfg.to_dict())
+    if path.suffix != ".safetensors":
+        lost = config_not_kept(cfg, sd)
+        logger.warning(
+            "%s records no config: reading it back needs model= (--model) for the number of "
+            "heads%s; write .safetensors to keep everything",
+            path,
+            f" and gives {'; '.join(lost)}" if lost else "",
+        )
 
 
 def save_state_dict(path: Path, sd: dict[str, torch.Tensor], config: dict) -> None:
@@ -199,13 +208,6 @@ def save_state_dict(path: Path, sd: dict[str, torch.Tensor], config: dict) -> No
     else:
         sd = {k: v.contiguous().clone() for k, v in sd.items()}  # no views of shared storage
         atomic_write(path, lambda tmp: torch.save(sd, tmp))
-        lost = config_not_kept(cfg, sd)
-        logger.warning(
-            "%s records no config: reading it back needs model= (--model) for the number of "
-            "heads%s; write .safetensors to keep everything",
-            path,
-            f" and gives {'; '.join(lost)}" if lost else "",
-        )
 
 
 def config_not_kept(cfg: ViTConfig, sd: dict[str, torch.Tensor]) -> list[str]:

@@ -20,6 +20,15 @@ from PIL import Image, ImageOps
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
 
 
+class UnreadableImage(ValueError):
+    """A file Pillow cannot decode (corrupt, not an image, over the decompression-bomb
+    limit); ``reason`` is Pillow's own words."""
+
+    def __init__(self, path: Path, err: Exception) -> None:
+        self.reason = str(err).replace(str(path), path.name)  # Pillow often repeats the path
+        super().__init__(f"{path} is not an image Pillow can read ({self.reason})")
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """One image file as (H, W) grey or (H, W, 3) RGB uint8 pixels, upright.
 
@@ -41,7 +50,7 @@ def read_image(path: str | Path) -> np.ndarray:
     except FileNotFoundError:
         raise FileNotFoundError(f"image {path} does not exist") from None
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path} is not an image Pillow can read ({err})") from None
+        raise UnreadableImage(path, err) from None
 
 
 def load_image(path: str | Path) -> torch.Tensor:

@@ -407,7 +407,7 @@ def _decode_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         decoded = list(pool.map(_decode, [f"{root}/{name}" for name in files], chunksize=256))
     readable = [i for i, p in enumerate(decoded) if isinstance(p, np.ndarray)]
-    skipped = [f"{name} ({str(err).replace(f'{root}/', '')})"  # Pillow repeats the path
+    skipped = [f"{name} ({getattr(err, 'reason', err)})"
                for name, err in zip(files, decoded, strict=True)
                if not isinstance(err, np.ndarray)]  # fmt: skip
     if not readable:

@@ -73,12 +73,27 @@ def save_pretrained(
     return path
 
 
+class PretrainedModel(nn.Module):
+    """What every vitkit model shares, whatever its architecture: ``save_pretrained`` and
+    ``num_parameters``. Subclasses set ``cfg``, their registered config."""
+
+    cfg: Any
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Save in vitkit's own format (this module's docstring)."""
+        return save_pretrained(self, path)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
 __all__ = [
     "ARCHITECTURE_KEY",
     "CONFIG_FILE",
     "CONFIG_KEY",
     "STATE_PREFIX",
     "WEIGHTS_FILE",
+    "PretrainedModel",
     "save_pretrained",
     "save_safetensors",
 ]

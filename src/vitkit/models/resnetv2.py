@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitkit.models.layers import lecun_normal_
+from vitkit.models.pretrained import PretrainedModel
 from vitkit.models.resnet import StdConv2d, bottleneck_plan, group_norm, needs_projection
 from vitkit.models.vit import to_pair
 
@@ -197,7 +198,7 @@ class ResNetV2Stem(nn.Module):
         return F.max_pool2d(F.pad(x, (1, 1, 1, 1)), 3, 2) if self.pool else x
 
 
-class ResNetV2(nn.Module):
+class ResNetV2(PretrainedModel):
     """BiT ResNet-v2; build one from a ``ResNetV2Config`` or from keyword arguments."""
 
     def __init__(self, cfg: ResNetV2Config | None = None, **kwargs: Any) -> None:
@@ -255,8 +256,9 @@ class ResNetV2(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def set_img_size(self, img_size: int | tuple[int, int]) -> None:
+        """Record a new input resolution: a convolutional network takes any size as it is."""
+        self.cfg = self.cfg.replace(img_size=to_pair(img_size))
 
 
 RESNETV2_MODELS: dict[str, dict[str, Any]] = {

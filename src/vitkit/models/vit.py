@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 
 from vitkit.models.layers import AttentionImpl, Block, lecun_normal_
 from vitkit.models.posembed import POS_EMBED_KINDS, Grid, PosEmbedKind, PositionEmbedding
-from vitkit.models.pretrained import save_pretrained
+from vitkit.models.pretrained import PretrainedModel
 from vitkit.models.resnet import ResNetBackbone
 
 
@@ -180,7 +179,7 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3])
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(PretrainedModel):
     """ViT and its ablations; build one from a ``ViTConfig`` or from keyword arguments."""
 
     def __init__(self, cfg: ViTConfig | None = None, **kwargs: Any) -> None:
@@ -312,13 +311,6 @@ class VisionTransformer(nn.Module):
         cfg = self.cfg.replace(img_size=to_pair(img_size))
         self.pos_embed.resize_(cfg.grid)
         self.cfg = cfg
-
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Save in vitkit's own format (see ``vitkit.models.pretrained``)."""
-        return save_pretrained(self, path)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 __all__ = ["Intermediates", "ViTConfig", "VisionTransformer"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vitkit.models.registry import Architecture, register, register_architecture
+from vitkit.models.resnetv2 import RESNETV2_MODELS, ResNetV2, ResNetV2Config
 from vitkit.models.vit import VisionTransformer, ViTConfig
 
 # width, depth, heads, MLP width (Table 1; Ti and S from DeiT / the official code).
@@ -50,3 +51,8 @@ register("vit_cifar", img_size=32, patch_size=4, num_classes=10, width=192, dept
 # vit_cifar's 4x4 patches. On CIFAR-10 it learns much faster per image for 10-20% more time a step.
 register("vit_cifar_hybrid", img_size=32, patch_size=1, resnet_layers=(2,), num_classes=10,
          width=192, depth=6, num_heads=3, mlp_dim=384)  # fmt: skip
+
+# BiT ResNet-v2 baselines (Kolesnikov et al. 2020), the CNNs the paper compares against.
+register_architecture(Architecture("resnetv2", ResNetV2Config, ResNetV2))
+for _name, _config in RESNETV2_MODELS.items():
+    register(_name, architecture="resnetv2", **_config)
