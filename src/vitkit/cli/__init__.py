@@ -10,7 +10,9 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES: tuple[str, ...] = ("models", "analyze", "convert", "inspect", "train")
+from vitkit.deploy import MissingDependency
+
+COMMAND_MODULES: tuple[str, ...] = ("models", "analyze", "convert", "inspect", "train", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +35,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, MissingDependency) as err:
         print(f"vitkit {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from PIL import Image
 
 from vitkit.checkpoints import load_pretrained
 from vitkit.data import AugmentConfig, load_dataset
+from vitkit.deploy import is_deployed, load_deployed
 from vitkit.training import (
     FINETUNE_DEFAULTS,
     TrainConfig,
@@ -205,7 +206,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def load_for_inference(args: argparse.Namespace) -> Any:
-    model = load_pretrained(args.checkpoint, args.model)
+    if is_deployed(args.checkpoint):  # `vitkit export`'s .onnx (run on the CPU) or int8
+        model = load_deployed(args.checkpoint)
+    else:
+        model = load_pretrained(args.checkpoint, args.model)
     return model.to(choose_device(args.device))
 
 
