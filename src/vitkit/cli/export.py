@@ -24,8 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "files are checked against the PyTorch model on random inputs after writing. Needs "
         "pip install 'vitkit[onnx]' (onnx, onnxscript, onnxruntime, torchao).",
     )
-    p.add_argument("checkpoint", help="any checkpoint load_pretrained reads")
-    p.add_argument("out", type=Path, help="the file to write (.onnx, .pt2 or .safetensors)")
+    p.add_argument("checkpoint", metavar="CKPT", help="any checkpoint load_pretrained reads")
+    p.add_argument(
+        "out", metavar="OUT", type=Path, help="the file to write (.onnx, .pt2 or .safetensors)"
+    )
     p.add_argument("--to", required=True, choices=DEPLOY_FORMATS, help="format to write")
     p.add_argument(
         "--model", help="registered model name, for checkpoint formats without an architecture"

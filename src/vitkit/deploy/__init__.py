@@ -18,13 +18,14 @@ from vitkit.deploy.common import DeployedConfig, MissingDependency
 from vitkit.deploy.int8 import is_int8_file, load_int8, quantize_int8, save_int8
 from vitkit.deploy.to_onnx import OnnxClassifier, export_onnx
 from vitkit.deploy.to_pt2 import export_pt2, load_pt2
+from vitkit.models.vit import VisionTransformer
 
 
-def export_int8(model: nn.Module, path: str | Path) -> Path:
+def export_int8(model: VisionTransformer, path: str | Path) -> Path:
     return save_int8(quantize_int8(model), path)
 
 
-WRITERS: dict[str, Callable[[nn.Module, Path], Path]] = {
+WRITERS: dict[str, Callable[[VisionTransformer, Path], Path]] = {
     "onnx": export_onnx,
     "pt2": export_pt2,
     "int8": export_int8,
@@ -33,7 +34,7 @@ DEPLOY_FORMATS = tuple(WRITERS)
 SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2", "int8": ".safetensors"}
 
 
-def export_model(model: nn.Module, path: str | Path, to: str) -> Path:
+def export_model(model: VisionTransformer, path: str | Path, to: str) -> Path:
     """Write ``model`` at ``path`` as ``to`` (one of ``DEPLOY_FORMATS``), atomically."""
     path = Path(path)
     if to not in WRITERS:
@@ -54,7 +55,9 @@ def load_deployed(path: str | Path) -> nn.Module:
 
 
 @torch.no_grad()
-def max_difference(reference: nn.Module, exported: nn.Module, batches: tuple[int, ...]) -> float:
+def max_difference(
+    reference: VisionTransformer, exported: nn.Module, batches: tuple[int, ...]
+) -> float:
     """Largest |logit difference| between two models on random inputs of each batch size."""
     worst = 0.0
     for batch in batches:

@@ -23,8 +23,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from torch import nn
-
 from vitkit.checkpoints.native import load_tensors, read_metadata, save_safetensors
 from vitkit.deploy.common import config_json, import_optional, quiet
 from vitkit.models.vit import VisionTransformer, ViTConfig
@@ -56,7 +54,7 @@ def _torchao() -> SimpleNamespace:
     )
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
+def quantize_int8(model: VisionTransformer) -> VisionTransformer:
     """A copy of ``model`` (in eval mode) whose linear layers compute in int8."""
     torchao = _torchao()
     quantized = copy.deepcopy(model).eval()
@@ -64,7 +62,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return quantized
 
 
-def save_int8(model: nn.Module, path: str | Path) -> Path:
+def save_int8(model: VisionTransformer, path: str | Path) -> Path:
     """Write a model from ``quantize_int8`` as one ``.safetensors`` file (atomically)."""
     torchao = _torchao()
     path = Path(path)

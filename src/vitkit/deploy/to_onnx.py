@@ -25,6 +25,7 @@ from vitkit.deploy.common import (
     import_optional,
     quiet,
 )
+from vitkit.models.vit import VisionTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,10 @@ MISSING_EXPORTER = "ONNX export needs onnx and onnxscript: pip install 'vitkit[o
 
 
 def export_onnx(
-    model: nn.Module, path: str | Path, dynamic_batch: bool = True, opset: int | None = None
+    model: VisionTransformer,
+    path: str | Path,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
 ) -> Path:
     """Write ``model`` (in eval mode) as an ONNX file taking ``x`` of shape (batch, C, H, W).
 
@@ -49,6 +53,7 @@ def export_onnx(
         program = torch.onnx.export(
             model, (x,), dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False, **kwargs
         )
+    assert program is not None  # export returns the program when not given a file to write
     program.model.metadata_props[CONFIG_KEY] = config_json(model)
     program.model.metadata_props["vitkit_input"] = INPUT_DESCRIPTION
     # Weights inline: external data would be named after the temporary file and lost on rename.

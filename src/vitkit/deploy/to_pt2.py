@@ -14,13 +14,14 @@ from torch import nn
 
 from vitkit.checkpoints.native import atomic_write
 from vitkit.deploy.common import CONFIG_KEY, DeployedConfig, config_json, example_input
+from vitkit.models.vit import VisionTransformer
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = f"{CONFIG_KEY}.json"
 
 
-def export_pt2(model: nn.Module, path: str | Path, dynamic_batch: bool = True) -> Path:
+def export_pt2(model: VisionTransformer, path: str | Path, dynamic_batch: bool = True) -> Path:
     """Export ``model`` (in eval mode) with ``torch.export`` and save it at ``path``."""
     path = Path(path)
     model = model.eval()
