@@ -14,12 +14,17 @@ others are using, wall-clock times of two threads swing by 10x (a thread waits f
 partner); ``--threads 1 --clock cpu`` counts the CPU time of the one computing thread instead,
 which contention barely moves.
 
+``--onnx`` and ``--int8`` add columns to the fp32 rows: the vitkit model exported to ONNX
+(``vitkit export --to onnx``) run by onnxruntime's CPU provider with ``--threads`` threads, and
+vitkit with int8 linear layers (``--to int8``: torchao dynamic quantisation). Both need
+``pip install 'vitkit[onnx]'``.
+
 transformers is an optional benchmark dependency (``pip install transformers``), never a
 runtime one.
 
 Usage: python benchmarks/inference.py [--models vit_ti16 vit_s16 vit_b16] [--batches 1 8 32]
        [--precisions fp32 bf16] [--repeats 5] [--attn auto sdpa eager] [--threads 2] [--quick]
-       [--clock wall|cpu]
+       [--clock wall|cpu] [--onnx] [--int8]
 """
 
 from __future__ import annotations
@@ -27,74 +32,48 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from functools import cache
+from pathlib import Path
 
 import torch
+from _common import cpu_name, device_sync, hf_model, markdown_table, timed_calls
 from torch import nn
 
+from vitkit.deploy import OnnxClassifier, export_onnx, quantize_int8
 from vitkit.models import create_model, model_config
 
 PRECISIONS = ("fp32", "bf16", "bf16w")
 
 
-def hf_model(name: str, attn: str) -> nn.Module:
-    import transformers
-
-    cfg = model_config(name)
-    hf_cfg = transformers.ViTConfig(
-        image_size=cfg.img_size[0],
-        patch_size=cfg.patch_size[0],
-        hidden_size=cfg.width,
-        num_hidden_layers=cfg.depth,
-        num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.mlp_dim,
-        hidden_act="gelu",
-        layer_norm_eps=cfg.eps,
-        qkv_bias=cfg.qkv_bias,
-        num_labels=cfg.num_classes,
-        attn_implementation=attn,
-    )
-    return transformers.ViTForImageClassification(hf_cfg)
-
-
-def timed_calls(
-    candidates: dict[str, Callable[[], object]],
-    warmup: int,
-    repeats: int,
-    sync: Callable[[], None],
-    clock: Callable[[], float],
-) -> dict[str, float]:
-    """Median seconds per call of each candidate, the candidates called in turn."""
-    for _ in range(warmup):
-        for call in candidates.values():
-            call()
-    sync()
-    times: dict[str, list[float]] = {key: [] for key in candidates}
-    for _ in range(repeats):
-        for key, call in candidates.items():
-            start = clock()
-            call()
-            sync()
-            times[key].append(clock() - start)
-    return {key: statistics.median(values) for key, values in times.items()}
+@cache
+def onnx_file(name: str, attn: str, folder: str) -> Path:
+    """``name`` exported to ONNX once per run (random weights: speed does not depend on them)."""
+    model = create_model(name, gelu="none", attn_impl=attn)
+    return export_onnx(model, Path(folder) / f"{name}-{attn}.onnx")
 
 
 def measure(
     name: str, batch: int, precision: str, attn: list[str], args: argparse.Namespace
 ) -> dict[str, float]:
-    """Images/s of vitkit (one entry per attention path) and of HF (one per attention path)."""
+    """Images/s of vitkit (one entry per attention path), of HF (one per attention path) and,
+    in fp32 with --onnx / --int8, of vitkit's ONNX export under onnxruntime and its int8 copy."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if precision == "bf16w" else torch.float32
     models: dict[str, nn.Module] = {
         f"vitkit[{impl}]": create_model(name, gelu="none", attn_impl=impl) for impl in attn
     }
     for impl in ("sdpa", "eager") if precision != "fp32" else ("sdpa",):
-        models[f"hf[{impl}]"] = hf_model(name, impl)
+        models[f"hf[{impl}]"] = hf_model(model_config(name), impl)
     for key in models:
         models[key] = models[key].eval().to(device, dtype)
+    if precision == "fp32" and args.int8:
+        models["int8"] = quantize_int8(models[f"vitkit[{attn[0]}]"])
+    if precision == "fp32" and args.onnx and device.type == "cpu":
+        models["onnxruntime"] = OnnxClassifier(onnx_file(name, attn[0], args.tmp), args.threads)
     x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
 
     def call(model: nn.Module) -> Callable[[], object]:
@@ -109,7 +88,7 @@ def measure(
 
         return run
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync = device_sync(device)
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     calls = {key: call(model) for key, model in models.items()}
     with torch.inference_mode():
@@ -138,6 +117,12 @@ def main() -> int:
         default="wall",
         help="cpu: CPU time of the calling thread, for busy machines (needs --threads 1)",
     )
+    parser.add_argument(
+        "--onnx", action="store_true", help="fp32 rows: add vitkit's ONNX export in onnxruntime"
+    )
+    parser.add_argument(
+        "--int8", action="store_true", help="fp32 rows: add vitkit with int8 linear layers"
+    )
     parser.add_argument("--quick", action="store_true", help="vit_ti16, batches 1 and 8, 3 runs")
     args = parser.parse_args()
     if args.clock == "cpu" and (args.threads != 1 or torch.cuda.is_available()):
@@ -157,10 +142,13 @@ def main() -> int:
         else f"CPU, {args.threads} threads"
     )
     print(f"device: {device}; torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"CPU: {cpu_name()}")
     print(f"load average at start: {os.getloadavg()[0]:.1f}")
     extra = [f"vitkit[{impl}]" for impl in args.attn[1:]]
+    extra += ["onnxruntime"] * args.onnx + ["int8"] * args.int8
     header = ["model", "batch", "precision", "vitkit img/s", "HF img/s", "HF attn", "ratio", *extra]
     rows = []
+    args.tmp = tempfile.mkdtemp(prefix="vitkit-bench-")
     for name in args.models:
         for batch in args.batches:
             for precision in args.precisions:
@@ -171,15 +159,12 @@ def main() -> int:
                     key=lambda kv: kv[1],
                 )
                 row = [name, str(batch), precision, f"{ours:.1f}", f"{theirs:.1f}", hf_attn]
-                row += [f"{ours / theirs:.2f}x", *(f"{rates[key]:.1f}" for key in extra)]
+                row += [f"{ours / theirs:.2f}x"]
+                row += [f"{rates[key]:.1f}" if key in rates else "-" for key in extra]
                 rows.append(row)
                 print("  " + " ".join(row), file=sys.stderr, flush=True)
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for i, row in enumerate([header, *rows]):
-        print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |")
-        if i == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print(markdown_table(header, rows))
     return 0
 
 

@@ -1,5 +1,5 @@
-"""Layering: imports flow one way, cli -> analysis -> training -> (checkpoints, data,
-evaluation) -> models -> utils; the checkpoint formats are tried in one written order; the
+"""Layering: imports flow one way, cli -> analysis -> (training, deploy) -> (checkpoints,
+data, evaluation) -> models -> utils; the checkpoint formats are tried in one written order; the
 shared utilities at the bottom (atomic writes, the run-folder layout)."""
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ LAYERS = {
     "data": 2,
     "evaluation": 2,
     "training": 3,
+    "deploy": 3,
     "analysis": 4,
     "cli": 5,
 }

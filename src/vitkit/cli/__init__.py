@@ -14,6 +14,8 @@ import os
 import sys
 from importlib.metadata import version
 
+from vitkit.deploy import MissingDependency
+
 COMMAND_MODULES: tuple[str, ...] = (
     "models",
     "analyze",
@@ -22,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "train",
     "evaluate",
     "predict",
+    "export",
 )
 
 
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         _silence_stdout()
         return 1
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, MissingDependency) as err:
         message = describe_os_error(err) if isinstance(err, OSError) else str(err)
         report(f"vitkit {args.command}: error: {message}")
         return 2

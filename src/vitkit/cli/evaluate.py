@@ -12,9 +12,10 @@ from torch import nn
 
 from vitkit.analysis.inputs import locate_checkpoint
 from vitkit.checkpoints import load_pretrained
-from vitkit.data import load_dataset
+from vitkit.data import ImageDataset, load_dataset
 from vitkit.data.datasets import differing_classes
 from vitkit.data.sources import DataSource, InMemorySource, open_splits, same_images
+from vitkit.deploy import is_deployed, load_deployed
 from vitkit.training import evaluate
 from vitkit.training.config import DEVICES, PRECISIONS
 from vitkit.training.distributed import choose_device
@@ -60,8 +61,11 @@ def add_inference_flags(parser: argparse.ArgumentParser) -> None:
 def load_for_inference(args: argparse.Namespace) -> tuple[nn.Module, Path | None]:
     """The model of any checkpoint or run folder (its best checkpoint, else its last), with a
     classification head, on the chosen device; and the run folder it came from, if any."""
-    checkpoint, run_folder = locate_checkpoint(args.checkpoint)
-    model = load_pretrained(checkpoint, args.model)
+    if is_deployed(args.checkpoint):  # `vitkit export`'s .onnx (run on the CPU) or int8
+        model, run_folder = load_deployed(args.checkpoint), None
+    else:
+        checkpoint, run_folder = locate_checkpoint(args.checkpoint)
+        model = load_pretrained(checkpoint, args.model)
     if not model.cfg.num_classes:
         raise ValueError(
             f"{args.checkpoint} has no classification head (num_classes 0): it gives features, "
@@ -85,13 +89,21 @@ def evaluation_data(data: str, split: str, run_folder: Path | None) -> tuple[Dat
         chosen = {"train": splits.train, "val": splits.val or splits.test, "test": splits.test}
         return chosen[split], ""
     dataset = load_dataset(data, split)
-    if split != "train" and same_images(dataset, load_dataset(data, "train")):
+    if split != "train" and _is_whole_source(data, dataset):
         return InMemorySource(dataset), (
             f"note: {data} has no separate {split} split and {Path(str(data)).name} is not "
             "the data of this checkpoint's run folder: evaluating on all of its "
             f"{len(dataset)} images, training images included"
         )
     return InMemorySource(dataset), ""
+
+
+def _is_whole_source(data: str, dataset: ImageDataset) -> bool:
+    """Whether ``dataset`` is all of a single-split source (its train split is itself)."""
+    try:
+        return same_images(dataset, load_dataset(data, "train"))
+    except ValueError:  # no train split at all: a test-only source
+        return False
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,167 @@
+"""Training speed: images/s of a forward, backward and AdamW step, vitkit beside Hugging Face.
+
+Models (issue 13): ``vit_cifar`` (32 px, batch 128), ``vit_cifar_hybrid`` (no Hugging Face
+twin), ``vit_ti16`` and ``vit_s16`` (224 px, batch 32), each in fp32 and under bf16 autocast
+(fp32 weights and optimizer state, as ``vitkit train --precision bf16``). Both libraries get the
+same configuration and random weights (see ``_common.hf_model``) and the same step: cross-entropy
+on random labels, ``loss.backward()``, ``torch.optim.AdamW`` (PyTorch's default implementation
+for the device). Steps are timed interleaved in one process, one step of each candidate in turn,
+so a busy machine slows them alike; the table shows the median of ``--rounds`` timed steps after
+``--warmup`` untimed ones. Hugging Face runs with each of ``--hf-attn`` and the faster is the
+ratio's baseline; ``--attn`` lists vitkit's attention paths (the first is the ratio's
+numerator, the others get a column each).
+
+Each row also gives its fraction of the machine's measured matrix-multiply peak: one
+``torch.mm`` of ``--peak-size`` square matrices in fp32 and in bf16, against training FLOPs of
+3x the forward count (``vitkit.models.flops_per_image``: backward is twice the forward). The
+CPU model and its matrix features are printed, since AMX or AVX-512 bf16 decides bf16 speed.
+
+Usage: python benchmarks/train_step.py [--models vit_cifar vit_cifar_hybrid vit_ti16 vit_s16]
+       [--precisions fp32 bf16] [--rounds 5] [--warmup 2] [--attn auto sdpa eager]
+       [--hf-attn sdpa eager] [--batch N] [--threads 2] [--peak-size 4096] [--no-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable
+from datetime import date
+
+import torch
+import torch.nn.functional as F
+from _common import cpu_name, device_sync, hf_model, markdown_table, matmul_peak, timed_calls
+from torch import nn
+
+from vitkit.models import ViTConfig, create_model, flops_per_image, model_config
+
+MODELS = ("vit_cifar", "vit_cifar_hybrid", "vit_ti16", "vit_s16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def default_batch(cfg: ViTConfig) -> int:
+    """The issue's batches: 128 for the 32 px CIFAR models, 32 at 224 px."""
+    return 128 if max(cfg.img_size) <= 64 else 32
+
+
+def training_step(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    precision: str,
+) -> Callable[[], None]:
+    """One optimizer step of ``model`` on the batch (x, y), as a call to time."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    model.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        autocast = (
+            torch.autocast(x.device.type, dtype=torch.bfloat16)
+            if precision == "bf16"
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            logits = forward(x)
+        F.cross_entropy(logits.float(), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def measure(
+    name: str, precision: str, args: argparse.Namespace, device: torch.device
+) -> tuple[int, dict[str, float]]:
+    """The batch size and images/s of every candidate: vitkit per attention path, HF per one."""
+    cfg = model_config(name, gelu="none")
+    batch = args.batch or default_batch(cfg)
+    x = torch.rand(batch, cfg.in_chans, *cfg.img_size, device=device) * 2 - 1
+    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
+    steps: dict[str, Callable[[], None]] = {}
+    for impl in args.attn:
+        model = create_model(name, gelu="none", attn_impl=impl).to(device)
+        steps[f"vitkit[{impl}]"] = training_step(model, model, x, y, precision)
+    if not args.no_hf and cfg.resnet_layers is None:
+        for impl in args.hf_attn:
+            hf = hf_model(cfg, impl).to(device)
+            steps[f"hf[{impl}]"] = training_step(
+                lambda x, hf=hf: hf(pixel_values=x).logits, hf, x, y, precision
+            )
+    seconds = timed_calls(steps, args.warmup, args.rounds, device_sync(device))
+    return batch, {key: batch / s for key, s in seconds.items()}
+
+
+def of_peak(images_per_s: float | None, flops_per_image: float, peak: float) -> str:
+    if images_per_s is None:
+        return "-"
+    return f"{100 * images_per_s * flops_per_image / peak:.0f}%"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--precisions", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
+    parser.add_argument("--rounds", type=int, default=5, help="timed steps per candidate")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per candidate first")
+    parser.add_argument(
+        "--attn", nargs="+", choices=("auto", "sdpa", "eager"), default=["auto"],
+        help="vitkit attention paths to time; the first one is the ratio's numerator",
+    )  # fmt: skip
+    parser.add_argument(
+        "--hf-attn", nargs="+", choices=("sdpa", "eager"), default=["sdpa", "eager"],
+        help="Hugging Face attention paths; the faster one is the ratio's baseline",
+    )  # fmt: skip
+    parser.add_argument("--batch", type=int, help="one batch size for every model")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--peak-size", type=int, default=4096, help="side of the matrices of the peak's torch.mm"
+    )
+    parser.add_argument("--no-hf", action="store_true", help="vitkit only")
+    args = parser.parse_args()
+    if args.rounds < 5:
+        print(f"note: {args.rounds} rounds (the README's figures take the median of >= 5)")
+    if not args.no_hf:
+        try:
+            import transformers
+        except ImportError:
+            print("the Hugging Face baseline needs transformers: pip install transformers")
+            return 2
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    where = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
+    print(f"{date.today()}; {where}; {args.threads} threads; torch {torch.__version__}", end="")
+    print("" if args.no_hf else f", transformers {transformers.__version__}")
+    peaks = {p: matmul_peak(DTYPES[p], device, args.peak_size) for p in args.precisions}
+    for precision, peak in peaks.items():
+        print(f"measured matmul peak, {precision}: {peak / 1e9:.1f} GFLOP/s")
+    print(f"load average at start: {os.getloadavg()[0]:.1f}")
+    extra = [f"vitkit[{impl}]" for impl in args.attn[1:]]
+    header = ["model", "batch", "precision", "vitkit img/s", "vitkit % peak", "HF img/s"]
+    header += ["HF attn", "HF % peak", "ratio", *extra]
+    rows = []
+    for name in args.models:
+        train_flops = 3 * flops_per_image(model_config(name))
+        for precision in args.precisions:
+            batch, rates = measure(name, precision, args, device)
+            ours = rates[f"vitkit[{args.attn[0]}]"]
+            theirs = [(k[3:-1], v) for k, v in rates.items() if k.startswith("hf[")]
+            hf_attn, hf_rate = max(theirs, key=lambda kv: kv[1]) if theirs else ("-", None)
+            peak = peaks[precision]
+            row = [name, str(batch), precision, f"{ours:.1f}", of_peak(ours, train_flops, peak)]
+            row += ["-" if hf_rate is None else f"{hf_rate:.1f}", hf_attn]
+            row += [of_peak(hf_rate, train_flops, peak)]
+            row += ["-" if hf_rate is None else f"{ours / hf_rate:.2f}x"]
+            row += [f"{rates[key]:.1f}" for key in extra]
+            rows.append(row)
+            print("  " + " ".join(row), file=sys.stderr, flush=True)
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
+    print(markdown_table(header, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

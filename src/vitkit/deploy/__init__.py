@@ -1,0 +1,85 @@
+"""Export for deployment: ONNX (onnxruntime and others), ``torch.export`` ``.pt2``, int8 weights.
+
+``export_model(model, path, to)`` writes one of ``DEPLOY_FORMATS``; ``load_deployed`` reads an
+ONNX or int8 file back as something ``vitkit eval`` and ``vitkit predict`` can run (a ``.pt2``
+is for PyTorch runtimes, read with ``load_pt2``). onnx, onnxscript, onnxruntime and torchao are
+optional (``pip install 'vitkit[onnx]'``) and imported only when used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitkit.deploy.common import DeployedConfig, MissingDependency
+from vitkit.deploy.int8 import is_int8_file, load_int8, quantize_int8, save_int8
+from vitkit.deploy.to_onnx import OnnxClassifier, export_onnx
+from vitkit.deploy.to_pt2 import export_pt2, load_pt2
+from vitkit.models.vit import VisionTransformer
+
+
+def export_int8(model: VisionTransformer, path: str | Path) -> Path:
+    return save_int8(quantize_int8(model), path)
+
+
+WRITERS: dict[str, Callable[[VisionTransformer, Path], Path]] = {
+    "onnx": export_onnx,
+    "pt2": export_pt2,
+    "int8": export_int8,
+}
+DEPLOY_FORMATS = tuple(WRITERS)
+SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2", "int8": ".safetensors"}
+
+
+def export_model(model: VisionTransformer, path: str | Path, to: str) -> Path:
+    """Write ``model`` at ``path`` as ``to`` (one of ``DEPLOY_FORMATS``), atomically."""
+    path = Path(path)
+    if to not in WRITERS:
+        raise ValueError(f"unknown deployment format {to!r}; choose one of {DEPLOY_FORMATS}")
+    if path.suffix != SUFFIXES[to]:
+        raise ValueError(f"--to {to} writes a {SUFFIXES[to]} file; name it so, not {path.name!r}")
+    return WRITERS[to](model, path)
+
+
+def is_deployed(path: str | Path) -> bool:
+    """Whether ``path`` is an exported ONNX file or an int8 model (not a checkpoint)."""
+    return Path(path).suffix == ".onnx" or is_int8_file(path)
+
+
+def load_deployed(path: str | Path) -> nn.Module:
+    """An exported ``.onnx`` (run by onnxruntime on the CPU) or int8 file, ready to call."""
+    return OnnxClassifier(path) if Path(path).suffix == ".onnx" else load_int8(path)
+
+
+@torch.no_grad()
+def max_difference(
+    reference: VisionTransformer, exported: nn.Module, batches: tuple[int, ...]
+) -> float:
+    """Largest |logit difference| between two models on random inputs of each batch size."""
+    worst = 0.0
+    for batch in batches:
+        x = torch.rand(batch, reference.cfg.in_chans, *reference.cfg.img_size) * 2 - 1
+        diff = (exported(x) - reference.eval()(x)).abs().max()
+        worst = max(worst, float(diff))
+    return worst
+
+
+__all__ = [
+    "DEPLOY_FORMATS",
+    "DeployedConfig",
+    "MissingDependency",
+    "OnnxClassifier",
+    "export_model",
+    "export_onnx",
+    "export_pt2",
+    "is_deployed",
+    "load_deployed",
+    "load_int8",
+    "load_pt2",
+    "max_difference",
+    "quantize_int8",
+    "save_int8",
+]
