@@ -10,7 +10,15 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES: tuple[str, ...] = ("models", "analyze", "convert", "inspect", "train")
+COMMAND_MODULES: tuple[str, ...] = (
+    "models",
+    "analyze",
+    "convert",
+    "inspect",
+    "train",
+    "fewshot",
+    "probe",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
