@@ -1,5 +1,5 @@
-"""Layering: imports flow one way, cli -> analysis -> (training, deploy) -> (checkpoints,
-data, evaluation) -> models -> utils; the checkpoint formats are tried in one written order; the
+"""Layering: imports flow one way, cli -> analysis -> (training, deploy) -> evaluation ->
+(checkpoints, data) -> models -> utils; the checkpoint formats are tried in one written order; the
 shared utilities at the bottom (atomic writes, the run-folder layout)."""
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ LAYERS = {
     "models": 1,
     "checkpoints": 2,
     "data": 2,
-    "evaluation": 2,
-    "training": 3,
-    "deploy": 3,
-    "analysis": 4,
-    "cli": 5,
+    "evaluation": 3,
+    "training": 4,
+    "deploy": 4,
+    "analysis": 5,
+    "cli": 6,
 }
 TOP = ("vitkit", "vitkit.__main__")  # the public facade and ``python -m``: above everything
 

@@ -25,6 +25,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "evaluate",
     "predict",
     "export",
+    "fewshot",
+    "probe",
 )
 
 

@@ -58,15 +58,17 @@ def add_inference_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_for_inference(args: argparse.Namespace) -> tuple[nn.Module, Path | None]:
-    """The model of any checkpoint or run folder (its best checkpoint, else its last), with a
-    classification head, on the chosen device; and the run folder it came from, if any."""
+def load_for_inference(
+    args: argparse.Namespace, need_head: bool = True
+) -> tuple[nn.Module, Path | None]:
+    """The model of any checkpoint or run folder (its best checkpoint, else its last), on the
+    chosen device, with a classification head if ``need_head``; and its run folder, if any."""
     if is_deployed(args.checkpoint):  # `vitkit export`'s .onnx (run on the CPU) or int8
         model, run_folder = load_deployed(args.checkpoint), None
     else:
         checkpoint, run_folder = locate_checkpoint(args.checkpoint)
         model = load_pretrained(checkpoint, args.model)
-    if not model.cfg.num_classes:
+    if need_head and not model.cfg.num_classes:
         raise ValueError(
             f"{args.checkpoint} has no classification head (num_classes 0): it gives features, "
             "not classes; fine-tune it with `vitkit finetune --from` to classify"

@@ -9,6 +9,7 @@ layer (pre-training) → linear head.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -147,6 +148,9 @@ class ViTConfig:
         return ViTConfig.from_dict({**self.to_dict(), **overrides})
 
 
+PatchHook = Callable[[torch.Tensor], torch.Tensor]
+
+
 @dataclass
 class Intermediates:
     """What ``forward_intermediates`` returns: the features and, on request, per-layer outputs."""
@@ -237,7 +241,9 @@ class VisionTransformer(PretrainedModel):
             nn.init.zeros_(self.head.bias)
 
     # ----------------------------------------------------------------------------- forward
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]:
+    def _embed(
+        self, x: torch.Tensor, patch_hook: PatchHook | None = None
+    ) -> tuple[torch.Tensor, Grid]:
         if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
             raise ValueError(
                 f"expected images of shape (batch, {self.cfg.in_chans}, height, width), "
@@ -250,15 +256,26 @@ class VisionTransformer(PretrainedModel):
                 "or create the model with dynamic_img_size=True"
             )
         tokens, grid = self.patch_embed(x)
+        if patch_hook is not None:
+            tokens = patch_hook(tokens)
         if self.cls_token is not None:
             tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         return self.pos_drop(self.pos_embed(tokens, grid)), grid
 
     def forward_intermediates(
-        self, x: torch.Tensor, return_blocks: bool = True, return_attention: bool = True
+        self,
+        x: torch.Tensor,
+        return_blocks: bool = True,
+        return_attention: bool = True,
+        patch_hook: PatchHook | None = None,
     ) -> Intermediates:
-        """Features plus, on request, every block's output and attention probabilities."""
-        x, grid = self._embed(x)
+        """Features plus, on request, every block's output and attention probabilities.
+
+        ``patch_hook(tokens) -> tokens`` sees the patch embeddings (B, N, D) straight after the
+        projection, before the [class] token and the position embedding: masked patch
+        prediction corrupts them there (``vitkit.models.mpp``).
+        """
+        x, grid = self._embed(x, patch_hook)
         bias = self.pos_embed.attention_bias(grid)
         blocks, attentions = [], []
         for i, block in enumerate(self.blocks):
@@ -269,9 +286,13 @@ class VisionTransformer(PretrainedModel):
                 attentions.append(probs)
         return Intermediates(self.norm(x), blocks, attentions)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """All tokens after the final LayerNorm, (B, N, D)."""
-        return self.forward_intermediates(x, return_blocks=False, return_attention=False).features
+    def forward_features(
+        self, x: torch.Tensor, patch_hook: PatchHook | None = None
+    ) -> torch.Tensor:
+        """All tokens after the final LayerNorm, (B, N, D); see ``forward_intermediates``."""
+        return self.forward_intermediates(
+            x, return_blocks=False, return_attention=False, patch_hook=patch_hook
+        ).features
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         return features[:, 0] if self.cfg.classifier == "token" else features.mean(dim=1)
@@ -313,4 +334,4 @@ class VisionTransformer(PretrainedModel):
         self.cfg = cfg
 
 
-__all__ = ["Intermediates", "ViTConfig", "VisionTransformer"]
+__all__ = ["Intermediates", "PatchHook", "ViTConfig", "VisionTransformer"]
