@@ -326,3 +326,21 @@ def test_analyze_cli_bad_input(tmp_path: Path, capsys, make_args, message: str) 
     argv = ["analyze", "--out", str(tmp_path / "o"), *make_args(checkpoint, tmp_path)]
     assert main(argv) == 2  # a later --out in make_args wins
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_summary_numbers_are_formatted_for_people() -> None:
+    from vitkit.analysis.report import summary_rows
+
+    rows = dict(summary_rows({
+        "test_accuracy": 0.97823, "test_loss": 0.0712345, "best_val_accuracy": 0.5,
+        "best_val_mse": None, "epochs": 150, "steps": 3300, "wall_seconds": 754.4,
+        "images_per_second": 4016.4, "classes": ["0", "1"],
+    }))  # fmt: skip
+    assert rows == {
+        "test accuracy": "97.82%",
+        "test loss": "0.07123",
+        "best validation accuracy": "50.00%",
+        "epochs": "150 (3300 steps)",
+        "training time": "12 min 34 s",
+        "training speed": "4,016 images/s",
+    }

@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,6 +131,38 @@ def _vit_rows(cfg: ViTConfig) -> list[tuple[str, str]]:
     return rows
 
 
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The results of a run's summary.json, formatted for people: accuracies as percentages,
+    other metrics to 4 significant digits, durations in minutes and seconds, speeds in
+    images per second."""
+    rows = []
+    for key, value in summary.items():
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        for prefix, label in (("test_", "test"), ("best_val_", "best validation")):
+            if key.startswith(prefix):
+                metric = key.removeprefix(prefix)
+                shown = f"{100 * value:.2f}%" if metric == "accuracy" else f"{value:.4g}"
+                rows.append((f"{label} {metric.replace('_', ' ')}", shown))
+    if isinstance(summary.get("epochs"), int):
+        rows.append(("epochs", f"{summary['epochs']} ({summary.get('steps', '?')} steps)"))
+    if isinstance(summary.get("wall_seconds"), int | float):
+        rows.append(("training time", format_duration(summary["wall_seconds"])))
+    if isinstance(summary.get("images_per_second"), int | float):
+        rows.append(("training speed", f"{summary['images_per_second']:,.0f} images/s"))
+    return rows
+
+
+def format_duration(seconds: float) -> str:
+    """``59.2 s``, ``12 min 5 s``, ``3 h 4 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
 def _model_section(
     model: nn.Module, checkpoint: Path, run: RunFiles | None, classes: list[str] | None
 ) -> Section:
@@ -150,15 +183,7 @@ def _model_section(
         for key in ("model", "data"):
             if key in run.config:
                 rows.append((f"run {key}", str(run.config[key])))
-        for key, label in (
-            ("test_accuracy", "test accuracy"),
-            ("best_val_accuracy", "best validation accuracy"),
-        ):
-            if isinstance(run.summary.get(key), int | float):
-                rows.append((label, f"{100 * run.summary[key]:.2f}%"))
-        for key in ("epochs", "wall_seconds", "images_per_second"):
-            if key in run.summary:
-                rows.append((key.replace("_", " "), str(run.summary[key])))
+        rows += summary_rows(run.summary)
         note = "; ".join(run.notes)
     return Section("Model", table=rows, note=note)
 
