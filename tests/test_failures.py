@@ -38,6 +38,14 @@ def error_line(capsys: pytest.CaptureFixture) -> str:
     return err
 
 
+def last_line(capsys: pytest.CaptureFixture) -> str:
+    """The last line a failed training command printed on stderr (log lines and the progress
+    bar come before it), after checking there is no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err.strip().splitlines()[-1].split("\r")[-1]
+
+
 def training_checkpoint(path: Path) -> Path:
     """vit_micro with optimizer state, as the training loop saves it."""
     model = create_model("vit_micro", num_classes=3)
@@ -309,3 +317,58 @@ def test_checkpoint_npz_of_objects_never_suggests_allow_pickle(tmp_path: Path) -
     ) as err:
         vitkit.load_pretrained(path)
     assert "allow_pickle" not in str(err.value)
+
+
+# ------------------------------------------------------------------- faults while training
+def test_train_into_a_folder_it_cannot_create_is_one_line(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    out = tmp_path / "locked" / "run"
+    real_mkdir = os.mkdir
+
+    def refuse(path, *args, **kwargs):  # what a read-only parent gives (root ignores chmod)
+        if str(path).startswith(str(tmp_path / "locked")):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refuse)
+    assert main(["train", "--epochs", "1", "--out", str(out)]) == 1
+    assert last_line(capsys) == f"vitkit train: error: {out}: Permission denied"
+
+
+def test_disk_full_during_training_keeps_the_last_checkpoint(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The second epoch's checkpoint meets a full disk: the run stops with one line naming the
+    file, and the first epoch's checkpoint is still there, whole."""
+    out = tmp_path / "run"
+    real_save = pretrained.save_file
+    calls = []
+
+    def full_on_second(tensors, filename, metadata=None) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            Path(filename).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(pretrained, "save_file", full_on_second)
+    args = ["train", "--epochs", "3", "--warmup-epochs", "0", "--out", str(out)]
+    assert main(args) == 1
+    line = last_line(capsys)
+    assert line.startswith(f"vitkit train: error: {out / 'last.safetensors'}: No space left")
+    monkeypatch.setattr(pretrained, "save_file", real_save)
+    assert read_checkpoint(out / "last.safetensors").config.num_classes == 10
+    assert sorted(p.name for p in out.iterdir() if "tmp" in p.name) == []
+
+
+def test_an_error_under_torchrun_is_printed_once(tmp_path: Path) -> None:
+    """Both ranks meet the same bad option: one line from vitkit, no Python traceback."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "vitkit", "train", "--batch-size", "99998",
+               "--out", str(tmp_path / "run")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("vitkit train: error: batch_size 99998 is larger") == 1, done.stderr
+    assert "Traceback" not in done.stderr.split("vitkit train: error:")[0]
