@@ -20,4 +20,5 @@ fi
 export VITKIT_DATA="${VITKIT_DATA:-$(cd .. && pwd)/shared/data}"
 ruff check src tests benchmarks
 ruff format --check src tests benchmarks
+mypy  # [tool.mypy] in pyproject.toml: src/vitkit
 python -m pytest -q "$@"

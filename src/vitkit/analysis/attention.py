@@ -24,7 +24,7 @@ def collect_attentions(model: nn.Module, images: torch.Tensor) -> np.ndarray:
     attention dropout does not change what is measured. Raises ``NotApplicable`` for a model
     without attention (not a ViT).
     """
-    require(model, "forward_intermediates", "attention")
+    model = require(model, "forward_intermediates", "attention")
     was_training = model.training
     model.eval()
     try:

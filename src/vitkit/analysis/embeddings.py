@@ -19,7 +19,7 @@ def position_embedding_similarity(model: nn.Module) -> np.ndarray:
     not an embedding added to the patches (``relative``, ``none``) and for models without
     position embeddings (not ViTs).
     """
-    require(model, "pos_embed", "position embedding")
+    model = require(model, "pos_embed", "position embedding")
     patches = model.pos_embed.patch_embeddings()
     if patches is None:
         raise NotApplicable(
@@ -46,7 +46,7 @@ def embedding_filter_components(model: nn.Module, num_components: int = 28) -> F
     a 1x1 map of ResNet features rather than a filter over pixels, and for models without a
     patch embedding (not ViTs).
     """
-    require(model, "patch_embed", "patch embedding")
+    model = require(model, "patch_embed", "patch embedding")
     if model.patch_embed.backbone is not None:
         raise NotApplicable(
             "the model is a ResNet hybrid: its patch projection acts on ResNet features, "

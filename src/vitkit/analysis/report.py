@@ -11,11 +11,10 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
-from torch import nn
 
 from vitkit.analysis import figures
 from vitkit.analysis.attention import (
@@ -35,7 +34,8 @@ from vitkit.analysis.inputs import (
 )
 from vitkit.analysis.requirements import NotApplicable
 from vitkit.checkpoints import load_pretrained
-from vitkit.models import ViTConfig, architecture_of, flops_per_image
+from vitkit.models import VisionTransformer, ViTConfig, architecture_of, flops_per_image
+from vitkit.models.pretrained import PretrainedModel
 from vitkit.utils.files import atomic_write
 from vitkit.utils.runlayout import RunLayout
 
@@ -164,7 +164,7 @@ def format_duration(seconds: float) -> str:
 
 
 def _model_section(
-    model: nn.Module, checkpoint: Path, run: RunFiles | None, classes: list[str] | None
+    model: PretrainedModel, checkpoint: Path, run: RunFiles | None, classes: list[str] | None
 ) -> Section:
     cfg = model.cfg
     rows = [
@@ -189,7 +189,7 @@ def _model_section(
 
 
 def _pick_images(
-    model: nn.Module,
+    model: PretrainedModel,
     run: RunFiles | None,
     images: Sequence[str | Path] | None,
     data: str | None,
@@ -207,7 +207,7 @@ def _pick_images(
 
 
 def _image_titles(
-    model: nn.Module, samples: Samples, count: int, classes: list[str] | None
+    model: PretrainedModel, samples: Samples, count: int, classes: list[str] | None
 ) -> tuple[list[str], str]:
     """A title for each shown image, and the caption's words for what the titles give."""
     names = samples.names[:count]
@@ -237,13 +237,13 @@ def _run_sections(run: RunFiles, out_dir: Path) -> list[Section]:
     else:
         note = f"the run has no {curves.name} (training draws it when it ends)"
         sections = [Section("Training curves", note=note)]
-    matrix, classes = run.summary.get("confusion_matrix"), run.summary.get("classes")
+    classes = run.summary.get("classes")
     try:
-        matrix = np.asarray(matrix, dtype=np.int64)
+        matrix = np.asarray(run.summary.get("confusion_matrix"), dtype=np.int64)
         fits = classes is not None and matrix.shape == (len(classes), len(classes))
     except (TypeError, ValueError):
         fits = False
-    if fits:
+    if fits and classes is not None:
         path = figures.save_figure(
             figures.confusion_matrix_figure(matrix, [str(c) for c in classes]),
             out_dir / "confusion-matrix.png",
@@ -267,7 +267,7 @@ ATTENTION_TITLES = (
 
 
 def _attention_sections(
-    model: nn.Module,
+    model: PretrainedModel,
     samples: Samples,
     num_images: int,
     distance_images: int,
@@ -280,7 +280,8 @@ def _attention_sections(
         attentions = collect_attentions(model, shown)
     except NotApplicable as err:
         return [Section(title, note=f"Not shown: {err}.") for title in ATTENTION_TITLES]
-    cfg, prefix = model.cfg, model.num_prefix
+    vit = cast(VisionTransformer, model)  # it has attention
+    cfg, prefix = vit.cfg, vit.num_prefix
     query = "[class] token" if prefix else "mean over all patches (gap model)"
 
     maps = attention_maps(attentions, cfg.grid, prefix)
@@ -306,7 +307,7 @@ def _attention_sections(
         batch = pool[start : start + batch_size]
         attentions = collect_attentions(model, batch)
         total += len(batch) * mean_attention_distance(
-            attentions, cfg.grid, model.patch_embed.reduction, prefix
+            attentions, cfg.grid, vit.patch_embed.reduction, prefix
         )
     fig = figures.attention_distance_figure(total / len(pool), max(cfg.img_size))
     name = figures.save_figure(fig, out_dir / "attention-distance.png").name
@@ -315,7 +316,7 @@ def _attention_sections(
     return sections
 
 
-def _embedding_sections(model: nn.Module, out_dir: Path) -> list[Section]:
+def _embedding_sections(model: PretrainedModel, out_dir: Path) -> list[Section]:
     sections = []
     title = "Position-embedding similarity"
     try:

@@ -55,12 +55,12 @@ from vitkit.checkpoints.timm import (
     stored_keys,
 )
 from vitkit.models.resnet import bottleneck_plan, needs_projection
-from vitkit.models.resnetv2 import ResNetV2, ResNetV2Config
+from vitkit.models.resnetv2 import ResNetV2, ResNetV2Config, Stem
 
 BIT_ROOT = "resnet/root_block/standardized_conv2d/kernel"
 BIT_WS_EPS = 1e-10  # big_transfer: (w - mean) / sqrt(var + 1e-10)
 TIMM_WS_EPS = 1e-8  # timm's resnetv2_*_bit: StdConv2d(eps=1e-8)
-STEMS_BY_KERNEL = {7: "bit", 3: "conv3x3"}
+STEMS_BY_KERNEL: dict[int, Stem] = {7: "bit", 3: "conv3x3"}
 
 # BiT's head, a 1x1 convolution (1, 1, C, classes) ↔ vitkit's Linear weight (classes, C).
 BIT_HEAD = Transform(lambda parts: parts[0].flatten(0, 2).T, lambda t, cfg: [t.T[None, None]])

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from vitkit.models.pretrained import PretrainedModel, Resizable
 from vitkit.models.registry import architecture_of, model_config
 
 
@@ -76,7 +76,7 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
         raise CheckpointError("checkpoint does not fit the model: " + ", ".join(problems))
 
 
-def build_model(ckpt: Checkpoint, **overrides: Any) -> nn.Module:
+def build_model(ckpt: Checkpoint, **overrides: Any) -> PretrainedModel:
     """Build the checkpoint's model, load its weights, then apply the overrides.
 
     ``img_size`` resizes a ViT's position embeddings the way the official fine-tuning code
@@ -90,7 +90,7 @@ def build_model(ckpt: Checkpoint, **overrides: Any) -> nn.Module:
     try:
         config = ckpt.config.replace(**overrides)
         model = architecture_of(config).build(config)
-        if img_size is not None and not hasattr(model, "set_img_size"):
+        if img_size is not None and not isinstance(model, Resizable):
             config = config.replace(img_size=img_size)
             model, img_size = architecture_of(config).build(config), None
     except (TypeError, ValueError) as err:
@@ -98,6 +98,7 @@ def build_model(ckpt: Checkpoint, **overrides: Any) -> nn.Module:
     check_state_dict(model, ckpt.state_dict)
     model.load_state_dict(ckpt.state_dict, strict=True)
     if img_size is not None:
+        assert isinstance(model, Resizable)  # else it was built at that size above
         model.set_img_size(img_size)
     if num_classes is not None and num_classes != config.num_classes:
         model.reset_classifier(num_classes)

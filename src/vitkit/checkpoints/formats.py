@@ -13,8 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from vitkit.checkpoints import bigvision, bit, hf, native, official, timm
 from vitkit.checkpoints.core import (
     IMG_SIZE_HINT,
@@ -24,6 +22,7 @@ from vitkit.checkpoints.core import (
     ModelSpec,
     build_model,
 )
+from vitkit.models.pretrained import PretrainedModel
 
 FORMATS: tuple[CheckpointFormat, ...] = (
     native.FORMAT,
@@ -48,7 +47,7 @@ def read_checkpoint(path: str | Path, model: ModelSpec = None) -> Checkpoint:
     raise CheckpointError(f"{path} is not a checkpoint format vitkit knows ({names})")
 
 
-def load_pretrained(path: str | Path, model: ModelSpec = None, **overrides: Any) -> nn.Module:
+def load_pretrained(path: str | Path, model: ModelSpec = None, **overrides: Any) -> PretrainedModel:
     """Load any checkpoint vitkit reads into a model of its registered architecture.
 
     ``model`` names a registered model or passes a config, for formats that do not record

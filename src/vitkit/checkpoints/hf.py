@@ -32,7 +32,7 @@ from vitkit.checkpoints.core import (
 from vitkit.checkpoints.mapping import FUSED_QKV, Rule, from_vitkit, read_all_keys
 from vitkit.checkpoints.native import load_tensors, save_safetensors
 from vitkit.checkpoints.timm import load_pickle
-from vitkit.models.vit import VisionTransformer, ViTConfig
+from vitkit.models.vit import GeluKind, VisionTransformer, ViTConfig
 from vitkit.utils.files import atomic_write
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -52,7 +52,7 @@ DEFAULTS: dict[str, Any] = dict(
     pooler_act="tanh",
 )
 # hidden_act → vitkit's gelu ("none" = exact erf). gelu_new is the tanh formula written out.
-ACTIVATIONS = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
+ACTIVATIONS: dict[str, GeluKind] = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
 WRITTEN_ACTIVATION = {"none": "gelu", "tanh": "gelu_pytorch_tanh"}
 
 

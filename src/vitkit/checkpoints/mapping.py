@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -91,8 +92,9 @@ def to_vitkit(rules: list[Rule], theirs: Mapping[str, Tensor], source: str) -> d
     return ours
 
 
-def from_vitkit(rules: list[Rule], ours: Mapping[str, Tensor], cfg: ViTConfig) -> dict[str, Tensor]:
-    """Apply ``rules`` backwards: vitkit's state dict in the other layout."""
+def from_vitkit(rules: list[Rule], ours: Mapping[str, Tensor], cfg: Any) -> dict[str, Tensor]:
+    """Apply ``rules`` backwards: vitkit's state dict in the other layout. ``cfg`` is the
+    model's config, of whichever architecture the rules map (a ViT's or a ResNet-v2's)."""
     theirs: dict[str, Tensor] = {}
     for rule in rules:
         parts = rule.transform.to_theirs(ours[rule.ours].detach(), cfg)

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
-from torch import nn
 
 from vitkit.checkpoints.core import (
     Checkpoint,
@@ -29,6 +28,7 @@ from vitkit.models.pretrained import (
     CONFIG_KEY,
     STATE_PREFIX,
     WEIGHTS_FILE,
+    PretrainedModel,
     save_pretrained,
     save_safetensors,
 )
@@ -87,7 +87,7 @@ def read(path: Path, spec: ModelSpec = None) -> Checkpoint:
     return Checkpoint(config, state_dict, "vitkit", dropped=dropped)
 
 
-def from_pretrained(path: str | Path) -> nn.Module:
+def from_pretrained(path: str | Path) -> PretrainedModel:
     """Read back what ``save_pretrained`` wrote, bit-exactly."""
     return build_model(read(Path(path)))
 

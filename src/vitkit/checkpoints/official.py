@@ -40,7 +40,8 @@ from vitkit.checkpoints.mapping import (
     to_vitkit,
     unused_keys,
 )
-from vitkit.models.vit import VisionTransformer, ViTConfig
+from vitkit.models.posembed import PosEmbedKind
+from vitkit.models.vit import ClassifierKind, VisionTransformer, ViTConfig
 from vitkit.utils.files import atomic_write
 
 TRAINING_PREFIX = "opt/target/"  # checkpoints saved mid-training nest the weights here
@@ -152,7 +153,7 @@ def infer_config(
     kernel = a["embedding/kernel"]
     attn = f"Transformer/encoderblock_0/{layout.attention}"
     width, heads = a[f"{attn}/query/kernel"].shape[:2]
-    classifier = "token" if "cls" in a else "gap"
+    classifier: ClassifierKind = "token" if "cls" in a else "gap"
     resnet_layers = None
     if "conv_root/kernel" in a:
         n_stages = count_indexed(a, "block{}/", 1)
@@ -161,7 +162,7 @@ def infer_config(
         )
     patch = (int(kernel.shape[0]), int(kernel.shape[1]))
     if layout.pos_embedding in a or not layout.may_lack_pos_embedding:
-        pos_embed = "learned"
+        pos_embed: PosEmbedKind = "learned"
         n_slots = a[layout.pos_embedding].shape[1]
         class_slot = classifier == "token" and layout.pos_has_class_slot
         reduction = 1 if resnet_layers is None else 4 * 2 ** (len(resnet_layers) - 1)
@@ -198,11 +199,12 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
-        if "allow_pickle" in str(err):  # numpy's advice, not passed on: unpickling runs code
-            err = (
+        reason = str(err)
+        if "allow_pickle" in reason:  # numpy's advice, not passed on: unpickling runs code
+            reason = (
                 "it is no zip of plain arrays: numpy could only unpickle it, and vitkit never does"
             )
-        raise CheckpointError(f"{path} is not a readable .npz file ({err})") from None
+        raise CheckpointError(f"{path} is not a readable .npz file ({reason})") from None
 
 
 def strip_prefix(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
@@ -295,7 +297,7 @@ def save_npz(path: Path, tensors: dict[str, torch.Tensor], config: dict) -> None
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, allow_pickle=False, **arrays)  # plain arrays only, as read_npz
 
     atomic_write(path, save)
 

@@ -41,7 +41,7 @@ from vitkit.checkpoints.mapping import (
     state_dict_keys,
 )
 from vitkit.checkpoints.native import load_tensors, read_metadata, save_safetensors
-from vitkit.models.vit import VisionTransformer, ViTConfig
+from vitkit.models.vit import ClassifierKind, VisionTransformer, ViTConfig
 from vitkit.utils.files import atomic_write
 
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -110,7 +110,7 @@ def infer_config(sd: dict[str, torch.Tensor], spec: ViTConfig | None) -> ViTConf
     proj = sd["patch_embed.proj.weight"]
     width, in_chans = int(proj.shape[0]), int(proj.shape[1])
     patch = (int(proj.shape[2]), int(proj.shape[3]))
-    classifier = "token" if "cls_token" in sd else "gap"
+    classifier: ClassifierKind = "token" if "cls_token" in sd else "gap"
     n_patches = sd["pos_embed"].shape[1] - (classifier == "token")
     return ViTConfig(
         img_size=img_size_from_patches(n_patches, patch, 1, spec),

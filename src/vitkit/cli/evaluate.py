@@ -8,14 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from vitkit.analysis.inputs import locate_checkpoint
 from vitkit.checkpoints import load_pretrained
 from vitkit.data import ImageDataset, load_dataset
 from vitkit.data.datasets import differing_classes
 from vitkit.data.sources import DataSource, InMemorySource, open_splits, same_images
-from vitkit.deploy import is_deployed, load_deployed
+from vitkit.deploy import OnnxClassifier, is_deployed, load_deployed
+from vitkit.models.pretrained import PretrainedModel
 from vitkit.training import evaluate
 from vitkit.training.config import DEVICES, PRECISIONS
 from vitkit.training.distributed import choose_device
@@ -60,9 +59,10 @@ def add_inference_flags(parser: argparse.ArgumentParser) -> None:
 
 def load_for_inference(
     args: argparse.Namespace, need_head: bool = True
-) -> tuple[nn.Module, Path | None]:
+) -> tuple[OnnxClassifier | PretrainedModel, Path | None]:
     """The model of any checkpoint or run folder (its best checkpoint, else its last), on the
     chosen device, with a classification head if ``need_head``; and its run folder, if any."""
+    model: OnnxClassifier | PretrainedModel
     if is_deployed(args.checkpoint):  # `vitkit export`'s .onnx (run on the CPU) or int8
         model, run_folder = load_deployed(args.checkpoint), None
     else:

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         fits = "yes"
     except CheckpointError as err:
         fits = f"no: {err}"
-    info = {
+    info: dict[str, Any] = {
         "format": ckpt.format,
         "architecture": describe(cfg),
         "parameters": sum(t.numel() for t in ckpt.state_dict.values()),

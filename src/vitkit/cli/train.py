@@ -208,7 +208,7 @@ def progress_bar() -> Iterator[Progress]:
             bar = tqdm(total=total, initial=step - 1, unit="step", dynamic_ncols=True)
         bar.update(step - bar.n)
         if record is not None:
-            shown = {k: record[k] for k in ("loss", "accuracy") if k in record}
+            shown: dict[str, Any] = {k: record[k] for k in ("loss", "accuracy") if k in record}
             bar.set_postfix({**{k: f"{v:.3f}" for k, v in shown.items()},
                              "img/s": f"{record['images_per_second']:.0f}"})  # fmt: skip
 

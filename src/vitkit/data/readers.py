@@ -20,8 +20,10 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from PIL import Image
 
@@ -116,7 +118,14 @@ def load_digits(split: str = "train") -> ImageDataset:
 
 # --- MNIST-style idx files ---------------------------------------------------------------
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, npt.DTypeLike] = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
 
 
 def _idx_file(folder: Path, prefix: str, kind: str) -> Path | None:
@@ -160,6 +169,7 @@ def read_idx_folder(folder: Path, split: str) -> ImageDataset:
     prefix_name = prefix[_other_split(folder, split, available)]
     images_file = _idx_file(folder, prefix_name, "images")
     labels_file = _idx_file(folder, prefix_name, "labels")
+    assert images_file is not None  # available() found it
     if labels_file is None:
         raise ValueError(f"{folder} has {images_file.name} but no {prefix_name}-labels-idx1-ubyte")
     images, labels = read_idx(images_file), read_idx(labels_file).astype(np.int64)
@@ -196,7 +206,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _unpickle(path: Path) -> dict[str, object]:
+def _unpickle(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             content = _ArrayUnpickler(f, encoding="bytes").load()
@@ -226,6 +236,7 @@ def is_cifar_folder(folder: Path) -> bool:
 
 def read_cifar_folder(folder: Path, split: str) -> ImageDataset:
     variant = _cifar_variant(folder)
+    assert variant is not None  # only called on a folder is_cifar_folder recognised
     files = _CIFAR_FILES[variant]
 
     def available(s: str) -> bool:
@@ -280,9 +291,10 @@ def _to_nchw(images: np.ndarray, path: Path) -> np.ndarray:
 
 def _npz_error(path: Path, err: Exception) -> ValueError:
     """numpy's advice to pass ``allow_pickle`` is not passed on: unpickling data can run code."""
-    if "allow_pickle" in str(err):
-        err = "it is no zip of plain arrays: numpy could only unpickle it, and vitkit never does"
-    return ValueError(f"{path} is not a readable .npz file ({err})")
+    reason = str(err)
+    if "allow_pickle" in reason:
+        reason = "it is no zip of plain arrays: numpy could only unpickle it, and vitkit never does"
+    return ValueError(f"{path} is not a readable .npz file ({reason})")
 
 
 def read_npz(path: Path, split: str) -> ImageDataset:
@@ -366,7 +378,7 @@ def _stack(pixels: list[np.ndarray], root: Path) -> np.ndarray:
         pixels = [
             p
             if p.shape[:2] == (height, width)
-            else np.asarray(Image.fromarray(p).resize((width, height), Image.BICUBIC))
+            else np.asarray(Image.fromarray(p).resize((width, height), Image.Resampling.BICUBIC))
             for p in pixels
         ]
     if all(p.ndim == 2 for p in pixels):
@@ -412,7 +424,7 @@ def _decode_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[
                if not isinstance(err, np.ndarray)]  # fmt: skip
     if not readable:
         raise ValueError(f"{root}: none of its {len(files)} images could be read ({decoded[0]})")
-    images = _stack([decoded[i] for i in readable], root)
+    images = _stack([p for p in decoded if isinstance(p, np.ndarray)], root)
     label_array = np.asarray(labels, np.int64)[readable]
     if cache is not None:
 

@@ -18,14 +18,15 @@ from vitkit.deploy.common import DeployedConfig, MissingDependency
 from vitkit.deploy.int8 import is_int8_file, load_int8, quantize_int8, save_int8
 from vitkit.deploy.to_onnx import OnnxClassifier, export_onnx
 from vitkit.deploy.to_pt2 import export_pt2, load_pt2
+from vitkit.models.pretrained import PretrainedModel
 from vitkit.models.vit import VisionTransformer
 
 
-def export_int8(model: VisionTransformer, path: str | Path) -> Path:
+def export_int8(model: PretrainedModel, path: str | Path) -> Path:
     return save_int8(quantize_int8(model), path)
 
 
-WRITERS: dict[str, Callable[[VisionTransformer, Path], Path]] = {
+WRITERS: dict[str, Callable[[PretrainedModel, Path], Path]] = {
     "onnx": export_onnx,
     "pt2": export_pt2,
     "int8": export_int8,
@@ -34,7 +35,7 @@ DEPLOY_FORMATS = tuple(WRITERS)
 SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2", "int8": ".safetensors"}
 
 
-def export_model(model: VisionTransformer, path: str | Path, to: str) -> Path:
+def export_model(model: PretrainedModel, path: str | Path, to: str) -> Path:
     """Write ``model`` at ``path`` as ``to`` (one of ``DEPLOY_FORMATS``), atomically."""
     path = Path(path)
     if to not in WRITERS:
@@ -49,14 +50,14 @@ def is_deployed(path: str | Path) -> bool:
     return Path(path).suffix == ".onnx" or is_int8_file(path)
 
 
-def load_deployed(path: str | Path) -> nn.Module:
+def load_deployed(path: str | Path) -> OnnxClassifier | VisionTransformer:
     """An exported ``.onnx`` (run by onnxruntime on the CPU) or int8 file, ready to call."""
     return OnnxClassifier(path) if Path(path).suffix == ".onnx" else load_int8(path)
 
 
 @torch.no_grad()
 def max_difference(
-    reference: VisionTransformer, exported: nn.Module, batches: tuple[int, ...]
+    reference: PretrainedModel, exported: nn.Module, batches: tuple[int, ...]
 ) -> float:
     """Largest |logit difference| between two models on random inputs of each batch size."""
     worst = 0.0

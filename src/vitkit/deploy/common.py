@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from vitkit.models.vit import VisionTransformer
+from vitkit.models.pretrained import PretrainedModel
 
 CONFIG_KEY = "vitkit_config"
 INPUT_DESCRIPTION = "float32 NCHW images scaled to [-1, 1] (2 * pixel / 255 - 1)"
@@ -80,11 +80,11 @@ class DeployedConfig:
             raise ValueError(f"{source}: its vitkit config is missing or invalid ({err})") from None
 
 
-def config_json(model: VisionTransformer) -> str:
+def config_json(model: PretrainedModel) -> str:
     return json.dumps(model.cfg.to_dict(), sort_keys=True)
 
 
-def example_input(model: VisionTransformer, batch: int = 2) -> torch.Tensor:
+def example_input(model: PretrainedModel, batch: int = 2) -> torch.Tensor:
     """A random input of the model's shape, on its device.
 
     Batch 2, not 1: ``torch.export`` specialises a dimension traced at size 1 to a constant.

@@ -25,7 +25,7 @@ from typing import Any
 
 from vitkit.checkpoints.native import load_tensors, read_metadata
 from vitkit.deploy.common import config_json, import_optional, quiet
-from vitkit.models.pretrained import save_safetensors
+from vitkit.models.pretrained import PretrainedModel, save_safetensors
 from vitkit.models.vit import VisionTransformer, ViTConfig
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def _torchao() -> SimpleNamespace:
     )
 
 
-def quantize_int8(model: VisionTransformer) -> VisionTransformer:
+def quantize_int8(model: PretrainedModel) -> PretrainedModel:
     """A copy of ``model`` (in eval mode) whose linear layers compute in int8."""
     torchao = _torchao()
     quantized = copy.deepcopy(model).eval()
@@ -63,7 +63,7 @@ def quantize_int8(model: VisionTransformer) -> VisionTransformer:
     return quantized
 
 
-def save_int8(model: VisionTransformer, path: str | Path) -> Path:
+def save_int8(model: PretrainedModel, path: str | Path) -> Path:
     """Write a model from ``quantize_int8`` as one ``.safetensors`` file (atomically)."""
     torchao = _torchao()
     path = Path(path)

@@ -24,7 +24,7 @@ from vitkit.deploy.common import (
     import_optional,
     quiet,
 )
-from vitkit.models.vit import VisionTransformer
+from vitkit.models.pretrained import PretrainedModel
 from vitkit.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ MISSING_EXPORTER = "ONNX export needs onnx and onnxscript: pip install 'vitkit[o
 
 
 def export_onnx(
-    model: VisionTransformer,
+    model: PretrainedModel,
     path: str | Path,
     dynamic_batch: bool = True,
     opset: int | None = None,

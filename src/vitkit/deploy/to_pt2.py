@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from vitkit.deploy.common import CONFIG_KEY, DeployedConfig, config_json, example_input
-from vitkit.models.vit import VisionTransformer
+from vitkit.models.pretrained import PretrainedModel
 from vitkit.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = f"{CONFIG_KEY}.json"
 
 
-def export_pt2(model: VisionTransformer, path: str | Path, dynamic_batch: bool = True) -> Path:
+def export_pt2(model: PretrainedModel, path: str | Path, dynamic_batch: bool = True) -> Path:
     """Export ``model`` (in eval mode) with ``torch.export`` and save it at ``path``."""
     path = Path(path)
     model = model.eval()

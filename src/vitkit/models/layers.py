@@ -57,9 +57,12 @@ class Linear(nn.Linear):
         key = (dtype, *((p.data_ptr(), p._version) for p in params if p is not None))
         if self._autocast_copy is None or self._autocast_copy[0] != key:
             sources = [p.detach() for p in params if p is not None]
-            low = [None if p is None else p.detach().to(dtype) for p in params]
+            low: list[torch.Tensor | None] = [
+                None if p is None else p.detach().to(dtype) for p in params
+            ]
             self._autocast_copy = (key, sources, low)
         weight, bias = self._autocast_copy[2]
+        assert weight is not None  # only the bias is optional
         with torch.autocast(device, enabled=False):
             return F.linear(x.to(dtype), weight, bias)
 

@@ -7,7 +7,8 @@ the embedding of each patch position is (for the analysis tools).
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,11 @@ from torch import nn
 PosEmbedKind = Literal["learned", "learned_2d", "sincos_2d", "relative", "none"]
 POS_EMBED_KINDS: tuple[str, ...] = ("learned", "learned_2d", "sincos_2d", "relative", "none")
 Grid = tuple[int, int]
+
+
+def _as_grid(grid: Sequence[int]) -> Grid:
+    """``grid`` as a tuple: a list (e.g. read from JSON) compares unequal to the tuples held."""
+    return cast(Grid, tuple(grid))
 
 
 def resize_grid(grid_values: torch.Tensor, new_grid: Grid) -> torch.Tensor:
@@ -92,6 +98,9 @@ class PositionEmbedding(nn.Module):
     - ``none``.
     """
 
+    fixed: torch.Tensor  # buffers of the sincos_2d and relative kinds
+    index: torch.Tensor
+
     def __init__(
         self,
         kind: PosEmbedKind,
@@ -104,7 +113,7 @@ class PositionEmbedding(nn.Module):
         super().__init__()
         if kind not in POS_EMBED_KINDS:
             raise ValueError(f"unknown pos_embed {kind!r}; choose one of {POS_EMBED_KINDS}")
-        self.kind, self.dim, self.grid, self.num_prefix = kind, dim, tuple(grid), num_prefix
+        self.kind, self.dim, self.grid, self.num_prefix = kind, dim, _as_grid(grid), num_prefix
         gh, gw = self.grid
         if kind == "learned":
             self.weight = nn.Parameter(torch.zeros(1, num_prefix + gh * gw, dim))
@@ -127,7 +136,7 @@ class PositionEmbedding(nn.Module):
 
     def patch_embeddings(self, grid: Grid | None = None) -> torch.Tensor | None:
         """The (gh*gw, D) embedding added to each patch, or None for relative / none."""
-        grid = tuple(grid or self.grid)
+        grid = _as_grid(grid or self.grid)
         if self.kind == "learned":
             return resize_pos_embed(self.weight, self.grid, grid, self.num_prefix)[
                 0, self.num_prefix :
@@ -166,10 +175,11 @@ class PositionEmbedding(nn.Module):
         """(depth, heads, N, N) logit biases for the relative kind, else None."""
         if self.kind != "relative":
             return None
-        table, index = self.table, self.index
+        table: torch.Tensor = self.table
+        index = self.index
         if tuple(grid) != self.grid:
-            table = self._resized_table(tuple(grid))
-            index = relative_index(tuple(grid), self.num_prefix).to(table.device)
+            table = self._resized_table(grid)
+            index = relative_index(grid, self.num_prefix).to(table.device)
         return table[:, :, index]
 
     def _resized_table(self, grid: Grid) -> torch.Tensor:
@@ -185,7 +195,7 @@ class PositionEmbedding(nn.Module):
     @torch.no_grad()
     def resize_(self, grid: Grid) -> None:
         """Resize in place to a new patch grid (fine-tuning at a new resolution)."""
-        grid = tuple(grid)
+        grid = _as_grid(grid)
         if grid == self.grid:
             return
         if self.kind == "learned":

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from vitkit.models.registry import architecture_of
+from vitkit.models.registry import ArchitectureConfig, architecture_of
 from vitkit.utils.files import atomic_write
 
 CONFIG_KEY = "vitkit_config"
@@ -75,9 +75,10 @@ def save_pretrained(
 
 class PretrainedModel(nn.Module):
     """What every vitkit model shares, whatever its architecture: ``save_pretrained`` and
-    ``num_parameters``. Subclasses set ``cfg``, their registered config."""
+    ``num_parameters``. Subclasses set ``cfg``, their registered config, and implement the
+    forward and fine-tuning methods declared here."""
 
-    cfg: Any
+    cfg: ArchitectureConfig
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Save in vitkit's own format (this module's docstring)."""
@@ -85,6 +86,27 @@ class PretrainedModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The features before pooling: tokens (B, N, D), or a feature map (B, C, H, W)."""
+        raise NotImplementedError
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool ``forward_features``' output, then the head (unless ``pre_logits``)."""
+        raise NotImplementedError
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new zero-initialised head for ``num_classes`` (0: none, ``forward`` gives
+        pre-logits)."""
+        raise NotImplementedError
+
+
+@runtime_checkable
+class Resizable(Protocol):
+    """A model that takes a new input size in place (a ViT resizes its position
+    embeddings); other models are built at the size they are to take."""
+
+    def set_img_size(self, img_size: int | tuple[int, int]) -> None: ...
 
 
 __all__ = [
@@ -94,6 +116,7 @@ __all__ = [
     "STATE_PREFIX",
     "WEIGHTS_FILE",
     "PretrainedModel",
+    "Resizable",
     "save_pretrained",
     "save_safetensors",
 ]

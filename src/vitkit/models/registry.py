@@ -11,18 +11,42 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+if TYPE_CHECKING:
+    from vitkit.models.pretrained import PretrainedModel
+
+
+class ModelConfig(Protocol):
+    """What code may read from any model's ``cfg``, a deployed model's
+    (``vitkit.deploy``) included: the input it takes and the classes it names."""
+
+    @property
+    def img_size(self) -> tuple[int, int]: ...
+    @property
+    def in_chans(self) -> int: ...
+    @property
+    def num_classes(self) -> int: ...
+    @property
+    def extra(self) -> dict[str, Any]: ...
+
+
+class ArchitectureConfig(ModelConfig, Protocol):
+    """The config of a registered architecture (this module's docstring)."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+    def replace(self, **overrides: Any) -> Self: ...
+
 
 @dataclass(frozen=True)
 class Architecture:
     name: str  # "vit", "resnetv2", ...; recorded with every checkpoint vitkit writes
-    config_class: type
-    build: Callable[[Any], nn.Module]  # config -> model
+    config_class: type[Any]  # an ArchitectureConfig; each class has its own fields
+    build: Callable[[Any], PretrainedModel]  # config -> model
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}
@@ -105,7 +129,7 @@ def flops_per_image(config: Any) -> float:
     return float(counter.get_total_flops())
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
+def create_model(name: str, **overrides: Any) -> PretrainedModel:
     """Build a registered model, e.g. ``create_model("vit_b16", num_classes=10, img_size=384)``."""
     config = model_config(name, **overrides)
     return architecture_of(config).build(config)
@@ -113,6 +137,8 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
 __all__ = [
     "Architecture",
+    "ArchitectureConfig",
+    "ModelConfig",
     "architecture_of",
     "create_model",
     "flops_per_image",

@@ -125,13 +125,16 @@ class Bottleneck(nn.Module):
         self.gn2 = group_norm(width, HYBRID_NORM_EPS)
         self.conv3 = hybrid_conv(width, c_out, 1)
         self.gn3 = group_norm(c_out, HYBRID_NORM_EPS)
-        self.conv_proj = self.gn_proj = None
+        self.conv_proj: StdConv2d | None = None
+        self.gn_proj: nn.GroupNorm | None = None
         if needs_projection(c_in, width, stride):
             self.conv_proj = hybrid_conv(c_in, c_out, 1, stride)
             self.gn_proj = group_norm(c_out, HYBRID_NORM_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = x if self.conv_proj is None else self.gn_proj(self.conv_proj(x))
+        residual = x
+        if self.conv_proj is not None and self.gn_proj is not None:  # set together
+            residual = self.gn_proj(self.conv_proj(x))
         y = F.relu(self.gn1(self.conv1(x)))
         y = F.relu(self.gn2(self.conv2(y)))
         y = self.gn3(self.conv3(y))
@@ -169,8 +172,8 @@ class ResNetBackbone(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 lecun_normal_(m.weight)
-        for stage in self.stages:
-            for unit in stage:
+        for unit in self.modules():
+            if isinstance(unit, Bottleneck):
                 nn.init.zeros_(unit.gn3.weight)  # each residual unit starts as the identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

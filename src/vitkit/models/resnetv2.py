@@ -201,6 +201,8 @@ class ResNetV2Stem(nn.Module):
 class ResNetV2(PretrainedModel):
     """BiT ResNet-v2; build one from a ``ResNetV2Config`` or from keyword arguments."""
 
+    cfg: ResNetV2Config
+
     def __init__(self, cfg: ResNetV2Config | None = None, **kwargs: Any) -> None:
         super().__init__()
         cfg = cfg.replace(**kwargs) if cfg is not None else ResNetV2Config(**kwargs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from vitkit.models.layers import AttentionImpl, Block, lecun_normal_
 from vitkit.models.posembed import POS_EMBED_KINDS, Grid, PosEmbedKind, PositionEmbedding
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.models.resnet import ResNetBackbone
+
+ClassifierKind = Literal["token", "gap"]
+GeluKind = Literal["tanh", "none"]
 
 
 def to_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -44,8 +47,8 @@ class ViTConfig:
     mlp_dim: int = 3072
     qkv_bias: bool = True
     eps: float = 1e-6
-    gelu: Literal["tanh", "none"] = "tanh"  # "none" is the exact erf form (PyTorch's name)
-    classifier: Literal["token", "gap"] = "token"
+    gelu: GeluKind = "tanh"  # "none" is the exact erf form (PyTorch's name)
+    classifier: ClassifierKind = "token"
     pos_embed: PosEmbedKind = "learned"
     representation_size: int | None = None
     resnet_layers: tuple[int, ...] | None = None  # set for the hybrid
@@ -186,6 +189,8 @@ class PatchEmbed(nn.Module):
 class VisionTransformer(PretrainedModel):
     """ViT and its ablations; build one from a ``ViTConfig`` or from keyword arguments."""
 
+    cfg: ViTConfig
+
     def __init__(self, cfg: ViTConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
         cfg = cfg.replace(**kwargs) if cfg is not None else ViTConfig(**kwargs)
@@ -229,10 +234,11 @@ class VisionTransformer(PretrainedModel):
         if self.patch_embed.backbone is not None:
             self.patch_embed.backbone.init_weights()
         lecun_normal_(self.patch_embed.proj.weight)
+        assert self.patch_embed.proj.bias is not None  # built with one
         nn.init.zeros_(self.patch_embed.proj.bias)
         self.pos_embed.init_weights()
         for block in self.blocks:
-            block.init_weights()
+            cast(Block, block).init_weights()
         if self.pre_logits is not None:
             lecun_normal_(self.pre_logits.weight)
             nn.init.zeros_(self.pre_logits.bias)
@@ -334,4 +340,11 @@ class VisionTransformer(PretrainedModel):
         self.cfg = cfg
 
 
-__all__ = ["Intermediates", "PatchHook", "ViTConfig", "VisionTransformer"]
+__all__ = [
+    "ClassifierKind",
+    "GeluKind",
+    "Intermediates",
+    "PatchHook",
+    "ViTConfig",
+    "VisionTransformer",
+]

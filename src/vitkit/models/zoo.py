@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 from vitkit.models.registry import Architecture, register, register_architecture
 from vitkit.models.resnetv2 import RESNETV2_MODELS, ResNetV2, ResNetV2Config
 from vitkit.models.vit import VisionTransformer, ViTConfig
 
+
+class Size(TypedDict):
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+
+
 # width, depth, heads, MLP width (Table 1; Ti and S from DeiT / the official code).
-SIZES: dict[str, dict[str, int]] = {
-    "ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
-    "s": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
-    "b": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
-    "l": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
-    "h": dict(width=1280, depth=32, num_heads=16, mlp_dim=5120),
+SIZES: dict[str, Size] = {
+    "ti": Size(width=192, depth=12, num_heads=3, mlp_dim=768),
+    "s": Size(width=384, depth=12, num_heads=6, mlp_dim=1536),
+    "b": Size(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "l": Size(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+    "h": Size(width=1280, depth=32, num_heads=16, mlp_dim=5120),
 }
 PATCHES: dict[str, tuple[int, ...]] = {
     "ti": (16,),

@@ -24,7 +24,7 @@ PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 # The main job's augmentation: a mild random-resized crop (on 8x8 digits, a small zoom and
 # shift) is worth about 3 points of test accuracy there; everything else stays off.
-DEFAULT_AUGMENT = dict(random_resized_crop=True, crop_scale=(0.6, 1.0))
+DEFAULT_AUGMENT: dict[str, Any] = dict(random_resized_crop=True, crop_scale=(0.6, 1.0))
 
 
 def _option(default: Any, help: str) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -79,7 +80,10 @@ def all_reduce_sum(tensor: torch.Tensor, process: Process) -> torch.Tensor:
     return tensor
 
 
-def broadcast_object(value: object, process: Process) -> object:
+T = TypeVar("T")
+
+
+def broadcast_object(value: T, process: Process) -> T:
     """The main process's ``value``, on every process."""
     if not process.distributed:
         return value

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol, Self
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from torch import nn
 
 from vitkit.data import AugmentConfig, BatchTransform, ImageDataset, preprocess
 from vitkit.data.sources import DataSource, as_source
+from vitkit.models.registry import ModelConfig
 from vitkit.training.distributed import Process, all_reduce_sum
 
 
@@ -21,7 +24,21 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     return nullcontext()
 
 
-def eval_transform(model: nn.Module) -> BatchTransform:
+class Classifier(Protocol):
+    """What evaluation and prediction use of a model: a model of any registered architecture,
+    or a deployed one (``vitkit.deploy``), which is no ``PretrainedModel`` but has its ``cfg``."""
+
+    training: bool
+
+    @property
+    def cfg(self) -> ModelConfig: ...
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+    def eval(self) -> Self: ...
+    def train(self, mode: bool = True) -> Self: ...
+
+
+def eval_transform(model: Classifier) -> BatchTransform:
     """Match the model's channels, resize to its resolution, scale to [-1, 1]: ``preprocess``
     (the one evaluation input path), with the labels as one-hot targets."""
     cfg = model.cfg
@@ -48,7 +65,7 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    model: Classifier,
     data: DataSource | ImageDataset,
     batch_size: int = 512,
     precision: str = "fp32",
@@ -89,7 +106,7 @@ def evaluate(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, images: torch.Tensor, top_k: int = 5
+    model: Classifier, images: torch.Tensor, top_k: int = 5
 ) -> list[list[tuple[str, float]]]:
     """Top-``top_k`` (class name, probability) of each uint8 image (B, C, H, W)."""
     device = next(model.parameters()).device
@@ -103,7 +120,7 @@ def predict(
     ]
 
 
-def class_names(model: nn.Module) -> list[str]:
+def class_names(model: Classifier) -> list[str]:
     """The class names a vitkit training run stores in the config, else the indices."""
     names = model.cfg.extra.get("classes")
     if isinstance(names, list) and len(names) == model.cfg.num_classes:

@@ -14,9 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from torch import nn
-
 from vitkit.data.sources import Splits
+from vitkit.models.pretrained import PretrainedModel
 from vitkit.training.config import TrainConfig
 from vitkit.training.distributed import Process
 from vitkit.training.tasks import Task
@@ -25,7 +24,7 @@ from vitkit.training.tasks import Task
 class Evaluator(Protocol):
     name: str
 
-    def run(self, model: nn.Module, process: Process) -> dict[str, Any]:
+    def run(self, model: PretrainedModel, process: Process) -> dict[str, Any]:
         """Metrics of ``model`` (the saved model, not the task's trainable wrapper)."""
         ...
 
@@ -54,7 +53,7 @@ class TaskEvaluator:
     name: str
     context: EvalContext
 
-    def run(self, model: nn.Module, process: Process) -> dict[str, Any]:
+    def run(self, model: PretrainedModel, process: Process) -> dict[str, Any]:
         source = self.context.splits.val
         assert source is not None
         return self.context.task.evaluate(model, source, process)

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vitkit.data.sources import DataSource, Splits, open_splits
+from vitkit.models.pretrained import PretrainedModel
 from vitkit.training import distributed
 from vitkit.training.config import TrainConfig
 from vitkit.training.distributed import Process
@@ -138,6 +139,7 @@ def open_run_folder(cfg: TrainConfig, process: Process) -> RunFolder:
     claimed = distributed.broadcast_object(claimed, process)
     if isinstance(claimed, str):
         raise ValueError(claimed)
+    assert claimed is not None  # the main process's folder
     return RunFolder(claimed, process.is_main)
 
 
@@ -243,7 +245,9 @@ def _train(
                     inputs, targets = task.prepare(batch, derived_seed(seed, 1))
                     last_micro = micro == cfg.accum_steps - 1
                     no_sync = (
-                        net.no_sync() if process.distributed and not last_micro else nullcontext()
+                        net.no_sync()
+                        if isinstance(net, DistributedDataParallel) and not last_micro
+                        else nullcontext()
                     )
                     with no_sync:
                         with autocast(device, cfg.precision):
@@ -298,6 +302,7 @@ def _train(
     best_weights = distributed.broadcast_object(
         run.load_checkpoint(run.best).weights if process.is_main else None, process
     )
+    assert best_weights is not None  # read by the main process
     model.load_state_dict(best_weights)
     test = task.evaluate(model, splits.test, process)
     summary = dict(
@@ -394,7 +399,7 @@ def log_training(
 
 
 def run_evaluators(
-    evaluators: list[Evaluator], task: Task, model: nn.Module, run: RunFolder,
+    evaluators: list[Evaluator], task: Task, model: PretrainedModel, run: RunFolder,
     process: Process, state: LoopState, steps_per_epoch: int,
 ) -> bool:  # fmt: skip
     """Run and log every evaluator; True if the validation metric is the best so far."""

@@ -22,6 +22,7 @@ from vitkit.checkpoints.core import build_model
 from vitkit.data import BatchTransform
 from vitkit.data.sources import Batch, DataSource, SourceInfo
 from vitkit.models import create_model, model_config
+from vitkit.models.pretrained import PretrainedModel
 from vitkit.training.config import TrainConfig
 from vitkit.training.distributed import Process
 from vitkit.training.evaluate import evaluate
@@ -49,7 +50,7 @@ class Task:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
 
-    def build_model(self, info: SourceInfo) -> nn.Module:
+    def build_model(self, info: SourceInfo) -> PretrainedModel:
         """The model the run saves: a new one (``cfg.model``), or the checkpoint's
         (``cfg.init_from``) fitted to the data."""
         raise NotImplementedError
@@ -66,7 +67,7 @@ class Task:
     def load_task_state(self, trainable: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         """The inverse of ``task_state``."""
 
-    def setup(self, model: nn.Module) -> None:
+    def setup(self, model: PretrainedModel) -> None:
         """Called once the model exists, before the first ``prepare``."""
 
     def prepare(self, batch: Batch, seed: int) -> tuple[torch.Tensor, Any]:
@@ -76,7 +77,9 @@ class Task:
     def step(self, net: nn.Module, inputs: torch.Tensor, targets: Any) -> StepResult:
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, source: DataSource, process: Process) -> dict[str, Any]:
+    def evaluate(
+        self, model: PretrainedModel, source: DataSource, process: Process
+    ) -> dict[str, Any]:
         """Metrics of ``model`` on every example of ``source`` (exact under DDP); the float
         ones are logged, the others may go into the summary."""
         raise NotImplementedError
@@ -119,12 +122,13 @@ class Classification(Task):
     best_metric = "accuracy"
     best_mode = "max"
 
-    def build_model(self, info: SourceInfo) -> nn.Module:
+    def build_model(self, info: SourceInfo) -> PretrainedModel:
         cfg = self.cfg
         if info.classes is None:
             raise ValueError(f"{cfg.data} has no labels: classification needs class folders")
         extra = {"classes": info.classes}
         if cfg.init_from is None:
+            assert cfg.model is not None  # TrainConfig checked it names a registered model
             size = {"img_size": cfg.img_size} if cfg.img_size else {}
             config_class = type(model_config(cfg.model))
             regularisation = fitted_overrides(
@@ -145,7 +149,7 @@ class Classification(Task):
         model.cfg = model.cfg.replace(extra={**model.cfg.extra, **extra})
         return model
 
-    def setup(self, model: nn.Module) -> None:
+    def setup(self, model: PretrainedModel) -> None:
         cfg = model.cfg
         self.transform = BatchTransform(
             cfg.img_size, cfg.num_classes, self.cfg.augment, 0, channels=cfg.in_chans
@@ -165,7 +169,9 @@ class Classification(Task):
         return StepResult(loss, {"loss": loss.detach() * len(labels), "accuracy": correct},
                           len(labels))  # fmt: skip
 
-    def evaluate(self, model: nn.Module, source: DataSource, process: Process) -> dict[str, Any]:
+    def evaluate(
+        self, model: PretrainedModel, source: DataSource, process: Process
+    ) -> dict[str, Any]:
         result = evaluate(model, source, self.cfg.eval_batch_size, self.cfg.precision, process)
         return {"loss": result.loss, "accuracy": result.accuracy, "confusion": result.confusion}
 
