@@ -83,7 +83,8 @@ class Section:
     caption: str = ""
     images: list[str] = field(default_factory=list)  # PNG names, relative to the report
     note: str = ""  # why the section is empty, or a remark under it
-    table: list[tuple[str, str]] = field(default_factory=list)
+    table: list[tuple[str, str]] = field(default_factory=list)  # (name, value) pairs
+    rows: list[list[str]] = field(default_factory=list)  # a table: its header, then its rows
 
 
 def render_report(title: str, sections: Sequence[Section]) -> str:
@@ -95,6 +96,13 @@ def render_report(title: str, sections: Sequence[Section]) -> str:
         if section.table:
             rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in section.table)
             body.append(f"<table>{rows}</table>")
+        if section.rows:
+            header, *rest = section.rows
+            cells = ["".join(f"<th>{esc(c)}</th>" for c in header)]
+            cells += ["".join(f"<td>{esc(c)}</td>" for c in row) for row in rest]
+            body.append(
+                "<table class='grid'>" + "".join(f"<tr>{c}</tr>" for c in cells) + "</table>"
+            )
         for name in section.images:
             body.append(
                 f'<figure><a href="{esc(name)}"><img src="{esc(name)}" alt="{esc(section.title)}">'
@@ -110,6 +118,7 @@ def render_report(title: str, sections: Sequence[Section]) -> str:
         "img{max-width:100%;height:auto}figure{margin:0.5em 0}"
         ".caption{color:#444;max-width:50em}.note{color:#a60}"
         "th{text-align:left;padding-right:1em;font-weight:normal;color:#555}"
+        ".grid td{text-align:right;padding:0 0.6em}.grid th{padding:0 0.6em}"
     )
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"

@@ -30,6 +30,7 @@ from vitkit.training import (
 )
 from vitkit.training.config import DEFAULT_AUGMENT, merge, read_toml
 from vitkit.training.loop import Progress
+from vitkit.training.recipes import BIT_FIXED, bit_config
 
 AUGMENT_HELP = {
     "random_resized_crop": "random-resized (Inception) crop instead of a plain resize",
@@ -123,11 +124,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Fine-tune any checkpoint load_pretrained reads, with the paper's recipe: "
         "a new zero-initialised head, SGD with momentum 0.9, gradient clipping at global norm "
         "1, cosine decay after a warm-up. --img-size above the checkpoint's resizes the "
-        "position embeddings. Resume with `vitkit train --resume DIR`.",
+        "position embeddings. --recipe bit uses BiT-HyperRule instead. Resume with `vitkit "
+        "train --resume DIR`.",
     )
     finetune_parser.add_argument(
         "--from", dest="init_from", required=True, metavar="CKPT",
         help="the checkpoint to start from (vitkit, official .npz, ...)",
+    )  # fmt: skip
+    finetune_parser.add_argument(
+        "--recipe", choices=("bit",),
+        help="'bit': BiT-HyperRule (SGD, lr 0.003 x batch / 512, staircase schedule, length, "
+        "mixup and crop by the training set's size and image area, computed and logged when "
+        "the run starts); the config file and flags override any of it",
     )  # fmt: skip
     add_config_flags(finetune_parser, FINETUNE_DEFAULTS)
     finetune_parser.set_defaults(func=run_train, preset=FINETUNE_DEFAULTS)
@@ -140,13 +148,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = vars(args)
     flags = {k: v for k, v in given.items() if k in train_fields}
     flags["augment"] = {k: v for k, v in given.items() if k in augment_fields}
-    values = dict(args.preset)
+    bit = getattr(args, "recipe", None) == "bit"
+    values = merge(args.preset, BIT_FIXED) if bit else dict(args.preset)
     recipe = read_toml(args.config) if args.config is not None else None
     cfg = TrainConfig.from_dict(merge(merge(values, recipe or {}), flags))
     if recipe is not None and "data" not in recipe and "data" not in flags:
         # The default data (the shipped digits) is for the bare `vitkit train`: a recipe is
         # written for a dataset, and training it on another one would go unnoticed.
         raise ValueError(f"the recipe {args.config} names no data: pass --data")
+    if bit:  # the data-dependent part, unless the file or a flag set it
+        explicit = merge(recipe or {}, flags)
+        cfg = bit_config(cfg, keep={*explicit, *explicit["augment"]} - {"augment"})
     return cfg
 
 

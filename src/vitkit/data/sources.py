@@ -104,9 +104,14 @@ class Splits:
     held_out_test: bool = False  # the source had one split; test was held out of it
 
 
-def open_splits(data: str, val_fraction: float, seed: int) -> Splits:
+def open_splits(data: str, val_fraction: float, seed: int, train_fraction: float = 1.0) -> Splits:
     """The train, validation (held out of train, stratified; None for ``val_fraction == 0``)
     and test sources of ``data``.
+
+    ``train_fraction`` < 1 keeps a stratified subset of the training split (before the
+    validation images are held out of it), for data-size experiments: the subsets of one
+    ``seed`` are nested (each class draws one permutation and keeps a prefix of it), and the
+    test split is the same whatever the fraction.
 
     A source with a single split (a folder of class folders, one .npz of images/labels) comes
     back whole for every split name: a stratified ``HELD_OUT_TEST`` of it, chosen by ``seed``,
@@ -125,6 +130,15 @@ def open_splits(data: str, val_fraction: float, seed: int) -> Splits:
             f"{data}: {differing_classes(train.classes, test.classes, 'the train split', 'the test split')}; "
             "give both the same class folders"
         )
+    if train_fraction < 1.0:
+        train = train.split(train_fraction, seed)[1]
+        counts = torch.bincount(train.labels, minlength=len(train.classes))
+        if (counts == 0).any():
+            empty = train.classes[int(torch.nonzero(counts == 0)[0])]
+            raise ValueError(
+                f"train_fraction {train_fraction} leaves class {empty!r} of {data} without "
+                "training images: raise the fraction"
+            )
     val = None
     if val_fraction > 0:
         train, val = train.split(val_fraction, seed)

@@ -19,7 +19,7 @@ from vitkit.data import AugmentConfig
 from vitkit.models import list_models
 
 OPTIMIZERS = ("adam", "sgd")
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "bit")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 # The main job's augmentation: a mild random-resized crop (on 8x8 digits, a small zoom and
@@ -58,8 +58,22 @@ class TrainConfig:
         "fraction of the training split held out (stratified) to pick the best epoch; 0 = none: "
         "best = last",
     )
+    train_fraction: float = _option(
+        1.0,
+        "train on this stratified fraction of the training split (the same images for a given "
+        "seed, and a smaller fraction's images are among a larger one's); the test split is "
+        "unchanged",
+    )
     # The optimisation.
     epochs: int = _option(150, "passes over the training data")
+    steps: int = _option(
+        0, "length of the run in optimizer steps, overriding epochs; 0 = epochs x steps per epoch"
+    )
+    max_minutes: float = _option(
+        0.0,
+        "stop training once this many minutes were spent in training steps (evaluation not "
+        "counted), then evaluate and test as at the planned end; 0 = no limit",
+    )
     batch_size: int = _option(
         64, "global batch size (all processes, all accumulation steps together)"
     )
@@ -75,13 +89,23 @@ class TrainConfig:
     weight_decay: float = _option(
         0.1, "decoupled weight decay (times the learning rate), on weight matrices only"
     )
-    schedule: Literal["cosine", "linear", "constant"] = _option(
-        "cosine", "learning-rate decay to zero after the warm-up"
+    schedule: Literal["cosine", "linear", "constant", "bit"] = _option(
+        "cosine",
+        "learning-rate decay after the warm-up: to zero ('cosine', 'linear'), none ('constant') "
+        "or BiT's staircase ('bit': divided by 10 at each of lr_drops)",
     )
+    lr_drops: list[int] = field(
+        default_factory=list,
+        metadata={"help": "schedule 'bit': the optimizer steps from which the learning rate is "
+                          "divided by 10 once more (BiT-HyperRule: 3 drops)"},
+    )  # fmt: skip
     warmup_epochs: float = _option(
         3.0,
         "linear warm-up from zero, in epochs (may be fractional); a warm-up as long as the run "
         "is cut to a tenth of it, with a note",
+    )
+    warmup_steps: int | None = _option(
+        None, "the warm-up in optimizer steps, overriding warmup_epochs"
     )
     grad_clip: float = _option(1.0, "clip gradients at this global norm; 0 = off")
     # Regularisation and augmentation (label smoothing and the rest live in ``augment``).
@@ -115,6 +139,7 @@ class TrainConfig:
             self.augment = AugmentConfig(**{**DEFAULT_AUGMENT, **self.augment})
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         self.evaluators = list(self.evaluators)
+        self.lr_drops = list(self.lr_drops)
         problems = []
 
         def check(ok: bool, message: str) -> None:
@@ -128,7 +153,10 @@ class TrainConfig:
             check(Path(self.init_from).exists(), f"init_from {self.init_from} does not exist")
         check(self.img_size is None or self.img_size > 0, "img_size must be positive")
         check(0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)")
+        check(0.0 < self.train_fraction <= 1.0, "train_fraction must be in (0, 1]")
         check(self.epochs >= 1, "epochs must be at least 1")
+        check(self.steps >= 0, "steps must be >= 0 (0 = epochs x steps per epoch)")
+        check(self.max_minutes >= 0, "max_minutes must be >= 0 (0 = no limit)")
         check(self.batch_size >= 1, "batch_size must be at least 1")
         check(self.accum_steps >= 1, "accum_steps must be at least 1")
         check(
@@ -142,6 +170,17 @@ class TrainConfig:
         check(self.weight_decay >= 0, "weight_decay must be >= 0")
         check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}")
         check(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
+        check(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        if self.schedule == "bit":
+            check(
+                bool(self.lr_drops) and self.lr_drops == sorted(set(self.lr_drops))
+                and self.lr_drops[0] > 0,
+                f"schedule 'bit' needs lr_drops: increasing positive steps, got {self.lr_drops}",
+            )  # fmt: skip
+            check(not self.steps or self.lr_drops[-1:] < [self.steps],
+                  f"lr_drops {self.lr_drops} must lie before the end (steps {self.steps})")  # fmt: skip
+        else:
+            check(not self.lr_drops, "lr_drops is only used by schedule 'bit': set --schedule bit")
         check(self.grad_clip >= 0, "grad_clip must be >= 0 (0 = off)")
         check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
         check(0.0 <= self.drop_path < 1.0, "drop_path must be in [0, 1)")

@@ -166,10 +166,10 @@ def _train(
     device = process.device
     # ---- data, task and evaluators, checked before anything is trained or written
     task = build_task(cfg)
-    splits = open_splits(cfg.data, cfg.val_fraction, cfg.seed)
+    splits = open_splits(cfg.data, cfg.val_fraction, cfg.seed, cfg.train_fraction)
     rank_batch = check_batch_sizes(cfg, splits.train, process)
     steps_per_epoch = len(splits.train) // cfg.batch_size
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     warmup_steps = warmup_length(cfg, steps_per_epoch, total_steps)
     if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("this GPU has no bfloat16: use --precision fp32")
@@ -188,7 +188,7 @@ def _train(
     task.setup(model)
     trainable = task.trainable(model)
     optimizer = build_optimizer(trainable, cfg)
-    scheduler = build_schedule(optimizer, warmup_steps, total_steps, cfg.schedule)
+    scheduler = build_schedule(optimizer, warmup_steps, total_steps, cfg.schedule, cfg.lr_drops)
     state = LoopState()
     if (
         resume is not None
@@ -212,9 +212,10 @@ def _train(
     )
     if process.is_main:
         logger.info(
-            "training %s-parameter %s (%s) on %s: %s, %d epochs of %d steps, %d process(es) "
+            "training %s-parameter %s (%s) on %s: %s, %.4g epochs of %d steps, %d process(es) "
             "on %s; run folder %s", f"{num_parameters(model):,}", cfg.model or cfg.init_from,
-            cfg.task, cfg.data, describe_splits(splits), cfg.epochs, steps_per_epoch,
+            cfg.task, cfg.data, describe_splits(splits), total_steps / steps_per_epoch,
+            steps_per_epoch,
             process.world_size, device.type, run.path,
         )  # fmt: skip
 
@@ -228,15 +229,22 @@ def _train(
         run.save_checkpoint(model, optimizer, scheduler, dataclasses.asdict(state), is_best,
                             task.task_state(trainable))  # fmt: skip
 
+    def out_of_time() -> bool:  # training time only: evaluating and checkpointing are free
+        if not cfg.max_minutes:
+            return False
+        spent = state.train_seconds + time.perf_counter() - segment_start
+        # The main process's clock decides, so that every rank stops after the same step.
+        return bool(distributed.broadcast_object(spent >= 60 * cfg.max_minutes, process))
+
     try:
-        while state.step < total_steps:
+        while state.step < total_steps and not out_of_time():
             epoch, offset = divmod(state.step, steps_per_epoch)
             batches = splits.train.train_batches(
                 rank_batch, seed=cfg.seed, epoch=epoch, start=offset * cfg.accum_steps,
                 rank=process.rank, world_size=process.world_size,
             )  # fmt: skip
             trainable.train()
-            for _ in range(offset, steps_per_epoch):
+            for _ in range(offset, min(steps_per_epoch, total_steps - epoch * steps_per_epoch)):
                 for micro in range(cfg.accum_steps):
                     batch = next(batches)
                     seed = derived_seed(cfg.seed, state.step, micro, process.rank)
@@ -268,8 +276,11 @@ def _train(
                 state.train_images += cfg.batch_size
                 epoch_done = state.step % steps_per_epoch == 0
                 state.epoch += epoch_done
-                eval_due = state.step == total_steps or (
-                    state.step % cfg.eval_every == 0 if cfg.eval_every else epoch_done
+                stop = out_of_time()
+                eval_due = (
+                    stop
+                    or state.step == total_steps
+                    or (state.step % cfg.eval_every == 0 if cfg.eval_every else epoch_done)
                 )
                 checkpoint_due = (
                     eval_due or epoch_done
@@ -295,6 +306,10 @@ def _train(
                 )
                 checkpoint(is_best or not any(e.name == "val" for e in evaluators))
                 segment_start = time.perf_counter()
+                if stop:
+                    logger.info("the %g-minute budget is spent after step %d of %d: testing",
+                                cfg.max_minutes, state.step, total_steps)  # fmt: skip
+                    break
     except KeyboardInterrupt:
         raise TrainingInterrupted(interrupted_message(run, state.step)) from None
 
@@ -305,12 +320,15 @@ def _train(
     assert best_weights is not None  # read by the main process
     model.load_state_dict(best_weights)
     test = task.evaluate(model, splits.test, process)
+    epochs_done = round(state.step / steps_per_epoch, 3)
     summary = dict(
         task.summary(test, state.best_value),
-        best_epoch=state.best_epoch or cfg.epochs,
-        best_step=state.best_step or total_steps,
-        epochs=cfg.epochs,
+        best_epoch=state.best_epoch or epochs_done,
+        best_step=state.best_step or state.step,
+        epochs=epochs_done,
         steps=state.step,
+        budget_spent=state.step < total_steps,  # stopped by max_minutes
+        train_examples=len(splits.train),
         wall_seconds=time.perf_counter() - session_start,
         train_seconds=state.train_seconds,
         images_per_second=state.train_images / max(state.train_seconds, 1e-9),
@@ -359,14 +377,16 @@ def check_batch_sizes(cfg: TrainConfig, train: DataSource, process: Process) -> 
 def warmup_length(cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> int:
     """The warm-up in steps; one as long as the run is cut to a tenth of it, with a note,
     so a short run never fails on the default warm-up."""
-    steps = round(cfg.warmup_epochs * steps_per_epoch)
+    steps = cfg.warmup_steps
+    if steps is None:
+        steps = round(cfg.warmup_epochs * steps_per_epoch)
     if steps < total_steps:
         return steps
     cut = total_steps // 10
     logger.warning(
-        "the warm-up (%g epochs) is as long as the run (%d epochs): warming up for a tenth of "
-        "the run instead (%d steps); set --warmup-epochs to choose", cfg.warmup_epochs,
-        cfg.epochs, cut,
+        "the warm-up (%d steps) is as long as the run (%d steps): warming up for a tenth of "
+        "the run instead (%d steps); set --warmup-epochs or --warmup-steps to choose", steps,
+        total_steps, cut,
     )  # fmt: skip
     return cut
 

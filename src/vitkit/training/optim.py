@@ -2,7 +2,8 @@
 
 Pre-training: Adam (β = 0.9, 0.999) with decoupled weight decay, a linear warm-up then a
 linear or cosine decay to zero. Fine-tuning: SGD with momentum 0.9, cosine decay after a
-warm-up. Weight decay applies to weight matrices and convolution kernels only, as the
+warm-up; or BiT's staircase (``"bit"``: the learning rate divided by 10 at a few chosen steps,
+the schedule of BiT-HyperRule, ``training/recipes.py``). Weight decay applies to weight matrices and convolution kernels only, as the
 official code's default (``.*/kernel``), not to biases, norms, position embeddings or the
 class token.
 """
@@ -10,6 +11,7 @@ class token.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -38,10 +40,16 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
-    """The learning rate at optimizer step ``step`` (0-based) as a fraction of the peak."""
+def lr_factor(
+    step: int, warmup_steps: int, total_steps: int, schedule: str, drops: Sequence[int] = ()
+) -> float:
+    """The learning rate at optimizer step ``step`` (0-based) as a fraction of the peak.
+
+    ``"bit"``: the peak divided by 10 for each of ``drops`` that ``step`` has reached."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "bit":
+        return 0.1 ** sum(step >= drop for drop in drops)
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     if schedule == "linear":
         return 1.0 - progress
@@ -51,8 +59,9 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
 
 
 def build_schedule(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, schedule: str
-) -> torch.optim.lr_scheduler.LambdaLR:
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, schedule: str,
+    drops: Sequence[int] = (),
+) -> torch.optim.lr_scheduler.LambdaLR:  # fmt: skip
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, schedule)
+        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, schedule, drops)
     )
