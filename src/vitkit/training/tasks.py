@@ -121,8 +121,7 @@ class Classification(Task):
 
     def build_model(self, info: SourceInfo) -> nn.Module:
         cfg = self.cfg
-        if info.classes is None:
-            raise ValueError(f"{cfg.data} has no labels: classification needs class folders")
+        assert info.classes is not None  # the loop refuses unlabelled data (``needs_labels``)
         extra = {"classes": info.classes}
         if cfg.init_from is None:
             size = {"img_size": cfg.img_size} if cfg.img_size else {}
