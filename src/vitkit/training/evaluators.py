@@ -73,9 +73,13 @@ register_evaluator("val", _validation)
 
 
 def _all_images(source: DataSource) -> tuple[torch.Tensor, torch.Tensor]:
-    batches = list(source.eval_batches(512))
-    assert all(b.labels is not None for b in batches)
-    return torch.cat([b.images for b in batches]), torch.cat([b.labels for b in batches])
+    """Every image of a labelled ``source`` and its label, in memory."""
+    images, labels = [], []
+    for batch in source.eval_batches(512):
+        assert batch.labels is not None  # the caller checked ``info.classes``
+        images.append(batch.images)
+        labels.append(batch.labels)
+    return torch.cat(images), torch.cat(labels)
 
 
 @dataclass

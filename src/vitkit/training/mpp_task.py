@@ -24,7 +24,7 @@ from vitkit.data import BatchTransform, preprocess
 from vitkit.data.sources import Batch, DataSource, SourceInfo
 from vitkit.models import architecture_of, create_model, model_config
 from vitkit.models.mpp import MaskedPatchPrediction
-from vitkit.models.vit import ViTConfig
+from vitkit.models.vit import VisionTransformer, ViTConfig
 from vitkit.training.config import TrainConfig
 from vitkit.training.distributed import Process, all_reduce_sum
 from vitkit.training.evaluate import autocast
@@ -56,6 +56,8 @@ class MaskedPatchPredictionTask(Task):
                 f"masked patch prediction has no labels to mix or smooth and predicts each "
                 f"image's own patches: set {', '.join(mixing)} to 0"
             )
+        assert cfg.model is not None  # TrainConfig requires a registered model without init_from
+        self.model_name = cfg.model
         config = model_config(cfg.model)
         if not isinstance(config, ViTConfig):
             raise ValueError(
@@ -70,11 +72,12 @@ class MaskedPatchPredictionTask(Task):
         size = {"img_size": cfg.img_size} if cfg.img_size else {}
         regularisation = fitted_overrides(ViTConfig, dropout=cfg.dropout, drop_path=cfg.drop_path)
         return create_model(
-            cfg.model, num_classes=0, representation_size=None, in_chans=info.channels,
+            self.model_name, num_classes=0, representation_size=None, in_chans=info.channels,
             **size, **regularisation,
         )  # fmt: skip
 
     def trainable(self, model: nn.Module) -> nn.Module:
+        assert isinstance(model, VisionTransformer)  # from ``build_model``
         device = next(model.parameters()).device
         self.wrapper = MaskedPatchPrediction(model, self.cfg.mpp_target, self.cfg.mpp_rate)
         return self.wrapper.to(device)
@@ -94,7 +97,7 @@ class MaskedPatchPredictionTask(Task):
                 value.copy_(tensors[name])
 
     def setup(self, model: nn.Module) -> None:
-        cfg = model.cfg
+        cfg: Any = model.cfg
         # No labels: the transform's one-hot targets get one placeholder class, unused.
         self.transform = BatchTransform(cfg.img_size, 1, self.cfg.augment, 0, channels=cfg.in_chans)
 
