@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "convert",
     "inspect",
     "train",
+    "pretrain",
     "evaluate",
     "predict",
     "export",

@@ -83,13 +83,17 @@ def _add_field(group: argparse._ArgumentGroup, field: dataclasses.Field, hint: A
                            **kwargs)  # fmt: skip
 
 
-def add_config_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser, defaults: dict[str, Any], hidden: frozenset[str] = frozenset()
+) -> None:
+    """A flag for each config field but ``init_from`` and those in ``hidden`` (which the
+    command sets another way)."""
     parser.add_argument(
         "--config", type=Path, help="TOML file of settings (flags override it; augmentations "
         "under [augment]); see the resolved config.json of any run for every key",
     )  # fmt: skip
     for cls, title, skip in (
-        (TrainConfig, "training options", {"augment", "init_from"}),
+        (TrainConfig, "training options", {"augment", "init_from", *hidden}),
         (AugmentConfig, "augmentation options ([augment] in the TOML file)", set()),
     ):
         group = parser.add_argument_group(title)

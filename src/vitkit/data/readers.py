@@ -55,7 +55,8 @@ def load_dataset(source: str | Path, split: str = "train") -> ImageDataset:
       images as NHWC, NCHW or NHW (grey), and optionally ``classes`` (names).
 
     Unreadable images in a folder (corrupt, or over Pillow's decompression-bomb limit) are
-    skipped with one warning that names the first few and counts them.
+    skipped with one warning that names the first few and counts them. A folder with images
+    directly in it has no labels: refused here, read by ``read_unlabelled`` for pre-training.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -76,6 +77,12 @@ def load_dataset(source: str | Path, split: str = "train") -> ImageDataset:
     for detect, read in _FOLDER_READERS:
         if detect(path):
             return read(path, split)
+    if is_unlabelled_folder(path):
+        raise ValueError(
+            f"{path} holds images directly, not in class folders: it has no labels. Unlabelled "
+            "images serve for pre-training (`vitkit pretrain`); to classify, put each class's "
+            f"images in a folder of its own ({path}/<class>/<image>)"
+        )
     return read_image_folder(path, split)
 
 
@@ -400,11 +407,13 @@ def _read_cache(cache: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[st
         return None
 
 
-def _decode_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """Decode every image under ``root/<class>/`` in parallel: (images, labels, classes,
+def _decode_folder(
+    root: Path, listing: Callable[[Path], tuple[list[str], list[str], list[int]]]
+) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Decode every image ``listing(root)`` names, in parallel: (images, labels, classes,
     the unreadable images skipped, as "path (reason)"), cached on disk so the next call is
     instant."""
-    classes, files, labels = _list_image_folder(root)
+    classes, files, labels = listing(root)
     if not files:
         raise ValueError(
             f"{root} has no images: expected {root}/<class>/<image> "
@@ -444,18 +453,57 @@ def read_image_folder(root: Path, split: str) -> ImageDataset:
     split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
     if split_dirs:
         root = split_dirs[_other_split(root, split, lambda s: s in split_dirs)]
-    images, labels, classes, skipped = _decode_folder(root)
+    images, labels, classes, skipped = _decode_folder(root, _list_image_folder)
+    _warn_skipped(root, skipped, len(labels))
+    return ImageDataset(torch.from_numpy(images), torch.from_numpy(labels), classes)
+
+
+def _warn_skipped(root: Path, skipped: list[str], read: int) -> None:
     if skipped:
         more = len(skipped) - SHOWN_SKIPPED
         # stacklevel 1: one location, so that Python's default filter shows this once per
         # process however many times (and from wherever) the folder is loaded
         warnings.warn(
             f"{root}: skipped {len(skipped)} unreadable or corrupt image(s) of "
-            f"{len(skipped) + len(labels)}: {'; '.join(skipped[:SHOWN_SKIPPED])}"
+            f"{len(skipped) + read}: {'; '.join(skipped[:SHOWN_SKIPPED])}"
             + (f"; and {more} more" if more > 0 else ""),
             stacklevel=1,
         )
-    return ImageDataset(torch.from_numpy(images), torch.from_numpy(labels), classes)
+
+
+# --- unlabelled image folders (pre-training) -----------------------------------------------
+
+
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def is_unlabelled_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder with images directly in it: images not sorted into class
+    folders, so without labels (a labelled folder holds only class or split folders)."""
+    return path.is_dir() and any(e.is_file() and _is_image(e.name) for e in os.scandir(path))
+
+
+def _list_unlabelled_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
+    """``_list_image_folder``'s answer for every image under ``root``, sub-folders included
+    (in sorted order), all with the label 0 of no class."""
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders.sort()
+        prefix = os.path.relpath(folder, root) + "/" if folder != str(root) else ""
+        files += [prefix + name for name in sorted(names) if _is_image(name)]
+    return [], files, [0] * len(files)
+
+
+def read_unlabelled(source: str | Path) -> torch.Tensor | None:
+    """The uint8 images (N, C, H, W) of an unlabelled folder (``is_unlabelled_folder``),
+    decoded and cached as labelled folders are; None for any other source."""
+    path = Path(source).expanduser()
+    if str(source) == "digits" or not is_unlabelled_folder(path):
+        return None
+    images, _, _, skipped = _decode_folder(path, _list_unlabelled_folder)
+    _warn_skipped(path, skipped, len(images))
+    return torch.from_numpy(images)
 
 
 _FOLDER_READERS: tuple[tuple[Callable[[Path], bool], Callable[[Path, str], ImageDataset]], ...] = (

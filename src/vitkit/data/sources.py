@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 from vitkit.data.datasets import ImageDataset, differing_classes, iterate_batches
-from vitkit.data.readers import load_dataset
+from vitkit.data.readers import load_dataset, read_unlabelled
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +61,17 @@ class DataSource(Protocol):
 
 
 class InMemorySource:
-    """A ``DataSource`` over an ``ImageDataset`` held in memory."""
+    """A ``DataSource`` over an ``ImageDataset`` held in memory; with ``labelled=False`` its
+    labels are hidden (``classes`` and ``Batch.labels`` None), for unlabelled images."""
 
-    def __init__(self, dataset: ImageDataset) -> None:
+    def __init__(self, dataset: ImageDataset, labelled: bool = True) -> None:
         self.dataset = dataset
+        self.labelled = labelled
 
     @property
     def info(self) -> SourceInfo:
-        return SourceInfo(list(self.dataset.classes), self.dataset.images.shape[1], len(self))
+        classes = list(self.dataset.classes) if self.labelled else None
+        return SourceInfo(classes, self.dataset.images.shape[1], len(self))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -82,14 +85,14 @@ class InMemorySource:
             world_size=world_size, drop_last=True, start=start,
         )  # fmt: skip
         for images, labels in batches:
-            yield Batch(images, labels)
+            yield Batch(images, labels if self.labelled else None)
 
     def eval_batches(
         self, batch_size: int, *, rank: int = 0, world_size: int = 1
     ) -> Iterator[Batch]:
         shard = self.dataset.subset(torch.arange(rank, len(self.dataset), world_size))
         for images, labels in iterate_batches(shard, batch_size, shuffle=False, seed=0, epoch=0):
-            yield Batch(images, labels)
+            yield Batch(images, labels if self.labelled else None)
 
 
 def as_source(data: DataSource | ImageDataset) -> DataSource:
@@ -116,10 +119,14 @@ def open_splits(data: str, val_fraction: float, seed: int, train_fraction: float
     A source with a single split (a folder of class folders, one .npz of images/labels) comes
     back whole for every split name: a stratified ``HELD_OUT_TEST`` of it, chosen by ``seed``,
     becomes the test split instead of testing on training images. ``vitkit eval`` uses the
-    same function, so with the run's seed it evaluates on the run's own test images.
+    same function, so with the run's seed it evaluates on the run's own test images. An
+    unlabelled folder (``read_unlabelled``) is split the same way into sources without labels.
     """
-    train = load_dataset(data, "train")
-    test = load_dataset(data, "test")
+    unlabelled = read_unlabelled(data)
+    if unlabelled is None:
+        train, test = load_dataset(data, "train"), load_dataset(data, "test")
+    else:
+        train = test = as_unlabelled_dataset(unlabelled)
     single_split = same_images(train, test)
     if single_split:
         logger.warning("%s has no separate test split: holding out %.0f%% of it", data,
@@ -142,10 +149,17 @@ def open_splits(data: str, val_fraction: float, seed: int, train_fraction: float
     val = None
     if val_fraction > 0:
         train, val = train.split(val_fraction, seed)
+    labelled = unlabelled is None
     return Splits(
-        InMemorySource(train), InMemorySource(val) if val else None, InMemorySource(test),
-        held_out_test=single_split,
+        InMemorySource(train, labelled), InMemorySource(val, labelled) if val else None,
+        InMemorySource(test, labelled), held_out_test=single_split,
     )  # fmt: skip
+
+
+def as_unlabelled_dataset(images: torch.Tensor) -> ImageDataset:
+    """Unlabelled images as a dataset of one placeholder class, so that the stratified splits
+    of ``open_splits`` are plain random ones; ``InMemorySource(labelled=False)`` hides it."""
+    return ImageDataset(images, torch.zeros(len(images), dtype=torch.long), ["unlabelled"])
 
 
 def same_images(first: ImageDataset, second: ImageDataset) -> bool:

@@ -1,12 +1,15 @@
-"""Training and fine-tuning: the paper's recipes, run folders, resume and DDP."""
+"""Training, fine-tuning and masked-patch pre-training: the paper's recipes, run folders,
+resume and DDP."""
 
-from vitkit.training.config import FINETUNE_DEFAULTS, TrainConfig
+from vitkit.training import mpp_task  # noqa: F401  (registers the "mpp" task)
+from vitkit.training.config import FINETUNE_DEFAULTS, PRETRAIN_DEFAULTS, TrainConfig
 from vitkit.training.evaluate import Evaluation, evaluate, predict
 from vitkit.training.loop import LoopState, TrainingDiverged, TrainingInterrupted, train
 from vitkit.training.run import RunFolder
 
 __all__ = [
     "FINETUNE_DEFAULTS",
+    "PRETRAIN_DEFAULTS",
     "Evaluation",
     "LoopState",
     "RunFolder",

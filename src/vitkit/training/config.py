@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from vitkit.data import AugmentConfig
 from vitkit.models import list_models
+from vitkit.models.mpp import MPP_TARGETS
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "linear", "constant", "bit")
@@ -37,7 +38,9 @@ class TrainConfig:
 
     # What to train on what.
     task: str = _option(
-        "classification", "what the run learns: 'classification' (tasks register by name)"
+        "classification",
+        "what the run learns: 'classification' or 'mpp' (masked patch prediction; tasks "
+        "register by name)",
     )
     model: str | None = _option(
         "vit_digits",
@@ -112,6 +115,13 @@ class TrainConfig:
     dropout: float = _option(0.0, "dropout rate after the position embedding and in the MLPs")
     drop_path: float = _option(0.0, "stochastic depth rate of the last block (0 at the first)")
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(**DEFAULT_AUGMENT))
+    # Masked patch prediction (task "mpp", ``vitkit pretrain``).
+    mpp_target: Literal["mean_colour", "downsized", "pixels"] = _option(
+        "mean_colour",
+        "what a corrupted patch predicts: its 3-bit mean colour, its 4x4 downsized 3-bit "
+        "colours, or its normalised pixels (L2)",
+    )
+    mpp_rate: float = _option(0.5, "fraction of the patches corrupted (the paper: 0.5; also 0.15)")
     # How to run.
     precision: Literal["fp32", "bf16"] = _option(
         "fp32", "'bf16' runs forward and backward under bfloat16 autocast"
@@ -122,8 +132,18 @@ class TrainConfig:
     evaluators: list[str] = field(
         default_factory=lambda: ["val"],
         metadata={"help": "evaluators to run during training ('val': the task's metrics on the "
-                          "validation split, when there is one)"},
+                          "validation split, when there is one; 'fewshot': few-shot linear "
+                          "accuracy of the frozen features)"},
     )  # fmt: skip
+    fewshot_data: str | None = _option(
+        None, "labelled data of the 'fewshot' evaluator (its train split is fitted on, its test "
+        "split scored); default: the run's own data, when it has labels",
+    )  # fmt: skip
+    fewshot_shots: list[int] = field(
+        default_factory=lambda: [10, 25],
+        metadata={"help": "training images per class of the 'fewshot' evaluator"},
+    )
+    fewshot_seeds: int = _option(3, "draws of the few-shot images (seeds 0..N-1), averaged")
     eval_every: int = _option(
         0, "optimizer steps between evaluations; 0 = at the end of every epoch"
     )
@@ -140,6 +160,7 @@ class TrainConfig:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         self.evaluators = list(self.evaluators)
         self.lr_drops = list(self.lr_drops)
+        self.fewshot_shots = list(self.fewshot_shots)
         problems = []
 
         def check(ok: bool, message: str) -> None:
@@ -190,6 +211,11 @@ class TrainConfig:
         check(self.log_every >= 1, "log_every must be at least 1")
         check(self.eval_every >= 0, "eval_every must be >= 0 (0 = every epoch)")
         check(self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0 = every epoch)")
+        check(self.mpp_target in MPP_TARGETS, f"mpp_target must be one of {MPP_TARGETS}")
+        check(0.0 < self.mpp_rate <= 1.0, "mpp_rate must be in (0, 1]")
+        check(bool(self.fewshot_shots) and all(n >= 1 for n in self.fewshot_shots),
+              "fewshot_shots must be one or more positive counts")  # fmt: skip
+        check(self.fewshot_seeds >= 1, "fewshot_seeds must be at least 1")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
 
@@ -288,4 +314,15 @@ FINETUNE_DEFAULTS: dict[str, Any] = dict(
     grad_clip=1.0,
     epochs=10,
     warmup_epochs=1.0,
+)
+
+
+# Masked patch prediction's pre-training recipe (the paper's Appendix B.1.2: Adam with a base
+# learning rate of 2e-4, a linear warm-up then cosine decay); the rest as ``train``'s.
+PRETRAIN_DEFAULTS: dict[str, Any] = dict(
+    task="mpp",
+    optimizer="adam",
+    lr=2e-4,
+    schedule="cosine",
+    warmup_epochs=3.0,
 )

@@ -167,6 +167,12 @@ def _train(
     # ---- data, task and evaluators, checked before anything is trained or written
     task = build_task(cfg)
     splits = open_splits(cfg.data, cfg.val_fraction, cfg.seed, cfg.train_fraction)
+    if task.needs_labels and splits.train.info.classes is None:
+        raise ValueError(
+            f"{cfg.data} has no labels (its images are not in class folders): the {cfg.task} "
+            f"task needs them. Put each class's images in a folder of its own "
+            f"({cfg.data}/<class>/<image>), or pre-train on it: `vitkit pretrain --data {cfg.data}`"
+        )
     rank_batch = check_batch_sizes(cfg, splits.train, process)
     steps_per_epoch = len(splits.train) // cfg.batch_size
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
@@ -314,11 +320,12 @@ def _train(
         raise TrainingInterrupted(interrupted_message(run, state.step)) from None
 
     # ---- test the best checkpoint, write the summary
-    best_weights = distributed.broadcast_object(
-        run.load_checkpoint(run.best).weights if process.is_main else None, process
+    best = distributed.broadcast_object(
+        run.load_checkpoint(run.best) if process.is_main else None, process
     )
-    assert best_weights is not None  # read by the main process
-    model.load_state_dict(best_weights)
+    assert best is not None  # read by the main process
+    model.load_state_dict(best.weights)
+    task.load_task_state(trainable, best.task)  # a task's own head, as it was at the best
     test = task.evaluate(model, splits.test, process)
     epochs_done = round(state.step / steps_per_epoch, 3)
     summary = dict(

@@ -124,8 +124,7 @@ class Classification(Task):
 
     def build_model(self, info: SourceInfo) -> PretrainedModel:
         cfg = self.cfg
-        if info.classes is None:
-            raise ValueError(f"{cfg.data} has no labels: classification needs class folders")
+        assert info.classes is not None  # the loop refuses unlabelled data (``needs_labels``)
         extra = {"classes": info.classes}
         if cfg.init_from is None:
             assert cfg.model is not None  # TrainConfig checked it names a registered model

@@ -1,0 +1,36 @@
+"""``vitkit pretrain``: self-supervised pre-training through the training loop.
+
+``--objective mpp`` is the paper's masked patch prediction (Section 4.6) with its recipe
+(Adam 2e-4, a warm-up, cosine decay: ``PRETRAIN_DEFAULTS``). Every other option is ``vitkit
+train``'s, generated from the same config, and the run folder is a training run's: resume it
+with ``vitkit train --resume DIR`` and fine-tune its checkpoint with ``vitkit finetune --from
+DIR/best.safetensors`` (the prediction head stays behind in the training state).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from vitkit.cli.train import add_config_flags, run_train
+from vitkit.training import PRETRAIN_DEFAULTS
+
+OBJECTIVES = ("mpp",)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "pretrain",
+        help="pre-train a ViT without labels (masked patch prediction)",
+        description="Self-supervised pre-training of a registered ViT (hybrids included) by "
+        "masked patch prediction, as the paper's Section 4.6: 50% of the patch embeddings "
+        "corrupted (80% a learnable [mask] embedding, 10% another patch, 10% unchanged), "
+        "each corrupted patch predicting its 3-bit mean colour (or its 4x4 downsized colours, "
+        "or its pixels). The data may be a folder of images without class folders. Adam 2e-4, "
+        "warm-up, cosine decay; resume with `vitkit train --resume DIR`.",
+    )
+    parser.add_argument(
+        "--objective", dest="task", choices=OBJECTIVES, default=argparse.SUPPRESS,
+        help="the self-supervised task: 'mpp', masked patch prediction (default: mpp)",
+    )  # fmt: skip
+    add_config_flags(parser, PRETRAIN_DEFAULTS, hidden=frozenset({"task"}))
+    parser.set_defaults(func=run_train, preset=PRETRAIN_DEFAULTS)
