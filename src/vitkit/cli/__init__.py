@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "export",
     "fewshot",
     "probe",
+    "data",
 )
 
 

@@ -164,7 +164,7 @@ def _train(
     device = process.device
     # ---- data, task and evaluators, checked before anything is trained or written
     task = build_task(cfg)
-    splits = open_splits(cfg.data, cfg.val_fraction, cfg.seed)
+    splits = open_splits(cfg.data, cfg.val_fraction, cfg.seed, cfg.data_options)
     rank_batch = check_batch_sizes(cfg, splits.train, process)
     steps_per_epoch = len(splits.train) // cfg.batch_size
     total_steps = cfg.epochs * steps_per_epoch
@@ -183,6 +183,7 @@ def _train(
     # ---- model, optimizer, schedule; restored from last.safetensors when resuming
     torch.manual_seed(cfg.seed)
     model = task.build_model(splits.train.info).to(device)
+    splits.set_image_size(model.cfg.img_size)
     task.setup(model)
     trainable = task.trainable(model)
     optimizer = build_optimizer(trainable, cfg)
@@ -319,6 +320,7 @@ def _train(
         run_folder=str(run.path),
         num_parameters=num_parameters(model),
         classes=splits.train.info.classes,
+        **splits.report(),
     )
     run.write_json(run.summary, summary)
     run.plot_curves()
