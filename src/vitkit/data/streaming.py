@@ -118,8 +118,7 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 def make_loader(dataset: Any, sampler: Any, workers: int) -> DataLoader:
     """A loader whose items are whole batches made by one worker (``batch_size=None``)."""
-    return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers,
-                      persistent_workers=False)  # fmt: skip
+    return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers)
 
 
 @dataclass
@@ -192,9 +191,10 @@ class StreamingFolderSource:
         """(rest, held-out ``fraction``), stratified: the same images ``ImageDataset.split``
         would hold out of this folder."""
         parts = stratified_split(self.labels, len(self.listing.classes), fraction, seed)
-        return tuple(self._subset(part) for part in parts)
+        return tuple(self.subset(part) for part in parts)
 
-    def _subset(self, part: torch.Tensor) -> StreamingFolderSource:
+    def subset(self, part: torch.Tensor) -> StreamingFolderSource:
+        """The images at positions ``part`` of this source (sharing its skip record)."""
         return StreamingFolderSource(
             self.listing, augment=self.augment, num_workers=self.num_workers,
             indices=self.indices[part], skipped=self.skipped,
