@@ -9,13 +9,30 @@ Rows (median of --runs runs each, all measured in this run):
   (c) the training step it feeds: vit_micro (32px, 10 classes) forward + backward + AdamW.
 
 Usage: VITKIT_DATA=/path/to/shared/data python benchmarks/data.py [--runs 3] [--threads N]
+
+With ``--streaming``, the streamed sources instead (issue 10), at ``--img-size`` (224) with the
+training crop (random-resized, from the original image):
+  (d) images/s of ``train_batches`` over a folder of phone-size JPEGs (made by
+      ../shared/tools/make_photo_folder.py: 4032x3024 and smaller, EXIF-rotated, CMYK, grey,
+      PNG, broken files), the 224 px Imagenette train folder and shards packed from it, with
+      0, 1 and 2 loader workers (loader start-up included, as once per epoch);
+  (e) the training step they feed: vit_ti16 and vit_s16 at 224 px, batch 32 (fp32);
+  (f) peak memory (max RSS of the training process, and of its largest loader worker) of a
+      1-epoch ``vitkit train`` run on 100 and on 1,000 phone photos, each in a fresh process.
+
+Usage: VITKIT_DATA=... python benchmarks/data.py --streaming [--photos 200] [--images 2048]
+       [--stream-batches 16] [--batch 32] [--rss-photos 100 1000] [--rss-model vit_ti16]
+       [--step-models vit_ti16 vit_s16] [--img-size 224] [--runs 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,9 +40,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from train_step import training_step
 
 from vitkit.data import AugmentConfig, BatchTransform, iterate_batches, load_dataset
-from vitkit.models import create_model
+from vitkit.data.shards import parse_size, write_shards
+from vitkit.data.sources import DataOptions, open_source
+from vitkit.models import create_model, model_config
+from vitkit.training import TrainConfig
+from vitkit.training import train as train_run
 
 TRAIN_AUGMENT = AugmentConfig(
     random_resized_crop=True,
@@ -46,16 +68,120 @@ def median_seconds(work: Callable[[], object], runs: int) -> float:
     return statistics.median(times)
 
 
+def print_table(rows: list[tuple[str, int, float]], note: str) -> None:
+    print(note)
+    print(f"| {'stage':<52} | {'images':>7} | {'seconds':>8} | {'images/s':>9} |")
+    print(f"|{'-' * 54}|{'-' * 8}:|{'-' * 9}:|{'-' * 10}:|")
+    for name, count, seconds in rows:
+        print(f"| {name:<52} | {count:>7} | {seconds:>8.3f} | {count / seconds:>9.0f} |")
+
+
+def photo_tool() -> Path:
+    """``make_photo_folder.py`` of the shared folder: ``$VITKIT_DATA/../tools``."""
+    return Path(os.environ.get("VITKIT_DATA", "")).parent / "tools/make_photo_folder.py"
+
+
+def make_photos(out: Path, count: int) -> Path:
+    subprocess.run([sys.executable, str(photo_tool()), str(out), "--per-class", str(count // 2),
+                    "--classes", "2"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    return out
+
+
+def rss_case(folder: str, args: argparse.Namespace) -> None:
+    """One fresh process: a 1-epoch run on ``folder``; prints its peak memory as JSON."""
+    with tempfile.TemporaryDirectory() as out:
+        train_run(TrainConfig.from_dict(dict(
+            data=folder, model=args.rss_model, img_size=args.img_size, epochs=1,
+            batch_size=args.batch, warmup_epochs=0.0, data_in_memory="no", out=f"{out}/run",
+        )))  # fmt: skip
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"main_mb": own, "worker_mb": workers}))
+
+
+def streaming(args: argparse.Namespace, data: Path) -> int:
+    size = (args.img_size, args.img_size)
+    options = DataOptions("no", 0, AugmentConfig(random_resized_crop=True))
+    rows: list[tuple[str, int, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        imagenette = open_source(str(data / "imagenette2-224"), "train", options)
+        imagenette = imagenette.subset(torch.arange(min(args.images, len(imagenette))))
+        info = imagenette.info
+        write_shards({"train": imagenette}, Path(tmp, "shards"), parse_size("500MB"),
+                     classes=info.classes or [], channels=3, source="imagenette",
+                     held_out_test=False)  # fmt: skip
+        sources = {
+            f"{args.photos} phone photos": open_source(
+                str(make_photos(Path(tmp, "photos"), args.photos)), "train", options),
+            "Imagenette 224 px folder": imagenette,
+            "Imagenette 224 px shards": open_source(str(Path(tmp, "shards")), "train", options),
+        }  # fmt: skip
+        for name, source in sources.items():
+            source.set_image_size(size)
+            batches = min(args.stream_batches, len(source) // args.batch)
+            for workers in (0, 1, 2):
+                source.num_workers = workers
+
+                def epoch(source: object = source, batches: int = batches) -> None:
+                    stream = source.train_batches(args.batch, seed=0, epoch=0)
+                    for _ in zip(range(batches), stream, strict=False):
+                        pass
+
+                rows.append((f"(d) {name}, {workers} worker(s)", batches * args.batch,
+                             median_seconds(epoch, args.runs)))  # fmt: skip
+        for model_name in args.step_models:
+            cfg = model_config(model_name, img_size=args.img_size)
+            model = create_model(model_name, img_size=args.img_size)
+            x = torch.rand(32, cfg.in_chans, *size) * 2 - 1
+            step = training_step(model, model, x, torch.zeros(32, dtype=torch.long), "fp32")
+            step()  # warm-up
+            rows.append((f"(e) {model_name} training step, batch 32", 32,
+                         median_seconds(step, args.runs)))  # fmt: skip
+        print_table(rows, f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                    f"{args.img_size} px, batch {args.batch}, median of {args.runs} runs")  # fmt: skip
+        print(
+            "\n| phone photos | main process peak RSS (MB) | largest worker (MB) |\n|--:|--:|--:|"
+        )
+        for count in args.rss_photos:
+            folder = make_photos(Path(tmp, f"rss{count}"), count)
+            done = subprocess.run(
+                [sys.executable, __file__, "--rss-case", str(folder), "--rss-model",
+                 args.rss_model, "--img-size", str(args.img_size), "--batch", str(args.batch)],
+                check=True, capture_output=True, text=True,
+            )  # fmt: skip
+            peak = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"| {count} | {peak['main_mb']:.0f} | {peak['worker_mb']:.0f} |")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5, help="batches per timed run in (b), (c)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--streaming", action="store_true", help="rows (d)-(f) instead")
+    parser.add_argument("--photos", type=int, default=200, help="(d) phone photos")
+    parser.add_argument("--images", type=int, default=2048, help="(d) Imagenette images")
+    parser.add_argument("--stream-batches", type=int, default=16, help="(d) batches timed")
+    parser.add_argument("--batch", type=int, default=32, help="(d), (f) batch size")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--step-models", nargs="*", default=["vit_ti16", "vit_s16"])
+    parser.add_argument("--rss-photos", nargs="*", type=int, default=[100, 1000])
+    parser.add_argument("--rss-model", default="vit_ti16")
+    parser.add_argument("--rss-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.rss_case:
+        rss_case(args.rss_case, args)
+        return 0
     data = Path(os.environ.get("VITKIT_DATA", ""))
+    if args.streaming:
+        if not (data / "imagenette2-224").is_dir() or not photo_tool().is_file():
+            print(f"--streaming needs VITKIT_DATA/imagenette2-224 and {photo_tool()}")
+            return 2
+        return streaming(args, data)
     folder = data / "cifar10-jpg"
     if not os.environ.get("VITKIT_DATA") or not folder.is_dir():
         print("set VITKIT_DATA to the shared data folder (with cifar10-jpg/) to run this benchmark")
@@ -99,12 +225,8 @@ def main() -> int:
     rows.append(("(c) vit_micro training step (fwd + bwd + AdamW)", batch * steps,
                  median_seconds(train_steps, args.runs)))  # fmt: skip
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch}, "
-          f"median of {args.runs} runs")  # fmt: skip
-    print(f"| {'stage':<52} | {'images':>7} | {'seconds':>8} | {'images/s':>9} |")
-    print(f"|{'-' * 54}|{'-' * 8}:|{'-' * 9}:|{'-' * 10}:|")
-    for name, count, seconds in rows:
-        print(f"| {name:<52} | {count:>7} | {seconds:>8.3f} | {count / seconds:>9.0f} |")
+    print_table(rows, f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch "
+                f"{batch}, median of {args.runs} runs")  # fmt: skip
     return 0
 
 

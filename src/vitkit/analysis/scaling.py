@@ -172,7 +172,9 @@ def measure_train_speed(cfg: TrainConfig, steps: int = 3) -> float:
     augmentation) over ``steps`` optimizer steps after an untimed one; single process."""
     device = choose_device(cfg.device)
     task = build_task(cfg)
-    source = open_splits(cfg.data, cfg.val_fraction, cfg.seed, cfg.train_fraction).train
+    source = open_splits(
+        cfg.data, cfg.val_fraction, cfg.seed, cfg.data_options, cfg.train_fraction
+    ).train
     torch.manual_seed(cfg.seed)
     model = task.build_model(source.info).to(device)
     task.setup(model)

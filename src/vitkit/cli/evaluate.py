@@ -10,9 +10,17 @@ from typing import Any
 
 from vitkit.analysis.inputs import locate_checkpoint
 from vitkit.checkpoints import load_pretrained
-from vitkit.data import ImageDataset, load_dataset
+from vitkit.data import load_dataset
 from vitkit.data.datasets import differing_classes
-from vitkit.data.sources import DataSource, InMemorySource, open_splits, same_images
+from vitkit.data.sources import (
+    DataOptions,
+    DataSource,
+    InMemorySource,
+    open_source,
+    open_splits,
+    same_images,
+)
+from vitkit.data.streaming import StreamingFolderSource
 from vitkit.deploy import OnnxClassifier, is_deployed, load_deployed
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.training import evaluate
@@ -86,24 +94,31 @@ def evaluation_data(data: str, split: str, run_folder: Path | None) -> tuple[Dat
     run_config: dict[str, Any] = {}
     if run_folder is not None and RunLayout(run_folder).config.is_file():
         run_config = json.loads(RunLayout(run_folder).config.read_text())
+    options = DataOptions(run_config.get("data_in_memory", "auto"), run_config.get("num_workers"))
     if run_config.get("data") == data:
-        splits = open_splits(data, run_config.get("val_fraction", 0.0), run_config.get("seed", 0))
+        splits = open_splits(
+            data, run_config.get("val_fraction", 0.0), run_config.get("seed", 0), options
+        )
         chosen = {"train": splits.train, "val": splits.val or splits.test, "test": splits.test}
         return chosen[split], ""
-    dataset = load_dataset(data, split)
-    if split != "train" and _is_whole_source(data, dataset):
-        return InMemorySource(dataset), (
+    source = open_source(data, split, options)
+    if split != "train" and _is_whole_source(data, source):
+        return source, (
             f"note: {data} has no separate {split} split and {Path(str(data)).name} is not "
             "the data of this checkpoint's run folder: evaluating on all of its "
-            f"{len(dataset)} images, training images included"
+            f"{len(source)} images, training images included"
         )
-    return InMemorySource(dataset), ""
+    return source, ""
 
 
-def _is_whole_source(data: str, dataset: ImageDataset) -> bool:
-    """Whether ``dataset`` is all of a single-split source (its train split is itself)."""
+def _is_whole_source(data: str, source: DataSource) -> bool:
+    """Whether ``source`` is all of a single-split source (its train split is itself)."""
+    if isinstance(source, StreamingFolderSource):
+        return source.listing.single_split
+    if not isinstance(source, InMemorySource):
+        return False  # shards keep the splits they were packed with
     try:
-        return same_images(dataset, load_dataset(data, "train"))
+        return same_images(source.dataset, load_dataset(data, "train"))
     except ValueError:  # no train split at all: a test-only source
         return False
 
@@ -111,6 +126,7 @@ def _is_whole_source(data: str, dataset: ImageDataset) -> bool:
 def run(args: argparse.Namespace) -> int:
     model, run_folder = load_for_inference(args)
     source, note = evaluation_data(args.data, args.split, run_folder)
+    source.set_image_size(model.cfg.img_size)
     if note:
         print(note, file=sys.stderr)
     classes = source.info.classes or []

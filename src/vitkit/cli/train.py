@@ -35,6 +35,7 @@ from vitkit.training.recipes import BIT_FIXED, bit_config
 AUGMENT_HELP = {
     "random_resized_crop": "random-resized (Inception) crop instead of a plain resize",
     "crop_scale": "MIN MAX area fraction of the random-resized crop",
+    "crop_ratio": "MIN MAX aspect ratio (width / height) of the random-resized crop",
     "hflip": "random horizontal flips",
     "randaugment": "RandAugment NUM_OPS MAGNITUDE (magnitude on kornia's 0..30 scale)",
     "mixup": "mixup's Beta alpha (0 = off)",
@@ -44,6 +45,7 @@ AUGMENT_HELP = {
 PAIR_METAVARS = {
     "betas": ("BETA1", "BETA2"),
     "crop_scale": ("MIN", "MAX"),
+    "crop_ratio": ("MIN", "MAX"),
     "randaugment": ("NUM_OPS", "MAGNITUDE"),
 }
 

@@ -36,6 +36,7 @@ class AugmentConfig:
 
     random_resized_crop: bool = False
     crop_scale: tuple[float, float] = (0.08, 1.0)  # area fraction range (Inception crop)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio (width / height) range
     hflip: bool = False
     randaugment: tuple[int, int] | None = None  # (num_ops, magnitude on kornia's 0..30 scale)
     mixup: float = 0.0  # Beta(alpha, alpha) for mixup's lam; 0 = off
@@ -46,6 +47,9 @@ class AugmentConfig:
         self.crop_scale = (float(self.crop_scale[0]), float(self.crop_scale[1]))
         if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        self.crop_ratio = (float(self.crop_ratio[0]), float(self.crop_ratio[1]))
+        if not 0.0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
         if self.randaugment is not None:
             num_ops, magnitude = self.randaugment
             if num_ops < 1 or not 0 < magnitude < 30:
@@ -88,11 +92,13 @@ class PerImageRandAugment(nn.Module):
 
 
 class BatchTransform(nn.Module):
-    """``forward(uint8 images (B, C, H, W), labels (B,), train)`` -> (float images
+    """``forward(uint8 images (B, C, H, W), labels (B,), train, cropped)`` -> (float images
     (B, channels, *img_size) in [-1, 1], soft targets (B, num_classes)).
 
     Training: random-resized crop (else a resize) to ``img_size``, flip, RandAugment, then
-    mixup / cutmix with label smoothing, as ``augment`` enables them. Evaluation
+    mixup / cutmix with label smoothing, as ``augment`` enables them; ``cropped`` images
+    (a streamed source crops each one from its original, ``Batch.cropped``) skip the crop,
+    not the rest. Evaluation
     (``train=False``): resize and scale only, one-hot targets. ``channels`` (default: the
     input's) converts grey to RGB or RGB to grey, for a model with another ``in_chans``.
     The random state (``state_dict`` saves it) advances once per training batch.
@@ -114,7 +120,7 @@ class BatchTransform(nn.Module):
         self.channels = channels
         self.generator = torch.Generator().manual_seed(seed)
         self.crop = (
-            K.RandomResizedCrop(self.img_size, scale=augment.crop_scale)
+            K.RandomResizedCrop(self.img_size, scale=augment.crop_scale, ratio=augment.crop_ratio)
             if augment.random_resized_crop
             else None
         )
@@ -136,7 +142,7 @@ class BatchTransform(nn.Module):
         return targets * (1.0 - smoothing) + smoothing / self.num_classes
 
     def forward(
-        self, images: torch.Tensor, labels: torch.Tensor, train: bool
+        self, images: torch.Tensor, labels: torch.Tensor, train: bool, cropped: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         check_batch(images)
         labels = labels.long().to(images.device)
@@ -150,13 +156,15 @@ class BatchTransform(nn.Module):
             torch.random.default_generator.manual_seed(seed)
             if devices:
                 torch.cuda.manual_seed(seed)
-            unit_images, targets = self._augment(images / 255.0, labels)  # kornia works in [0, 1]
+            # kornia works in [0, 1]
+            unit_images, targets = self._augment(images / 255.0, labels, cropped)
         return to_model_input(unit_images.clamp(0.0, 1.0) * 255.0), targets
 
     def _augment(
-        self, images: torch.Tensor, labels: torch.Tensor
+        self, images: torch.Tensor, labels: torch.Tensor, cropped: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        images = self.crop(images) if self.crop is not None else resize(images, self.img_size)
+        crop = self.crop if self.crop is not None and not cropped else None
+        images = crop(images) if crop is not None else resize(images, self.img_size)
         if self.flip is not None:
             images = self.flip(images)
         if self.randaugment is not None:

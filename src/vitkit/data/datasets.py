@@ -49,22 +49,28 @@ class ImageDataset:
         return ImageDataset(self.images[indices], self.labels[indices], list(self.classes))
 
     def split(self, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
-        """Deterministic, stratified split: (rest, held-out ``fraction``), e.g. for validation.
+        """Deterministic, stratified split: (rest, held-out ``fraction``), e.g. for validation
+        (``stratified_split``)."""
+        rest, held_out = stratified_split(self.labels, len(self.classes), fraction, seed)
+        return self.subset(rest), self.subset(held_out)
 
-        Each class gives ``round(fraction * its count)`` images, chosen by a permutation seeded
-        with ``seed``; both parts keep the dataset's order.
-        """
-        if not 0.0 < fraction < 1.0:
-            raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
-        generator = torch.Generator().manual_seed(seed)
-        held_out = torch.zeros(len(self), dtype=torch.bool)
-        for label in range(len(self.classes)):
-            members = torch.nonzero(self.labels == label).flatten()
-            chosen = members[torch.randperm(len(members), generator=generator)]
-            held_out[chosen[: round(fraction * len(members))]] = True
-        return self.subset(torch.nonzero(~held_out).flatten()), self.subset(
-            torch.nonzero(held_out).flatten()
-        )
+
+def stratified_split(
+    labels: torch.Tensor, num_classes: int, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (rest, held-out ``fraction``) of ``labels``: each class gives
+    ``round(fraction * its count)`` items, chosen by a permutation seeded with ``seed``; both
+    parts keep the original order. In-memory and streamed sources split with it, so a
+    folder holds out the same images whichever way it is read."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    held_out = torch.zeros(len(labels), dtype=torch.bool)
+    for label in range(num_classes):
+        members = torch.nonzero(labels == label).flatten()
+        chosen = members[torch.randperm(len(members), generator=generator)]
+        held_out[chosen[: round(fraction * len(members))]] = True
+    return torch.nonzero(~held_out).flatten(), torch.nonzero(held_out).flatten()
 
 
 def differing_classes(
@@ -88,6 +94,45 @@ def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_items, generator=torch.Generator().manual_seed(epoch_seed))
 
 
+def batch_indices(
+    num_items: int,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+    start: int = 0,
+) -> Iterator[torch.Tensor]:
+    """The item indices of each batch of one epoch, for every kind of source.
+
+    The order depends only on ``(seed, epoch)``, so a resumed run sees the same batches. With
+    ``world_size > 1`` each rank takes the interleaved shard ``rank::world_size`` of the
+    epoch's order and ``batch_size`` is per rank. Every rank must run the same number of steps,
+    so the order is first cut (``drop_last``) or wrapped around (otherwise, as PyTorch's
+    ``DistributedSampler``) to a multiple of ``world_size``: a few items then appear on two
+    ranks, which an exact distributed evaluation has to account for. ``start`` skips the
+    epoch's first batches (a run resumed in the middle of an epoch).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    order = epoch_permutation(num_items, seed, epoch) if shuffle else torch.arange(num_items)
+    if world_size > 1:
+        if drop_last:
+            order = order[: len(order) - len(order) % world_size]
+        elif len(order):
+            padded = -(-len(order) // world_size) * world_size
+            order = order.repeat(-(-padded // len(order)))[:padded]
+        order = order[rank::world_size]
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    for first in range(start * batch_size, stop, batch_size):
+        yield order[first : first + batch_size]
+
+
 def iterate_batches(
     dataset: ImageDataset,
     batch_size: int,
@@ -100,29 +145,9 @@ def iterate_batches(
     drop_last: bool = False,
     start: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(uint8 images, labels) batches of one epoch.
-
-    The order depends only on ``(seed, epoch)``, so a resumed run sees the same batches. With
-    ``world_size > 1`` each rank takes the interleaved shard ``rank::world_size`` of the
-    epoch's order and ``batch_size`` is per rank. Every rank must run the same number of steps,
-    so the order is first cut (``drop_last``) or wrapped around (otherwise, as PyTorch's
-    ``DistributedSampler``) to a multiple of ``world_size``: a few images then appear on two
-    ranks, which an exact distributed evaluation has to account for. ``start`` skips the
-    epoch's first batches (a run resumed in the middle of an epoch).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    order = epoch_permutation(len(dataset), seed, epoch) if shuffle else torch.arange(len(dataset))
-    if world_size > 1:
-        if drop_last:
-            order = order[: len(order) - len(order) % world_size]
-        elif len(order):
-            padded = -(-len(order) // world_size) * world_size
-            order = order.repeat(-(-padded // len(order)))[:padded]
-        order = order[rank::world_size]
-    stop = len(order) - len(order) % batch_size if drop_last else len(order)
-    for first in range(start * batch_size, stop, batch_size):
-        indices = order[first : first + batch_size]
+    """(uint8 images, labels) batches of one epoch, as ``batch_indices`` orders them."""
+    for indices in batch_indices(
+        len(dataset), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
+        world_size=world_size, drop_last=drop_last, start=start,
+    ):  # fmt: skip
         yield dataset.images[indices], dataset.labels[indices]

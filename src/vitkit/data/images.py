@@ -8,7 +8,10 @@ model input in every tool, and the class ``analyze`` shows is the one ``predict`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -18,15 +21,65 @@ from PIL import Image, ImageOps
 
 # Pillow modes whose pixels are one grey value (with or without alpha); others become RGB.
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
+ORIENTATION_TAG = 0x0112
 
 
 class UnreadableImage(ValueError):
     """A file Pillow cannot decode (corrupt, not an image, over the decompression-bomb
     limit); ``reason`` is Pillow's own words."""
 
-    def __init__(self, path: Path, err: Exception) -> None:
-        self.reason = str(err).replace(str(path), path.name)  # Pillow often repeats the path
+    def __init__(self, path: Path, err: Exception, shown: str | None = None) -> None:
+        # Pillow often repeats the path (``shown``: how it wrote the file, if not so)
+        self.reason = str(err).replace(shown or str(path), path.name)
         super().__init__(f"{path} is not an image Pillow can read ({self.reason})")
+
+
+# EXIF orientations (5..8) that turn the picture a quarter: its width and height swap.
+QUARTER_TURNS = frozenset({5, 6, 7, 8})
+
+
+@contextmanager
+def open_image(file: str | Path | BinaryIO, name: str | None = None) -> Iterator[Image.Image]:
+    """Pillow's lazy image of ``file`` (a path or bytes in a file object, named ``name`` in
+    errors): only the header is read until ``upright`` decodes it. Raises
+    ``FileNotFoundError`` for a missing file and ``UnreadableImage`` (a ``ValueError``) for a
+    folder or anything Pillow cannot decode, also while decoding inside the ``with``."""
+    path = Path(file) if isinstance(file, str | Path) else Path(name or "?")
+    if path.is_dir():
+        raise ValueError(f"image {file} is a folder: give an image file")
+    try:
+        with Image.open(file) as image:
+            yield image
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {path} does not exist") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UnreadableImage(
+            path, err, None if isinstance(file, str | Path) else repr(file)
+        ) from None
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of ``image`` once its EXIF orientation is applied, from the header."""
+    turned = image.getexif().get(ORIENTATION_TAG) in QUARTER_TURNS
+    return (image.height, image.width) if turned else image.size
+
+
+def upright(image: Image.Image, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode ``image`` as grey (``L``) or ``RGB`` pixels, upright.
+
+    ``draft`` (upright width, height) lets a JPEG decode at 1/2, 1/4 or 1/8 of its size, as
+    long as it stays at least that large: a 12-megapixel photo cropped to 224 pixels costs a
+    fraction of a full decode. Other formats ignore it.
+    """
+    if draft is not None:
+        stored = draft[::-1] if image.getexif().get(ORIENTATION_TAG) in QUARTER_TURNS else draft
+        image.draft(None, (max(1, stored[0]), max(1, stored[1])))
+    ImageOps.exif_transpose(image, in_place=True)
+    if image.mode in ("L", "RGB"):
+        image.load()
+        return image
+    grey = image.mode in GREY_MODES or image.mode.startswith("I;16")
+    return image.convert("L" if grey else "RGB")
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -37,20 +90,8 @@ def read_image(path: str | Path) -> np.ndarray:
     grey modes (1-bit, 16-bit, float, with alpha) grey. Raises ``FileNotFoundError`` for a
     missing file and ``ValueError`` for a folder or a file Pillow cannot read.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"image {path} is a folder: give an image file")
-    try:
-        with Image.open(path) as image:
-            ImageOps.exif_transpose(image, in_place=True)
-            if image.mode in ("L", "RGB"):
-                return np.asarray(image)
-            grey = image.mode in GREY_MODES or image.mode.startswith("I;16")
-            return np.asarray(image.convert("L" if grey else "RGB"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {path} does not exist") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UnreadableImage(path, err) from None
+    with open_image(path) as image:
+        return np.asarray(upright(image))
 
 
 def load_image(path: str | Path) -> torch.Tensor:
@@ -108,4 +149,6 @@ __all__ = [
     "read_image",
     "resize",
     "to_model_input",
+    "upright",
+    "upright_size",
 ]

@@ -19,6 +19,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -342,9 +343,33 @@ def _decode(path: str) -> np.ndarray | Exception:
         return err
 
 
-def _list_image_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
-    """Class names, image paths relative to ``root`` (strings: pathlib is slow on 50,000
-    files) and labels."""
+@dataclass(frozen=True)
+class FolderListing:
+    """The images of one split of an image folder, listed but not decoded."""
+
+    root: Path  # the split's folder: files are relative to it
+    classes: list[str]
+    files: list[str]  # strings: pathlib is slow on 50,000 files
+    labels: list[int]
+    single_split: bool  # no train / val / test folders: every split name lists these files
+
+
+def is_image_folder(source: str | Path) -> bool:
+    """Whether ``load_dataset`` reads ``source`` as an image folder (not digits, idx, CIFAR
+    or .npz)."""
+    path = Path(source).expanduser()
+    return (
+        str(source) != "digits"
+        and path.is_dir()
+        and not any(detect(path) for detect, _ in _FOLDER_READERS)
+    )
+
+
+def list_image_folder(path: Path, split: str) -> FolderListing:
+    """The class names, image files and labels of ``split`` of an image folder (see
+    ``load_dataset``); a clear error when it holds no images."""
+    split_dirs = {s: path / s for s in SPLITS if (path / s).is_dir()}
+    root = split_dirs[_other_split(path, split, lambda s: s in split_dirs)] if split_dirs else path
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     files, labels = [], []
     for label, name in enumerate(classes):
@@ -355,7 +380,13 @@ def _list_image_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
         )
         files += class_files
         labels += [label] * len(class_files)
-    return classes, files, labels
+    if not files:
+        raise ValueError(
+            f"{root} has no images: expected {root}/<class>/<image> "
+            f"(or train / val / test folders above that), with suffixes "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}"
+        )
+    return FolderListing(root, classes, files, labels, single_split=not split_dirs)
 
 
 def _cache_file(root: Path, files: list[str]) -> Path | None:
@@ -407,19 +438,10 @@ def _read_cache(cache: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[st
         return None
 
 
-def _decode_folder(
-    root: Path, listing: Callable[[Path], tuple[list[str], list[str], list[int]]]
-) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """Decode every image ``listing(root)`` names, in parallel: (images, labels, classes,
-    the unreadable images skipped, as "path (reason)"), cached on disk so the next call is
-    instant."""
-    classes, files, labels = listing(root)
-    if not files:
-        raise ValueError(
-            f"{root} has no images: expected {root}/<class>/<image> "
-            f"(or train / val / test folders above that), with suffixes "
-            f"{', '.join(sorted(IMAGE_SUFFIXES))}"
-        )
+def _decode_folder(listing: FolderListing) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Decode every listed image in parallel: (images, labels, classes, the unreadable images
+    skipped, as "path (reason)"), cached on disk so the next call is instant."""
+    root, classes, files, labels = listing.root, listing.classes, listing.files, listing.labels
     cache = _cache_file(root, files)
     if cache is not None and cache.is_file():
         cached = _read_cache(cache)
@@ -449,12 +471,10 @@ def _decode_folder(
     return images, label_array, classes, skipped
 
 
-def read_image_folder(root: Path, split: str) -> ImageDataset:
-    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
-    if split_dirs:
-        root = split_dirs[_other_split(root, split, lambda s: s in split_dirs)]
-    images, labels, classes, skipped = _decode_folder(root, _list_image_folder)
-    _warn_skipped(root, skipped, len(labels))
+def read_image_folder(path: Path, split: str) -> ImageDataset:
+    listing = list_image_folder(path, split)
+    images, labels, classes, skipped = _decode_folder(listing)
+    _warn_skipped(listing.root, skipped, len(labels))
     return ImageDataset(torch.from_numpy(images), torch.from_numpy(labels), classes)
 
 
@@ -484,15 +504,15 @@ def is_unlabelled_folder(path: Path) -> bool:
     return path.is_dir() and any(e.is_file() and _is_image(e.name) for e in os.scandir(path))
 
 
-def _list_unlabelled_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
-    """``_list_image_folder``'s answer for every image under ``root``, sub-folders included
-    (in sorted order), all with the label 0 of no class."""
+def _list_unlabelled_folder(root: Path) -> FolderListing:
+    """Every image under ``root``, sub-folders included (in sorted order), all with the label
+    0 of no class."""
     files = []
     for folder, subfolders, names in os.walk(root):
         subfolders.sort()
         prefix = os.path.relpath(folder, root) + "/" if folder != str(root) else ""
         files += [prefix + name for name in sorted(names) if _is_image(name)]
-    return [], files, [0] * len(files)
+    return FolderListing(root, [], files, [0] * len(files), single_split=True)
 
 
 def read_unlabelled(source: str | Path) -> torch.Tensor | None:
@@ -501,7 +521,7 @@ def read_unlabelled(source: str | Path) -> torch.Tensor | None:
     path = Path(source).expanduser()
     if str(source) == "digits" or not is_unlabelled_folder(path):
         return None
-    images, _, _, skipped = _decode_folder(path, _list_unlabelled_folder)
+    images, _, _, skipped = _decode_folder(_list_unlabelled_folder(path))
     _warn_skipped(path, skipped, len(images))
     return torch.from_numpy(images)
 

@@ -1,63 +1,63 @@
 """Data sources: what the training loop and the evaluators read, whatever holds the images.
 
-A ``DataSource`` hands out batches of uint8 images (and labels, when it has them) for one
-process of a run. Training asks for the batches of an epoch *from a given batch on*, so a run
-resumed in the middle of an epoch continues with exactly the images it would have seen;
-evaluation asks for every example exactly once over all processes. The loop never learns
-whether the images sit in memory or are streamed from disk: ``InMemorySource`` is the first
-implementation, streaming sources plug in behind the same two methods.
+A ``DataSource`` (``base.py``) hands out batches of uint8 images (and labels, when it has
+them) for one process of a run. Training asks for the batches of an epoch *from a given batch
+on*, so a run resumed in the middle of an epoch continues with exactly the images it would
+have seen; evaluation asks for every example exactly once over all processes. The loop never
+learns whether the images sit in memory or are streamed: ``InMemorySource`` holds a decoded
+dataset, ``StreamingFolderSource`` decodes an image folder as it goes, ``ShardSource`` reads
+WebDataset shards. ``open_source`` / ``open_splits`` are the one place that picks which.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
+from PIL import Image
 
+from vitkit.data.augment import AugmentConfig
+from vitkit.data.base import SHOWN_SKIPPED, Batch, DataSource, EncodedSample, SourceInfo
 from vitkit.data.datasets import ImageDataset, differing_classes, iterate_batches
-from vitkit.data.readers import load_dataset, read_unlabelled
+from vitkit.data.images import open_image, upright_size
+from vitkit.data.readers import (
+    FolderListing,
+    is_image_folder,
+    list_image_folder,
+    load_dataset,
+    read_unlabelled,
+)
+from vitkit.data.shards import ShardSource, is_shards, read_index
+from vitkit.data.streaming import StreamingFolderSource
 
 logger = logging.getLogger(__name__)
 
 HELD_OUT_TEST = 0.2
+# An image folder stays in memory when the headers sampled show one size of at most
+# IN_MEMORY_MAX_SIDE pixels a side and the decoded folder would take at most IN_MEMORY_BYTES.
+IN_MEMORY_MAX_SIDE = 256
+IN_MEMORY_BYTES = 2 * 1024**3
+SAMPLED_HEADERS = 64
+
+__all__ = ["Batch", "DataSource", "SourceInfo"]  # re-exported: the protocol's home was here
 
 
 @dataclass(frozen=True)
-class Batch:
-    images: torch.Tensor  # uint8 (B, C, H, W)
-    labels: torch.Tensor | None  # int64 (B,), None for unlabelled data
+class DataOptions:
+    """How to read data: ``in_memory`` ``auto`` (small uniform sources in memory, other image
+    folders streamed), ``yes`` or ``no`` (image folders only: array formats and the digits
+    are always in memory, shards always streamed); loader ``num_workers`` per process for
+    streamed data (None: ``min(4, CPUs)``); ``augment`` for the crops of streamed images."""
 
-
-@dataclass(frozen=True)
-class SourceInfo:
-    classes: list[str] | None  # class names (index = label); None for unlabelled data
-    channels: int
-    num_examples: int
-
-
-class DataSource(Protocol):
-    @property
-    def info(self) -> SourceInfo: ...
-
-    def __len__(self) -> int: ...
-
-    def train_batches(
-        self, batch_size: int, *, seed: int, epoch: int, start: int = 0, rank: int = 0,
-        world_size: int = 1,
-    ) -> Iterator[Batch]:  # fmt: skip
-        """Shuffled batches of ``batch_size`` images (per process) of ``epoch``, from batch
-        ``start`` on; the order depends only on ``(seed, epoch)``, ranks get disjoint images,
-        and every rank gets the same number of full batches."""
-        ...
-
-    def eval_batches(
-        self, batch_size: int, *, rank: int = 0, world_size: int = 1
-    ) -> Iterator[Batch]:
-        """Every example exactly once over the ``world_size`` processes, in order."""
-        ...
+    in_memory: Literal["auto", "yes", "no"] = "auto"
+    num_workers: int | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 class InMemorySource:
@@ -75,6 +75,9 @@ class InMemorySource:
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def set_image_size(self, size: tuple[int, int]) -> None:
+        """Nothing to do: the batch transform resizes the stored images."""
 
     def train_batches(
         self, batch_size: int, *, seed: int, epoch: int, start: int = 0, rank: int = 0,
@@ -94,6 +97,15 @@ class InMemorySource:
         for images, labels in iterate_batches(shard, batch_size, shuffle=False, seed=0, epoch=0):
             yield Batch(images, labels if self.labelled else None)
 
+    def encoded_samples(self) -> Iterator[EncodedSample]:
+        """Each image as a PNG file (lossless), with its label: what ``vitkit data pack``
+        writes."""
+        for image, label in zip(self.dataset.images, self.dataset.labels.tolist(), strict=True):
+            pixels = image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy()
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            yield EncodedSample("png", buffer.getvalue(), label)
+
 
 def as_source(data: DataSource | ImageDataset) -> DataSource:
     return InMemorySource(data) if isinstance(data, ImageDataset) else data
@@ -106,10 +118,95 @@ class Splits:
     test: DataSource
     held_out_test: bool = False  # the source had one split; test was held out of it
 
+    def sources(self) -> list[DataSource]:
+        return [s for s in (self.train, self.val, self.test) if s is not None]
 
-def open_splits(data: str, val_fraction: float, seed: int, train_fraction: float = 1.0) -> Splits:
+    def set_image_size(self, size: tuple[int, int]) -> None:
+        for source in self.sources():
+            source.set_image_size(size)
+
+    def report(self) -> dict[str, Any]:
+        """For ``summary.json``: how many unreadable files (or shards, samples) streamed
+        sources skipped, over every process (a collective under ``torch.distributed``: every
+        rank calls it), and the first few names."""
+        logs = {id(log): log for s in self.sources() if (log := getattr(s, "skipped", None))}
+        names = list(dict.fromkeys(n for log in logs.values() for n in log.skipped))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[list[str] | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, names)
+            names = list(dict.fromkeys(n for part in gathered for n in part or []))
+        if names:
+            logger.warning("skipped %d unreadable file(s) in all: %s", len(names),
+                           "; ".join(names[:SHOWN_SKIPPED]))  # fmt: skip
+        return {"skipped_files": len(names), "skipped_examples": names[:SHOWN_SKIPPED]}
+
+
+def streams(data: str, options: DataOptions) -> bool:
+    """Whether ``data`` is read streamed: shards always; an image folder unless it is small
+    and uniform (``auto``: judged from a sample of image headers, without decoding) or
+    ``in_memory`` says otherwise; the array formats and the digits never."""
+    if is_shards(data):
+        if options.in_memory == "yes":
+            raise ValueError(f"{data} is a shard dataset: shards are always streamed; drop "
+                             "--data-in-memory yes")  # fmt: skip
+        return True
+    if not is_image_folder(data) or options.in_memory == "yes":
+        return False
+    if options.in_memory == "no":
+        return True
+    listing = list_image_folder(Path(data).expanduser(), "train")
+    size = uniform_size(listing)
+    if size is None:
+        return True
+    small = max(size) <= IN_MEMORY_MAX_SIDE
+    return not (small and len(listing.files) * size[0] * size[1] * 3 <= IN_MEMORY_BYTES)
+
+
+def uniform_size(listing: FolderListing) -> tuple[int, int] | None:
+    """The one (width, height) of the images, judged from up to ``SAMPLED_HEADERS`` headers
+    spread over the folder (Pillow reads a header without decoding); None if they differ."""
+    step = max(1, len(listing.files) // SAMPLED_HEADERS)
+    sizes = set()
+    for name in listing.files[::step][:SAMPLED_HEADERS]:
+        try:
+            with open_image(listing.root / name) as image:
+                sizes.add(upright_size(image))
+        except (ValueError, FileNotFoundError):
+            continue  # an unreadable file says nothing about the others
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def open_source(data: str, split: str, options: DataOptions | None = None) -> DataSource:
+    """Split ``split`` of ``data``, whole, in memory or streamed (``streams``)."""
+    options = options or DataOptions()
+    if not streams(data, options):
+        return InMemorySource(load_dataset(data, split))
+    return _streamed(data, split, options)
+
+
+def _streamed(data: str, split: str, options: DataOptions) -> StreamingFolderSource | ShardSource:
+    if is_shards(data):
+        index = read_index(data)
+        found = split if split in index.splits else {"val": "test", "test": "val"}.get(split)
+        if found not in index.splits:
+            raise ValueError(f"{data} has no {split!r} split: it has {sorted(index.splits)}")
+        return ShardSource(index.splits[found], index.classes, index.channels,
+                           augment=options.augment, num_workers=options.num_workers)  # fmt: skip
+    listing = list_image_folder(Path(data).expanduser(), split)
+    return StreamingFolderSource(listing, augment=options.augment,
+                                 num_workers=options.num_workers)  # fmt: skip
+
+
+def open_splits(
+    data: str,
+    val_fraction: float,
+    seed: int,
+    options: DataOptions | None = None,
+    train_fraction: float = 1.0,
+) -> Splits:
     """The train, validation (held out of train, stratified; None for ``val_fraction == 0``)
-    and test sources of ``data``.
+    and test sources of ``data``, in memory or streamed as ``options`` and ``streams`` decide
+    (the log says which).
 
     ``train_fraction`` < 1 keeps a stratified subset of the training split (before the
     validation images are held out of it), for data-size experiments: the subsets of one
@@ -119,10 +216,62 @@ def open_splits(data: str, val_fraction: float, seed: int, train_fraction: float
     A source with a single split (a folder of class folders, one .npz of images/labels) comes
     back whole for every split name: a stratified ``HELD_OUT_TEST`` of it, chosen by ``seed``,
     becomes the test split instead of testing on training images. ``vitkit eval`` uses the
-    same function, so with the run's seed it evaluates on the run's own test images. An
-    unlabelled folder (``read_unlabelled``) is split the same way into sources without labels.
+    same function, so with the run's seed it evaluates on the run's own test images. Shards
+    keep the splits they were packed with (``vitkit data pack`` holds out the same way), and
+    a validation split must have been packed. An unlabelled folder (``read_unlabelled``) is
+    decoded into memory and split the same way into sources without labels.
     """
+    options = options or DataOptions()
     unlabelled = read_unlabelled(data)
+    if unlabelled is not None or not streams(data, options):
+        logger.info("%s: decoded into memory", data)
+        return _in_memory_splits(data, val_fraction, seed, train_fraction, unlabelled)
+    if is_shards(data):
+        if train_fraction < 1.0:
+            raise ValueError(f"{data} is a shard dataset: train_fraction needs an image folder or "
+                             "an in-memory source")  # fmt: skip
+        index = read_index(data)
+        shards = _streamed(data, "train", options)
+        if val_fraction > 0 and "val" not in index.splits:
+            raise ValueError(f"{data} has no validation shards: pack them with `vitkit data "
+                             "pack --val-fraction`, or train with --val-fraction 0")  # fmt: skip
+        val = _streamed(data, "val", options) if val_fraction > 0 else None
+        assert isinstance(shards, ShardSource)
+        logger.info("%s: streaming %d training shard(s)", data, len(shards.shards))
+        return Splits(shards, val, _streamed(data, "test", options), index.held_out_test)
+    train = _streamed(data, "train", options)
+    assert isinstance(train, StreamingFolderSource)
+    test: DataSource
+    single_split = train.listing.single_split
+    if single_split:
+        logger.warning("%s has no separate test split: holding out %.0f%% of it", data,
+                       100 * HELD_OUT_TEST)  # fmt: skip
+        train, test = train.split(HELD_OUT_TEST, seed)
+    else:
+        test = _streamed(data, "test", options)
+        if train.info.classes != test.info.classes:
+            raise ValueError(_class_mismatch(data, train.info.classes, test.info.classes))
+    if train_fraction < 1.0:
+        train = train.split(train_fraction, seed)[1]
+    val = None
+    if val_fraction > 0:
+        train, val = train.split(val_fraction, seed)
+    logger.info("%s: streaming %d image files from disk, decoded by %d loader worker(s) per "
+                "process", data, len(train), train.num_workers)  # fmt: skip
+    return Splits(train, val, test, held_out_test=single_split)
+
+
+def _class_mismatch(data: str, train: list[str] | None, test: list[str] | None) -> str:
+    return (
+        f"{data}: {differing_classes(train or [], test or [], 'the train split', 'the test split')}; "
+        "give both the same class folders"
+    )
+
+
+def _in_memory_splits(
+    data: str, val_fraction: float, seed: int, train_fraction: float,
+    unlabelled: torch.Tensor | None,
+) -> Splits:  # fmt: skip
     if unlabelled is None:
         train, test = load_dataset(data, "train"), load_dataset(data, "test")
     else:
@@ -133,10 +282,7 @@ def open_splits(data: str, val_fraction: float, seed: int, train_fraction: float
                        100 * HELD_OUT_TEST)  # fmt: skip
         train, test = train.split(HELD_OUT_TEST, seed)
     if train.classes != test.classes:
-        raise ValueError(
-            f"{data}: {differing_classes(train.classes, test.classes, 'the train split', 'the test split')}; "
-            "give both the same class folders"
-        )
+        raise ValueError(_class_mismatch(data, train.classes, test.classes))
     if train_fraction < 1.0:
         train = train.split(train_fraction, seed)[1]
         counts = torch.bincount(train.labels, minlength=len(train.classes))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vitkit.data import AugmentConfig
+from vitkit.data.sources import DataOptions
 from vitkit.models import list_models
 from vitkit.models.mpp import MPP_TARGETS
 
@@ -23,6 +24,7 @@ OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "linear", "constant", "bit")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+IN_MEMORY = ("auto", "yes", "no")
 # The main job's augmentation: a mild random-resized crop (on 8x8 digits, a small zoom and
 # shift) is worth about 3 points of test accuracy there; everything else stays off.
 DEFAULT_AUGMENT: dict[str, Any] = dict(random_resized_crop=True, crop_scale=(0.6, 1.0))
@@ -51,8 +53,19 @@ class TrainConfig:
         None, "checkpoint to fine-tune (any format load_pretrained reads); its head is replaced"
     )
     data: str = _option(
-        "digits", "'digits' (shipped) or a path: image folder, idx / CIFAR folder or .npz"
+        "digits",
+        "'digits' (shipped) or a path: image folder, idx / CIFAR folder, .npz, or WebDataset "
+        "shards (a folder from `vitkit data pack`, a brace pattern or a comma-separated list)",
     )
+    data_in_memory: Literal["auto", "yes", "no"] = _option(
+        "auto",
+        "'auto': small uniform sources are decoded into memory, other image folders streamed "
+        "from disk; 'yes' / 'no' force it for image folders (shards always stream)",
+    )
+    num_workers: int | None = _option(
+        None, "loader worker processes per training process for streamed data (default: "
+        "min(4, CPUs); 0 decodes in the training process)",
+    )  # fmt: skip
     img_size: int | None = _option(
         None, "input resolution (default: the model's); fine-tuning higher resizes pos. embeddings"
     )
@@ -173,6 +186,8 @@ class TrainConfig:
         else:
             check(Path(self.init_from).exists(), f"init_from {self.init_from} does not exist")
         check(self.img_size is None or self.img_size > 0, "img_size must be positive")
+        check(self.data_in_memory in IN_MEMORY, f"data_in_memory must be one of {IN_MEMORY}")
+        check(self.num_workers is None or self.num_workers >= 0, "num_workers must be >= 0")
         check(0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)")
         check(0.0 < self.train_fraction <= 1.0, "train_fraction must be in (0, 1]")
         check(self.epochs >= 1, "epochs must be at least 1")
@@ -222,6 +237,10 @@ class TrainConfig:
     @property
     def micro_batch_size(self) -> int:
         return self.batch_size // self.accum_steps
+
+    @property
+    def data_options(self) -> DataOptions:
+        return DataOptions(self.data_in_memory, self.num_workers, self.augment)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

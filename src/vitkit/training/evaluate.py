@@ -101,7 +101,8 @@ def evaluate(
     if process is not None:
         all_reduce_sum(loss_sum, process)
         all_reduce_sum(confusion, process)
-    return Evaluation(float(loss_sum) / max(len(source), 1), confusion.cpu())
+    # Over the images evaluated: a streamed source leaves out files it cannot decode.
+    return Evaluation(float(loss_sum) / max(int(confusion.sum()), 1), confusion.cpu())
 
 
 @torch.no_grad()

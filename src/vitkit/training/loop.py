@@ -166,7 +166,7 @@ def _train(
     device = process.device
     # ---- data, task and evaluators, checked before anything is trained or written
     task = build_task(cfg)
-    splits = open_splits(cfg.data, cfg.val_fraction, cfg.seed, cfg.train_fraction)
+    splits = open_splits(cfg.data, cfg.val_fraction, cfg.seed, cfg.data_options, cfg.train_fraction)
     if task.needs_labels and splits.train.info.classes is None:
         raise ValueError(
             f"{cfg.data} has no labels (its images are not in class folders): the {cfg.task} "
@@ -191,6 +191,7 @@ def _train(
     # ---- model, optimizer, schedule; restored from last.safetensors when resuming
     torch.manual_seed(cfg.seed)
     model = task.build_model(splits.train.info).to(device)
+    splits.set_image_size(model.cfg.img_size)
     task.setup(model)
     trainable = task.trainable(model)
     optimizer = build_optimizer(trainable, cfg)
@@ -349,6 +350,7 @@ def _train(
         run_folder=str(run.path),
         num_parameters=num_parameters(model),
         classes=splits.train.info.classes,
+        **splits.report(),
     )
     run.write_json(run.summary, summary)
     run.plot_curves()

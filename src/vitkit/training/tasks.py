@@ -157,7 +157,9 @@ class Classification(Task):
     def prepare(self, batch: Batch, seed: int) -> tuple[torch.Tensor, Any]:
         assert batch.labels is not None
         self.transform.generator.manual_seed(seed)
-        inputs, soft_targets = self.transform(batch.images, batch.labels, train=True)
+        inputs, soft_targets = self.transform(
+            batch.images, batch.labels, train=True, cropped=batch.cropped
+        )
         return inputs, (soft_targets, batch.labels.to(inputs.device))
 
     def step(self, net: nn.Module, inputs: torch.Tensor, targets: Any) -> StepResult:

@@ -1,0 +1,103 @@
+"""What every data source shares: the batch it hands out, its description, the protocol the
+loop and the evaluators read, and the record of the files a streamed source had to skip.
+
+Split out of ``sources.py`` so that the streamed sources (``streaming.py``, ``shards.py``) and
+the function that picks between them (``sources.open_splits``) import one way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SHOWN_SKIPPED = 3
+
+
+@dataclass(frozen=True)
+class Batch:
+    images: torch.Tensor  # uint8 (B, C, H, W)
+    labels: torch.Tensor | None  # int64 (B,), None for unlabelled data
+    # The images are already random-resized-cropped to the model's size (a streamed source
+    # crops each image from its original in the loader's workers): the batch transform then
+    # skips its own crop and does the rest (flip, RandAugment, mixup / cutmix).
+    cropped: bool = False
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    classes: list[str] | None  # class names (index = label); None for unlabelled data
+    channels: int
+    num_examples: int
+
+
+class DataSource(Protocol):
+    @property
+    def info(self) -> SourceInfo: ...
+
+    def __len__(self) -> int: ...
+
+    def set_image_size(self, size: tuple[int, int]) -> None:
+        """The model's input size, known once the model is built: streamed sources decode
+        and crop to it, in-memory ones ignore it (the batch transform resizes)."""
+        ...
+
+    def train_batches(
+        self, batch_size: int, *, seed: int, epoch: int, start: int = 0, rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[Batch]:  # fmt: skip
+        """Shuffled batches of ``batch_size`` images (per process) of ``epoch``, from batch
+        ``start`` on; the order depends only on ``(seed, epoch)``, ranks get disjoint images,
+        and every rank gets the same number of full batches."""
+        ...
+
+    def eval_batches(
+        self, batch_size: int, *, rank: int = 0, world_size: int = 1
+    ) -> Iterator[Batch]:
+        """Every example exactly once over the ``world_size`` processes, in order."""
+        ...
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    """One image as a file's bytes (``ext``: jpg, png, ...), with its label: what a shard
+    stores and what every source hands ``shards.write_shards``."""
+
+    ext: str
+    data: bytes
+    label: int
+
+
+def default_workers() -> int:
+    """Loader worker processes per training process: ``min(4, CPUs)``."""
+    return min(4, os.cpu_count() or 1)
+
+
+class SkipLog:
+    """The unreadable files (or shards, or samples) a streamed source skipped, by name.
+
+    Decoding happens in loader workers, so the names travel back with each batch and are
+    collected here, in the process that runs the loop: the first few are logged by name as
+    they turn up, the count goes into the run's summary (``Splits.report``).
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what  # e.g. "/data/photos": where the skipped things are
+        self.skipped: dict[str, None] = {}  # ordered set of "name (reason)"
+
+    def add(self, names: list[str]) -> None:
+        for name in names:
+            if name in self.skipped:
+                continue
+            self.skipped[name] = None
+            if len(self.skipped) <= SHOWN_SKIPPED:
+                logger.warning("%s: skipped %s", self.what, name)
+            elif len(self.skipped) == SHOWN_SKIPPED + 1:
+                logger.warning("%s: skipping more unreadable files; the summary counts them",
+                               self.what)  # fmt: skip
