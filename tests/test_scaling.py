@@ -130,7 +130,7 @@ def test_stratified_fractions_keep_class_proportions_and_nest() -> None:
     test = open_splits("digits", 0.0, 0).test
     subsets = {}
     for fraction in (0.3, 0.6):
-        splits = open_splits("digits", 0.0, 0, fraction)
+        splits = open_splits("digits", 0.0, 0, train_fraction=fraction)
         subsets[fraction] = splits.train.dataset
         expected = [round(fraction * n) for n in class_counts(full.labels)]
         assert class_counts(splits.train.dataset.labels) == expected
@@ -138,7 +138,7 @@ def test_stratified_fractions_keep_class_proportions_and_nest() -> None:
     small, large = (subsets[f].images.flatten(1) for f in (0.3, 0.6))
     assert (small[:, None] == large[None]).all(-1).any(1).all()  # every 30% image is in the 60%
     with pytest.raises(ValueError, match="without training images: raise the fraction"):
-        open_splits("digits", 0.0, 0, 0.001)
+        open_splits("digits", 0.0, 0, train_fraction=0.001)
 
 
 def test_steps_override_epochs_and_max_minutes_stops_then_tests(tmp_path: Path) -> None:

@@ -173,7 +173,7 @@ def measure_train_speed(cfg: TrainConfig, steps: int = 3) -> float:
     device = choose_device(cfg.device)
     task = build_task(cfg)
     source = open_splits(
-        cfg.data, cfg.val_fraction, cfg.seed, cfg.data_options, cfg.train_fraction
+        cfg.data, cfg.val_fraction, cfg.seed, cfg.data_options, train_fraction=cfg.train_fraction
     ).train
     torch.manual_seed(cfg.seed)
     model = task.build_model(source.info).to(device)

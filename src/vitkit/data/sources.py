@@ -202,6 +202,7 @@ def open_splits(
     val_fraction: float,
     seed: int,
     options: DataOptions | None = None,
+    *,
     train_fraction: float = 1.0,
 ) -> Splits:
     """The train, validation (held out of train, stratified; None for ``val_fraction == 0``)

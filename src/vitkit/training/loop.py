@@ -166,7 +166,9 @@ def _train(
     device = process.device
     # ---- data, task and evaluators, checked before anything is trained or written
     task = build_task(cfg)
-    splits = open_splits(cfg.data, cfg.val_fraction, cfg.seed, cfg.data_options, cfg.train_fraction)
+    splits = open_splits(
+        cfg.data, cfg.val_fraction, cfg.seed, cfg.data_options, train_fraction=cfg.train_fraction
+    )
     if task.needs_labels and splits.train.info.classes is None:
         raise ValueError(
             f"{cfg.data} has no labels (its images are not in class folders): the {cfg.task} "

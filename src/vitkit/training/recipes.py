@@ -98,7 +98,7 @@ def bit_config(cfg: TrainConfig, keep: Collection[str] = ()) -> TrainConfig:
     Settings named in ``keep`` (given explicitly: training or augmentation field names) are
     left as they are; an explicit ``steps`` rescales the warm-up and the drops to it."""
     train = open_splits(
-        cfg.data, cfg.val_fraction, cfg.seed, cfg.data_options, cfg.train_fraction
+        cfg.data, cfg.val_fraction, cfg.seed, cfg.data_options, train_fraction=cfg.train_fraction
     ).train
     image_size = tuple(next(train.eval_batches(1)).images.shape[-2:])
     rule = bit_hyperrule(len(train), (int(image_size[0]), int(image_size[1])))
