@@ -113,7 +113,7 @@ def test_the_checker_sees_imports_anywhere(module: str, source: str, bad: bool) 
 
 def test_formats_are_tried_in_one_written_order() -> None:
     assert [f.name for f in FORMATS] == [
-        "vitkit", "hf", "official", "big_vision", "bit", "timm_resnetv2", "timm"
+        "vitkit", "vitkit-sharded", "hf", "official", "big_vision", "bit", "timm_resnetv2", "timm"
     ]  # fmt: skip
     assert not hasattr(vitkit.checkpoints, "register_format")
 

@@ -2,6 +2,8 @@
 
 vitkit's own comes first: its folder also has a config.json like a Hugging Face folder, and
 its one-file shape is a ``.safetensors`` file like timm's; it is recognised by its metadata.
+Its sharded training checkpoints (``last.dcp/`` folders of FSDP runs) are recognised by
+``vitkit.json`` beside torch.distributed.checkpoint's ``.metadata``.
 The others do not overlap: Hugging Face folders (config.json), official, big_vision and BiT
 ``.npz`` files (told apart by their module names), timm ResNet-v2 state dicts (told by their
 stem) and timm ViT state dicts (any other ``.safetensors``, ``.pth``, ``.pt`` or ``.bin``
@@ -13,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vitkit.checkpoints import bigvision, bit, hf, native, official, timm
+from vitkit.checkpoints import bigvision, bit, hf, native, official, sharded, timm
 from vitkit.checkpoints.core import (
     IMG_SIZE_HINT,
     Checkpoint,
@@ -26,6 +28,7 @@ from vitkit.models.pretrained import PretrainedModel
 
 FORMATS: tuple[CheckpointFormat, ...] = (
     native.FORMAT,
+    sharded.FORMAT,  # a torch.distributed.checkpoint folder with vitkit.json
     hf.FORMAT,
     official.FORMAT,
     bigvision.FORMAT,

@@ -29,7 +29,7 @@ from vitkit.training import (
     train,
 )
 from vitkit.training.config import DEFAULT_AUGMENT, merge, read_toml
-from vitkit.training.loop import Progress
+from vitkit.training.loop import RESUME_OPTIONS, Progress
 from vitkit.training.recipes import BIT_FIXED, bit_config
 
 AUGMENT_HELP = {
@@ -114,12 +114,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a ViT from scratch (default: a small ViT on the shipped digits)",
         description="Train a ViT with the paper's pre-training recipe (Adam, decoupled weight "
         "decay, warm-up then decay, gradient clipping). With no options: a small ViT on the "
-        "digits shipped with vitkit. Under torchrun, trains with DistributedDataParallel.",
+        "digits shipped with vitkit. Under torchrun, trains with DistributedDataParallel or, "
+        "with --parallel fsdp, FSDP (sharded model, gradients and optimizer state).",
     )
     train_parser.add_argument(
         "--resume", type=Path, metavar="DIR",
         help="continue the run in DIR (training or fine-tuning) from its last checkpoint, "
-        "with its own config.json; takes no other option",
+        "with its own config.json; takes no other option but --parallel and "
+        "--activation-checkpointing (how it runs, not what it learns)",
     )  # fmt: skip
     add_config_flags(train_parser, {})
     train_parser.set_defaults(func=run_train, preset={})
@@ -170,18 +172,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run_train(args: argparse.Namespace) -> int:
     resume = getattr(args, "resume", None)
+    resume_options = {k: getattr(args, k) for k in RESUME_OPTIONS if hasattr(args, k)}
     if resume is not None:
         given = {k for k, v in vars(args).items() if v is not None}
-        others = sorted(given - {"resume", "func", "preset", "command"})
+        others = sorted(given - {"resume", "func", "preset", "command", *RESUME_OPTIONS})
         if others:
             raise ValueError(
                 "--resume continues a run with the settings of its config.json; drop the "
-                f"other options ({', '.join(others)})"
+                f"other options ({', '.join(others)}); only how it runs may change: "
+                + ", ".join("--" + k.replace("_", "-") for k in RESUME_OPTIONS)
             )
     cfg = None if resume is not None else config_from_args(args)
     try:
         with progress_bar() as progress:
-            summary = train(cfg, resume=resume, progress=progress)
+            summary = train(cfg, resume=resume, progress=progress,
+                            resume_options=resume_options if resume is not None else None)  # fmt: skip
     except (TrainingDiverged, TrainingInterrupted) as err:
         if is_main_process():
             print(f"vitkit {args.command}: {err}", file=sys.stderr)

@@ -48,19 +48,21 @@ def save_pretrained(
     path: str | Path,
     extra_tensors: dict[str, torch.Tensor] | None = None,
     extra_metadata: dict[str, str] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save ``model`` as a folder, or as one file when ``path`` ends in ``.safetensors``.
 
     ``model`` is any model of a registered architecture. ``extra_tensors`` (stored under
     ``state/``) and ``extra_metadata`` only fit the one-file shape; training checkpoints
-    use them.
+    use them. ``weights`` replaces ``model.state_dict()`` for a model that does not hold its
+    weights whole (sharded over processes by FSDP: the caller gathers them).
     """
     path = Path(path)
     architecture = architecture_of(model).name
     cfg: Any = model.cfg
     config = cfg.to_dict()
     metadata = {CONFIG_KEY: json.dumps(config, sort_keys=True), ARCHITECTURE_KEY: architecture}
-    weights = dict(model.state_dict())
+    weights = dict(model.state_dict() if weights is None else weights)
     if path.suffix == ".safetensors":
         extra = {STATE_PREFIX + k: v for k, v in (extra_tensors or {}).items()}
         save_safetensors(path, {**weights, **extra}, {**metadata, **(extra_metadata or {})})
@@ -99,6 +101,12 @@ class PretrainedModel(nn.Module):
         """A new zero-initialised head for ``num_classes`` (0: none, ``forward`` gives
         pre-logits)."""
         raise NotImplementedError
+
+    def units(self) -> list[nn.Module]:
+        """The large repeated pieces, in forward order, that distributed training shards one
+        at a time (FSDP) and activation checkpointing recomputes one at a time: each is a
+        module called as a whole in ``forward``. What no unit holds belongs to the root."""
+        return []
 
 
 @runtime_checkable

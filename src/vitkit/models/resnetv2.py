@@ -248,6 +248,10 @@ class ResNetV2(PretrainedModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def units(self) -> list[nn.Module]:
+        """The stages (one per resolution)."""
+        return list(self.stages)
+
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head by a zero-initialised one (BiT's fine-tuning step); 0 removes it."""
         self.cfg = self.cfg.replace(num_classes=num_classes)

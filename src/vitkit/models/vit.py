@@ -316,6 +316,12 @@ class VisionTransformer(PretrainedModel):
         return self.forward_head(self.forward_features(x))
 
     # ------------------------------------------------------------------- fine-tuning hooks
+    def units(self) -> list[nn.Module]:
+        """The encoder blocks; a hybrid's ResNet backbone as one more (its stages are small
+        beside the blocks, and one unit keeps its all-gather to one message)."""
+        backbone = self.patch_embed.backbone
+        return ([backbone] if backbone is not None else []) + list(self.blocks)
+
     def reset_classifier(self, num_classes: int, keep_representation: bool = False) -> None:
         """Replace the head by a zero-initialised one (the paper's fine-tuning step).
 

@@ -23,6 +23,7 @@ from vitkit.models.mpp import MPP_TARGETS
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "linear", "constant", "bit")
 PRECISIONS = ("fp32", "bf16")
+PARALLELS = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 IN_MEMORY = ("auto", "yes", "no")
 # The main job's augmentation: a mild random-resized crop (on 8x8 digits, a small zoom and
@@ -140,6 +141,14 @@ class TrainConfig:
         "fp32", "'bf16' runs forward and backward under bfloat16 autocast"
     )
     device: Literal["auto", "cpu", "cuda"] = _option("auto", "'auto' takes a GPU if there is one")
+    parallel: Literal["ddp", "fsdp"] = _option(
+        "ddp", "under torchrun: 'ddp' (every process holds the whole model) or 'fsdp' (FSDP2: "
+        "parameters, gradients and optimizer state sharded over the processes, block by block)",
+    )  # fmt: skip
+    activation_checkpointing: bool = _option(
+        False, "keep only each block's input and recompute the block in the backward pass: "
+        "less activation memory for about a third more compute",
+    )  # fmt: skip
     seed: int = _option(0, "seeds the initialisation, data order, augmentation and dropout")
     eval_batch_size: int = _option(512, "batch size per process for evaluation")
     evaluators: list[str] = field(
@@ -222,6 +231,7 @@ class TrainConfig:
         check(0.0 <= self.drop_path < 1.0, "drop_path must be in [0, 1)")
         check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}")
         check(self.device in DEVICES, f"device must be one of {DEVICES}")
+        check(self.parallel in PARALLELS, f"parallel must be one of {PARALLELS}")
         check(self.eval_batch_size >= 1, "eval_batch_size must be at least 1")
         check(self.log_every >= 1, "log_every must be at least 1")
         check(self.eval_every >= 0, "eval_every must be >= 0 (0 = every epoch)")

@@ -1,13 +1,15 @@
-"""Running under ``torchrun``: one process per device, DistributedDataParallel between them.
+"""Running under ``torchrun``: one process per device, joined in one process group.
 
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address; the
 process group reads them (``env://``). gloo on CPU, NCCL on GPU. Without torchrun everything
-here is a no-op and the run is a single process.
+here is a no-op and the run is a single process. How the model is spread over the processes
+(DDP or FSDP) is ``parallel.py``'s business.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import TypeVar
@@ -15,12 +17,16 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Process:
     rank: int
     world_size: int
     device: torch.device
+    grouped: bool = False  # in a process group (FSDP joins one even as the only process)
+    owns_group: bool = False  # ``start`` created the group, so ``stop`` ends it
 
     @property
     def is_main(self) -> bool:
@@ -40,16 +46,35 @@ def choose_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def start(device_preference: str) -> Process:
-    """Join the process group if launched by torchrun, and pick this process's device."""
+def launched() -> bool:
+    """Whether a launcher (torchrun) set the rendezvous that ``env://`` reads."""
+    return "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def restarted() -> bool:
+    """Whether torchrun's agent restarted the workers after a failure (``--max-restarts``)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def start(device_preference: str, sharded: bool = False) -> Process:
+    """Join the process group if launched by torchrun, and pick this process's device.
+
+    ``sharded`` (FSDP) needs the group even for one process, so it needs the launcher."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = choose_device(device_preference, local_rank)
-    if world_size == 1:
+    if sharded and not launched():
+        raise ValueError(
+            "--parallel fsdp shards the model over the processes torchrun starts: launch with "
+            "`torchrun --nproc-per-node N -m vitkit train ... --parallel fsdp` (N = 1 works "
+            "too), or train in this process with --parallel ddp"
+        )
+    if world_size == 1 and not sharded:
         return Process(0, 1, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()  # else a caller's group: it ends it too
+    if owns_group:
         # DistributedDataParallel imports torch._dynamo on first use, and that import keeps
         # references to every process group that exists by then, so destroy_process_group
         # cannot free it: gloo's worker threads outlive it and, when they drop their last
@@ -65,12 +90,32 @@ def start(device_preference: str) -> Process:
         # Processes on one machine share its cores: split them instead of oversubscribing.
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
-    return Process(dist.get_rank(), dist.get_world_size(), device)
+    if dist.get_rank() == 0 and shares_stale_store():
+        logger.warning(
+            "torchrun may restart these processes (--max-restarts) but shares its rendezvous "
+            "store with them: restarted processes can then look up the addresses of the ones "
+            "they replace and fail to connect. Launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1."
+        )
+    return Process(dist.get_rank(), dist.get_world_size(), device, True, owns_group)
+
+
+def shares_stale_store() -> bool:
+    """Whether torchrun will restart failed processes into the store the old ones wrote
+    their addresses to (torch 2.13 keeps the keys of every attempt in it; pytorch issue
+    135712); TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each attempt a store of its own."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return restarts > 0 and shared
 
 
 def stop(process: Process) -> None:
-    if process.distributed and dist.is_initialized():
+    if process.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier(process: Process) -> None:
+    if process.grouped:
+        dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor, process: Process) -> torch.Tensor:

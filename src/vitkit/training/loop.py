@@ -21,26 +21,24 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from vitkit.data.sources import DataSource, Splits, open_splits
 from vitkit.models.pretrained import PretrainedModel
-from vitkit.training import distributed
+from vitkit.training import distributed, parallel
 from vitkit.training.config import TrainConfig
 from vitkit.training.distributed import Process
 from vitkit.training.evaluate import autocast
 from vitkit.training.evaluators import EvalContext, Evaluator, build_evaluators
 from vitkit.training.optim import build_optimizer, build_schedule
-from vitkit.training.run import RunFolder
+from vitkit.training.run import RunFolder, SavedTraining
 from vitkit.training.tasks import Task, build_task
 
 logger = logging.getLogger(__name__)
@@ -75,6 +73,9 @@ class LoopState:
 
 Progress = Callable[[int, int, dict[str, Any] | None], None]
 """``progress(step, total_steps, logged_record_or_None)``, called after each optimizer step."""
+
+# Settings a resumed run may change: how it runs, not what it learns.
+RESUME_OPTIONS = ("parallel", "activation_checkpointing")
 
 
 def derived_seed(*parts: int) -> int:
@@ -114,15 +115,29 @@ def train(
     cfg: TrainConfig | None = None,
     resume: str | Path | None = None,
     progress: Progress | None = None,
+    resume_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train (``cfg``) or continue the run in folder ``resume``; returns ``summary.json``'s
-    content. Raises ValueError, before any training, for a bad config or data."""
+    """Train (``cfg``) or continue the run in folder ``resume``, changing only the
+    ``RESUME_OPTIONS`` in ``resume_options``; returns ``summary.json``'s content. Raises
+    ValueError, before any training, for a bad config or data.
+
+    Workers that torchrun restarted (``--max-restarts``) continue the run in ``cfg.out``
+    from its last checkpoint, without being told to."""
+    out = cfg.out if cfg is not None else None
+    if resume is None and out and distributed.restarted() and RunFolder(out).holds_run():
+        logger.warning("restarted by torchrun: resuming the run in %s", out)
+        resume = out
     if resume is not None:
         cfg = resumable_config(Path(resume))
+        unknown = sorted(set(resume_options or {}) - set(RESUME_OPTIONS))
+        if unknown:
+            raise ValueError(f"a resumed run can only change {RESUME_OPTIONS}, not {unknown}")
+        cfg = cfg.replace(**(resume_options or {}))
     cfg = cfg or TrainConfig()
-    process = distributed.start(cfg.device)
+    process = distributed.start(cfg.device, sharded=cfg.parallel == "fsdp")
     try:
-        return _train(cfg, Path(resume) if resume is not None else None, process, progress)
+        folder = Path(resume) if resume is not None else None
+        return _train(cfg, folder, process, progress, resume_options)
     finally:
         distributed.stop(process)
 
@@ -148,9 +163,10 @@ def resumable_config(folder: Path) -> TrainConfig:
     run = RunFolder(folder)
     if not run.holds_run():
         raise ValueError(f"{folder} holds no run to resume (no config.json there)")
-    if not run.last.is_file() and (run.best.is_file() or run.read_metrics()):
+    if run.latest_checkpoint() is None and (run.best.is_file() or run.read_metrics()):
         raise ValueError(
-            f"{run.last} is missing although the run logged progress: resuming would start "
+            f"{run.last} is missing (and so is {run.sharded_last.name}) although the run "
+            "logged progress: resuming would start "
             f"again from step 0 and overwrite {run.best.name} and {run.metrics.name}; restore "
             "last.safetensors (for example, copy best.safetensors to it) or start a new run"
         )
@@ -161,7 +177,11 @@ def resumable_config(folder: Path) -> TrainConfig:
 
 
 def _train(
-    cfg: TrainConfig, resume: Path | None, process: Process, progress: Progress | None
+    cfg: TrainConfig,
+    resume: Path | None,
+    process: Process,
+    progress: Progress | None,
+    resume_options: dict[str, Any] | None,
 ) -> dict[str, Any]:
     device = process.device
     # ---- data, task and evaluators, checked before anything is trained or written
@@ -190,42 +210,48 @@ def _train(
         run = open_run_folder(cfg, process)
         cfg = cfg.replace(out=str(run.path))
 
-    # ---- model, optimizer, schedule; restored from last.safetensors when resuming
+    # ---- model, optimizer, schedule; restored from the last checkpoint when resuming
     torch.manual_seed(cfg.seed)
     model = task.build_model(splits.train.info).to(device)
     splits.set_image_size(model.cfg.img_size)
     task.setup(model)
     trainable = task.trainable(model)
+    # The main process picks the checkpoint (other nodes may not see its disk) and reads a
+    # whole one (last.safetensors) before the model is spread over the processes.
+    latest = cast(Path | None, distributed.broadcast_object(
+        run.latest_checkpoint() if process.is_main and resume is not None else None, process
+    ))  # fmt: skip
+    saved = None
+    if latest is not None and not latest.is_dir():
+        saved = cast(SavedTraining, distributed.broadcast_object(
+            run.load_checkpoint(latest) if process.is_main else None, process
+        ))  # fmt: skip
+        model.load_state_dict(saved.weights)
+        task.load_task_state(trainable, saved.task)
+    net = parallel.wrap(trainable, cfg, process)
     optimizer = build_optimizer(trainable, cfg)
     scheduler = build_schedule(optimizer, warmup_steps, total_steps, cfg.schedule, cfg.lr_drops)
     state = LoopState()
-    if (
-        resume is not None
-    ):  # the main process reads the checkpoint: other nodes may not see its disk
-        saved = distributed.broadcast_object(
-            run.load_checkpoint() if process.is_main and run.last.is_file() else None, process
-        )
-        if saved is not None:  # else the run was stopped before its first checkpoint
-            model.load_state_dict(saved.weights)
-            task.load_task_state(trainable, saved.task)
-            optimizer.load_state_dict(saved.optimizer)
-            scheduler.load_state_dict(saved.scheduler)
-            state = LoopState.from_dict(saved.loop_state)
+    if saved is not None:
+        parallel.load_optimizer_state(optimizer, trainable, saved.optimizer)
+        scheduler.load_state_dict(saved.scheduler)
+        state = LoopState.from_dict(saved.loop_state)
+    elif latest is not None:  # last.dcp: every process reads its own part
+        scheduler_state, loop_state = run.load_sharded_checkpoint(latest, trainable, optimizer)
+        scheduler.load_state_dict(scheduler_state)
+        state = LoopState.from_dict(loop_state)
+    if resume is not None:  # from step 0 if the run was stopped before its first checkpoint
         run.cut_metrics(state.step)
-    else:
+    if resume is None or resume_options:  # a resumed run's, with the RESUME_OPTIONS it changed
         run.write_json(run.config, cfg.to_dict())
-    net = (
-        DistributedDataParallel(trainable, device_ids=[device] if device.type == "cuda" else None)
-        if process.distributed
-        else trainable
-    )
     if process.is_main:
         logger.info(
             "training %s-parameter %s (%s) on %s: %s, %.4g epochs of %d steps, %d process(es) "
-            "on %s; run folder %s", f"{num_parameters(model):,}", cfg.model or cfg.init_from,
-            cfg.task, cfg.data, describe_splits(splits), total_steps / steps_per_epoch,
-            steps_per_epoch,
-            process.world_size, device.type, run.path,
+            "on %s (%s%s); run folder %s", f"{num_parameters(model):,}",
+            cfg.model or cfg.init_from, cfg.task, cfg.data, describe_splits(splits),
+            total_steps / steps_per_epoch, steps_per_epoch, process.world_size, device.type,
+            cfg.parallel, ", activation checkpointing" if cfg.activation_checkpointing else "",
+            run.path,
         )  # fmt: skip
 
     # ---- the loop: one optimizer step per ``accum_steps`` micro-batches
@@ -235,8 +261,14 @@ def _train(
 
     def checkpoint(is_best: bool) -> None:
         state.wall_seconds = time.perf_counter() - session_start
-        run.save_checkpoint(model, optimizer, scheduler, dataclasses.asdict(state), is_best,
-                            task.task_state(trainable))  # fmt: skip
+        if not parallel.sharded(net):
+            run.save_checkpoint(model, optimizer, scheduler, dataclasses.asdict(state), is_best,
+                                task.task_state(trainable))  # fmt: skip
+            return
+        counters = dataclasses.asdict(state)
+        run.save_sharded_checkpoint(trainable, model, optimizer, scheduler, counters, process)
+        if is_best:  # gathered whole, for everything that reads a model
+            run.save_model(model, run.best, parallel.full_weights(model))
 
     def out_of_time() -> bool:  # training time only: evaluating and checkpointing are free
         if not cfg.max_minutes:
@@ -261,12 +293,7 @@ def _train(
                     batch = type(batch)(batch.images.to(device), batch.labels)
                     inputs, targets = task.prepare(batch, derived_seed(seed, 1))
                     last_micro = micro == cfg.accum_steps - 1
-                    no_sync = (
-                        net.no_sync()
-                        if isinstance(net, DistributedDataParallel) and not last_micro
-                        else nullcontext()
-                    )
-                    with no_sync:
+                    with parallel.gradient_sync(net, last_micro):
                         with autocast(device, cfg.precision):
                             result = task.step(net, inputs, targets)
                         (result.loss / cfg.accum_steps).backward()
@@ -308,11 +335,12 @@ def _train(
                     progress(state.step, total_steps, record)
                 if not checkpoint_due:
                     continue
-                is_best = (
-                    run_evaluators(evaluators, task, model, run, process, state, steps_per_epoch)
-                    if eval_due
-                    else False
-                )
+                is_best = False
+                if eval_due:
+                    with parallel.whole(trainable):
+                        is_best = run_evaluators(
+                            evaluators, task, model, run, process, state, steps_per_epoch
+                        )
                 checkpoint(is_best or not any(e.name == "val" for e in evaluators))
                 segment_start = time.perf_counter()
                 if stop:
@@ -323,13 +351,19 @@ def _train(
         raise TrainingInterrupted(interrupted_message(run, state.step)) from None
 
     # ---- test the best checkpoint, write the summary
-    best = distributed.broadcast_object(
-        run.load_checkpoint(run.best) if process.is_main else None, process
+    if parallel.sharded(net):  # the final model, whole, beside the sharded last.dcp
+        run.save_model(model, run.last, parallel.full_weights(model))
+    best = run.load_weights(run.best) if process.is_main else None
+    parallel.load_full_weights(model, best, process)
+    # A task's own parameters (a prediction head) as they were at the best checkpoint; a
+    # sharded run's best.safetensors holds the model alone, and its task state stays as is.
+    best_task = distributed.broadcast_object(
+        run.load_task_tensors(run.best) if process.is_main else None, process
     )
-    assert best is not None  # read by the main process
-    model.load_state_dict(best.weights)
-    task.load_task_state(trainable, best.task)  # a task's own head, as it was at the best
-    test = task.evaluate(model, splits.test, process)
+    if best_task and not parallel.sharded(net):
+        task.load_task_state(trainable, best_task)
+    with parallel.whole(trainable):
+        test = task.evaluate(model, splits.test, process)
     epochs_done = round(state.step / steps_per_epoch, 3)
     summary = dict(
         task.summary(test, state.best_value),
@@ -343,6 +377,7 @@ def _train(
         train_seconds=state.train_seconds,
         images_per_second=state.train_images / max(state.train_seconds, 1e-9),
         processes=process.world_size,
+        parallel=cfg.parallel,
         device=device.type,
         precision=cfg.precision,
         task=cfg.task,
@@ -403,11 +438,14 @@ def warmup_length(cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> i
 
 
 def clip_gradients(trainable: nn.Module, max_norm: float) -> torch.Tensor:
-    """The global gradient norm, after clipping to ``max_norm`` (0 = no clipping)."""
+    """The global gradient norm, after clipping to ``max_norm`` (0 = no clipping); over
+    FSDP's shards too (the norm of the whole gradient, not of this process's part)."""
     if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(trainable.parameters(), max_norm)
+        return parallel.global_norm(
+            torch.nn.utils.clip_grad_norm_(trainable.parameters(), max_norm)
+        )
     grads = [p.grad for p in trainable.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads)
+    return parallel.global_norm(torch.nn.utils.get_total_norm(grads))
 
 
 def log_training(
@@ -459,9 +497,12 @@ def run_evaluators(
 
 def diverged_message(run: RunFolder, state: LoopState, loss: float) -> str:
     kept = "no checkpoint had been written yet"
-    if run.last.is_file():
-        saved = LoopState.from_dict(run.checkpoint_counters())
-        kept = f"the last good checkpoint, {run.last} (step {saved.step}, epoch {saved.epoch}), is kept"
+    latest = run.latest_checkpoint()
+    if latest is not None:
+        saved = LoopState.from_dict(run.checkpoint_counters(latest))
+        kept = (
+            f"the last good checkpoint, {latest} (step {saved.step}, epoch {saved.epoch}), is kept"
+        )
     return (
         f"the loss became {loss if not math.isfinite(loss) else 'finite but the gradients not'}"
         f" at step {state.step + 1}: training stopped; {kept}. Lower --lr, lengthen "
@@ -470,9 +511,11 @@ def diverged_message(run: RunFolder, state: LoopState, loss: float) -> str:
 
 
 def interrupted_message(run: RunFolder, step: int) -> str:
-    if not run.last.is_file():
+    latest = run.latest_checkpoint()
+    if latest is None:
         return f"interrupted at step {step}, before the first checkpoint: nothing to resume"
     return (
-        f"interrupted at step {step}; the last checkpoint is {run.last} (step "
-        f"{run.checkpoint_counters()['step']}): continue with `vitkit train --resume {run.path}`"
+        f"interrupted at step {step}; the last checkpoint is {latest} (step "
+        f"{run.checkpoint_counters(latest)['step']}): continue with `vitkit train --resume "
+        f"{run.path}`"
     )

@@ -4,6 +4,9 @@
     metrics.jsonl      one JSON line per logged training step and per evaluation
     last.safetensors   the model at the latest checkpoint, plus the training state to resume
     best.safetensors   the same, at the evaluation with the best validation metric
+    last.dcp/          an FSDP run's checkpoint instead, sharded (``vitkit.checkpoints.sharded``);
+                       its best.safetensors, and last.safetensors at the end, hold the model
+                       alone, gathered whole, for everything that reads a model
     curves.png         loss and accuracy against the step
     summary.json       test accuracy, best validation accuracy, timing, confusion matrix
 
@@ -11,22 +14,28 @@ Checkpoints are vitkit's own one-file format (``load_pretrained`` reads them): t
 state rides along as tensors under ``state/`` (the optimizer's per-parameter buffers) and JSON
 under the metadata key ``vitkit_state`` (counters, optimizer hyper-parameters, scheduler).
 No pickle anywhere. Every file is written to a temporary name and renamed, so a run killed at
-any moment leaves each file either old or new, never half-written; ``metrics.jsonl`` is
-append-only and cut back to the checkpoint's step on resume.
+any moment leaves each file either old or new, never half-written (``last.dcp/`` is written as
+a temporary folder and renamed); ``metrics.jsonl`` is append-only and cut back to the
+checkpoint's step on resume.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from vitkit.checkpoints import sharded
 from vitkit.checkpoints.native import STATE_PREFIX, load_tensors, read_metadata, save_pretrained
+from vitkit.models.registry import architecture_of
+from vitkit.training import distributed
+from vitkit.training.distributed import Process
 from vitkit.utils.files import atomic_write
 from vitkit.utils.runlayout import RunLayout
 
@@ -131,9 +140,110 @@ class RunFolder(RunLayout):
         if is_best:
             atomic_write(self.best, lambda tmp: shutil.copyfile(self.last, tmp))
 
-    def checkpoint_counters(self) -> dict[str, Any]:
-        """The loop's counters in ``last.safetensors``, read from its metadata alone."""
-        state = json.loads(read_metadata(self.last)[STATE_KEY])
+    def save_sharded_checkpoint(
+        self,
+        trainable: nn.Module,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        loop_state: dict[str, Any],
+        process: Process,
+    ) -> None:
+        """Write ``last.dcp/``: every process its own shards of ``trainable`` and of the
+        optimizer state, into a temporary folder that the main process renames when all are
+        done. Every process calls it; the run folder must be on a file system they all see."""
+        import torch.distributed.checkpoint as dcp  # only here: seconds to import
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(trainable, optimizer)
+        temporary = self.path / f"{self.sharded_last.name}.tmp"
+        if self.writer and temporary.exists():  # left by a run killed while saving
+            shutil.rmtree(temporary)
+        distributed.barrier(process)
+        dcp.save({sharded.MODEL_KEY: model_state, sharded.OPTIMIZER_KEY: optimizer_state},
+                 checkpoint_id=str(temporary))  # fmt: skip
+        if self.writer:
+            prefix = next(name for name, m in trainable.named_modules() if m is model)
+            state = dict(
+                architecture=architecture_of(model).name, config=cast(Any, model).cfg.to_dict(),
+                model_prefix=f"{prefix}." if prefix else "", parallel="fsdp",
+                world_size=process.world_size, loop=loop_state, scheduler=scheduler.state_dict(),
+            )  # fmt: skip
+            (temporary / sharded.STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+            # A directory cannot be renamed over another: move the old one aside first. A
+            # kill between the two renames leaves last.dcp.old, which resuming falls back to.
+            previous = self.path / f"{self.sharded_last.name}.old"
+            if previous.exists():
+                shutil.rmtree(previous)
+            if self.sharded_last.exists():
+                os.rename(self.sharded_last, previous)
+            os.rename(temporary, self.sharded_last)
+            shutil.rmtree(previous, ignore_errors=True)
+        distributed.barrier(process)
+
+    def load_sharded_checkpoint(
+        self, path: Path, trainable: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Load the sharded checkpoint ``path`` into ``trainable`` and ``optimizer`` (sharded
+        by FSDP over any number of processes, or whole); returns (scheduler state, loop
+        counters). Every process calls it and reads its own part."""
+        import torch.distributed.checkpoint as dcp  # only here: seconds to import
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(trainable, optimizer)
+        state = {sharded.MODEL_KEY: model_state, sharded.OPTIMIZER_KEY: optimizer_state}
+        saved = sharded.read_state(path)
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except (Exception, dcp.CheckpointException) as err:  # the latter is a BaseException
+            # DCP gathers each process's exception, with its traceback: keep the messages.
+            failures = getattr(err, "failures", {}).values()
+            reason = "; ".join(sorted({str(getattr(f, "exception", f)) for f in failures}))
+            raise ValueError(
+                f"{path} (saved by {saved.get('world_size')} {saved.get('parallel')} "
+                f"process(es)) does not fit this run's model and optimizer: {reason or err}"
+            ) from None
+        set_state_dict(trainable, optimizer, model_state_dict=cast(Any, state[sharded.MODEL_KEY]),
+                       optim_state_dict=cast(Any, state[sharded.OPTIMIZER_KEY]))  # fmt: skip
+        return saved["scheduler"], saved["loop"]
+
+    def save_model(self, model: nn.Module, path: Path, weights: dict[str, torch.Tensor]) -> None:
+        """Write the model alone, from its gathered ``weights``, in vitkit's one-file format
+        (what an FSDP run writes as best.safetensors and, at the end, last.safetensors)."""
+        if self.writer:
+            save_pretrained(model, path, weights=weights)
+
+    def load_task_tensors(self, path: Path) -> dict[str, torch.Tensor]:
+        """The task's own parameters saved in ``path`` (none in a model-only file)."""
+        prefix = STATE_PREFIX + TASK_PREFIX
+        return {k.removeprefix(prefix): v for k, v in load_tensors(path).items()
+                if k.startswith(prefix)}  # fmt: skip
+
+    def load_weights(self, path: Path) -> dict[str, torch.Tensor]:
+        """The model's state dict in ``path``, with or without training state."""
+        return {k: v for k, v in load_tensors(path).items() if not k.startswith(STATE_PREFIX)}
+
+    def sharded_checkpoint(self) -> Path | None:
+        """``last.dcp``, or the previous one when a kill came between the renames of a save."""
+        previous = self.path / f"{self.sharded_last.name}.old"
+        return next((p for p in (self.sharded_last, previous) if sharded.detect(p)), None)
+
+    def latest_checkpoint(self) -> Path | None:
+        """The checkpoint to resume from: ``last.safetensors`` with its training state or
+        ``last.dcp``, whichever is further on (a run resumed with another --parallel has
+        both); None before the first checkpoint."""
+        found = [p for p in (self.sharded_checkpoint(),) if p is not None]
+        if self.last.is_file() and STATE_KEY in read_metadata(self.last):
+            found.append(self.last)
+        return max(found, key=lambda p: self.checkpoint_counters(p)["step"], default=None)
+
+    def checkpoint_counters(self, path: Path | None = None) -> dict[str, Any]:
+        """The loop's counters in a checkpoint (default: the latest), without its tensors."""
+        path = path or self.latest_checkpoint()
+        assert path is not None, "no checkpoint yet"
+        if path.is_dir():
+            return sharded.read_state(path)["loop"]
+        state = json.loads(read_metadata(path)[STATE_KEY])
         return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}
 
     def load_checkpoint(self, path: Path | None = None) -> SavedTraining:

@@ -4,6 +4,8 @@
     metrics.jsonl      one JSON line per logged training step and per evaluation
     last.safetensors   the model after the latest checkpoint, plus the training state to resume
     best.safetensors   the same, for the best evaluation so far
+    last.dcp/          an FSDP run's last checkpoint, sharded: one file per process
+                       (best.safetensors and, at the end, last.safetensors hold its model whole)
     curves.png         the logged metrics against the step
     summary.json       test results and timing
 
@@ -25,6 +27,7 @@ class RunLayout:
         self.metrics = self.path / "metrics.jsonl"
         self.last = self.path / "last.safetensors"
         self.best = self.path / "best.safetensors"
+        self.sharded_last = self.path / "last.dcp"
         self.curves = self.path / "curves.png"
         self.summary = self.path / "summary.json"
 

@@ -1,0 +1,413 @@
+"""FSDP, activation checkpointing, sharded checkpoints and many machines (issue 17).
+
+Every run is vit_digits (or another tiny model) on 320 of the shipped digits: 2 gloo processes
+under torchrun, one thread each. Starting a torchrun job costs seconds, so the runs that several
+tests compare against are module fixtures, and the architecture sweep is one job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vitkit import load_pretrained
+from vitkit.cli import main
+from vitkit.data import load_dataset
+from vitkit.models import create_model, registry
+from vitkit.training import TrainConfig, TrainingInterrupted, train
+from vitkit.training.parallel import checkpoint_activations, units
+from vitkit.training.run import RunFolder
+
+# 256 training images in batches of 32: 8 steps an epoch, 24 in all; micro-batches of 16 (8 per
+# process); clipping at 0.1 clips every step (the first gradients' norm is about 4). SGD, not
+# Adam: Adam divides each gradient by its own running size, so the rounding noise of a gradient
+# that is zero in exact arithmetic (the attention keys' bias) becomes steps of the learning
+# rate's size. No dropout: its masks are drawn per process, so runs on different numbers of
+# processes draw different ones (test_activation_checkpointing_gives_the_same_gradients covers
+# dropout and stochastic depth).
+SETTINGS = dict(
+    epochs=3, batch_size=32, accum_steps=2, grad_clip=0.1, optimizer="sgd", lr=0.05,
+    warmup_epochs=1.0, val_fraction=0.2, log_every=1, checkpoint_every=3,
+    augment=dict(random_resized_crop=False),
+)  # fmt: skip
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    train_set, test_set = load_dataset("digits", "train"), load_dataset("digits", "test")
+    path = tmp_path_factory.mktemp("data") / "tiny_digits.npz"
+    np.savez(path, x_train=train_set.images[:320].numpy(), y_train=train_set.labels[:320].numpy(),
+             x_test=test_set.images[:100].numpy(), y_test=test_set.labels[:100].numpy())  # fmt: skip
+    return path
+
+
+def flags(data: Path, out: Path, **overrides: object) -> list[str]:
+    """``vitkit train`` options of SETTINGS (with ``overrides``)."""
+    values = {**SETTINGS, **overrides}
+    augment = values.pop("augment")
+    args = ["train", "--data", str(data), "--out", str(out)]
+    for key, value in values.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args + (["--no-random-resized-crop"] if not augment["random_resized_crop"] else [])
+
+
+def config(data: Path, out: Path, **overrides: object) -> TrainConfig:
+    return TrainConfig.from_dict({**SETTINGS, "data": str(data), "out": str(out), **overrides})
+
+
+def torchrun(nproc: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc-per-node", str(nproc), *extra]  # fmt: skip
+
+
+def run(command: list[str], ok: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    if ok:  # the first error of a failing process sits above torchrun's summary: keep plenty
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-20000:]
+    return done
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_weights(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(str(path)).items() if not k.startswith("state/")}
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
+    wa, wb = model_weights(a), model_weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        if atol == 0:
+            assert torch.equal(wa[name], wb[name]), name
+        else:
+            torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=atol, msg=name)
+
+
+def train_losses(folder: Path) -> list[tuple[int, float]]:
+    records = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+    return [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
+
+
+# Runs torchrun's workers through vitkit's CLI, first making the N-th sharded checkpoint the
+# last thing the run does (as if killed right after it).
+STOP_AFTER_SAVE = r"""
+import sys
+from vitkit.cli import main
+from vitkit.training.run import RunFolder
+
+limit, saves, save = int(sys.argv[1]), [], RunFolder.save_sharded_checkpoint
+
+def save_then_stop(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    saves.append(1)
+    if len(saves) == limit:
+        raise KeyboardInterrupt
+
+RunFolder.save_sharded_checkpoint = save_then_stop
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: 2 processes, FSDP, never interrupted."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    run([*torchrun(2), "-m", "vitkit", *flags(data, out, parallel="fsdp")])
+    return out
+
+
+def test_fsdp_matches_ddp(data: Path, fsdp_run: Path, tmp_path: Path) -> None:
+    """Same losses at every one of 24 steps and the same weights, with gradient accumulation
+    and clipping (the global norm over the shards), evaluation and summary alike."""
+    run([*torchrun(2), "-m", "vitkit", *flags(data, tmp_path / "ddp")])
+    fsdp, ddp = train_losses(fsdp_run), train_losses(tmp_path / "ddp")
+    assert [s for s, _ in fsdp] == [s for s, _ in ddp] == list(range(1, 25))
+    np.testing.assert_allclose([v for _, v in fsdp], [v for _, v in ddp], rtol=0, atol=1e-5)
+    assert_same_weights(fsdp_run / "last.safetensors", tmp_path / "ddp/last.safetensors", 1e-5)
+    assert_same_weights(fsdp_run / "best.safetensors", tmp_path / "ddp/best.safetensors", 1e-5)
+    summaries = [json.loads((f / "summary.json").read_text()) for f in (fsdp_run, tmp_path / "ddp")]
+    assert (summaries[0]["parallel"], summaries[1]["parallel"]) == ("fsdp", "ddp")
+    for key in ("confusion_matrix", "test_accuracy", "best_step", "processes"):
+        assert summaries[0][key] == summaries[1][key], key
+    assert abs(summaries[0]["test_loss"] - summaries[1]["test_loss"]) < 1e-5
+    # The sharded checkpoint holds one file per process; the model files are whole.
+    assert sorted(p.name for p in (fsdp_run / "last.dcp").glob("*.distcp")) == [
+        "__0_0.distcp", "__1_0.distcp"]  # fmt: skip
+    assert load_pretrained(fsdp_run / "last.safetensors").num_parameters() == 136_138
+
+
+def saved_tensors(net: torch.nn.Module, x: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
+    """How many tensors the forward pass keeps for backward, and the gradients."""
+    count = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal count
+        count += 1
+        return t
+
+    torch.manual_seed(1)  # the same dropout and stochastic depth draws
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = net(x).square().mean()
+    loss.backward()
+    return count, [p.grad.clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("name", ["vit_digits", "vit_cifar_hybrid", "resnetv2_digits"])
+def test_activation_checkpointing_gives_the_same_gradients(name: str) -> None:
+    kwargs = dict(dropout=0.1, drop_path=0.2) if name != "resnetv2_digits" else {}
+    kwargs |= dict(depth=2) if name == "vit_cifar_hybrid" else {}
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs).train()
+    x = torch.randn(4, model.cfg.in_chans, *model.cfg.img_size)
+    kept, grads = saved_tensors(model, x)
+    model.zero_grad()
+    for unit in units(model):
+        checkpoint_activations(unit)
+    kept_checkpointed, grads_checkpointed = saved_tensors(model, x)
+    for a, b in zip(grads, grads_checkpointed, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert kept_checkpointed < kept / 3, (kept_checkpointed, kept)  # only the units' inputs
+
+
+def test_fsdp_needs_torchrun(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="torchrun --nproc-per-node"):
+        train(config(data, tmp_path / "run", parallel="fsdp"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def one_process_group(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """What torchrun with one process sets, so FSDP runs in this process (a group of one)."""
+    group = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # fmt: skip
+    for name, value in group.items():
+        monkeypatch.setenv(name, value)
+    yield
+    torch.set_num_threads(1)  # the group split the cores over its one process
+
+
+def stop_after_save(monkeypatch: pytest.MonkeyPatch, method: str, limit: int) -> None:
+    """Make the ``limit``-th checkpoint written by ``RunFolder.<method>`` the run's last."""
+    save, saves = getattr(RunFolder, method), []
+
+    def save_then_stop(self: RunFolder, *args: object, **kwargs: object) -> None:
+        save(self, *args, **kwargs)
+        saves.append(1)
+        if len(saves) == limit:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunFolder, method, save_then_stop)
+
+
+def test_slow_sharded_checkpoints_resume_in_any_number_of_processes(
+    data: Path, fsdp_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    one_process_group: None,
+) -> None:  # fmt: skip
+    """A 2-process FSDP run stopped after its checkpoint at step 6 (mid-epoch) resumes in 2
+    processes bit-identically, in 1 (then back in 2, resharding both ways) and in one plain
+    DDP process, each to the uninterrupted run's weights."""
+    script = tmp_path / "stop_after_save.py"
+    script.write_text(STOP_AFTER_SAVE)
+    cut = tmp_path / "cut"
+    stopped = run([*torchrun(2), str(script), "2", *flags(data, cut, parallel="fsdp")], ok=False)
+    assert stopped.returncode != 0
+    assert RunFolder(cut).checkpoint_counters()["step"] == 6
+    for name in ("same", "fewer", "ddp"):
+        shutil.copytree(cut, tmp_path / name)
+
+    run([*torchrun(2), "-m", "vitkit", "train", "--resume", str(tmp_path / "same")])
+    assert_same_weights(tmp_path / "same/last.safetensors", fsdp_run / "last.safetensors")
+    assert [s for s, _ in train_losses(tmp_path / "same")] == list(range(1, 25))
+
+    stop_after_save(monkeypatch, "save_sharded_checkpoint", 2)  # in 1 process: steps 8, 9
+    with pytest.raises(TrainingInterrupted):
+        train(resume=tmp_path / "fewer")
+    saved = json.loads((tmp_path / "fewer/last.dcp/vitkit.json").read_text())
+    assert (saved["world_size"], saved["loop"]["step"]) == (1, 9)
+    run([*torchrun(2), "-m", "vitkit", "train", "--resume", str(tmp_path / "fewer")])
+    assert_same_weights(tmp_path / "fewer/last.safetensors", fsdp_run / "last.safetensors", 1e-5)
+
+    for name in ("RANK", "MASTER_ADDR"):  # a plain process: FSDP's checkpoint, read whole
+        monkeypatch.delenv(name)
+    assert main(["train", "--resume", str(tmp_path / "ddp"), "--parallel", "ddp"]) == 0
+    assert_same_weights(tmp_path / "ddp/last.safetensors", fsdp_run / "last.safetensors", 1e-5)
+    assert json.loads((tmp_path / "ddp/config.json").read_text())["parallel"] == "ddp"
+
+
+def test_ddp_checkpoint_resumes_under_fsdp(
+    data: Path, fsdp_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    one_process_group: None,
+) -> None:  # fmt: skip
+    """last.safetensors of a single process (optimizer state keyed by parameter index) goes
+    into FSDP's shards; and a run cannot take another model's sharded checkpoint."""
+    with monkeypatch.context() as patch:
+        for name in ("RANK", "MASTER_ADDR"):
+            patch.delenv(name)
+        stop_after_save(patch, "save_checkpoint", 2)
+        with pytest.raises(TrainingInterrupted):
+            train(config(data, tmp_path / "run"))
+    assert main(["train", "--resume", str(tmp_path / "run"), "--parallel", "fsdp"]) == 0
+    assert_same_weights(tmp_path / "run/last.safetensors", fsdp_run / "last.safetensors", 1e-5)
+
+    other = tmp_path / "other"
+    shutil.copytree(fsdp_run, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "model": "vit_micro"}))
+    with pytest.raises(ValueError, match=r"saved by 2 fsdp process.*does not fit"):
+        train(resume=other)
+
+
+def test_convert_consolidates_a_sharded_checkpoint(fsdp_run: Path, tmp_path: Path) -> None:
+    """``vitkit convert`` reads last.dcp without a process group; at the end of the run it
+    holds the same model as last.safetensors."""
+    out = tmp_path / "whole.safetensors"
+    assert main(["convert", str(fsdp_run / "last.dcp"), str(out), "--to", "vitkit"]) == 0
+    assert_same_weights(out, fsdp_run / "last.safetensors")
+
+
+def test_two_agents_match_one(data: Path, fsdp_run: Path, tmp_path: Path) -> None:
+    """Two torchrun agents (as on two machines), one process each, joined by c10d."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    agents = []
+    for node in (0, 1):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+                   str(node), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                   "--rdzv-endpoint", endpoint, "-m", "vitkit",
+                   *flags(data, tmp_path / "run", parallel="fsdp")]  # fmt: skip
+        agents.append(subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    for agent in agents:
+        output, _ = agent.communicate(timeout=300)
+        assert agent.returncode == 0, output[-20000:]
+    # Not bit-identical: a process alone on its machine takes both cores, and more threads
+    # add up a matrix product's terms in another order.
+    assert_same_weights(tmp_path / "run/last.safetensors", fsdp_run / "last.safetensors", 1e-5)
+    assert json.loads((tmp_path / "run/summary.json").read_text())["processes"] == 2
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux's /proc")
+def test_slow_killed_rank_restarts_from_the_last_checkpoint(
+    data: Path, fsdp_run: Path, tmp_path: Path
+) -> None:
+    """SIGKILL one worker after the first checkpoint: torchrun (--max-restarts 1) starts both
+    again, they resume the run in --out by themselves and end where the uninterrupted run did.
+    (Without a fresh rendezvous store per restart, the new workers may look up the killed
+    one's address: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as the README says.)"""
+    out = tmp_path / "run"
+    agent = subprocess.Popen(
+        [*torchrun(2, "--max-restarts", "1", "--monitor-interval", "0.1"), "-m", "vitkit",
+         *flags(data, out, parallel="fsdp")],
+        env={**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / "last.dcp").is_dir() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = children(agent.pid)
+    assert len(workers) == 2 and not (out / "summary.json").exists()
+    os.kill(max(workers), signal.SIGKILL)
+    output, _ = agent.communicate(timeout=300)
+    assert agent.returncode == 0, output[-20000:]
+    assert "resuming the run in" in output
+    assert_same_weights(out / "last.safetensors", fsdp_run / "last.safetensors")
+    steps = [s for s, _ in train_losses(out)]
+    assert steps == list(range(1, 25))  # no step lost, none logged twice
+
+
+# Tiny models of every registered architecture: a ViT with a [class] token (vit_digits), one
+# with global average pooling, a hybrid (its ResNet backbone is one FSDP unit) and a BiT
+# ResNet-v2 (one unit per stage). The larger registered models differ only in their sizes.
+SWEEP = {
+    "vit_digits": None,
+    "sweep_vit_gap": ("vit", dict(img_size=8, patch_size=2, in_chans=1, classifier="gap",
+                                  width=32, depth=2, num_heads=2, mlp_dim=64)),
+    "sweep_hybrid": ("vit", dict(img_size=16, patch_size=1, resnet_layers=(1,), in_chans=1,
+                                 width=32, depth=2, num_heads=2, mlp_dim=64)),
+    "resnetv2_digits": None,
+}  # fmt: skip
+SWEEP_SETTINGS = dict(
+    epochs=1, batch_size=64, accum_steps=1, val_fraction=0.0, checkpoint_every=2, warmup_epochs=0.5
+)
+
+# One process group for all the runs: a group created again in the same processes would find
+# the first one's addresses in torchrun's store.
+SWEEP_SCRIPT = r"""
+import json, sys
+import torch._dynamo  # before the group: see vitkit.training.distributed.start
+import torch.distributed as dist
+from vitkit.models import register
+from vitkit.training import TrainConfig, train
+
+models, settings, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+for name, spec in models.items():
+    if spec is not None:
+        register(name, architecture=spec[0], **spec[1])
+dist.init_process_group("gloo")
+for name in models:
+    train(TrainConfig.from_dict({**settings, "model": name, "out": f"{out}/{name}"}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def sweep(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every SWEEP model trained by 2 processes with FSDP and activation checkpointing."""
+    out = tmp_path_factory.mktemp("sweep")
+    (out / "sweep.py").write_text(SWEEP_SCRIPT)
+    settings = {**SETTINGS, **SWEEP_SETTINGS, "data": str(data), "parallel": "fsdp",
+                "activation_checkpointing": True}  # fmt: skip
+    run([*torchrun(2), str(out / "sweep.py"), json.dumps(SWEEP), json.dumps(settings), str(out)])
+    return out
+
+
+@pytest.mark.parametrize("name", list(SWEEP))
+def test_fsdp_with_activation_checkpointing_trains_every_architecture(
+    name: str, data: Path, sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same weights as one plain process without either."""
+    if SWEEP[name] is not None:
+        architecture, values = SWEEP[name]
+        monkeypatch.setitem(registry._MODELS, name, (architecture, values))
+    train(config(data, tmp_path / "plain", **SWEEP_SETTINGS, model=name))
+    assert_same_weights(sweep / name / "last.safetensors", tmp_path / "plain/last.safetensors",
+                        1e-5)  # fmt: skip
+    summary = json.loads((sweep / name / "summary.json").read_text())
+    assert (summary["parallel"], summary["processes"]) == ("fsdp", 2)
