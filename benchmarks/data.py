@@ -22,7 +22,7 @@ training crop (random-resized, from the original image):
 
 Usage: VITKIT_DATA=... python benchmarks/data.py --streaming [--photos 200] [--images 2048]
        [--stream-batches 16] [--batch 32] [--rss-photos 100 1000] [--rss-model vit_ti16]
-       [--step-models vit_ti16 vit_s16] [--img-size 224] [--runs 3]
+       [--step-models vit_ti16 vit_s16] [--img-size 224] [--runs 3] [--photo-cache DIR]
 """
 
 from __future__ import annotations
@@ -82,6 +82,9 @@ def photo_tool() -> Path:
 
 
 def make_photos(out: Path, count: int) -> Path:
+    """``count`` phone photos in ``out``; a folder already there (``--photo-cache``) is reused."""
+    if out.is_dir() and any(out.iterdir()):
+        return out
     subprocess.run([sys.executable, str(photo_tool()), str(out), "--per-class", str(count // 2),
                     "--classes", "2"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     return out
@@ -103,18 +106,19 @@ def streaming(args: argparse.Namespace, data: Path) -> int:
     size = (args.img_size, args.img_size)
     options = DataOptions("no", 0, AugmentConfig(random_resized_crop=True))
     rows: list[tuple[str, int, float]] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.photo_cache or scratch
         imagenette = open_source(str(data / "imagenette2-224"), "train", options)
         imagenette = imagenette.subset(torch.arange(min(args.images, len(imagenette))))
         info = imagenette.info
-        write_shards({"train": imagenette}, Path(tmp, "shards"), parse_size("500MB"),
+        write_shards({"train": imagenette}, Path(scratch, "shards"), parse_size("500MB"),
                      classes=info.classes or [], channels=3, source="imagenette",
                      held_out_test=False)  # fmt: skip
         sources = {
             f"{args.photos} phone photos": open_source(
-                str(make_photos(Path(tmp, "photos"), args.photos)), "train", options),
+                str(make_photos(Path(tmp, f"photos{args.photos}"), args.photos)), "train", options),
             "Imagenette 224 px folder": imagenette,
-            "Imagenette 224 px shards": open_source(str(Path(tmp, "shards")), "train", options),
+            "Imagenette 224 px shards": open_source(str(Path(scratch, "shards")), "train", options),
         }  # fmt: skip
         for name, source in sources.items():
             source.set_image_size(size)
@@ -143,7 +147,7 @@ def streaming(args: argparse.Namespace, data: Path) -> int:
             "\n| phone photos | main process peak RSS (MB) | largest worker (MB) |\n|--:|--:|--:|"
         )
         for count in args.rss_photos:
-            folder = make_photos(Path(tmp, f"rss{count}"), count)
+            folder = make_photos(Path(tmp, f"photos{count}"), count)
             done = subprocess.run(
                 [sys.executable, __file__, "--rss-case", str(folder), "--rss-model",
                  args.rss_model, "--img-size", str(args.img_size), "--batch", str(args.batch)],
@@ -169,6 +173,9 @@ def main() -> int:
     parser.add_argument("--step-models", nargs="*", default=["vit_ti16", "vit_s16"])
     parser.add_argument("--rss-photos", nargs="*", type=int, default=[100, 1000])
     parser.add_argument("--rss-model", default="vit_ti16")
+    parser.add_argument(
+        "--photo-cache", help="folder for the phone-photo folders (photosN), reused when present"
+    )
     parser.add_argument("--rss-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
