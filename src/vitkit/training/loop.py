@@ -20,8 +20,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitkit.data.sources import DataSource, Splits, open_splits
+from vitkit.data.sources import Batch, DataSource, Splits, open_splits
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.training import distributed, parallel
 from vitkit.training.config import TrainConfig
@@ -183,7 +183,6 @@ def _train(
     progress: Progress | None,
     resume_options: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    device = process.device
     # ---- data, task and evaluators, checked before anything is trained or written
     task = build_task(cfg)
     splits = open_splits(
@@ -195,11 +194,9 @@ def _train(
             f"task needs them. Put each class's images in a folder of its own "
             f"({cfg.data}/<class>/<image>), or pre-train on it: `vitkit pretrain --data {cfg.data}`"
         )
-    rank_batch = check_batch_sizes(cfg, splits.train, process)
-    steps_per_epoch = len(splits.train) // cfg.batch_size
-    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
-    warmup_steps = warmup_length(cfg, steps_per_epoch, total_steps)
-    if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    check_batch_sizes(cfg, splits.train, process)
+    on_gpu = process.device.type == "cuda"
+    if cfg.precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
         raise ValueError("this GPU has no bfloat16: use --precision fp32")
     evaluators = build_evaluators(EvalContext(cfg, task, splits))
     if resume is not None:
@@ -211,111 +208,124 @@ def _train(
         cfg = cfg.replace(out=str(run.path))
 
     # ---- model, optimizer, schedule; restored from the last checkpoint when resuming
-    torch.manual_seed(cfg.seed)
-    model = task.build_model(splits.train.info).to(device)
-    splits.set_image_size(model.cfg.img_size)
-    task.setup(model)
-    trainable = task.trainable(model)
-    # The main process picks the checkpoint (other nodes may not see its disk) and reads a
-    # whole one (last.safetensors) before the model is spread over the processes.
-    latest = cast(Path | None, distributed.broadcast_object(
-        run.latest_checkpoint() if process.is_main and resume is not None else None, process
-    ))  # fmt: skip
-    saved = None
-    if latest is not None and not latest.is_dir():
-        saved = cast(SavedTraining, distributed.broadcast_object(
-            run.load_checkpoint(latest) if process.is_main else None, process
-        ))  # fmt: skip
-        model.load_state_dict(saved.weights)
-        task.load_task_state(trainable, saved.task)
-    net = parallel.wrap(trainable, cfg, process)
-    optimizer = build_optimizer(trainable, cfg)
-    scheduler = build_schedule(optimizer, warmup_steps, total_steps, cfg.schedule, cfg.lr_drops)
-    state = LoopState()
-    if saved is not None:
-        parallel.load_optimizer_state(optimizer, trainable, saved.optimizer)
-        scheduler.load_state_dict(saved.scheduler)
-        state = LoopState.from_dict(saved.loop_state)
-    elif latest is not None:  # last.dcp: every process reads its own part
-        scheduler_state, loop_state = run.load_sharded_checkpoint(latest, trainable, optimizer)
-        scheduler.load_state_dict(scheduler_state)
-        state = LoopState.from_dict(loop_state)
+    session = Session.build(cfg, process, run, task, splits, evaluators, resume is not None)
     if resume is not None:  # from step 0 if the run was stopped before its first checkpoint
-        run.cut_metrics(state.step)
+        run.cut_metrics(session.state.step)
     if resume is None or resume_options:  # a resumed run's, with the RESUME_OPTIONS it changed
         run.write_json(run.config, cfg.to_dict())
-    if process.is_main:
-        logger.info(
-            "training %s-parameter %s (%s) on %s: %s, %.4g epochs of %d steps, %d process(es) "
-            "on %s (%s%s); run folder %s", f"{num_parameters(model):,}",
-            cfg.model or cfg.init_from, cfg.task, cfg.data, describe_splits(splits),
-            total_steps / steps_per_epoch, steps_per_epoch, process.world_size, device.type,
-            cfg.parallel, ", activation checkpointing" if cfg.activation_checkpointing else "",
-            run.path,
-        )  # fmt: skip
+    session.log_start()
 
     # ---- the loop: one optimizer step per ``accum_steps`` micro-batches
-    session_start = time.perf_counter() - state.wall_seconds
-    segment_start = time.perf_counter()
-    logged: dict[str, torch.Tensor] = {}  # metric sums since the last log line, and "count"
-
-    def checkpoint(is_best: bool) -> None:
-        state.wall_seconds = time.perf_counter() - session_start
-        if not parallel.sharded(net):
-            run.save_checkpoint(model, optimizer, scheduler, dataclasses.asdict(state), is_best,
-                                task.task_state(trainable))  # fmt: skip
-            return
-        counters = dataclasses.asdict(state)
-        run.save_sharded_checkpoint(trainable, model, optimizer, scheduler, counters, process)
-        if is_best:  # gathered whole, for everything that reads a model
-            run.save_model(model, run.best, parallel.full_weights(model))
-
-    def out_of_time() -> bool:  # training time only: evaluating and checkpointing are free
-        if not cfg.max_minutes:
-            return False
-        spent = state.train_seconds + time.perf_counter() - segment_start
-        # The main process's clock decides, so that every rank stops after the same step.
-        return bool(distributed.broadcast_object(spent >= 60 * cfg.max_minutes, process))
-
     try:
-        while state.step < total_steps and not out_of_time():
-            epoch, offset = divmod(state.step, steps_per_epoch)
-            batches = splits.train.train_batches(
-                rank_batch, seed=cfg.seed, epoch=epoch, start=offset * cfg.accum_steps,
-                rank=process.rank, world_size=process.world_size,
+        session.train(progress)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(interrupted_message(run, session.state.step)) from None
+
+    # ---- test the best checkpoint, write the summary
+    return session.finish()
+
+
+@dataclass
+class Session:
+    """One process's part of a run while it trains: what ``_train`` sets up, and the steps,
+    evaluations and checkpoints of the loop. ``state`` is what a checkpoint saves."""
+
+    cfg: TrainConfig
+    process: Process
+    run: RunFolder
+    task: Task
+    splits: Splits
+    evaluators: list[Evaluator]
+    model: PretrainedModel  # what checkpoints hold
+    trainable: nn.Module  # the model and the task's own parameters
+    net: nn.Module  # ``trainable`` as DDP or FSDP wrap it
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: LoopState
+    steps_per_epoch: int
+    total_steps: int
+    started: float = field(default_factory=time.perf_counter)  # this session, less the earlier
+    segment_start: float = field(default_factory=time.perf_counter)  # of training steps
+    logged: dict[str, torch.Tensor] = field(default_factory=dict)  # sums since the last line
+
+    @classmethod
+    def build(
+        cls, cfg: TrainConfig, process: Process, run: RunFolder, task: Task, splits: Splits,
+        evaluators: list[Evaluator], resuming: bool,
+    ) -> Session:  # fmt: skip
+        """The model, optimizer and schedule, restored from the run's latest checkpoint when
+        ``resuming``."""
+        steps_per_epoch = len(splits.train) // cfg.batch_size
+        total_steps = cfg.steps or cfg.epochs * steps_per_epoch
+        torch.manual_seed(cfg.seed)
+        model = task.build_model(splits.train.info).to(process.device)
+        splits.set_image_size(model.cfg.img_size)
+        task.setup(model)
+        trainable = task.trainable(model)
+        # The main process picks the checkpoint (other nodes may not see its disk) and reads
+        # a whole one (last.safetensors) before the model is spread over the processes.
+        latest = cast(Path | None, distributed.broadcast_object(
+            run.latest_checkpoint() if process.is_main and resuming else None, process
+        ))  # fmt: skip
+        saved = None
+        if latest is not None and not latest.is_dir():
+            saved = cast(SavedTraining, distributed.broadcast_object(
+                run.load_checkpoint(latest) if process.is_main else None, process
+            ))  # fmt: skip
+            model.load_state_dict(saved.weights)
+            task.load_task_state(trainable, saved.task)
+        net = parallel.wrap(trainable, cfg, process)
+        optimizer = build_optimizer(trainable, cfg)
+        warmup_steps = warmup_length(cfg, steps_per_epoch, total_steps)
+        scheduler = build_schedule(optimizer, warmup_steps, total_steps, cfg.schedule, cfg.lr_drops)
+        state = LoopState()
+        if saved is not None:
+            parallel.load_optimizer_state(optimizer, trainable, saved.optimizer)
+            scheduler.load_state_dict(saved.scheduler)
+            state = LoopState.from_dict(saved.loop_state)
+        elif latest is not None:  # last.dcp: every process reads its own part
+            scheduler_state, loop_state = run.load_sharded_checkpoint(latest, trainable, optimizer)
+            scheduler.load_state_dict(scheduler_state)
+            state = LoopState.from_dict(loop_state)
+        session = cls(cfg, process, run, task, splits, evaluators, model, trainable, net,
+                      optimizer, scheduler, state, steps_per_epoch, total_steps)  # fmt: skip
+        session.started -= state.wall_seconds
+        return session
+
+    def log_start(self) -> None:
+        cfg, process = self.cfg, self.process
+        if process.is_main:
+            logger.info(
+                "training %s-parameter %s (%s) on %s: %s, %.4g epochs of %d steps, %d "
+                "process(es) on %s (%s%s); run folder %s", f"{num_parameters(self.model):,}",
+                cfg.model or cfg.init_from, cfg.task, cfg.data, describe_splits(self.splits),
+                self.total_steps / self.steps_per_epoch, self.steps_per_epoch,
+                process.world_size, process.device.type, cfg.parallel,
+                ", activation checkpointing" if cfg.activation_checkpointing else "",
+                self.run.path,
             )  # fmt: skip
-            trainable.train()
-            for _ in range(offset, min(steps_per_epoch, total_steps - epoch * steps_per_epoch)):
-                for micro in range(cfg.accum_steps):
-                    batch = next(batches)
-                    seed = derived_seed(cfg.seed, state.step, micro, process.rank)
-                    torch.manual_seed(seed)  # dropout and stochastic depth
-                    batch = type(batch)(batch.images.to(device), batch.labels)
-                    inputs, targets = task.prepare(batch, derived_seed(seed, 1))
-                    last_micro = micro == cfg.accum_steps - 1
-                    with parallel.gradient_sync(net, last_micro):
-                        with autocast(device, cfg.precision):
-                            result = task.step(net, inputs, targets)
-                        (result.loss / cfg.accum_steps).backward()
-                    for name, value in result.sums.items():
-                        logged[name] = logged.get(name, 0) + value.detach().double()
-                    logged["count"] = logged.get("count", 0) + torch.tensor(
-                        result.count, dtype=torch.float64, device=device
-                    )
-                grad_norm = clip_gradients(trainable, cfg.grad_clip)
-                if not torch.isfinite(grad_norm):
-                    raise TrainingDiverged(diverged_message(run, state, result.loss.item()))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                state.train_images += cfg.batch_size
-                epoch_done = state.step % steps_per_epoch == 0
+
+    def train(self, progress: Progress | None) -> None:
+        """Step until the run's end (or its time budget), logging, evaluating and
+        checkpointing on the way."""
+        cfg, state = self.cfg, self.state
+        while state.step < self.total_steps and not self.out_of_time():
+            epoch, offset = divmod(state.step, self.steps_per_epoch)
+            batches = self.splits.train.train_batches(
+                cfg.micro_batch_size // self.process.world_size, seed=cfg.seed, epoch=epoch,
+                start=offset * cfg.accum_steps, rank=self.process.rank,
+                world_size=self.process.world_size,
+            )  # fmt: skip
+            self.trainable.train()
+            last = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+            for _ in range(offset, last):
+                self.step(batches)
+                epoch_done = state.step % self.steps_per_epoch == 0
                 state.epoch += epoch_done
-                stop = out_of_time()
+                stop = self.out_of_time()
                 eval_due = (
                     stop
-                    or state.step == total_steps
+                    or state.step == self.total_steps
                     or (state.step % cfg.eval_every == 0 if cfg.eval_every else epoch_done)
                 )
                 checkpoint_due = (
@@ -325,73 +335,126 @@ def _train(
                 record = None
                 if state.step % cfg.log_every == 0 or checkpoint_due:
                     # Also before each checkpoint, so a resumed run logs the same lines.
-                    state.train_seconds += time.perf_counter() - segment_start
-                    segment_start = time.perf_counter()
-                    record = log_training(
-                        run, process, state, logged, scheduler, epoch, steps_per_epoch
-                    )
-                    logged = {}
+                    record = self.log(epoch)
                 if progress is not None:
-                    progress(state.step, total_steps, record)
+                    progress(state.step, self.total_steps, record)
                 if not checkpoint_due:
                     continue
                 is_best = False
                 if eval_due:
-                    with parallel.whole(trainable):
+                    with parallel.whole(self.trainable):
                         is_best = run_evaluators(
-                            evaluators, task, model, run, process, state, steps_per_epoch
-                        )
-                checkpoint(is_best or not any(e.name == "val" for e in evaluators))
-                segment_start = time.perf_counter()
+                            self.evaluators, self.task, self.model, self.run, self.process,
+                            state, self.steps_per_epoch,
+                        )  # fmt: skip
+                self.checkpoint(is_best or not any(e.name == "val" for e in self.evaluators))
+                self.segment_start = time.perf_counter()
                 if stop:
                     logger.info("the %g-minute budget is spent after step %d of %d: testing",
-                                cfg.max_minutes, state.step, total_steps)  # fmt: skip
-                    break
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(interrupted_message(run, state.step)) from None
+                                cfg.max_minutes, state.step, self.total_steps)  # fmt: skip
+                    return
 
-    # ---- test the best checkpoint, write the summary
-    if parallel.sharded(net):  # the final model, whole, beside the sharded last.dcp
-        run.save_model(model, run.last, parallel.full_weights(model))
-    best = run.load_weights(run.best) if process.is_main else None
-    parallel.load_full_weights(model, best, process)
-    # A task's own parameters (a prediction head) as they were at the best checkpoint; a
-    # sharded run's best.safetensors holds the model alone, and its task state stays as is.
-    best_task = distributed.broadcast_object(
-        run.load_task_tensors(run.best) if process.is_main else None, process
-    )
-    if best_task and not parallel.sharded(net):
-        task.load_task_state(trainable, best_task)
-    with parallel.whole(trainable):
-        test = task.evaluate(model, splits.test, process)
-    epochs_done = round(state.step / steps_per_epoch, 3)
-    summary = dict(
-        task.summary(test, state.best_value),
-        best_epoch=state.best_epoch or epochs_done,
-        best_step=state.best_step or state.step,
-        epochs=epochs_done,
-        steps=state.step,
-        budget_spent=state.step < total_steps,  # stopped by max_minutes
-        train_examples=len(splits.train),
-        wall_seconds=time.perf_counter() - session_start,
-        train_seconds=state.train_seconds,
-        images_per_second=state.train_images / max(state.train_seconds, 1e-9),
-        processes=process.world_size,
-        parallel=cfg.parallel,
-        device=device.type,
-        precision=cfg.precision,
-        task=cfg.task,
-        model=cfg.model,
-        init_from=cfg.init_from,
-        data=cfg.data,
-        run_folder=str(run.path),
-        num_parameters=num_parameters(model),
-        classes=splits.train.info.classes,
-        **splits.report(),
-    )
-    run.write_json(run.summary, summary)
-    run.plot_curves()
-    return summary
+    def step(self, batches: Iterator[Batch]) -> None:
+        """One optimizer step: ``accum_steps`` micro-batches, each with its own seeds."""
+        cfg, state, device = self.cfg, self.state, self.process.device
+        for micro in range(cfg.accum_steps):
+            batch = next(batches)
+            seed = derived_seed(cfg.seed, state.step, micro, self.process.rank)
+            torch.manual_seed(seed)  # dropout and stochastic depth
+            batch = type(batch)(batch.images.to(device), batch.labels)
+            inputs, targets = self.task.prepare(batch, derived_seed(seed, 1))
+            with parallel.gradient_sync(self.net, micro == cfg.accum_steps - 1):
+                with autocast(device, cfg.precision):
+                    result = self.task.step(self.net, inputs, targets)
+                (result.loss / cfg.accum_steps).backward()
+            for name, value in result.sums.items():
+                self.logged[name] = self.logged.get(name, 0) + value.detach().double()
+            self.logged["count"] = self.logged.get("count", 0) + torch.tensor(
+                result.count, dtype=torch.float64, device=device
+            )
+        grad_norm = clip_gradients(self.trainable, cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise TrainingDiverged(diverged_message(self.run, state, result.loss.item()))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.train_images += cfg.batch_size
+
+    def log(self, epoch: int) -> dict[str, Any]:
+        """A line of metrics.jsonl from the sums since the last one."""
+        self.state.train_seconds += time.perf_counter() - self.segment_start
+        self.segment_start = time.perf_counter()
+        record = log_training(self.run, self.process, self.state, self.logged, self.scheduler,
+                              epoch, self.steps_per_epoch)  # fmt: skip
+        self.logged = {}
+        return record
+
+    def out_of_time(self) -> bool:
+        """Whether ``max_minutes`` of training steps are spent (evaluating and checkpointing
+        are free); the main process's clock decides, so every rank stops after one step."""
+        if not self.cfg.max_minutes:
+            return False
+        spent = self.state.train_seconds + time.perf_counter() - self.segment_start
+        return bool(distributed.broadcast_object(spent >= 60 * self.cfg.max_minutes, self.process))
+
+    def checkpoint(self, is_best: bool) -> None:
+        state, run = self.state, self.run
+        state.wall_seconds = time.perf_counter() - self.started
+        if not parallel.sharded(self.net):
+            run.save_checkpoint(self.model, self.optimizer, self.scheduler,
+                                dataclasses.asdict(state), is_best,
+                                self.task.task_state(self.trainable))  # fmt: skip
+            return
+        run.save_sharded_checkpoint(self.trainable, self.model, self.optimizer, self.scheduler,
+                                    dataclasses.asdict(state), self.process)  # fmt: skip
+        if is_best:  # gathered whole, for everything that reads a model
+            run.save_model(self.model, run.best, parallel.full_weights(self.model))
+
+    def finish(self) -> dict[str, Any]:
+        """Test the best checkpoint; write and return the summary."""
+        cfg, process, run, model, state = self.cfg, self.process, self.run, self.model, self.state
+        if parallel.sharded(self.net):  # the final model, whole, beside the sharded last.dcp
+            run.save_model(model, run.last, parallel.full_weights(model))
+        best = run.load_weights(run.best) if process.is_main else None
+        parallel.load_full_weights(model, best, process)
+        # A task's own parameters (a prediction head) as they were at the best checkpoint; a
+        # sharded run's best.safetensors holds the model alone, and its task state stays.
+        best_task = distributed.broadcast_object(
+            run.load_task_tensors(run.best) if process.is_main else None, process
+        )
+        if best_task and not parallel.sharded(self.net):
+            self.task.load_task_state(self.trainable, best_task)
+        with parallel.whole(self.trainable):
+            test = self.task.evaluate(model, self.splits.test, process)
+        epochs_done = round(state.step / self.steps_per_epoch, 3)
+        summary = dict(
+            self.task.summary(test, state.best_value),
+            best_epoch=state.best_epoch or epochs_done,
+            best_step=state.best_step or state.step,
+            epochs=epochs_done,
+            steps=state.step,
+            budget_spent=state.step < self.total_steps,  # stopped by max_minutes
+            train_examples=len(self.splits.train),
+            wall_seconds=time.perf_counter() - self.started,
+            train_seconds=state.train_seconds,
+            images_per_second=state.train_images / max(state.train_seconds, 1e-9),
+            processes=process.world_size,
+            parallel=cfg.parallel,
+            device=process.device.type,
+            precision=cfg.precision,
+            task=cfg.task,
+            model=cfg.model,
+            init_from=cfg.init_from,
+            data=cfg.data,
+            run_folder=str(run.path),
+            num_parameters=num_parameters(model),
+            classes=self.splits.train.info.classes,
+            **self.splits.report(),
+        )
+        run.write_json(run.summary, summary)
+        run.plot_curves()
+        return summary
 
 
 def num_parameters(model: nn.Module) -> int:
