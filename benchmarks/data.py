@@ -96,6 +96,9 @@ def rss_case(folder: str, args: argparse.Namespace) -> None:
         train_run(TrainConfig.from_dict(dict(
             data=folder, model=args.rss_model, img_size=args.img_size, epochs=1,
             batch_size=args.batch, warmup_epochs=0.0, data_in_memory="no", out=f"{out}/run",
+            # evaluation in training-size batches: the default (512) would make the peak grow
+            # with the test split (up to 512 images) rather than with nothing
+            eval_batch_size=args.batch,
         )))  # fmt: skip
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -143,19 +146,22 @@ def streaming(args: argparse.Namespace, data: Path) -> int:
                          median_seconds(step, args.runs)))  # fmt: skip
         print_table(rows, f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
                     f"{args.img_size} px, batch {args.batch}, median of {args.runs} runs")  # fmt: skip
-        print(
-            "\n| phone photos | main process peak RSS (MB) | largest worker (MB) |\n|--:|--:|--:|"
-        )
-        for count in args.rss_photos:
-            folder = make_photos(Path(tmp, f"photos{count}"), count)
-            done = subprocess.run(
-                [sys.executable, __file__, "--rss-case", str(folder), "--rss-model",
-                 args.rss_model, "--img-size", str(args.img_size), "--batch", str(args.batch)],
-                check=True, capture_output=True, text=True,
-            )  # fmt: skip
-            peak = json.loads(done.stdout.strip().splitlines()[-1])
-            print(f"| {count} | {peak['main_mb']:.0f} | {peak['worker_mb']:.0f} |")
+        peak_memory(args, Path(tmp))
     return 0
+
+
+def peak_memory(args: argparse.Namespace, tmp: Path) -> None:
+    """(f): a 1-epoch run on ``--rss-photos`` phone photos each, in a fresh process."""
+    print("\n| phone photos | main process peak RSS (MB) | largest worker (MB) |\n|--:|--:|--:|")
+    for count in args.rss_photos:
+        folder = make_photos(tmp / f"photos{count}", count)
+        done = subprocess.run(
+            [sys.executable, __file__, "--rss-case", str(folder), "--rss-model",
+             args.rss_model, "--img-size", str(args.img_size), "--batch", str(args.batch)],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        peak = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"| {count} | {peak['main_mb']:.0f} | {peak['worker_mb']:.0f} |")
 
 
 def main() -> int:
@@ -176,12 +182,17 @@ def main() -> int:
     parser.add_argument(
         "--photo-cache", help="folder for the phone-photo folders (photosN), reused when present"
     )
+    parser.add_argument("--rss-only", action="store_true", help="(f) alone")
     parser.add_argument("--rss-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rss_case:
         rss_case(args.rss_case, args)
+        return 0
+    if args.rss_only:
+        with tempfile.TemporaryDirectory() as scratch:
+            peak_memory(args, Path(args.photo_cache or scratch))
         return 0
     data = Path(os.environ.get("VITKIT_DATA", ""))
     if args.streaming:

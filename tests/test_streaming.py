@@ -9,6 +9,7 @@ each rank and each resumed epoch saw.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vitkit.cli import main
-from vitkit.data import AugmentConfig, BatchTransform
+from vitkit.data import AugmentConfig, BatchTransform, load_dataset
 from vitkit.data.datasets import batch_indices, epoch_permutation
 from vitkit.data.images import open_image, to_model_input, upright
 from vitkit.data.readers import list_image_folder
@@ -390,6 +391,22 @@ def test_digits_pack_and_train_from_shards(tmp_path: Path) -> None:
         num_workers=1, out=str(tmp_path / "run"), augment=dict(random_resized_crop=False),
     )))  # fmt: skip
     assert summary["test_accuracy"] > 0.3 and summary["skipped_files"] == 0  # chance: 0.1
+
+
+def test_pack_writes_the_training_samples_in_a_random_order(tmp_path: Path) -> None:
+    """A folder lists its images class by class; packed in that order, a reader's shuffle
+    buffer would give batches of one or two classes (an Imagenette run trained that way
+    reached 41% training but 16% test accuracy). Consecutive training samples must change
+    class about as often as in a random order (9 of 10 for 10 balanced classes)."""
+    assert main(["data", "pack", "digits", str(tmp_path / "digits")]) == 0
+    labels = []
+    for shard in sorted((tmp_path / "digits").glob("train-*.tar")):
+        with tarfile.open(shard) as tar:
+            labels += [int(tar.extractfile(m).read()) for m in tar.getmembers()
+                       if m.name.endswith(".cls")]  # fmt: skip
+    assert sorted(labels) == sorted(load_dataset("digits", "train").labels.tolist())
+    changes = sum(a != b for a, b in itertools.pairwise(labels))
+    assert changes > 0.8 * len(labels)
 
 
 # ---------------------------------------------------------------- training runs

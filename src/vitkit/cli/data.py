@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
+from vitkit.data.base import DataSource
 from vitkit.data.shards import parse_size, write_shards
-from vitkit.data.sources import DataOptions, open_splits
+from vitkit.data.sources import DataOptions, InMemorySource, open_splits
+from vitkit.data.streaming import StreamingFolderSource
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,12 +43,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pack.set_defaults(func=run_pack)
 
 
+def shuffled(source: DataSource, seed: int) -> DataSource:
+    """The training samples in a random order. Folders list their images class by class, and
+    a reader's shuffle buffer (a few hundred samples) cannot mix that: every batch would hold
+    one or two classes, which trains a model to predict the current class, not the image.
+    Shards packed from shards keep their order (shuffled when they were packed)."""
+    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))
+    if isinstance(source, StreamingFolderSource):
+        return source.subset(order)
+    if isinstance(source, InMemorySource):
+        return InMemorySource(source.dataset.subset(order), source.labelled)
+    return source
+
+
 def run_pack(args: argparse.Namespace) -> int:
     shard_size = parse_size(args.shard_size)
     # Image folders are streamed: their files are copied into the shards without decoding.
     splits = open_splits(args.src, args.val_fraction, args.seed, DataOptions(in_memory="no"))
     info = splits.train.info
-    named = {"train": splits.train, "val": splits.val, "test": splits.test}
+    named = {"train": shuffled(splits.train, args.seed), "val": splits.val, "test": splits.test}
     total = sum(len(s) for s in splits.sources())
     with tqdm(total=total, unit="img", dynamic_ncols=True) as bar:
         index = write_shards(
