@@ -309,7 +309,9 @@ class Session:
         """Step until the run's end (or its time budget), logging, evaluating and
         checkpointing on the way."""
         cfg, state = self.cfg, self.state
-        while state.step < self.total_steps and not self.out_of_time():
+        # A budget is checked after each step; here only what earlier sessions spent counts,
+        # so a run always takes at least one step.
+        while state.step < self.total_steps and not self.out_of_time(this_segment=False):
             epoch, offset = divmod(state.step, self.steps_per_epoch)
             batches = self.splits.train.train_batches(
                 cfg.micro_batch_size // self.process.world_size, seed=cfg.seed, epoch=epoch,
@@ -390,12 +392,14 @@ class Session:
         self.logged = {}
         return record
 
-    def out_of_time(self) -> bool:
+    def out_of_time(self, this_segment: bool = True) -> bool:
         """Whether ``max_minutes`` of training steps are spent (evaluating and checkpointing
         are free); the main process's clock decides, so every rank stops after one step."""
         if not self.cfg.max_minutes:
             return False
-        spent = self.state.train_seconds + time.perf_counter() - self.segment_start
+        spent = self.state.train_seconds
+        if this_segment:
+            spent += time.perf_counter() - self.segment_start
         return bool(distributed.broadcast_object(spent >= 60 * self.cfg.max_minutes, self.process))
 
     def checkpoint(self, is_best: bool) -> None:
