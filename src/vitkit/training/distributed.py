@@ -82,10 +82,6 @@ def start(device_preference: str, sharded: bool = False) -> Process:
         # of a small DDP script). Imported before the group exists, it holds none of them,
         # and ``stop`` ends those threads.
         importlib.import_module("torch._dynamo")
-        if sharded:  # FSDP and its checkpoints import the same machinery: likewise first
-            for module in ("torch.distributed.fsdp", "torch.distributed.checkpoint",
-                           "torch.distributed.checkpoint.state_dict"):  # fmt: skip
-                importlib.import_module(module)
 
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo", init_method="env://", device_id=None
