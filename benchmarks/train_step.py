@@ -11,6 +11,12 @@ so a busy machine slows them alike; the table shows the median of ``--rounds`` t
 ratio's baseline; ``--attn`` lists vitkit's attention paths (the first is the ratio's
 numerator, the others get a column each).
 
+``--variants`` adds a column per change to vitkit's step, each measured against the first
+attention path in the same rounds: ``compile`` (each block through ``torch.compile``, as
+``vitkit train --compile``; the untimed warm-up steps compile), ``foreach`` and ``fused``
+(AdamW's multi-tensor and fused implementations instead of the per-parameter loop, PyTorch's
+default on CPU) and ``channels-last`` (the hybrid's convolutions on NHWC tensors).
+
 Each row also gives its fraction of the machine's measured matrix-multiply peak: one
 ``torch.mm`` of ``--peak-size`` square matrices in fp32 and in bf16, against training FLOPs of
 3x the forward count (``vitkit.models.flops_per_image``: backward is twice the forward). The
@@ -18,7 +24,8 @@ CPU model and its matrix features are printed, since AMX or AVX-512 bf16 decides
 
 Usage: python benchmarks/train_step.py [--models vit_cifar vit_cifar_hybrid vit_ti16 vit_s16]
        [--precisions fp32 bf16] [--rounds 5] [--warmup 2] [--attn auto sdpa eager]
-       [--hf-attn sdpa eager] [--batch N] [--threads 2] [--peak-size 4096] [--no-hf]
+       [--hf-attn sdpa eager] [--variants compile foreach fused channels-last] [--batch N]
+       [--threads 2] [--peak-size 4096] [--no-hf]
 """
 
 from __future__ import annotations
@@ -52,9 +59,11 @@ def training_step(
     x: torch.Tensor,
     y: torch.Tensor,
     precision: str,
+    **adamw: bool,
 ) -> Callable[[], None]:
-    """One optimizer step of ``model`` on the batch (x, y), as a call to time."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    """One optimizer step of ``model`` on the batch (x, y), as a call to time; ``adamw``
+    chooses AdamW's implementation (``foreach=True`` or ``fused=True``)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **adamw)
     model.train()
 
     def step() -> None:
@@ -84,6 +93,22 @@ def measure(
     for impl in args.attn:
         model = create_model(name, gelu="none", attn_impl=impl).to(device)
         steps[f"vitkit[{impl}]"] = training_step(model, model, x, y, precision)
+    for variant in args.variants:
+        model = create_model(name, gelu="none", attn_impl=args.attn[0]).to(device)
+        inputs, adamw = x, {}
+        if variant == "compile":
+            for unit in model.units():
+                unit.compile()
+        elif variant == "channels-last":
+            if cfg.resnet_layers is None:
+                continue  # no convolution to change
+            model, inputs = (
+                model.to(memory_format=torch.channels_last),
+                x.contiguous(memory_format=torch.channels_last),
+            )
+        else:
+            adamw = {variant: True}
+        steps[f"vitkit+{variant}"] = training_step(model, model, inputs, y, precision, **adamw)
     if not args.no_hf and cfg.resnet_layers is None:
         for impl in args.hf_attn:
             hf = hf_model(cfg, impl).to(device)
@@ -114,6 +139,10 @@ def main() -> int:
         "--hf-attn", nargs="+", choices=("sdpa", "eager"), default=["sdpa", "eager"],
         help="Hugging Face attention paths; the faster one is the ratio's baseline",
     )  # fmt: skip
+    parser.add_argument(
+        "--variants", nargs="*", choices=("compile", "foreach", "fused", "channels-last"),
+        default=[], help="changes to vitkit's step, each timed beside it (see above)",
+    )  # fmt: skip
     parser.add_argument("--batch", type=int, help="one batch size for every model")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(
@@ -140,6 +169,7 @@ def main() -> int:
         print(f"measured matmul peak, {precision}: {peak / 1e9:.1f} GFLOP/s")
     print(f"load average at start: {os.getloadavg()[0]:.1f}")
     extra = [f"vitkit[{impl}]" for impl in args.attn[1:]]
+    extra += [f"vitkit+{variant}" for variant in args.variants]
     header = ["model", "batch", "precision", "vitkit img/s", "vitkit % peak", "HF img/s"]
     header += ["HF attn", "HF % peak", "ratio", *extra]
     rows = []
@@ -155,7 +185,7 @@ def main() -> int:
             row += ["-" if hf_rate is None else f"{hf_rate:.1f}", hf_attn]
             row += [of_peak(hf_rate, train_flops, peak)]
             row += ["-" if hf_rate is None else f"{ours / hf_rate:.2f}x"]
-            row += [f"{rates[key]:.1f}" for key in extra]
+            row += [f"{rates[key]:.1f}" if key in rates else "-" for key in extra]
             rows.append(row)
             print("  " + " ".join(row), file=sys.stderr, flush=True)
     print(f"load average at end: {os.getloadavg()[0]:.1f}")

@@ -98,6 +98,28 @@ def test_sdpa_equals_the_attention_returning_path(pos_embed: str) -> None:
         torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 17))
 
 
+@pytest.mark.parametrize(
+    ("precision", "grad", "uses_sdpa"),
+    [("fp32", True, True), ("fp32", False, True), ("bf16", False, True), ("bf16", True, False)],
+)
+def test_auto_attention_avoids_sdpa_only_when_a_cpu_trains_in_bf16(
+    monkeypatch: pytest.MonkeyPatch, precision: str, grad: bool, uses_sdpa: bool
+) -> None:
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    model = micro(attn_impl="auto")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", enabled=precision == "bf16"):
+        model(x)
+    assert bool(calls) == uses_sdpa
+
+
 def test_initialisation_follows_the_official_code() -> None:
     model = vitkit.create_model("vit_s16", depth=2)
     d = model.cfg.width

@@ -198,6 +198,36 @@ def test_bf16_autocast_trains(tiny_data: Path, tmp_path: Path) -> None:
     assert records[-1]["loss"] < records[0]["loss"]
 
 
+def test_compile_computes_what_eager_does(tiny_data: Path, tmp_path: Path) -> None:
+    """--compile changes how the blocks run, not what they compute or what is saved."""
+    short = dict(epochs=1, steps=3, evaluators=[], **EXACT)
+    train(config(tiny_data, tmp_path / "eager", **short))
+    train(config(tiny_data, tmp_path / "compiled", compile=True, **short))
+    eager, compiled = train_records(tmp_path / "eager"), train_records(tmp_path / "compiled")
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], abs=1e-5)
+    a, b = (
+        weights(tmp_path / "eager/last.safetensors"),
+        weights(tmp_path / "compiled/last.safetensors"),
+    )
+    assert a.keys() == b.keys()  # no torch.compile wrapper in the parameter names
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
+
+
+def test_compile_without_a_compiler_says_so(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(
+        ValueError, match=r"--compile: torch\.compile does not work on this machine"
+    ):
+        train(config(tiny_data, tmp_path / "run", compile=True))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 # ---------------------------------------------------------------------- nothing lost
 
 

@@ -120,8 +120,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train_parser.add_argument(
         "--resume", type=Path, metavar="DIR",
         help="continue the run in DIR (training or fine-tuning) from its last checkpoint, "
-        "with its own config.json; takes no other option but --parallel and "
-        "--activation-checkpointing (how it runs, not what it learns)",
+        "with its own config.json; takes no other option but --parallel, "
+        "--activation-checkpointing and --compile (how it runs, not what it learns)",
     )  # fmt: skip
     add_config_flags(train_parser, {})
     train_parser.set_defaults(func=run_train, preset={})

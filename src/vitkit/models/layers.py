@@ -93,11 +93,14 @@ class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
     ``bias`` (optional, broadcastable to (B, heads, N, N)) is added to the logits; the
-    relative position embedding uses it. ``impl="auto"`` is ``scaled_dot_product_attention``
-    on every device and dtype: measured with torch 2.13 on a 2-core Xeon with AMX
-    (``benchmarks/inference.py --attn auto sdpa eager``), SDPA was as fast as or faster than
-    an explicit softmax(QK^T)V in fp32 and under bf16 autocast, for vitkit and transformers'
-    ViT alike. The explicit path runs when asked for or when the probabilities are returned.
+    relative position embedding uses it. ``impl`` picks how softmax(QK^T)V is computed:
+    ``"sdpa"`` (``scaled_dot_product_attention``), ``"eager"`` (the explicit product) or
+    ``"auto"``, which takes the faster one measured for the device, dtype and pass
+    (``benchmarks/train_step.py`` and ``benchmarks/inference.py``, ``--attn auto sdpa eager``):
+    the explicit product when a CPU trains in bf16 or fp16 (SDPA's CPU backward is several
+    times slower there: 2-5x on an AMD EPYC Zen 4), SDPA everywhere else (level or faster in
+    fp32, in inference and on GPUs). The explicit path also runs whenever the probabilities
+    are returned; both give the same numbers (tests/test_models.py).
     """
 
     def __init__(
@@ -128,7 +131,7 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         drop = self.attn_drop if self.training else 0.0
         probs = None
-        if return_attention or self.impl == "eager":
+        if return_attention or self._explicit(q):
             logits = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
             if bias is not None:
                 logits = logits + bias
@@ -140,6 +143,13 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
         return out, (probs if return_attention else None)
+
+    def _explicit(self, q: torch.Tensor) -> bool:
+        """Whether this call computes softmax(QK^T)V explicitly rather than through SDPA."""
+        if self.impl != "auto":
+            return self.impl == "eager"
+        low_precision = q.dtype in (torch.bfloat16, torch.float16)
+        return q.device.type == "cpu" and low_precision and q.requires_grad
 
 
 class Mlp(nn.Module):

@@ -149,6 +149,10 @@ class TrainConfig:
         False, "keep only each block's input and recompute the block in the backward pass: "
         "less activation memory for about a third more compute",
     )  # fmt: skip
+    compile: bool = _option(
+        False, "torch.compile each block of the model (training and evaluation): the first "
+        "steps wait for the compiler, later ones run faster; needs a C++ compiler on CPU",
+    )  # fmt: skip
     seed: int = _option(0, "seeds the initialisation, data order, augmentation and dropout")
     eval_batch_size: int = _option(512, "batch size per process for evaluation")
     evaluators: list[str] = field(

@@ -8,14 +8,18 @@ here is a no-op and the run is a single process. How the model is spread over th
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +31,7 @@ class Process:
     device: torch.device
     grouped: bool = False  # in a process group (FSDP joins one even as the only process)
     owns_group: bool = False  # ``start`` created the group, so ``stop`` ends it
+    mesh: DeviceMesh | None = None  # the processes as FSDP's device mesh (--parallel fsdp)
 
     @property
     def is_main(self) -> bool:
@@ -96,7 +101,12 @@ def start(device_preference: str, sharded: bool = False) -> Process:
             "store with them: restarted processes can then look up the addresses of the ones "
             "they replace and fail to connect. Launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1."
         )
-    return Process(dist.get_rank(), dist.get_world_size(), device, True, owns_group)
+    mesh = None
+    if sharded:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    return Process(dist.get_rank(), dist.get_world_size(), device, True, owns_group, mesh)
 
 
 def shares_stale_store() -> bool:
@@ -109,6 +119,16 @@ def shares_stale_store() -> bool:
 
 
 def stop(process: Process) -> None:
+    """End the process group ``start`` created, and with it gloo's worker threads: threads
+    that outlive the group abort the process at interpreter exit ("terminate called without
+    an active exception"), after all its work is done but with a failing exit status."""
+    if process.mesh is not None:
+        # FSDP's state holds the group in reference cycles, freed only by the collector; the
+        # mesh holds it too, and DTensor's caches of sharding decisions (in C++ too) keep
+        # every mesh they met alive after the model is gone (torch 2.13). Either way the
+        # group would outlive ``destroy_process_group``: let go of it here.
+        gc.collect()
+        getattr(process.mesh, "_pg_registry", {}).clear()
     if process.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -75,7 +75,7 @@ Progress = Callable[[int, int, dict[str, Any] | None], None]
 """``progress(step, total_steps, logged_record_or_None)``, called after each optimizer step."""
 
 # Settings a resumed run may change: how it runs, not what it learns.
-RESUME_OPTIONS = ("parallel", "activation_checkpointing")
+RESUME_OPTIONS = ("parallel", "activation_checkpointing", "compile")
 
 
 def derived_seed(*parts: int) -> int:
@@ -198,6 +198,8 @@ def _train(
     on_gpu = process.device.type == "cuda"
     if cfg.precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
         raise ValueError("this GPU has no bfloat16: use --precision fp32")
+    if cfg.compile:
+        parallel.check_compiler(process.device)
     evaluators = build_evaluators(EvalContext(cfg, task, splits))
     if resume is not None:
         run = RunFolder(resume, process.is_main)

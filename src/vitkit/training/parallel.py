@@ -11,7 +11,8 @@ The maths is DDP's: the same losses and weights to rounding (tests/test_parallel
 FSDP and DCP are imported only when used: they add seconds to the start of every process.
 
 ``--activation-checkpointing`` makes each unit keep only its input for the backward pass and
-run its forward again there, with DDP, FSDP or in one process alike.
+run its forward again there, and ``--compile`` compiles each unit (``torch.compile``; blocks
+of one shape share one compiled graph), with DDP, FSDP or in one process alike.
 """
 
 from __future__ import annotations
@@ -66,19 +67,36 @@ def checkpoint_activations(unit: nn.Module) -> None:
     unit.forward = recomputed
 
 
+def check_compiler(device: torch.device) -> None:
+    """Raise ValueError unless ``torch.compile`` works here, tried on a one-line function: a
+    missing compiler is then a clear error before the run starts, not a long traceback at
+    its first step."""
+    try:
+        torch.compile(lambda t: t * 2 + 1)(torch.ones(4, device=device))
+    except Exception as err:  # whatever the compiler stack raises: reported, not handled
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"--compile: torch.compile does not work on this machine ({reason}); on CPU it "
+            "needs a C++ compiler (apt install g++, or set CXX). Train without --compile"
+        ) from err
+
+
 def wrap(trainable: nn.Module, cfg: TrainConfig, process: Process) -> nn.Module:
     """What the loop calls in each step: ``trainable`` under DDP, sharded by FSDP (in place:
     the module returned is ``trainable`` itself, its parameters now sharded ``DTensor``s) or
     as it is. Build the optimizer after this: FSDP replaces the parameters."""
-    pieces = units(trainable) if cfg.activation_checkpointing or cfg.parallel == "fsdp" else []
+    needs_units = cfg.activation_checkpointing or cfg.compile or cfg.parallel == "fsdp"
+    pieces = units(trainable) if needs_units else []
     if cfg.activation_checkpointing:
         for unit in pieces:
             checkpoint_activations(unit)
+    if cfg.compile:  # in place: parameter names, hence checkpoints, stay the same
+        for unit in pieces:
+            unit.compile()
     if cfg.parallel == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(process.device.type, (process.world_size,))
+        mesh = process.mesh
         policy = MixedPrecisionPolicy()
         if cfg.precision == "bf16" and process.device.type == "cuda":
             # bf16 compute and all-gathers, fp32 gradient reduction and master weights.
