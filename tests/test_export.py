@@ -32,7 +32,7 @@ from vitkit.deploy import (
     quantize_int8,
     save_int8,
 )
-from vitkit.models import VisionTransformer
+from vitkit.models import VisionTransformer, create_model
 
 pytest.importorskip(
     "onnxruntime", reason="the export extra is not installed: pip install '.[onnx]'"
@@ -152,6 +152,18 @@ def test_int8_agrees_with_fp32_on_top1(tmp_path: Path) -> None:
     assert agreement >= 0.95
 
 
+def test_int8_round_trip_of_a_resnet(tmp_path: Path) -> None:
+    """Every registered architecture, not only the ViT, reads back as the model it was."""
+    torch.manual_seed(0)
+    model = create_model("resnetv2_cifar", layers=(1, 1), img_size=16).eval()
+    quantized = quantize_int8(model)
+    reloaded = load_int8(save_int8(quantized, tmp_path / "bit.safetensors"))
+    assert type(reloaded) is type(model)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), quantized(x), rtol=0, atol=0)
+
+
 def test_an_int8_file_is_not_mistaken_for_a_checkpoint(tmp_path: Path) -> None:
     path = save_int8(
         quantize_int8(tiny_model(**VARIANTS["token-learned"])), tmp_path / "q.safetensors"
@@ -239,6 +251,14 @@ def test_eval_runs_an_int8_file(
     assert main(["export", str(digits_checkpoint), str(int8_path), "--to", "int8"]) == 0
     assert main(["eval", str(int8_path), "--data", str(digits_npz)]) == 0
     assert "/60)" in capsys.readouterr().out
+
+
+def test_fewshot_and_probe_refuse_an_exported_file_clearly(
+    digits_onnx: Path, digits_npz: Path, capsys: pytest.CaptureFixture
+) -> None:
+    for command in ("fewshot", "probe"):
+        assert main([command, str(digits_onnx), "--data", str(digits_npz)]) == 2
+        assert "gives class scores only, not the features" in capsys.readouterr().err
 
 
 def test_export_errors(

@@ -69,8 +69,15 @@ def load_for_inference(
     args: argparse.Namespace, need_head: bool = True
 ) -> tuple[OnnxClassifier | PretrainedModel, Path | None]:
     """The model of any checkpoint or run folder (its best checkpoint, else its last), on the
-    chosen device, with a classification head if ``need_head``; and its run folder, if any."""
+    chosen device, with a classification head if ``need_head``; and its run folder, if any.
+    Without ``need_head`` the caller wants features, which an exported file does not give."""
     model: OnnxClassifier | PretrainedModel
+    if is_deployed(args.checkpoint) and not need_head:
+        raise ValueError(
+            f"{args.checkpoint} is an exported model (`vitkit export`), which gives class "
+            "scores only, not the features this command needs: give the checkpoint it was "
+            "exported from"
+        )
     if is_deployed(args.checkpoint):  # `vitkit export`'s .onnx (run on the CPU) or int8
         model, run_folder = load_deployed(args.checkpoint), None
     else:

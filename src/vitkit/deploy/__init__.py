@@ -19,7 +19,6 @@ from vitkit.deploy.int8 import is_int8_file, load_int8, quantize_int8, save_int8
 from vitkit.deploy.to_onnx import OnnxClassifier, export_onnx
 from vitkit.deploy.to_pt2 import export_pt2, load_pt2
 from vitkit.models.pretrained import PretrainedModel
-from vitkit.models.vit import VisionTransformer
 
 
 def export_int8(model: PretrainedModel, path: str | Path) -> Path:
@@ -50,7 +49,7 @@ def is_deployed(path: str | Path) -> bool:
     return Path(path).suffix == ".onnx" or is_int8_file(path)
 
 
-def load_deployed(path: str | Path) -> OnnxClassifier | VisionTransformer:
+def load_deployed(path: str | Path) -> OnnxClassifier | PretrainedModel:
     """An exported ``.onnx`` (run by onnxruntime on the CPU) or int8 file, ready to call."""
     return OnnxClassifier(path) if Path(path).suffix == ".onnx" else load_int8(path)
 

@@ -25,8 +25,8 @@ from typing import Any
 
 from vitkit.checkpoints.native import load_tensors, read_metadata
 from vitkit.deploy.common import config_json, import_optional, quiet
-from vitkit.models.pretrained import PretrainedModel, save_safetensors
-from vitkit.models.vit import VisionTransformer, ViTConfig
+from vitkit.models.pretrained import ARCHITECTURE_KEY, PretrainedModel, save_safetensors
+from vitkit.models.registry import architecture_of, get_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ def save_int8(model: PretrainedModel, path: str | Path) -> Path:
     state = {PREFIX + k: v for k, v in model.state_dict().items()}
     tensors, metadata = torchao.flatten(state)
     metadata[INT8_KEY] = config_json(model)
+    metadata[ARCHITECTURE_KEY] = architecture_of(model).name
     metadata[METHOD_KEY] = f"{METHOD}, torchao {importlib.metadata.version('torchao')}"
     save_safetensors(path, tensors, metadata)
     logger.info("wrote %s", path)
@@ -83,13 +84,14 @@ def is_int8_file(path: str | Path) -> bool:
     return path.suffix == ".safetensors" and path.is_file() and INT8_KEY in read_metadata(path)
 
 
-def load_int8(path: str | Path) -> VisionTransformer:
+def load_int8(path: str | Path) -> PretrainedModel:
     """Read back what ``save_int8`` wrote: the same int8 weights, in eval mode."""
     torchao = _torchao()
     path = Path(path)
     metadata = read_metadata(path)
-    try:
-        config = ViTConfig.from_dict(json.loads(metadata[INT8_KEY]))
+    try:  # files from before architectures were recorded hold a ViT
+        architecture = get_architecture(metadata.get(ARCHITECTURE_KEY, "vit"))
+        config = architecture.config_class.from_dict(json.loads(metadata[INT8_KEY]))
     except (KeyError, json.JSONDecodeError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: its int8 config is missing or invalid ({err})") from None
     state, leftover = torchao.unflatten(load_tensors(path), metadata)
@@ -97,7 +99,7 @@ def load_int8(path: str | Path) -> VisionTransformer:
         raise ValueError(
             f"{path}: tensors torchao's metadata does not describe: {sorted(leftover)}"
         )
-    model = VisionTransformer(config)
+    model = architecture.build(config)
     weights: dict[str, Any] = {k.removeprefix(PREFIX): v for k, v in state.items()}
     model.load_state_dict(weights, strict=True, assign=True)
     return model.eval().requires_grad_(False)
