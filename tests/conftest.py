@@ -1,10 +1,13 @@
-"""Shared test fixtures: where the reference data lives, and deterministic seeds."""
+"""Shared test fixtures: where the reference data lives, deterministic seeds, one thread for
+tiny models, and small slices of the shipped digits."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,3 +25,34 @@ def reference_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models and small solves gain nothing from a second thread, and the other tests
+    share the cores (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_digits(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int, int], Path]:
+    """``tiny_digits(train, test)``: the first ``train`` training and ``test`` test digits as an
+    ``.npz`` (a format ``load_dataset`` reads), written once per size."""
+    from vitkit.data import load_dataset
+
+    made: dict[tuple[int, int], Path] = {}
+
+    def make(train: int, test: int) -> Path:
+        if (train, test) not in made:
+            train_set, test_set = load_dataset("digits", "train"), load_dataset("digits", "test")
+            path = tmp_path_factory.mktemp("digits") / f"digits_{train}_{test}.npz"
+            np.savez(path, x_train=train_set.images[:train].numpy(),
+                     y_train=train_set.labels[:train].numpy(),
+                     x_test=test_set.images[:test].numpy(), y_test=test_set.labels[:test].numpy())  # fmt: skip
+            made[train, test] = path
+        return made[train, test]
+
+    return make

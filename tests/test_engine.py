@@ -12,11 +12,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,22 +37,13 @@ TINY = dict(epochs=3, batch_size=32, lr=3e-3, warmup_epochs=1.0, log_every=1,
             augment=dict(random_resized_crop=False))  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_data(tiny_digits: Callable[[int, int], Path]) -> Path:
     """256 training and 64 test digits (8 steps of 32 per epoch)."""
-    train_set, test_set = load_dataset("digits", "train"), load_dataset("digits", "test")
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x_train=train_set.images[:256].numpy(), y_train=train_set.labels[:256].numpy(),
-             x_test=test_set.images[:64].numpy(), y_test=test_set.labels[:64].numpy())  # fmt: skip
-    return path
+    return tiny_digits(256, 64)
 
 
 def config(data: Path, out: Path, **overrides: object) -> TrainConfig:

@@ -8,7 +8,6 @@ against what must hold: 1.0 on separable data, chance (a binomial bound) on rand
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +27,7 @@ from vitkit.evaluation import (
 )
 from vitkit.models.vit import VisionTransformer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small solves gain nothing from a second thread, and the other tests share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def separable(

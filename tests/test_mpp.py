@@ -3,8 +3,6 @@ values, the loss only on corrupted patches, the hybrid, and a loss that falls wi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -24,14 +22,7 @@ from vitkit.models.mpp import (
 )
 from vitkit.models.vit import VisionTransformer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from a second thread, and the other tests share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def micro(**overrides: object) -> VisionTransformer:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +25,13 @@ from vitkit.evaluation import extract_features, fewshot_protocol
 from vitkit.training import PRETRAIN_DEFAULTS, TrainConfig, TrainingInterrupted, train
 from vitkit.training.run import RunFolder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_data(tiny_digits: Callable[[int, int], Path]) -> Path:
     """256 training and 64 test digits (8 steps of 32 per epoch)."""
-    train_set, test_set = load_dataset("digits", "train"), load_dataset("digits", "test")
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x_train=train_set.images[:256].numpy(), y_train=train_set.labels[:256].numpy(),
-             x_test=test_set.images[:64].numpy(), y_test=test_set.labels[:64].numpy())  # fmt: skip
-    return path
+    return tiny_digits(256, 64)
 
 
 def pretrain_config(**values: Any) -> TrainConfig:

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 
 from vitkit import load_pretrained
 from vitkit.cli import main
-from vitkit.data import load_dataset
 from vitkit.models import create_model, registry
 from vitkit.training import TrainConfig, TrainingInterrupted, train
 from vitkit.training.parallel import checkpoint_activations, units
@@ -46,21 +45,13 @@ SETTINGS = dict(
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    train_set, test_set = load_dataset("digits", "train"), load_dataset("digits", "test")
-    path = tmp_path_factory.mktemp("data") / "tiny_digits.npz"
-    np.savez(path, x_train=train_set.images[:320].numpy(), y_train=train_set.labels[:320].numpy(),
-             x_test=test_set.images[:100].numpy(), y_test=test_set.labels[:100].numpy())  # fmt: skip
-    return path
+def data(tiny_digits: Callable[[int, int], Path]) -> Path:
+    """320 training and 100 test digits."""
+    return tiny_digits(320, 100)
 
 
 def flags(data: Path, out: Path, **overrides: object) -> list[str]:

@@ -10,7 +10,6 @@ counts published by the official code and timm, else a closed form written here 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,7 @@ from vitkit.models.resnetv2 import ResNetV2Config
 # ------------------------------------------------------------------------------ the sweep
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """The reduced models are too small to gain from a second thread on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reduced(name: str) -> dict[str, Any]:

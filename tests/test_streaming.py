@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +41,7 @@ BROKEN_PER_CLASS = 3  # empty, truncated and text-as-.jpg files of make_messy_fo
 STREAMED = DataOptions(in_memory="no", num_workers=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gradient(width: int, height: int, seed: int) -> Image.Image:

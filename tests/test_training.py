@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,28 +44,13 @@ TINY = dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from a second thread, and the other tests share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """320 training and 100 test digits as an .npz file (a format load_dataset reads)."""
-    train_set, test_set = load_dataset("digits", "train"), load_dataset("digits", "test")
-    path = tmp_path_factory.mktemp("data") / "tiny_digits.npz"
-    np.savez(
-        path,
-        x_train=train_set.images[:320].numpy(),
-        y_train=train_set.labels[:320].numpy(),
-        x_test=test_set.images[:100].numpy(),
-        y_test=test_set.labels[:100].numpy(),
-    )
-    return path
+def tiny_data(tiny_digits: Callable[[int, int], Path]) -> Path:
+    """320 training and 100 test digits."""
+    return tiny_digits(320, 100)
 
 
 def config(data: Path, out: Path, **overrides: object) -> TrainConfig:
