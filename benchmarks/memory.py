@@ -26,7 +26,7 @@ step memory at least 3x for at most 40% more step time. The lead measures on a q
 smoke-run with a tiny model only (``--models vit_micro --img-size 32 --steps 1``).
 
 Usage: python benchmarks/memory.py [--models vit_b16 vit_l16] [--img-size 224] [--batch 8]
-       [--steps 3] [--threads N] [--device auto|cpu|cuda]
+       [--steps 3] [--threads N] [--device auto|cpu|cuda] [--only fsdp2-ckpt ...]
 """
 
 from __future__ import annotations
@@ -57,6 +57,16 @@ SETTINGS = [  # (processes, parallel)
     (2, "ddp"),
     (2, "fsdp"),
 ]
+
+
+def label(processes: int, mode: str, checkpointing: bool) -> str:
+    """A setting's name for ``--only``: ``single``, ``ddp2``, ``fsdp2``, with ``-ckpt``."""
+    return (f"{mode}{processes}" if processes > 1 else "single") + (
+        "-ckpt" if checkpointing else ""
+    )
+
+
+LABELS = [label(p, m, c) for p, m in SETTINGS for c in (False, True)]
 MIB = 2**20
 
 
@@ -176,6 +186,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one untimed")
     parser.add_argument("--threads", type=int, default=0, help="per process (0: vitkit's split)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--only", nargs="+", metavar="SETTING", choices=LABELS,
+        help=f"measure only these settings ({', '.join(LABELS)}); default: all",
+    )  # fmt: skip
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--parallel", default="ddp", help=argparse.SUPPRESS)
@@ -190,6 +204,8 @@ def main() -> None:
         for model in args.models:
             for processes, mode in SETTINGS:
                 for checkpointing in (False, True):
+                    if args.only and label(processes, mode, checkpointing) not in args.only:
+                        continue
                     r = job(model, processes, mode, checkpointing, args, Path(folder))
                     measured[model, processes, mode, checkpointing] = r
                     rows.append([
@@ -208,6 +224,8 @@ def main() -> None:
                           "step adds MiB", "activations MiB", "step s"], rows))  # fmt: skip
     print()
     for model in args.models:
+        if args.only:  # the goals compare settings that may not all have been measured
+            break
         ddp, fsdp = measured[model, 2, "ddp", False], measured[model, 2, "fsdp", False]
         plain, ckpt = measured[model, 1, "ddp", False], measured[model, 1, "ddp", True]
         print(f"{model}: FSDP x2 holds {fsdp['state'] / ddp['state']:.0%} of DDP x2's parameter "
