@@ -46,6 +46,7 @@ class Linear(nn.Linear):
         device = x.device.type
         if (
             torch.is_grad_enabled()
+            or torch.compiler.is_compiling()  # the compiled graph fuses the cast; no recompiles
             or not torch.amp.is_autocast_available(device)  # e.g. the meta device
             or not torch.is_autocast_enabled(device)
             or self.weight.dtype != torch.float32
