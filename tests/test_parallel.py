@@ -187,15 +187,21 @@ def test_activation_checkpointing_gives_the_same_gradients(name: str) -> None:
 
 
 GLOO_THREADS_LEFT = r"""
-import os, torch
-from torch.distributed.fsdp import fully_shard
+import os, sys, torch
 from vitkit.training import distributed
 
-process = distributed.start("cpu", sharded=True)
+sharded = sys.argv[1] == "fsdp"
+process = distributed.start("cpu", sharded=sharded)
 model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
-fully_shard(model[0], mesh=process.mesh)
-fully_shard(model, mesh=process.mesh)
+if sharded:
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model[0], mesh=process.mesh)
+    fully_shard(model, mesh=process.mesh)
+else:
+    model = torch.nn.parallel.DistributedDataParallel(model)
 model(torch.ones(2, 4)).sum().backward()
+distributed.broadcast_object("done", process)
 del model
 distributed.stop(process)
 names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
@@ -205,12 +211,14 @@ os.write(1, f"gloo threads left: {left}\n".encode())  # one write: ranks share s
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
-def test_stopping_an_fsdp_run_ends_gloo_threads(tmp_path: Path) -> None:
-    """DTensor's caches keep FSDP's device mesh, and so its process group, alive: gloo threads
-    that outlive the group abort the process at exit (torch 2.13), failing a finished run."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_stopping_a_run_ends_gloo_threads(parallel: str, tmp_path: Path) -> None:
+    """Gloo threads that outlive the process group can abort the process at exit, failing a
+    finished run (torch 2.13). What held the group: torch._dynamo, imported by DDP after the
+    group existed; FSDP's device mesh, which DTensor's caches keep alive."""
     script = tmp_path / "threads_left.py"
     script.write_text(GLOO_THREADS_LEFT)
-    done = run([*torchrun(2), str(script)])
+    done = run([*torchrun(2), str(script), parallel])
     assert done.stdout.count("gloo threads left: []") == 2, done.stdout
 
 

@@ -464,37 +464,6 @@ def test_torchrun_two_processes_match_one(tiny_data: Path, tmp_path: Path) -> No
     assert summaries[0]["confusion_matrix"] == summaries[1]["confusion_matrix"]
 
 
-GLOO_THREADS_LEFT = r"""
-import os, torch
-from torch.nn.parallel import DistributedDataParallel
-from vitkit.training import distributed
-
-process = distributed.start("cpu")
-model = DistributedDataParallel(torch.nn.Linear(4, 4))
-model(torch.ones(2, 4)).sum().backward()
-distributed.broadcast_object("done", process)
-del model
-distributed.stop(process)
-names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-left = sorted(n for n in names if "gloo" in n)
-os.write(1, f"gloo threads left: {left}\n".encode())  # one write: ranks share stdout
-"""
-
-
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
-def test_stopping_the_process_group_ends_gloo_threads(tmp_path: Path) -> None:
-    """Threads that outlive the group can abort the process as the interpreter shuts down."""
-    script = tmp_path / "threads_left.py"
-    script.write_text(GLOO_THREADS_LEFT)
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-5000:]
-    assert done.stdout.count("gloo threads left: []") == 2, done.stdout
-
-
 def test_benchmark_recipes_are_valid_configs() -> None:
     recipes = sorted((Path(__file__).parents[1] / "benchmarks" / "recipes").glob("*.toml"))
     assert {p.stem for p in recipes} >= {"digits", "mnist", "cifar10"}
