@@ -72,13 +72,13 @@ def load_for_inference(
     chosen device, with a classification head if ``need_head``; and its run folder, if any.
     Without ``need_head`` the caller wants features, which an exported file does not give."""
     model: OnnxClassifier | PretrainedModel
-    if is_deployed(args.checkpoint) and not need_head:
-        raise ValueError(
-            f"{args.checkpoint} is an exported model (`vitkit export`), which gives class "
-            "scores only, not the features this command needs: give the checkpoint it was "
-            "exported from"
-        )
     if is_deployed(args.checkpoint):  # `vitkit export`'s .onnx (run on the CPU) or int8
+        if not need_head:
+            raise ValueError(
+                f"{args.checkpoint} is an exported model (`vitkit export`), which gives class "
+                "scores only, not the features this command needs: give the checkpoint it was "
+                "exported from"
+            )
         model, run_folder = load_deployed(args.checkpoint), None
     else:
         checkpoint, run_folder = locate_checkpoint(args.checkpoint)

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from vitkit.checkpoints.native import load_tensors, read_metadata
+from vitkit.checkpoints.native import DEFAULT_ARCHITECTURE, load_tensors, read_metadata
 from vitkit.deploy.common import config_json, import_optional, quiet
 from vitkit.models.pretrained import ARCHITECTURE_KEY, PretrainedModel, save_safetensors
 from vitkit.models.registry import architecture_of, get_architecture
@@ -89,8 +89,8 @@ def load_int8(path: str | Path) -> PretrainedModel:
     torchao = _torchao()
     path = Path(path)
     metadata = read_metadata(path)
-    try:  # files from before architectures were recorded hold a ViT
-        architecture = get_architecture(metadata.get(ARCHITECTURE_KEY, "vit"))
+    try:
+        architecture = get_architecture(metadata.get(ARCHITECTURE_KEY, DEFAULT_ARCHITECTURE))
         config = architecture.config_class.from_dict(json.loads(metadata[INT8_KEY]))
     except (KeyError, json.JSONDecodeError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: its int8 config is missing or invalid ({err})") from None
