@@ -7,6 +7,7 @@ reads), so the numbers in the README come from exactly the command it shows:
     mnist     MNIST from scratch: >= 99.0% in <= 10 minutes
     cifar10   CIFAR-10 (JPEG copy) from scratch, within 60 minutes; prints the curve
     cifar10_hybrid  the same with the small hybrid (ResNet stem and stage, then the encoder)
+    cifar10_hybrid_bf16  the hybrid with 4 encoder blocks, under bf16 autocast
     finetune  pre-train on MNIST at 8x8, fine-tune on the digits at 16x16, against the same
               model trained from scratch on the digits at 16x16 for as many steps
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,12 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import cpu_name
 
 from vitkit.training import FINETUNE_DEFAULTS, TrainConfig, train
 from vitkit.training.config import merge, read_toml
 
 RECIPES = Path(__file__).with_name("recipes")
-DATA_FOLDERS = {"mnist": "mnist", "cifar10": "cifar10-jpg", "cifar10_hybrid": "cifar10-jpg"}
+# Every recipe file names its model; cifar10_scaling.toml holds an experiment's shared settings.
+FROM_SCRATCH = sorted(p.stem for p in RECIPES.glob("*.toml") if "model" in read_toml(p))
+
+
+def data_folder(recipe: str) -> str | None:
+    """The recipe's folder under ``$VITKIT_DATA``; None for the shipped digits."""
+    if recipe.startswith("cifar10"):
+        return "cifar10-jpg"
+    return "mnist" if recipe == "mnist" else None
 
 
 def data_path(name: str) -> str:
@@ -45,15 +54,9 @@ def data_path(name: str) -> str:
 
 
 def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
-                 if ln.startswith("model name")]  # fmt: skip
-        cpu = names[0] if names else cpu
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def run(values: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -64,8 +67,9 @@ def run(values: dict[str, Any], out: Path) -> dict[str, Any]:
 
 def recipe_values(name: str, seed: int, epochs: int | None) -> dict[str, Any]:
     values = merge(read_toml(RECIPES / f"{name}.toml"), {"seed": seed})
-    if name in DATA_FOLDERS:
-        values["data"] = data_path(DATA_FOLDERS[name])
+    folder = data_folder(name)
+    if folder is not None:
+        values["data"] = data_path(folder)
     if epochs is not None:
         values["epochs"] = epochs
         values["warmup_epochs"] = min(values.get("warmup_epochs", 3.0), epochs / 2)
@@ -123,7 +127,7 @@ def print_table(rows: list[list[str]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", choices=(*sorted(DATA_FOLDERS), "digits", "finetune"))
+    parser.add_argument("recipe", choices=(*FROM_SCRATCH, "finetune"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs (a quick check)")
     parser.add_argument("--out", type=Path, help="where the run folders go (default: a temp dir)")

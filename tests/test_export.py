@@ -96,6 +96,17 @@ def test_onnx_with_a_fixed_batch_keeps_it(tmp_path: Path) -> None:
     assert onnx_model.session.get_inputs()[0].shape == [1, 3, 16, 16]
 
 
+def test_onnx_threads_do_not_spin_between_calls(
+    onnx_files: dict[str, tuple[VisionTransformer, Path]],
+) -> None:
+    """Spinning threads halved the speed of the PyTorch work between calls on 2 cores."""
+    options = OnnxClassifier(
+        onnx_files["token-learned"][1], threads=1
+    ).session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == 1
+
+
 def test_onnx_rejects_a_wrong_input_shape_clearly(
     onnx_files: dict[str, tuple[VisionTransformer, Path]],
 ) -> None:

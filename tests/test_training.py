@@ -412,6 +412,14 @@ def test_bad_toml_keys_and_values(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert "not valid TOML" in capsys.readouterr().err
 
 
+def test_help_shows_every_default(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    assert "MISSING" not in out
+    assert "(default: 0.001)" in out and "(default: [])" in out  # --lr, --lr-drops
+
+
 def test_run_folders_are_never_overwritten(
     trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

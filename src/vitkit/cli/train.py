@@ -85,6 +85,12 @@ def _add_field(group: argparse._ArgumentGroup, field: dataclasses.Field, hint: A
                            **kwargs)  # fmt: skip
 
 
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
 def add_config_flags(
     parser: argparse.ArgumentParser, defaults: dict[str, Any], hidden: frozenset[str] = frozenset()
 ) -> None:
@@ -104,7 +110,7 @@ def add_config_flags(
             if field.name in skip:
                 continue
             help = field.metadata.get("help") or AUGMENT_HELP.get(field.name, field.name)
-            default = {**DEFAULT_AUGMENT, **defaults}.get(field.name, field.default)
+            default = {**DEFAULT_AUGMENT, **defaults}.get(field.name, _field_default(field))
             _add_field(group, field, hints[field.name], help, default)
 
 

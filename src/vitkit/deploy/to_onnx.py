@@ -81,6 +81,10 @@ class OnnxClassifier(nn.Module):
         options = ort.SessionOptions()
         # onnxruntime otherwise starts a thread per core, ignoring what torch was told to use.
         options.intra_op_num_threads = threads or torch.get_num_threads()
+        # Its threads also spin for a while after each call, waiting for the next one: on few
+        # cores they then hold back the PyTorch work in between (decoding, resizing; measured:
+        # a PyTorch ViT-Ti/16 call just after an onnxruntime one ran 2x slower on 2 cores).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(path), options, providers=["CPUExecutionProvider"]
