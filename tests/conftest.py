@@ -4,6 +4,8 @@ tiny models, and small slices of the shipped digits."""
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -56,3 +58,22 @@ def tiny_digits(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int, int]
         return made[train, test]
 
     return make
+
+
+def wait_for(path: Path, proc: subprocess.Popen) -> None:
+    """Until ``path`` exists or ``proc`` has ended (then the test's own assertions fail), with
+    no clock: a slow machine makes the test slower, never red."""
+    while not path.exists() and proc.poll() is None:
+        time.sleep(0.01)
+
+
+def sigkill_after_checkpoint(command: list[str], out: Path, env: dict[str, str],
+                             settle: float) -> None:  # fmt: skip
+    """Run ``command`` (a training run writing to ``out``) and SIGKILL it ``settle`` seconds
+    after its first checkpoint: somewhere in a later epoch, or while a checkpoint is written."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    wait_for(out / "last.safetensors", proc)
+    time.sleep(settle)
+    proc.kill()
+    proc.wait()

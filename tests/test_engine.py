@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from tests.conftest import sigkill_after_checkpoint
 from vitkit.cli import main
 from vitkit.data import ImageDataset, load_dataset, to_model_input
 from vitkit.data.sources import Batch, DataSource, InMemorySource, SourceInfo
@@ -215,14 +214,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data: Path, tmp_pat
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     command = [sys.executable, "-m", "vitkit", "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*command, *flags, "--out", str(cut)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (cut / "last.safetensors").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_after_checkpoint([*command, *flags, "--out", str(cut)], cut, env, settle=0.3)
     assert not (cut / "summary.json").exists(), "the run finished before it could be killed"
     done = subprocess.run([*command, "--resume", str(cut)], env=env, capture_output=True,
                           text=True, timeout=300)  # fmt: skip

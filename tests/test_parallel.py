@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import wait_for
 from vitkit import load_pretrained
 from vitkit.cli import main
 from vitkit.models import create_model, registry
@@ -365,9 +365,7 @@ def test_slow_killed_rank_restarts_from_the_last_checkpoint(
         env={**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (out / "last.dcp").is_dir() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(out / "last.dcp", agent)
     workers = children(agent.pid)
     assert len(workers) == 2 and not (out / "summary.json").exists()
     os.kill(max(workers), signal.SIGKILL)

@@ -9,10 +9,8 @@ import json
 import logging
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from tests.conftest import sigkill_after_checkpoint
 from vitkit import load_pretrained
 from vitkit.cli import main
 from vitkit.data import load_dataset
@@ -262,16 +261,7 @@ def test_resume_after_sigkill(tiny_data: Path, tmp_path: Path) -> None:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     command = [sys.executable, "-m", "vitkit", "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [*command, *flags, "--out", str(cut)], env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (cut / "last.safetensors").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.2)  # somewhere in a later epoch, or in the middle of writing a checkpoint
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_after_checkpoint([*command, *flags, "--out", str(cut)], cut, env, settle=0.2)
     assert not (cut / "summary.json").exists(), "the run finished before it could be killed"
     run_ok([*command, "--resume", str(cut)], env)
     whole, resumed = weights(tmp_path / "whole/last.safetensors"), weights(cut / "last.safetensors")
