@@ -53,9 +53,9 @@ def locate_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
         raise FileNotFoundError(f"checkpoint or run folder {path} does not exist")
     if path.is_dir():
         run = RunLayout(path)
-        for checkpoint in (run.best, run.last):
-            if checkpoint.is_file():
-                return checkpoint, path
+        checkpoint = run.checkpoint()
+        if checkpoint is not None:
+            return checkpoint, path
         if run.metrics.is_file() or run.summary.is_file():
             raise FileNotFoundError(
                 f"{path} looks like a run folder but holds neither {run.best.name} nor "

@@ -25,6 +25,7 @@ from vitkit.checkpoints.core import (
     build_model,
 )
 from vitkit.models.pretrained import PretrainedModel
+from vitkit.utils.runlayout import RunLayout
 
 FORMATS: tuple[CheckpointFormat, ...] = (
     native.FORMAT,
@@ -39,10 +40,22 @@ FORMATS: tuple[CheckpointFormat, ...] = (
 
 
 def read_checkpoint(path: str | Path, model: ModelSpec = None) -> Checkpoint:
-    """Recognise the format of ``path`` and read it, without building a model."""
+    """Recognise the format of ``path`` and read it, without building a model.
+
+    A run folder (``vitkit train`` / ``finetune`` / ``pretrain --out``) stands for its best
+    checkpoint, else its last: pre-training and then fine-tuning takes the run folder as it is.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    run = RunLayout(path)
+    if path.is_dir() and run.holds_run():
+        checkpoint = run.checkpoint()
+        if checkpoint is not None:
+            path = checkpoint
+        elif run.metrics.is_file():
+            raise CheckpointError(f"{path} is a run folder without a checkpoint yet: neither "
+                                  f"{run.best.name} nor {run.last.name} was written")  # fmt: skip
     for fmt in FORMATS:
         if fmt.detect(path):
             return fmt.read(path, model)

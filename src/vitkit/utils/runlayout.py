@@ -35,5 +35,10 @@ class RunLayout:
         """Whether a run was started here (its config is written before anything else)."""
         return self.config.is_file()
 
+    def checkpoint(self) -> Path | None:
+        """The checkpoint that stands for the run: the best, else the last; None if neither
+        was written yet."""
+        return next((c for c in (self.best, self.last) if c.is_file()), None)
+
 
 __all__ = ["RunLayout"]
