@@ -8,8 +8,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+from safetensors import SafetensorError
+
 from vitkit.checkpoints import load_pretrained
 from vitkit.cli import main
+from vitkit.models import create_model, pretrained
+from vitkit.models.pretrained import save_pretrained
 
 
 def test_finetune_from_a_pretrain_run_folder(
@@ -17,10 +22,58 @@ def test_finetune_from_a_pretrain_run_folder(
 ) -> None:
     data = str(tiny_digits(64, 32))
     pre, fine = tmp_path / "pre", tmp_path / "fine"
-    assert main(["pretrain", "--data", data, "--steps", "2", "--batch-size", "16",
-                 "--eval-every", "2", "--out", str(pre)]) == 0  # fmt: skip
-    assert main(["finetune", "--from", str(pre), "--data", data, "--steps", "2",
-                 "--batch-size", "16", "--out", str(fine)]) == 0  # fmt: skip
+    short = ["--data", data, "--steps", "2", "--batch-size", "16", "--eval-every", "2"]
+    assert main(["pretrain", *short, "--out", str(pre)]) == 0
+    assert main(["finetune", "--from", str(pre), *short, "--out", str(fine)]) == 0
     assert json.loads((fine / "config.json").read_text())["init_from"] == str(pre)
     assert load_pretrained(pre).cfg.num_classes != 10  # the pre-training head (MPP)...
     assert load_pretrained(fine).cfg.num_classes == 10  # ...replaced by the digits' classes
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """safetensors fails as it does on a full disk: its own error, the OS code in the text."""
+
+    def no_space(*args: object, **kwargs: object) -> None:
+        message = "Error while serializing: I/O error: No space left on device (os error 28)"
+        raise SafetensorError(message)
+
+    monkeypatch.setattr(pretrained, "save_file", no_space)
+
+
+def contents(path: Path) -> dict[Path, bytes]:
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return {p: p.read_bytes() for p in files if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("name", "to"), [("model.safetensors", "vitkit"), ("folder", "vitkit"), ("hf", "hf")]
+)
+@pytest.mark.parametrize("existing", [False, True])
+def test_convert_on_a_full_disk_names_the_file_and_keeps_the_old_one(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    name: str,
+    to: str,
+    existing: bool,
+    request: pytest.FixtureRequest,
+) -> None:
+    src = tmp_path / "src.safetensors"
+    save_pretrained(create_model("vit_digits"), src)
+    dst = tmp_path / name
+    if existing:
+        assert main(["convert", str(src), str(dst), "--to", to]) == 0
+        before = contents(dst)
+    capsys.readouterr()
+    request.getfixturevalue("full_disk")
+    args = ["convert", str(src), str(dst), "--to", to] + (["--overwrite"] if existing else [])
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "No space left on device" in err and "MB" in err and str(dst) in err
+    assert "Traceback" not in err and "SafetensorError" not in err and ".vitkit-tmp" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["src.safetensors"] + ([name] if existing else [])
+    )  # no temporary leftovers
+    if existing:  # the old copy is intact
+        assert contents(dst) == before

@@ -53,7 +53,13 @@ def atomic_dir(path: Path, write: Callable[[Path], object]) -> None:
     except OSError as err:
         raise explain_os_error(err, path, None) from None
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as err:  # name the file in ``path``, not in its temporary folder
+            if err.filename is not None and str(err.filename).startswith(str(tmp)):
+                inside = Path(err.filename).relative_to(tmp)
+                raise type(err)(err.errno, err.strerror, str(path / inside)) from None
+            raise
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private (0700)
         if path.exists():
             # A crash between the two renames leaves the old folder here, under a name that

@@ -54,8 +54,10 @@ def read_checkpoint(path: str | Path, model: ModelSpec = None) -> Checkpoint:
         if checkpoint is not None:
             path = checkpoint
         elif run.metrics.is_file():
-            raise CheckpointError(f"{path} is a run folder without a checkpoint yet: neither "
-                                  f"{run.best.name} nor {run.last.name} was written")  # fmt: skip
+            raise CheckpointError(
+                f"{path} is a run folder without a checkpoint yet: neither {run.best.name} "
+                f"nor {run.last.name} was written"
+            )
     for fmt in FORMATS:
         if fmt.detect(path):
             return fmt.read(path, model)

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 TEMP_SUFFIX = ".vitkit-tmp"
 _TEMP_NAME = re.compile(r".+\.(\d+)-[a-z0-9_]+" + re.escape(TEMP_SUFFIX))
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
 _STARTED = time.time()  # temporary files last touched before this are not this process's
 
 
@@ -89,6 +90,19 @@ def explain_os_error(err: OSError, path: Path, size: int | None) -> OSError:
     return type(err)(err.errno, reason, str(path))
 
 
+def os_error_in(err: BaseException) -> OSError | None:
+    """The operating system's error behind ``err``: ``err`` itself, or the one a library
+    reports only in its message (safetensors: ``... No space left on device (os error 28)``),
+    so that a full disk reads the same whichever library was writing."""
+    if isinstance(err, OSError):
+        return err
+    match = _OS_ERROR_CODE.search(str(err))
+    if match is None:
+        return None
+    code = int(match[1])
+    return OSError(code, os.strerror(code))
+
+
 def make_parent(path: Path) -> None:
     """Create ``path``'s folder, with one clear error when a file stands in its place, and
     remove the leftovers of killed writes there."""
@@ -116,6 +130,7 @@ def atomic_write(path: Path, write: Callable[[Path], object], size: int | None =
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise explain_os_error(err, path, size) from None
+        os_error = os_error_in(err)
+        if os_error is not None:
+            raise explain_os_error(os_error, path, size) from None
         raise
