@@ -5,6 +5,11 @@ disk, a pre-training run folder given as a checkpoint, and the noise of the ONNX
 from __future__ import annotations
 
 import json
+import logging
+import os
+import subprocess
+import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +18,7 @@ from safetensors import SafetensorError
 
 from vitkit.checkpoints import load_pretrained
 from vitkit.cli import main
+from vitkit.deploy.to_onnx import report_warnings
 from vitkit.models import create_model, pretrained
 from vitkit.models.pretrained import save_pretrained
 
@@ -77,3 +83,38 @@ def test_convert_on_a_full_disk_names_the_file_and_keeps_the_old_one(
     )  # no temporary leftovers
     if existing:  # the old copy is intact
         assert contents(dst) == before
+
+
+def test_onnx_export_prints_no_library_chatter(tmp_path: Path) -> None:
+    pytest.importorskip("onnxscript", reason="the export extra is not installed")
+    pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+    src = tmp_path / "model.safetensors"
+    save_pretrained(create_model("vit_digits"), src)
+    out = tmp_path / "m.onnx"
+    command = [sys.executable, "-m", "vitkit", "export", str(src), str(out), "--to", "onnx"]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ, check=True)
+    output = done.stdout + done.stderr
+    assert "Replaced initializer" not in output and "Warning" not in output, output
+    assert len(output.strip().splitlines()) == 2, output  # "wrote ..." and the check's line
+
+
+def test_a_warning_about_the_model_stays_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    def caught(text: str, category: type[Warning], filename: str) -> warnings.WarningMessage:
+        return warnings.WarningMessage(category(text), category, filename, 1)
+
+    library = "/venv/lib/python3.11/site-packages/onnxscript/optimizer/x.py"
+    mine = "/home/me/model.py"
+    with caplog.at_level(logging.DEBUG, logger="vitkit.deploy.to_onnx"):
+        report_warnings(
+            [
+                caught("about\n  the model", UserWarning, mine),
+                caught("about\n  the model", UserWarning, mine),
+                caught("internal", UserWarning, library),
+                caught("deprecated", FutureWarning, "/usr/lib/python3.11/copyreg.py"),
+            ]
+        )
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "ONNX export: about the model"),
+        (logging.DEBUG, "ONNX export: internal"),
+        (logging.DEBUG, "ONNX export: deprecated"),
+    ]

@@ -8,6 +8,8 @@ ViT-L) with a dynamic batch dimension, and the model's config in its ``metadata_
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,28 @@ logger = logging.getLogger(__name__)
 
 MISSING_RUNTIME = "running an ONNX model needs onnxruntime: pip install 'vitkit[onnx]'"
 MISSING_EXPORTER = "ONNX export needs onnx and onnxscript: pip install 'vitkit[onnx]'"
+# The exporter's own chatter: a line per deduplicated initializer ("Replaced initializer"),
+# per constant it does not fold, per rewrite pass; nothing a user of the file can act on.
+EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "onnx_ir", "onnxscript")
+# Warnings raised from inside these packages, and deprecation notes from anywhere, are about
+# the libraries' internals (tracing details, APIs they call), not about the model.
+DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+EXPORTER_MODULES = re.compile(r"[/\\](torch|onnx|onnx_ir|onnxscript)[/\\]")
+
+
+def report_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """The warnings of an export, each once and on one line: deprecations and those raised
+    inside the exporter (``EXPORTER_MODULES``) at debug level, any other as a warning."""
+    seen: set[str] = set()
+    for warning in caught:
+        text = " ".join(str(warning.message).split())
+        if text in seen:
+            continue
+        seen.add(text)
+        internal = issubclass(warning.category, DEPRECATIONS) or bool(
+            EXPORTER_MODULES.search(warning.filename)
+        )
+        logger.log(logging.DEBUG if internal else logging.WARNING, "ONNX export: %s", text)
 
 
 def export_onnx(
@@ -49,10 +73,12 @@ def export_onnx(
     x = example_input(model, 2 if dynamic_batch else 1)
     dynamic_shapes = {"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None
     kwargs: dict[str, Any] = {} if opset is None else {"opset_version": opset}
-    with torch.no_grad(), quiet("torch.onnx._internal.exporter._registration"):
+    with torch.no_grad(), quiet(*EXPORTER_LOGGERS), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         program = torch.onnx.export(
             model, (x,), dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False, **kwargs
         )
+    report_warnings(caught)
     assert program is not None  # export returns the program when not given a file to write
     program.model.metadata_props[CONFIG_KEY] = config_json(model)
     program.model.metadata_props["vitkit_input"] = INPUT_DESCRIPTION
