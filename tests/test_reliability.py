@@ -21,6 +21,7 @@ from vitkit.cli import main
 from vitkit.deploy.to_onnx import report_warnings
 from vitkit.models import create_model, pretrained
 from vitkit.models.pretrained import save_pretrained
+from vitkit.utils.files import TEMP_SUFFIX
 
 
 def test_finetune_from_a_pretrain_run_folder(
@@ -118,3 +119,41 @@ def test_a_warning_about_the_model_stays_one_line(caplog: pytest.LogCaptureFixtu
         (logging.DEBUG, "ONNX export: internal"),
         (logging.DEBUG, "ONNX export: deprecated"),
     ]
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended."""
+    command = [sys.executable, "-c", "import os; print(os.getpid())"]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return int(done.stdout)
+
+
+def test_pack_again_after_a_killed_pack(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    fresh, out = tmp_path / "fresh", tmp_path / "out"
+    assert main(["data", "pack", "digits", str(fresh), "--shard-size", "50k"]) == 0
+    # what a pack killed while writing its second shard leaves: the first shard, the
+    # second under its temporary name (by a process that is gone), no dataset.json
+    out.mkdir()
+    (out / "train-000000.tar").write_bytes((fresh / "train-000000.tar").read_bytes())
+    temp = out / f"train-000001.tar.{dead_pid()}-k1ll3d{TEMP_SUFFIX}"
+    temp.write_bytes(b"half a shard")
+    os.utime(temp, (0, 0))
+    assert main(["data", "pack", "digits", str(out), "--shard-size", "50k"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in fresh.iterdir())
+    for shard in fresh.iterdir():
+        assert (out / shard.name).read_bytes() == shard.read_bytes()
+
+
+@pytest.mark.parametrize("stranger", ["notes.txt", "dataset.json", "live"])
+def test_pack_still_refuses_a_folder_that_is_not_its_leftovers(
+    tmp_path: Path, capsys: pytest.CaptureFixture, stranger: str
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train-000000.tar").write_bytes(b"a shard")
+    if stranger == "live":  # a pack writing there now
+        stranger = f"train-000001.tar.{os.getpid()}-w0rk1ng{TEMP_SUFFIX}"
+    (out / stranger).write_text("{}")
+    assert main(["data", "pack", "digits", str(out)]) == 2
+    assert "is not an empty folder" in capsys.readouterr().err
+    assert (out / stranger).exists() and (out / "train-000000.tar").exists()

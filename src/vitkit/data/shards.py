@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
+import os
 import random
 import re
 import zlib
@@ -40,13 +42,17 @@ from vitkit.data.base import Batch, EncodedSample, SkipLog, SourceInfo, default_
 from vitkit.data.datasets import epoch_permutation
 from vitkit.data.images import UnreadableImage
 from vitkit.data.streaming import View, load_view, make_loader, sample_rng
-from vitkit.utils.files import atomic_write
+from vitkit.utils.files import TEMP_SUFFIX, atomic_write, is_stale_temp
+
+logger = logging.getLogger(__name__)
 
 INDEX_FILE = "dataset.json"
 FORMAT = "vitkit-shards"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 SHUFFLE_BUFFER = 512  # decoded crops per worker (about 75 MB at 224 px)
 TAR_OVERHEAD = 1536  # bytes a sample adds beside its data: two 512-byte headers and padding
+# What a pack writes: <split>-NNNNNN.tar, first under a temporary name (utils.files)
+_SHARD_NAME = re.compile(r"[a-z]+-\d{6}\.tar(\.\d+-[a-z0-9_]+" + re.escape(TEMP_SUFFIX) + ")?")
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", re.IGNORECASE)
 
 
@@ -78,10 +84,10 @@ def write_shards(
     most ``shard_size`` bytes (a larger single image gets a shard of its own), each written
     under a temporary name and renamed, then ``dataset.json``; returns its content.
     ``progress(n)`` is called after each sample."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(
-            f"{out} exists and is not an empty folder: give a new folder for the shards"
-        )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: give a new folder for the shards")
+    if out.exists():
+        _clear_interrupted_pack(out)
     out.mkdir(parents=True, exist_ok=True)
     index: dict[str, Any] = dict(format=FORMAT, version=1, source=source, classes=classes,
                                  channels=channels, held_out_test=held_out_test, splits={})  # fmt: skip
@@ -98,6 +104,33 @@ def write_shards(
                                       shards=shards)  # fmt: skip
     atomic_write(out / INDEX_FILE, lambda tmp: tmp.write_text(json.dumps(index, indent=1)))
     return index
+
+
+def _clear_interrupted_pack(out: Path) -> None:
+    """Make way in ``out`` for a pack: an empty folder is fine; one holding only what a killed
+    pack leaves (shards, finished or under a temporary name, and no ``dataset.json``, which a
+    pack writes last) is emptied, with a warning; anything else is refused."""
+    entries = list(os.scandir(out))
+    leftovers = [e for e in entries if _is_pack_leftover(e)]
+    if len(leftovers) < len(entries):
+        raise ValueError(
+            f"{out} exists and is not an empty folder: give a new folder for the shards"
+        )
+    if leftovers:
+        logger.warning(
+            "%s: removing %d file(s) left by an interrupted `vitkit data pack`; packing again",
+            out,
+            len(leftovers),
+        )
+    for entry in leftovers:
+        os.unlink(entry.path)
+
+
+def _is_pack_leftover(entry: os.DirEntry) -> bool:
+    """A shard, or the temporary file of one whose writer is gone (not a pack running now)."""
+    if not entry.is_file(follow_symlinks=False) or not _SHARD_NAME.fullmatch(entry.name):
+        return False
+    return not entry.name.endswith(TEMP_SUFFIX) or is_stale_temp(entry)
 
 
 class _Packer:

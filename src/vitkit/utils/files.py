@@ -38,7 +38,7 @@ def temp_name(path: Path) -> str:
     return f"{path.name}.{os.getpid()}-"
 
 
-def _is_stale(entry: os.DirEntry) -> bool:
+def is_stale_temp(entry: os.DirEntry) -> bool:
     """A temporary file or folder whose writer is gone: its process id is not running here
     (or is ours) and it was last modified before this process started, so no write that is
     still going on (here or, on a shared file system, on another machine) can own it."""
@@ -60,7 +60,7 @@ def _is_stale(entry: os.DirEntry) -> bool:
 def remove_stale_temps(folder: Path) -> None:
     """Delete what killed writes left in ``folder``; best effort, never failing a write."""
     try:
-        stale = [e for e in os.scandir(folder) if _is_stale(e)]
+        stale = [e for e in os.scandir(folder) if is_stale_temp(e)]
     except OSError:
         return
     for entry in stale:
