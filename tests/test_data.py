@@ -263,14 +263,15 @@ def test_image_folder_with_split_folders_and_a_corrupt_image(tmp_path: Path) -> 
         UserWarning,
         match=r"skipped 1 unreadable .* of 4: dog/broken\.jpg \(cannot identify image file 'broken",
     ) as caught:
-        train = load_dataset(tmp_path, "train")
+        train = load_dataset(tmp_path, "train", max_unreadable_fraction=0.25)
     assert len(caught) == 1
     assert train.classes == ["cat", "dog"] and train.labels.tolist() == [0, 1, 1]
     assert torch.equal(train.images[0], torch.from_numpy(cat).permute(2, 0, 1))  # PNG: lossless
     assert (train.images[2].float() - 90).abs().max() <= 2  # JPEG: nearly
     assert len(load_dataset(tmp_path, "test")) == 1  # test falls back to val
     with pytest.warns(UserWarning, match="skipped 1 .*broken"):  # the cached copy names it too
-        assert torch.equal(load_dataset(tmp_path, "train").images, train.images)
+        cached = load_dataset(tmp_path, "train", max_unreadable_fraction=0.25)
+        assert torch.equal(cached.images, train.images)
 
 
 def test_image_folder_cache_follows_the_files(tmp_path: Path, private_cache: Path) -> None:
@@ -482,7 +483,7 @@ def test_decompression_bomb_is_skipped_and_named(
     # Pillow refuses images over twice MAX_IMAGE_PIXELS (a warning between one and two times)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)
     with pytest.warns(UserWarning, match=r"skipped 1 .* of 2: b/huge\.png \(.*decompression bomb"):
-        data = load_dataset(tmp_path)
+        data = load_dataset(tmp_path, max_unreadable_fraction=0.5)
     assert len(data) == 1 and data.classes == ["a", "b"]
 
 
@@ -492,8 +493,8 @@ def test_skipped_images_are_named_once_however_often_loaded(tmp_path: Path) -> N
         (tmp_path / "a" / f"bad{i}.png").write_bytes(b"not a png")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")  # Python's own setting for UserWarning
-        load_dataset(tmp_path, "train")
-        load_dataset(tmp_path, "test")  # a single-split folder: the same images again
+        load_dataset(tmp_path, "train", max_unreadable_fraction=1)
+        load_dataset(tmp_path, "test", max_unreadable_fraction=1)  # the same images again
     (warning,) = [str(w.message) for w in caught]
     assert "skipped 5 unreadable or corrupt image(s) of 6: a/bad0.png" in warning
     assert "a/bad2.png" in warning and "a/bad3.png" not in warning

@@ -38,7 +38,9 @@ from vitkit.training import TrainConfig, TrainingInterrupted, train
 from vitkit.training.run import RunFolder
 
 BROKEN_PER_CLASS = 3  # empty, truncated and text-as-.jpg files of make_messy_folder
-STREAMED = DataOptions(in_memory="no", num_workers=0)
+# The messy folder is 6 broken files of 26 (23%): above the default limit of 10%
+MESSY_LIMIT = 0.5
+STREAMED = DataOptions(in_memory="no", num_workers=0, max_unreadable_fraction=MESSY_LIMIT)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,7 +140,7 @@ def id_shards(id_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 def streamed(data: Path | str, split: str = "train", workers: int = 0, size: int = 8,
              **augment: Any) -> Any:  # fmt: skip
-    options = DataOptions("no", workers, AugmentConfig(**augment))
+    options = DataOptions("no", workers, AugmentConfig(**augment), MESSY_LIMIT)
     source = open_source(str(data), split, options)
     source.set_image_size((size, size))
     return source
@@ -233,8 +235,11 @@ def test_small_uniform_folders_stay_in_memory_others_stream(
         assert isinstance(open_splits(str(messy), 0, 0).train, StreamingFolderSource)
         assert "streaming" in caplog.text
     assert isinstance(open_source(str(uniform), "train", DataOptions("no")), StreamingFolderSource)
-    with pytest.warns(UserWarning, match="unreadable"):
-        assert isinstance(open_source(str(messy), "train", DataOptions("yes")), InMemorySource)
+    in_memory = DataOptions("yes", max_unreadable_fraction=MESSY_LIMIT)
+    with pytest.warns(UserWarning, match="resized"), caplog.at_level(logging.WARNING):
+        source = open_source(str(messy), "train", in_memory)
+    assert isinstance(source, InMemorySource) and "skipped cat/empty.jpg" in caplog.text
+    assert source.skipped is not None and len(source.skipped.skipped) == 2 * BROKEN_PER_CLASS
     assert isinstance(open_source("digits", "train", DataOptions("no")), InMemorySource)
     with pytest.raises(ValueError, match="data_in_memory must be one of"):
         TrainConfig(data_in_memory="maybe")
@@ -409,7 +414,7 @@ def test_pack_writes_the_training_samples_in_a_random_order(tmp_path: Path) -> N
 def tiny_config(data: Path, out: Path, **overrides: Any) -> TrainConfig:
     values = dict(data=str(data), model="vit_digits", img_size=16, epochs=1, batch_size=4,
                   lr=1e-3, warmup_epochs=0.5, data_in_memory="no", num_workers=0,
-                  out=str(out), log_every=1)  # fmt: skip
+                  out=str(out), log_every=1, max_unreadable_fraction=MESSY_LIMIT)  # fmt: skip
     return TrainConfig.from_dict({**values, **overrides})
 
 
@@ -502,7 +507,7 @@ def test_two_processes_read_disjoint_parts_of_each_epoch(
     # and a whole run: the broken files of both ranks are counted once
     flags = ["--data", str(messy), "--model", "vit_digits", "--img-size", "16", "--epochs", "1",
              "--batch-size", "4", "--warmup-epochs", "0.5", "--data-in-memory", "no",
-             "--num-workers", "1"]  # fmt: skip
+             "--num-workers", "1", "--max-unreadable-fraction", str(MESSY_LIMIT)]  # fmt: skip
     out = tmp_path / "ddp"
     done = subprocess.run([*torchrun, "-m", "vitkit", "train", *flags, "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip

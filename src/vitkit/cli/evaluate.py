@@ -11,6 +11,7 @@ from typing import Any
 from vitkit.analysis.inputs import locate_checkpoint
 from vitkit.checkpoints import load_pretrained
 from vitkit.data import load_dataset
+from vitkit.data.base import MAX_UNREADABLE_FRACTION
 from vitkit.data.datasets import differing_classes
 from vitkit.data.sources import (
     DataOptions,
@@ -101,7 +102,11 @@ def evaluation_data(data: str, split: str, run_folder: Path | None) -> tuple[Dat
     run_config: dict[str, Any] = {}
     if run_folder is not None and RunLayout(run_folder).config.is_file():
         run_config = json.loads(RunLayout(run_folder).config.read_text())
-    options = DataOptions(run_config.get("data_in_memory", "auto"), run_config.get("num_workers"))
+    options = DataOptions(
+        run_config.get("data_in_memory", "auto"),
+        run_config.get("num_workers"),
+        max_unreadable_fraction=run_config.get("max_unreadable_fraction", MAX_UNREADABLE_FRACTION),
+    )
     if run_config.get("data") == data:
         splits = open_splits(
             data, run_config.get("val_fraction", 0.0), run_config.get("seed", 0), options

@@ -18,6 +18,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 SHOWN_SKIPPED = 3
+# The most of a split that may be unreadable before reading stops with an error: a few broken
+# files in a photo folder are skipped, a folder of broken files (or of something else) is not
+# "trained on" in silence. ``max_unreadable_fraction`` in the config, flags and DataOptions.
+MAX_UNREADABLE_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -79,16 +83,42 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+def check_unreadable(what: str, skipped: list[str], total: int, max_fraction: float) -> None:
+    """ValueError when more than ``max_fraction`` of the ``total`` files (or samples) of
+    ``what`` are unreadable: a count that only grows, so it can be checked as files are
+    skipped, and stops a folder of mostly broken files early."""
+    if total and len(skipped) > max_fraction * total:
+        raise ValueError(
+            f"{what}: {len(skipped)} of its {total} images are unreadable, more than "
+            f"max_unreadable_fraction {max_fraction:g} allows (e.g. "
+            f"{'; '.join(skipped[:SHOWN_SKIPPED])}): check that this is the right data, "
+            "repair or remove the broken files, or raise --max-unreadable-fraction"
+        )
+
+
+def check_fraction(max_fraction: float) -> float:
+    if not 0 <= max_fraction <= 1:
+        raise ValueError(f"max_unreadable_fraction must be in [0, 1], got {max_fraction}")
+    return max_fraction
+
+
 class SkipLog:
-    """The unreadable files (or shards, or samples) a streamed source skipped, by name.
+    """The unreadable files (or shards, or samples) a source skipped, by name.
 
     Decoding happens in loader workers, so the names travel back with each batch and are
     collected here, in the process that runs the loop: the first few are logged by name as
-    they turn up, the count goes into the run's summary (``Splits.report``).
+    they turn up, the count goes into the run's summary and every name into its
+    ``skipped_files.txt`` (``Splits.report``). ``total`` is the number of files the names
+    come from (the split's); once more than ``max_fraction`` of them were skipped, ``add``
+    raises ``check_unreadable``'s ValueError.
     """
 
-    def __init__(self, what: str) -> None:
+    def __init__(
+        self, what: str, total: int = 0, max_fraction: float = MAX_UNREADABLE_FRACTION
+    ) -> None:
         self.what = what  # e.g. "/data/photos": where the skipped things are
+        self.total = total
+        self.max_fraction = check_fraction(max_fraction)
         self.skipped: dict[str, None] = {}  # ordered set of "name (reason)"
 
     def add(self, names: list[str]) -> None:
@@ -101,3 +131,4 @@ class SkipLog:
             elif len(self.skipped) == SHOWN_SKIPPED + 1:
                 logger.warning("%s: skipping more unreadable files; the summary counts them",
                                self.what)  # fmt: skip
+        check_unreadable(self.what, list(self.skipped), self.total, self.max_fraction)

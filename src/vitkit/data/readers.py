@@ -28,6 +28,7 @@ import numpy.typing as npt
 import torch
 from PIL import Image
 
+from vitkit.data.base import MAX_UNREADABLE_FRACTION, SkipLog, check_fraction, check_unreadable
 from vitkit.data.datasets import ImageDataset
 from vitkit.data.images import read_image
 from vitkit.utils.files import atomic_write
@@ -42,7 +43,13 @@ CACHE_FORMAT_VERSION = 3  # 2: names of skipped files; 3: EXIF orientation appli
 SHOWN_SKIPPED = 3
 
 
-def load_dataset(source: str | Path, split: str = "train") -> ImageDataset:
+def load_dataset(
+    source: str | Path,
+    split: str = "train",
+    *,
+    max_unreadable_fraction: float = MAX_UNREADABLE_FRACTION,
+    skipped: SkipLog | None = None,
+) -> ImageDataset:
     """Read ``split`` (train / val / test) of ``source`` into memory.
 
     ``source`` is ``"digits"`` (shipped with vitkit) or a path to:
@@ -56,7 +63,9 @@ def load_dataset(source: str | Path, split: str = "train") -> ImageDataset:
       images as NHWC, NCHW or NHW (grey), and optionally ``classes`` (names).
 
     Unreadable images in a folder (corrupt, or over Pillow's decompression-bomb limit) are
-    skipped with one warning that names the first few and counts them. A folder with images
+    skipped with one warning that names the first few and counts them (or recorded in
+    ``skipped``); more than ``max_unreadable_fraction`` of the split unreadable is a
+    ValueError (``check_unreadable``). A folder with images
     directly in it has no labels: refused here, read by ``read_unlabelled`` for pre-training.
     """
     if split not in SPLITS:
@@ -84,7 +93,7 @@ def load_dataset(source: str | Path, split: str = "train") -> ImageDataset:
             "images serve for pre-training (`vitkit pretrain`); to classify, put each class's "
             f"images in a folder of its own ({path}/<class>/<image>)"
         )
-    return read_image_folder(path, split)
+    return read_image_folder(path, split, max_unreadable_fraction, skipped)
 
 
 def _other_split(path: Path, split: str, available: Callable[[str], bool]) -> str:
@@ -471,11 +480,29 @@ def _decode_folder(listing: FolderListing) -> tuple[np.ndarray, np.ndarray, list
     return images, label_array, classes, skipped
 
 
-def read_image_folder(path: Path, split: str) -> ImageDataset:
+def read_image_folder(
+    path: Path,
+    split: str,
+    max_unreadable_fraction: float = MAX_UNREADABLE_FRACTION,
+    log: SkipLog | None = None,
+) -> ImageDataset:
     listing = list_image_folder(path, split)
     images, labels, classes, skipped = _decode_folder(listing)
-    _warn_skipped(listing.root, skipped, len(labels))
+    _report_skipped(listing, skipped, max_unreadable_fraction, log)
     return ImageDataset(torch.from_numpy(images), torch.from_numpy(labels), classes)
+
+
+def _report_skipped(
+    listing: FolderListing, skipped: list[str], max_fraction: float, log: SkipLog | None
+) -> None:
+    """The policy of ``SkipLog`` for a folder decoded at once: the names into ``log`` (which
+    checks the fraction), or without one a single warning and the fraction checked here."""
+    if log is not None:
+        log.total, log.max_fraction = len(listing.files), check_fraction(max_fraction)
+        log.add(skipped)
+        return
+    check_unreadable(str(listing.root), skipped, len(listing.files), max_fraction)
+    _warn_skipped(listing.root, skipped, len(listing.files) - len(skipped))
 
 
 def _warn_skipped(root: Path, skipped: list[str], read: int) -> None:
@@ -515,14 +542,20 @@ def _list_unlabelled_folder(root: Path) -> FolderListing:
     return FolderListing(root, [], files, [0] * len(files), single_split=True)
 
 
-def read_unlabelled(source: str | Path) -> torch.Tensor | None:
+def read_unlabelled(
+    source: str | Path,
+    max_unreadable_fraction: float = MAX_UNREADABLE_FRACTION,
+    skipped: SkipLog | None = None,
+) -> torch.Tensor | None:
     """The uint8 images (N, C, H, W) of an unlabelled folder (``is_unlabelled_folder``),
-    decoded and cached as labelled folders are; None for any other source."""
+    decoded and cached as labelled folders are, unreadable ones handled as ``load_dataset``
+    does; None for any other source."""
     path = Path(source).expanduser()
     if str(source) == "digits" or not is_unlabelled_folder(path):
         return None
-    images, _, _, skipped = _decode_folder(_list_unlabelled_folder(path))
-    _warn_skipped(path, skipped, len(images))
+    listing = _list_unlabelled_folder(path)
+    images, _, _, unreadable = _decode_folder(listing)
+    _report_skipped(listing, unreadable, max_unreadable_fraction, skipped)
     return torch.from_numpy(images)
 
 

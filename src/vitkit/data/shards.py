@@ -38,7 +38,14 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vitkit.data.augment import AugmentConfig
-from vitkit.data.base import Batch, EncodedSample, SkipLog, SourceInfo, default_workers
+from vitkit.data.base import (
+    MAX_UNREADABLE_FRACTION,
+    Batch,
+    EncodedSample,
+    SkipLog,
+    SourceInfo,
+    default_workers,
+)
 from vitkit.data.datasets import epoch_permutation
 from vitkit.data.images import UnreadableImage
 from vitkit.data.streaming import View, load_view, make_loader, sample_rng
@@ -233,26 +240,39 @@ def read_index(data: str) -> ShardIndex:
 
 
 def _samples(shards: Iterable[Shard], skipped: list[str]) -> Iterator[tuple[str, EncodedSample]]:
-    """(shard:key, sample) of ``shards`` in order; corrupt shards and samples without an
-    image or a label are appended to ``skipped`` by name and left out."""
+    """(shard:key, sample) of ``shards`` in order. Samples without an image or a label are
+    appended to ``skipped`` by name and left out, and so is every sample a truncated or
+    corrupt shard lost: those its index counts beyond the ones read, each by its position
+    (``train-000003.tar: sample 51 of 100 (ReadError: unexpected end of data)``), so that
+    they count against the unreadable fraction as the files of a folder do."""
+    errors: list[str] = []  # of the shard being read
 
     def record(err: Exception) -> bool:
-        skipped.append(f"{' '.join(map(str, err.args))} ({type(err).__name__})")
+        errors.append(f"{type(err).__name__}: {err.args[0] if err.args else err}")
         return True
 
-    urls = ({"url": shard.path} for shard in shards)
-    for sample in wds.tarfile_samples(urls, handler=record):
-        name = f"{Path(sample['__url__']).name}:{sample['__key__']}"
-        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-        try:
-            label = int(sample["cls"])
-        except (KeyError, ValueError):
-            skipped.append(f"{name} (no .cls label)")
-            continue
-        if ext is None:
-            skipped.append(f"{name} (no image)")
-            continue
-        yield name, EncodedSample(ext, sample[ext], label)
+    for shard in shards:
+        errors.clear()
+        read = 0
+        file = Path(shard.path).name
+        for sample in wds.tarfile_samples([{"url": shard.path}], handler=record):
+            read += 1
+            name = f"{file}:{sample['__key__']}"
+            ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+            try:
+                label = int(sample["cls"])
+            except (KeyError, ValueError):
+                skipped.append(f"{name} (no .cls label)")
+                continue
+            if ext is None:
+                skipped.append(f"{name} (no image)")
+                continue
+            yield name, EncodedSample(ext, sample[ext], label)
+        reason = errors[0] if errors else "the shard ends early: truncated"
+        lost = range(read + 1, shard.count + 1)
+        skipped.extend(f"{file}: sample {i} of {shard.count} ({reason})" for i in lost)
+        if errors and not lost:
+            skipped.append(f"{file} ({reason})")
 
 
 @dataclass
@@ -333,14 +353,14 @@ class ShardSource:
     def __init__(
         self, shards: list[Shard], classes: list[str], channels: int, *,
         augment: AugmentConfig | None = None, num_workers: int | None = None,
-        skipped: SkipLog | None = None,
+        skipped: SkipLog | None = None, max_unreadable_fraction: float = MAX_UNREADABLE_FRACTION,
     ) -> None:  # fmt: skip
         self.shards, self.classes, self.channels = shards, classes, channels
         self.augment = augment or AugmentConfig()
         self.num_workers = default_workers() if num_workers is None else num_workers
         self.size: tuple[int, int] | None = None
         folder = str(Path(shards[0].path).parent) if shards else "shards"
-        self.skipped = skipped or SkipLog(folder)
+        self.skipped = skipped or SkipLog(folder, len(self), max_unreadable_fraction)
 
     @property
     def info(self) -> SourceInfo:

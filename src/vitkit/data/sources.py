@@ -23,7 +23,15 @@ import torch.distributed as dist
 from PIL import Image
 
 from vitkit.data.augment import AugmentConfig
-from vitkit.data.base import SHOWN_SKIPPED, Batch, DataSource, EncodedSample, SourceInfo
+from vitkit.data.base import (
+    MAX_UNREADABLE_FRACTION,
+    SHOWN_SKIPPED,
+    Batch,
+    DataSource,
+    EncodedSample,
+    SkipLog,
+    SourceInfo,
+)
 from vitkit.data.datasets import ImageDataset, differing_classes, iterate_batches
 from vitkit.data.images import open_image, upright_size
 from vitkit.data.readers import (
@@ -35,6 +43,7 @@ from vitkit.data.readers import (
 )
 from vitkit.data.shards import ShardSource, is_shards, read_index
 from vitkit.data.streaming import StreamingFolderSource
+from vitkit.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -53,20 +62,26 @@ class DataOptions:
     """How to read data: ``in_memory`` ``auto`` (small uniform sources in memory, other image
     folders streamed), ``yes`` or ``no`` (image folders only: array formats and the digits
     are always in memory, shards always streamed); loader ``num_workers`` per process for
-    streamed data (None: ``min(4, CPUs)``); ``augment`` for the crops of streamed images."""
+    streamed data (None: ``min(4, CPUs)``); ``augment`` for the crops of streamed images;
+    ``max_unreadable_fraction`` of a split that may be skipped as unreadable (``SkipLog``)."""
 
     in_memory: Literal["auto", "yes", "no"] = "auto"
     num_workers: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    max_unreadable_fraction: float = MAX_UNREADABLE_FRACTION
 
 
 class InMemorySource:
     """A ``DataSource`` over an ``ImageDataset`` held in memory; with ``labelled=False`` its
-    labels are hidden (``classes`` and ``Batch.labels`` None), for unlabelled images."""
+    labels are hidden (``classes`` and ``Batch.labels`` None), for unlabelled images;
+    ``skipped`` holds the files the reader could not decode (for ``Splits.report``)."""
 
-    def __init__(self, dataset: ImageDataset, labelled: bool = True) -> None:
+    def __init__(
+        self, dataset: ImageDataset, labelled: bool = True, skipped: SkipLog | None = None
+    ) -> None:
         self.dataset = dataset
         self.labelled = labelled
+        self.skipped = skipped
 
     @property
     def info(self) -> SourceInfo:
@@ -125,19 +140,30 @@ class Splits:
         for source in self.sources():
             source.set_image_size(size)
 
-    def report(self) -> dict[str, Any]:
-        """For ``summary.json``: how many unreadable files (or shards, samples) streamed
-        sources skipped, over every process (a collective under ``torch.distributed``: every
-        rank calls it), and the first few names."""
+    def report(self, listing: Path | None = None, *, final: bool = True) -> dict[str, Any]:
+        """For ``summary.json``: how many unreadable files (or shards, samples) the sources
+        skipped, over every process (a collective under ``torch.distributed``: every rank
+        calls it), and the first few names. ``listing`` (a run's ``skipped_files.txt``) gets
+        every name with its reason, one a line, added to what it listed (a resumed run's
+        earlier part), written atomically; ``final`` logs the count."""
         logs = {id(log): log for s in self.sources() if (log := getattr(s, "skipped", None))}
         names = list(dict.fromkeys(n for log in logs.values() for n in log.skipped))
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list[list[str] | None] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, names)
             names = list(dict.fromkeys(n for part in gathered for n in part or []))
-        if names:
-            logger.warning("skipped %d unreadable file(s) in all: %s", len(names),
-                           "; ".join(names[:SHOWN_SKIPPED]))  # fmt: skip
+        if listing is not None:
+            listed = listing.read_text().splitlines() if listing.is_file() else []
+            names = list(dict.fromkeys(listed + names))
+            if names:
+                text = "".join(name + "\n" for name in names)
+                atomic_write(listing, lambda tmp: tmp.write_text(text))
+        if names and final:
+            where = f"; all listed in {listing}" if listing is not None else ""
+            examples = "; ".join(names[:SHOWN_SKIPPED])
+            logger.warning(
+                "skipped %d unreadable file(s) in all: %s%s", len(names), examples, where
+            )
         return {"skipped_files": len(names), "skipped_examples": names[:SHOWN_SKIPPED]}
 
 
@@ -180,7 +206,9 @@ def open_source(data: str, split: str, options: DataOptions | None = None) -> Da
     """Split ``split`` of ``data``, whole, in memory or streamed (``streams``)."""
     options = options or DataOptions()
     if not streams(data, options):
-        return InMemorySource(load_dataset(data, split))
+        log = SkipLog(data, max_fraction=options.max_unreadable_fraction)
+        dataset = load_dataset(data, split, max_unreadable_fraction=log.max_fraction, skipped=log)
+        return InMemorySource(dataset, skipped=log)
     return _streamed(data, split, options)
 
 
@@ -190,11 +218,20 @@ def _streamed(data: str, split: str, options: DataOptions) -> StreamingFolderSou
         found = split if split in index.splits else {"val": "test", "test": "val"}.get(split)
         if found not in index.splits:
             raise ValueError(f"{data} has no {split!r} split: it has {sorted(index.splits)}")
-        return ShardSource(index.splits[found], index.classes, index.channels,
-                           augment=options.augment, num_workers=options.num_workers)  # fmt: skip
-    listing = list_image_folder(Path(data).expanduser(), split)
-    return StreamingFolderSource(listing, augment=options.augment,
-                                 num_workers=options.num_workers)  # fmt: skip
+        return ShardSource(
+            index.splits[found],
+            index.classes,
+            index.channels,
+            augment=options.augment,
+            num_workers=options.num_workers,
+            max_unreadable_fraction=options.max_unreadable_fraction,
+        )
+    return StreamingFolderSource(
+        list_image_folder(Path(data).expanduser(), split),
+        augment=options.augment,
+        num_workers=options.num_workers,
+        max_unreadable_fraction=options.max_unreadable_fraction,
+    )
 
 
 def open_splits(
@@ -223,10 +260,11 @@ def open_splits(
     decoded into memory and split the same way into sources without labels.
     """
     options = options or DataOptions()
-    unlabelled = read_unlabelled(data)
+    skipped = SkipLog(data, max_fraction=options.max_unreadable_fraction)
+    unlabelled = read_unlabelled(data, skipped.max_fraction, skipped)
     if unlabelled is not None or not streams(data, options):
         logger.info("%s: decoded into memory", data)
-        return _in_memory_splits(data, val_fraction, seed, train_fraction, unlabelled)
+        return _in_memory_splits(data, val_fraction, seed, train_fraction, unlabelled, skipped)
     if is_shards(data):
         if train_fraction < 1.0:
             raise ValueError(f"{data} is a shard dataset: train_fraction needs an image folder or "
@@ -271,10 +309,16 @@ def _class_mismatch(data: str, train: list[str] | None, test: list[str] | None) 
 
 def _in_memory_splits(
     data: str, val_fraction: float, seed: int, train_fraction: float,
-    unlabelled: torch.Tensor | None,
+    unlabelled: torch.Tensor | None, skipped: SkipLog,
 ) -> Splits:  # fmt: skip
+    """``skipped``: the training split's record (the unlabelled folder's, when it is one);
+    a test split read on its own gets one of its own."""
+    test_skipped = skipped
     if unlabelled is None:
-        train, test = load_dataset(data, "train"), load_dataset(data, "test")
+        fraction = skipped.max_fraction
+        test_skipped = SkipLog(data, max_fraction=fraction)
+        train = load_dataset(data, "train", max_unreadable_fraction=fraction, skipped=skipped)
+        test = load_dataset(data, "test", max_unreadable_fraction=fraction, skipped=test_skipped)
     else:
         train = test = as_unlabelled_dataset(unlabelled)
     single_split = same_images(train, test)
@@ -298,8 +342,9 @@ def _in_memory_splits(
         train, val = train.split(val_fraction, seed)
     labelled = unlabelled is None
     return Splits(
-        InMemorySource(train, labelled), InMemorySource(val, labelled) if val else None,
-        InMemorySource(test, labelled), held_out_test=single_split,
+        InMemorySource(train, labelled, skipped),
+        InMemorySource(val, labelled, skipped) if val else None,
+        InMemorySource(test, labelled, test_skipped), held_out_test=single_split,
     )  # fmt: skip
 
 

@@ -32,7 +32,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vitkit.data.augment import AugmentConfig
-from vitkit.data.base import Batch, EncodedSample, SkipLog, SourceInfo, default_workers
+from vitkit.data.base import (
+    MAX_UNREADABLE_FRACTION,
+    Batch,
+    EncodedSample,
+    SkipLog,
+    SourceInfo,
+    default_workers,
+)
 from vitkit.data.datasets import batch_indices, stratified_split
 from vitkit.data.images import UnreadableImage, open_image, upright, upright_size
 from vitkit.data.readers import FolderListing
@@ -171,7 +178,7 @@ class StreamingFolderSource:
     def __init__(
         self, listing: FolderListing, *, augment: AugmentConfig | None = None,
         num_workers: int | None = None, indices: torch.Tensor | None = None,
-        skipped: SkipLog | None = None,
+        skipped: SkipLog | None = None, max_unreadable_fraction: float = MAX_UNREADABLE_FRACTION,
     ) -> None:  # fmt: skip
         self.listing = listing
         all_labels = torch.tensor(listing.labels, dtype=torch.int64)
@@ -182,7 +189,9 @@ class StreamingFolderSource:
         self.augment = augment or AugmentConfig()
         self.num_workers = default_workers() if num_workers is None else num_workers
         self.size: tuple[int, int] | None = None
-        self.skipped = skipped or SkipLog(str(listing.root))
+        # one record for the whole listing, shared by its subsets (the held-out splits)
+        total = len(listing.files)
+        self.skipped = skipped or SkipLog(str(listing.root), total, max_unreadable_fraction)
 
     @property
     def info(self) -> SourceInfo:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vitkit.data import AugmentConfig
+from vitkit.data.base import MAX_UNREADABLE_FRACTION
 from vitkit.data.sources import DataOptions
 from vitkit.models import list_models
 from vitkit.models.mpp import MPP_TARGETS
@@ -67,6 +68,12 @@ class TrainConfig:
         None, "loader worker processes per training process for streamed data (default: "
         "min(4, CPUs); 0 decodes in the training process)",
     )  # fmt: skip
+    max_unreadable_fraction: float = _option(
+        MAX_UNREADABLE_FRACTION,
+        "unreadable (corrupt, empty, truncated) images are skipped and "
+        "listed in the run folder's skipped_files.txt; more than this fraction of a split "
+        "stops the run with an error",
+    )
     img_size: int | None = _option(
         None, "input resolution (default: the model's); fine-tuning higher resizes pos. embeddings"
     )
@@ -201,6 +208,8 @@ class TrainConfig:
         check(self.img_size is None or self.img_size > 0, "img_size must be positive")
         check(self.data_in_memory in IN_MEMORY, f"data_in_memory must be one of {IN_MEMORY}")
         check(self.num_workers is None or self.num_workers >= 0, "num_workers must be >= 0")
+        fraction = self.max_unreadable_fraction
+        check(0.0 <= fraction <= 1.0, "max_unreadable_fraction must be in [0, 1]")
         check(0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)")
         check(0.0 < self.train_fraction <= 1.0, "train_fraction must be in (0, 1]")
         check(self.epochs >= 1, "epochs must be at least 1")
@@ -254,7 +263,8 @@ class TrainConfig:
 
     @property
     def data_options(self) -> DataOptions:
-        return DataOptions(self.data_in_memory, self.num_workers, self.augment)
+        options = (self.data_in_memory, self.num_workers, self.augment)
+        return DataOptions(*options, self.max_unreadable_fraction)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

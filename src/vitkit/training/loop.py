@@ -407,6 +407,7 @@ class Session:
     def checkpoint(self, is_best: bool) -> None:
         state, run = self.state, self.run
         state.wall_seconds = time.perf_counter() - self.started
+        self.splits.report(run.skipped if run.writer else None, final=False)
         if not parallel.sharded(self.net):
             run.save_checkpoint(self.model, self.optimizer, self.scheduler,
                                 dataclasses.asdict(state), is_best,
@@ -456,7 +457,7 @@ class Session:
             run_folder=str(run.path),
             num_parameters=num_parameters(model),
             classes=self.splits.train.info.classes,
-            **self.splits.report(),
+            **self.splits.report(run.skipped if run.writer else None),
         )
         run.write_json(run.summary, summary)
         run.plot_curves()

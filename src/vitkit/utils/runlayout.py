@@ -8,6 +8,7 @@
                        (best.safetensors and, at the end, last.safetensors hold its model whole)
     curves.png         the logged metrics against the step
     summary.json       test results and timing
+    skipped_files.txt  every unreadable file skipped, with its reason (only when there were)
 
 Training writes a run folder and analysis reads one; keeping the names here, below both, lets
 analysis find the files without importing the training code.
@@ -30,6 +31,7 @@ class RunLayout:
         self.sharded_last = self.path / "last.dcp"
         self.curves = self.path / "curves.png"
         self.summary = self.path / "summary.json"
+        self.skipped = self.path / "skipped_files.txt"
 
     def holds_run(self) -> bool:
         """Whether a run was started here (its config is written before anything else)."""
