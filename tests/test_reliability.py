@@ -9,15 +9,19 @@ import logging
 import os
 import subprocess
 import sys
+import tarfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from safetensors import SafetensorError
 
 from vitkit.checkpoints import load_pretrained
 from vitkit.cli import main
+from vitkit.data.sources import DataOptions, open_source, open_splits
 from vitkit.deploy.to_onnx import report_warnings
 from vitkit.models import create_model, pretrained
 from vitkit.models.pretrained import save_pretrained
@@ -157,3 +161,101 @@ def test_pack_still_refuses_a_folder_that_is_not_its_leftovers(
     assert main(["data", "pack", "digits", str(out)]) == 2
     assert "is not an empty folder" in capsys.readouterr().err
     assert (out / stranger).exists() and (out / "train-000000.tar").exists()
+
+
+# ---------------------------------------------------------------- unreadable images
+
+
+def make_folder(
+    root: Path, good: int, broken: int, classes: tuple[str, ...] = ("a", "b")
+) -> set[str]:
+    """``root/<class>/`` with ``good`` 8x8 PNGs and ``broken`` unreadable .png files a class
+    (empty, truncated, text, in turn); returns the broken ones' names (class/file)."""
+    rng = np.random.default_rng(0)
+    names = set()
+    for label in classes:
+        (root / label).mkdir(parents=True)
+        for i in range(good):
+            pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"good{i}.png")
+        png = (root / label / "good0.png").read_bytes()
+        for i in range(broken):
+            content = (b"", png[: len(png) // 2], b"just some text\n")[i % 3]
+            (root / label / f"broken{i}.png").write_bytes(content)
+            names.add(f"{label}/broken{i}.png")
+    return names
+
+
+def run_args(data: Path, out: Path, in_memory: str) -> list[str]:
+    short = ["--epochs", "1", "--batch-size", "4", "--warmup-steps", "1", "--num-workers", "0"]
+    model = ["--model", "vit_digits", "--img-size", "8"]
+    return [
+        "train",
+        "--data",
+        str(data),
+        *model,
+        *short,
+        "--data-in-memory",
+        in_memory,
+        "--out",
+        str(out),
+    ]
+
+
+@pytest.mark.parametrize("in_memory", ["yes", "no"])
+def test_every_unreadable_image_is_listed_in_the_run_folder(tmp_path: Path, in_memory: str) -> None:
+    data = tmp_path / "data"
+    broken = make_folder(data / "train", good=20, broken=2)  # 4 of 44: 9%, under 10%
+    make_folder(data / "test", good=3, broken=0)
+    out = tmp_path / "run"
+    assert main(run_args(data, out, in_memory)) == 0
+    lines = (out / "skipped_files.txt").read_text().splitlines()
+    assert {line.split(" (")[0] for line in lines} == broken  # every one, more than 3
+    assert all(line.endswith(")") and " (" in line for line in lines)  # with its reason
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_files"] == len(broken) == 4
+
+
+@pytest.mark.parametrize("in_memory", ["yes", "no"])
+def test_a_folder_of_mostly_broken_images_stops_with_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture, in_memory: str
+) -> None:
+    data = tmp_path / "data"
+    make_folder(data, good=2, broken=18)
+    assert main(run_args(data, tmp_path / "run", in_memory)) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the first few named
+    assert error.startswith("vitkit train: error: ")
+    assert "unreadable, more than max_unreadable_fraction 0.1 allows" in error
+    # the same policy packing shards; a higher limit lets the readable ones through
+    assert main(["data", "pack", str(data), str(tmp_path / "shards")]) == 2
+    assert "max_unreadable_fraction" in capsys.readouterr().err
+    options = DataOptions(in_memory="no", num_workers=0, max_unreadable_fraction=0.95)
+    splits = open_splits(str(data), 0, 0, options)
+    splits.set_image_size((8, 8))
+    assert sum(len(b.labels) for b in splits.test.eval_batches(4)) <= 4
+
+
+def test_a_truncated_shard_counts_and_lists_its_lost_samples(tmp_path: Path) -> None:
+    make_folder(tmp_path / "data", good=20, broken=0)
+    shards = tmp_path / "shards"
+    assert main(["data", "pack", str(tmp_path / "data"), str(shards), "--shard-size", "8kB"]) == 0
+    index = json.loads((shards / "dataset.json").read_text())
+    entries = index["splits"]["train"]["shards"]
+    assert len(entries) >= 4 and entries[0]["count"] >= 2
+    cut = shards / entries[0]["name"]
+    with tarfile.open(cut) as tar:  # cut inside the header of the middle sample's image
+        middle = tar.getmembers()[2 * (entries[0]["count"] // 2)].offset + 100
+    cut.write_bytes(cut.read_bytes()[:middle])
+    source = open_source(str(shards), "train", DataOptions(num_workers=0))
+    source.set_image_size((8, 8))
+    read = sum(len(b.labels) for b in source.eval_batches(4))
+    lost = [n for n in source.skipped.skipped if n.startswith(entries[0]["name"])]
+    assert 0 < len(lost) < entries[0]["count"]
+    assert read + len(source.skipped.skipped) == index["splits"]["train"]["count"]
+    # most shards cut: the fraction limit stops the reading
+    for entry in entries[1:]:
+        (shards / entry["name"]).write_bytes(b"")
+    source = open_source(str(shards), "train", DataOptions(num_workers=0))
+    source.set_image_size((8, 8))
+    with pytest.raises(ValueError, match=r"unreadable, more than max_unreadable_fraction 0\.1"):
+        sum(len(b.labels) for b in source.eval_batches(4))

@@ -12,6 +12,7 @@ from vitkit.data.base import DataSource
 from vitkit.data.shards import parse_size, write_shards
 from vitkit.data.sources import DataOptions, InMemorySource, open_splits
 from vitkit.data.streaming import StreamingFolderSource
+from vitkit.utils.runlayout import RunLayout
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -70,5 +71,9 @@ def run_pack(args: argparse.Namespace) -> int:
         )  # fmt: skip
     for split, entry in index["splits"].items():
         print(f"{split}: {entry['count']} images in {len(entry['shards'])} shard(s)")
+    listing = RunLayout(args.out).skipped  # beside the shards, named as in a run folder
+    skipped = splits.report(listing)["skipped_files"]
+    if skipped:
+        print(f"left out {skipped} unreadable file(s), each listed in {listing}")
     print(f"wrote {args.out}; train with --data {args.out}")
     return 0

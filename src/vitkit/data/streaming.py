@@ -20,6 +20,7 @@ evaluation it is left out; either way it is counted (``SkipLog``).
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -217,10 +218,19 @@ class StreamingFolderSource:
         self.size = (int(size[0]), int(size[1]))
 
     def encoded_samples(self) -> Iterator[EncodedSample]:
-        """Each file's bytes as they are (no decoding, no re-encoding), with its label."""
+        """Each file's bytes as they are (no decoding, no re-encoding), with its label. A file
+        whose header Pillow cannot read (empty, text, another format) is skipped and counted
+        as training would skip it; one damaged further in is only found when it is decoded."""
         for name, label in zip(self.files, self.labels.tolist(), strict=True):
             path = Path(self.listing.root, name.decode())
-            yield EncodedSample(path.suffix[1:].lower(), path.read_bytes(), label)
+            data = path.read_bytes()
+            try:
+                with open_image(io.BytesIO(data), name.decode()):
+                    pass
+            except UnreadableImage as err:
+                self.skipped.add([f"{name.decode()} ({err.reason})"])
+                continue
+            yield EncodedSample(path.suffix[1:].lower(), data, label)
 
     def _batches(
         self, plan: Iterator[torch.Tensor], view: View, seed: int, epoch: int, train: bool
