@@ -10,8 +10,9 @@ Reading: every process takes its own shards of the epoch's shard permutation (``
 ``epoch``), every loader worker its own shards of those, and samples are shuffled in a buffer
 of decoded crops; images are cropped as streamed folders crop them (``load_view``). A rank
 reads its shards in a cycle until the epoch's batches are done, so ranks with fewer samples
-repeat a few. A shard that is corrupt, a sample without a label or with an undecodable image
-is skipped and counted by name. A resumed run skips the shards its workers had finished; the
+repeat a few. A sample without a label or with an undecodable image is skipped and counted by
+name, and so is each sample a truncated or corrupt shard lost (by its position), against the
+split's ``max_unreadable_fraction`` (``SkipLog``). A resumed run skips the shards its workers had finished; the
 shards in flight are read again from their start, so up to one shard per worker is repeated
 (and the shuffle differs from the uninterrupted run's).
 """
@@ -243,7 +244,7 @@ def _samples(shards: Iterable[Shard], skipped: list[str]) -> Iterator[tuple[str,
     """(shard:key, sample) of ``shards`` in order. Samples without an image or a label are
     appended to ``skipped`` by name and left out, and so is every sample a truncated or
     corrupt shard lost: those its index counts beyond the ones read, each by its position
-    (``train-000003.tar: sample 51 of 100 (ReadError: unexpected end of data)``), so that
+    (``train-000003.tar: sample 51 of 100 (the shard ends early: truncated)``), so that
     they count against the unreadable fraction as the files of a folder do."""
     errors: list[str] = []  # of the shard being read
 
