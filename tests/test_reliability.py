@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 
 from vitkit.checkpoints import load_pretrained
 from vitkit.cli import main
+from vitkit.data import load_dataset
 from vitkit.data.sources import DataOptions, open_source, open_splits
 from vitkit.deploy.to_onnx import report_warnings
 from vitkit.models import create_model, pretrained
@@ -226,9 +227,16 @@ def test_a_folder_of_mostly_broken_images_stops_with_a_clear_error(
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after the first few named
     assert error.startswith("vitkit train: error: ")
     assert "unreadable, more than max_unreadable_fraction 0.1 allows" in error
-    # the same policy packing shards; a higher limit lets the readable ones through
+    # the same policy evaluating, packing shards, and reading for fewshot / probe
+    checkpoint = tmp_path / "model.safetensors"
+    save_pretrained(create_model("vit_digits", num_classes=2, in_chans=3), checkpoint)
+    assert main(["eval", str(checkpoint), "--data", str(data), "--split", "train"]) == 2
     assert main(["data", "pack", str(data), str(tmp_path / "shards")]) == 2
-    assert "max_unreadable_fraction" in capsys.readouterr().err
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(errors) == 2 and all("max_unreadable_fraction 0.1" in e for e in errors)
+    with pytest.raises(ValueError, match="max_unreadable_fraction"):
+        load_dataset(data)
+    # a higher limit lets the readable ones through
     options = DataOptions(in_memory="no", num_workers=0, max_unreadable_fraction=0.95)
     splits = open_splits(str(data), 0, 0, options)
     splits.set_image_size((8, 8))
