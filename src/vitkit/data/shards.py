@@ -40,6 +40,7 @@ from vitkit.data.base import Batch, EncodedSample, SkipLog, SourceInfo, default_
 from vitkit.data.datasets import epoch_permutation
 from vitkit.data.images import UnreadableImage
 from vitkit.data.streaming import View, load_view, make_loader, sample_rng
+from vitkit.models.preprocessing import EvalPreprocessing
 from vitkit.utils.files import atomic_write
 
 INDEX_FILE = "dataset.json"
@@ -306,6 +307,7 @@ class ShardSource:
         self.augment = augment or AugmentConfig()
         self.num_workers = default_workers() if num_workers is None else num_workers
         self.size: tuple[int, int] | None = None
+        self.preprocessing = EvalPreprocessing()
         folder = str(Path(shards[0].path).parent) if shards else "shards"
         self.skipped = skipped or SkipLog(folder)
 
@@ -316,8 +318,11 @@ class ShardSource:
     def __len__(self) -> int:
         return sum(shard.count for shard in self.shards)
 
-    def set_image_size(self, size: tuple[int, int]) -> None:
+    def set_image_size(
+        self, size: tuple[int, int], preprocessing: EvalPreprocessing | None = None
+    ) -> None:
         self.size = (int(size[0]), int(size[1]))
+        self.preprocessing = preprocessing or EvalPreprocessing()
 
     def _read(
         self, shards: list[Shard], batch_size: int, view: View, **stream: Any
@@ -333,7 +338,11 @@ class ShardSource:
     def _view(self, train: bool) -> View:
         if self.size is None:
             raise RuntimeError("set_image_size must be called before reading a streamed source")
-        view = View.training(self.size, self.augment) if train else View(self.size)
+        view = (
+            View.training(self.size, self.augment, self.preprocessing)
+            if train
+            else View(self.size, preprocessing=self.preprocessing)
+        )
         return dataclasses.replace(view, channels=self.channels)
 
     def train_batches(
@@ -359,7 +368,7 @@ class ShardSource:
         batches = self._read(self.shards[rank::world_size], batch_size, self._view(False),
                              seed=0, epoch=0, rank=rank, start=0, train=False)  # fmt: skip
         for images, labels in batches:
-            yield Batch(images, labels)
+            yield Batch(images, labels, cropped=True)  # the evaluation geometry, in the workers
 
     def encoded_samples(self) -> Iterator[EncodedSample]:
         """Every sample's image bytes and label, in order (to pack the shards again)."""
