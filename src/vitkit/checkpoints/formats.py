@@ -23,6 +23,7 @@ from vitkit.checkpoints.core import (
     CheckpointFormat,
     ModelSpec,
     build_model,
+    check_named_model,
 )
 from vitkit.models.pretrained import PretrainedModel
 
@@ -39,13 +40,20 @@ FORMATS: tuple[CheckpointFormat, ...] = (
 
 
 def read_checkpoint(path: str | Path, model: ModelSpec = None) -> Checkpoint:
-    """Recognise the format of ``path`` and read it, without building a model."""
+    """Recognise the format of ``path`` and read it, without building a model.
+
+    ``model`` (a registered name or a config) fills in what the format does not record (the
+    number of heads of a timm state dict, the image size of a fixed position embedding); a
+    *name* that describes another model than the checkpoint's is refused (``--model``)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     for fmt in FORMATS:
         if fmt.detect(path):
-            return fmt.read(path, model)
+            checkpoint = fmt.read(path, model)
+            if isinstance(model, str):
+                check_named_model(path, model, checkpoint.config)
+            return checkpoint
     names = ", ".join(f.name for f in FORMATS)
     raise CheckpointError(f"{path} is not a checkpoint format vitkit knows ({names})")
 

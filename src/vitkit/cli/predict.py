@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Print the top-k class names and probabilities of each image, read and "
         "preprocessed by the model's evaluation preprocessing exactly as `vitkit eval` reads an "
         "image folder (docs/preprocessing.md). A file that cannot be read is reported and "
-        "skipped; the exit status is then 1.",
+        "skipped; the exit status is then 2.",
     )  # fmt: skip
     p.add_argument(
         "checkpoint", help="any checkpoint load_pretrained reads, or a run folder (its best)"
@@ -36,10 +36,11 @@ def run(args: argparse.Namespace) -> int:
         try:
             (top,) = predict(model, path, args.top_k)
         except (FileNotFoundError, ValueError) as err:  # a missing or unreadable file
-            print(f"error: {err}", file=sys.stderr)
+            print(f"vitkit predict: error: {err}", file=sys.stderr)
             failed += 1
             continue
         print(f"{path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in top))
-    if failed:
-        print(f"error: {failed} of {len(args.images)} images could not be read", file=sys.stderr)
-    return 1 if failed else 0
+    if failed and len(args.images) > 1:
+        print(f"vitkit predict: error: {failed} of {len(args.images)} images could not be read",
+              file=sys.stderr)  # fmt: skip
+    return 2 if failed else 0  # bad input, as main's other errors

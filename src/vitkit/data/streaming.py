@@ -125,7 +125,7 @@ def read_eval_image(
     streamed folder's workers make it (``load_view``); ``preprocess(..., prepared=True)``
     scales it. Raises ``FileNotFoundError`` or ``UnreadableImage`` (a ``ValueError``)."""
     view = View((int(size[0]), int(size[1])), preprocessing=preprocessing)
-    return torch.from_numpy(load_view(file, view, sample_rng(0, 0, 0), name)).unsqueeze(0)
+    return torch.from_numpy(load_view(file, view, sample_rng(0, 0, 0), name).copy()).unsqueeze(0)
 
 
 def preprocess_file(path: str | Path, cfg: Any) -> torch.Tensor:
