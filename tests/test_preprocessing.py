@@ -72,6 +72,8 @@ def tiny_model(tmp_path: Path, preprocessing: EvalPreprocessing | None) -> Path:
     if preprocessing is not None:
         extra[RECORD_KEY] = preprocessing.to_dict()
     model = vitkit.create_model("vit_micro", num_classes=len(CLASSES), extra=extra)
+    with torch.no_grad():  # a random head: the zero-initialised one gives every image 1/3
+        model.head.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(0))
     return model.save_pretrained(tmp_path / "model")
 
 
@@ -121,6 +123,7 @@ def test_eval_predictions_agree_with_predict_on_every_photo(
     header = ["path", "true", *(f"{c}{i}" for i in (1, 2, 3) for c in ("pred", "prob"))]
     assert list(rows[0]) == header  # three classes: the top 3
     assert sorted(Path(r["path"]) for r in rows) == sorted(paths)
+    assert len({row["prob1"] for row in rows}) > len(rows) // 2  # it tells them apart
     model = vitkit.load_pretrained(ckpt)
     for row in rows:
         (top,) = predict(model, row["path"], top_k=3)
