@@ -115,8 +115,20 @@ def test_eval_predictions_agree_with_predict_on_every_photo(
     paths = photo_folder(tmp_path / "photos")
     ckpt = tiny_model(tmp_path, preprocessing)
     out = tmp_path / "predictions.csv"
-    code = main(["eval", str(ckpt), "--data", str(tmp_path / "photos"), "--device", "cpu",
-                 "--batch-size", "5", "--predictions", str(out)])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            str(ckpt),
+            "--data",
+            str(tmp_path / "photos"),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "5",
+            "--predictions",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     with out.open() as f:
         rows = list(csv.DictReader(f))
@@ -164,8 +176,21 @@ def test_predictions_of_an_in_memory_source_are_numbered(tmp_path: Path) -> None
     np.savez(tmp_path / "d.npz", images=images, labels=np.arange(7) % 3)
     ckpt = tiny_model(tmp_path, None)
     out = tmp_path / "p.csv"
-    assert main(["eval", str(ckpt), "--data", str(tmp_path / "d.npz"), "--device", "cpu",
-                 "--predictions", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                str(ckpt),
+                "--data",
+                str(tmp_path / "d.npz"),
+                "--device",
+                "cpu",
+                "--predictions",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = list(csv.reader(out.open()))
     assert rows[0][:2] == ["index", "true"]
     assert [r[0] for r in rows[1:]] == [str(i) for i in range(7)]
@@ -201,11 +226,23 @@ def test_a_training_run_records_its_preprocessing_and_eval_reproduces_its_accura
             if path.stem.isdigit():
                 Image.open(path).save(path.with_stem(f"{path.stem}_{extra}"))
     out = tmp_path / "run"
-    summary = train(TrainConfig.from_dict(dict(
-        model="vit_micro", data=str(tmp_path / "photos"), data_in_memory="no", num_workers=0,
-        steps=2, batch_size=4, val_fraction=0.25, out=str(out), device="cpu",
-        augment=dict(random_resized_crop=False), evaluators=["val"],
-    )))  # fmt: skip
+    summary = train(
+        TrainConfig.from_dict(
+            dict(
+                model="vit_micro",
+                data=str(tmp_path / "photos"),
+                data_in_memory="no",
+                num_workers=0,
+                steps=2,
+                batch_size=4,
+                val_fraction=0.25,
+                out=str(out),
+                device="cpu",
+                augment=dict(random_resized_crop=False),
+                evaluators=["val"],
+            )
+        )
+    )
     model = vitkit.load_pretrained(out / "best.safetensors")
     assert model.cfg.extra[RECORD_KEY] == EvalPreprocessing().to_dict()
     from vitkit.cli.evaluate import evaluation_data

@@ -60,9 +60,17 @@ def resolve_spec(spec: ModelSpec) -> Any:
 # size, the classes and the head's representation layer are not among them: a named model is
 # fine-tuned to other values of those.
 SHAPE_FIELDS = (
-    "width", "depth", "num_heads", "mlp_dim", "patch_size", "resnet_layers",
-    "resnet_width_factor", "layers", "width_factor", "stem",
-)  # fmt: skip
+    "width",
+    "depth",
+    "num_heads",
+    "mlp_dim",
+    "patch_size",
+    "resnet_layers",
+    "resnet_width_factor",
+    "layers",
+    "width_factor",
+    "stem",
+)
 
 
 def shape_of(config: Any) -> dict[str, Any]:

@@ -195,10 +195,14 @@ def processor_config(cfg: ViTConfig) -> dict[str, Any] | None:
     p = EvalPreprocessing.of(cfg)
     height, width = cfg.img_size
     common = {
-        "do_resize": True, "resample": BILINEAR, "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": [p.mean] * cfg.in_chans,
+        "do_resize": True,
+        "resample": BILINEAR,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [p.mean] * cfg.in_chans,
         "image_std": [p.std] * cfg.in_chans,
-    }  # fmt: skip
+    }
     if p.resize == "squash":
         return {
             "image_processor_type": "ViTImageProcessor",
@@ -304,9 +308,10 @@ def write(model: VisionTransformer, folder: Path) -> None:
     if processor is None:
         logger.warning(
             "%s: no preprocessor_config.json: no transformers image processor takes the centre "
-            "crop of a %dx%d model; preprocess as docs/preprocessing.md describes", folder,
+            "crop of a %dx%d model; preprocess as docs/preprocessing.md describes",
+            folder,
             *cfg.img_size,
-        )  # fmt: skip
+        )
         return
     text = json.dumps(processor, indent=2)
     atomic_write(folder / PROCESSOR_FILE, lambda tmp: tmp.write_text(text))

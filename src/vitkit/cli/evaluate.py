@@ -58,10 +58,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=512, help="(default: 512)")
     p.add_argument(
-        "--predictions", type=Path, metavar="FILE.csv", help="also write one row per image: "
+        "--predictions",
+        type=Path,
+        metavar="FILE.csv",
+        help="also write one row per image: "
         "its path (index for images without a file), true class and top-5 classes with "
         "probabilities (path,true,pred1,prob1,...,pred5,prob5)",
-    )  # fmt: skip
+    )
     p.set_defaults(func=run)
 
 
@@ -141,9 +144,12 @@ def _is_whole_source(data: str, source: DataSource) -> bool:
 
 
 def write_predictions(
-    path: Path, result: Evaluation, model_classes: list[str], data_classes: list[str],
+    path: Path,
+    result: Evaluation,
+    model_classes: list[str],
+    data_classes: list[str],
     first: str,
-) -> None:  # fmt: skip
+) -> None:
     """``result.predictions`` as a CSV file (atomically): ``first`` (path or index), the true
     class (the data's name), then ``pred1, prob1, ...`` (the model's names)."""
     top_k = max((len(p.top) for p in result.predictions), default=PREDICTIONS_TOP_K)

@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         print(f"{path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in top))
     if failed and len(args.images) > 1:
-        print(f"vitkit predict: error: {failed} of {len(args.images)} images could not be read",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"vitkit predict: error: {failed} of {len(args.images)} images could not be read",
+            file=sys.stderr,
+        )
     return 2 if failed else 0  # bad input, as main's other errors

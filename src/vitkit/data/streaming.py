@@ -59,13 +59,20 @@ class View:
 
     @classmethod
     def training(
-        cls, size: tuple[int, int], augment: AugmentConfig,
+        cls,
+        size: tuple[int, int],
+        augment: AugmentConfig,
         preprocessing: EvalPreprocessing | None = None,
-    ) -> View:  # fmt: skip
+    ) -> View:
         """The training view of ``augment``: its random-resized crop, else the evaluation
         geometry of ``preprocessing``."""
-        return cls(size, augment.random_resized_crop, augment.crop_scale, augment.crop_ratio,
-                   preprocessing=preprocessing or EvalPreprocessing())  # fmt: skip
+        return cls(
+            size,
+            augment.random_resized_crop,
+            augment.crop_scale,
+            augment.crop_ratio,
+            preprocessing=preprocessing or EvalPreprocessing(),
+        )
 
 
 def random_box(
@@ -118,9 +125,11 @@ def load_view(
 
 
 def read_eval_image(
-    file: str | Path | BinaryIO, size: tuple[int, int], preprocessing: EvalPreprocessing,
+    file: str | Path | BinaryIO,
+    size: tuple[int, int],
+    preprocessing: EvalPreprocessing,
     name: str | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """One image file as the uint8 RGB (1, 3, H, W) evaluation input of ``size``, exactly as a
     streamed folder's workers make it (``load_view``); ``preprocess(..., prepared=True)``
     scales it. Raises ``FileNotFoundError`` or ``UnreadableImage`` (a ``ValueError``)."""
@@ -254,8 +263,9 @@ class StreamingFolderSource:
             self.skipped.add(skipped)
             if len(labels):
                 # cropped either way: the training view or the evaluation geometry
-                yield Batch(images, labels, cropped=True,
-                            names=tuple(str(Path(root, n)) for n in names))  # fmt: skip
+                yield Batch(
+                    images, labels, cropped=True, names=tuple(str(Path(root, n)) for n in names)
+                )
 
     def _size(self) -> tuple[int, int]:
         if self.size is None:

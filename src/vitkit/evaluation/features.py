@@ -41,9 +41,13 @@ def extract_features(
     net: Any = model  # any vitkit model: forward_features, forward_head(pre_logits=True)
     # Evaluation mode ignores the labels but builds one-hot targets: one class suffices.
     transform = BatchTransform(
-        cfg.img_size, 1, AugmentConfig(), 0, channels=cfg.in_chans,
+        cfg.img_size,
+        1,
+        AugmentConfig(),
+        0,
+        channels=cfg.in_chans,
         preprocessing=EvalPreprocessing.of(cfg),
-    )  # fmt: skip
+    )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -54,9 +54,13 @@ def eval_transform(model: Classifier, num_classes: int | None = None) -> BatchTr
     the geometry (``prepare_source`` set it)."""
     cfg = model.cfg
     return BatchTransform(
-        cfg.img_size, num_classes or cfg.num_classes or 1, AugmentConfig(), 0,
-        channels=cfg.in_chans, preprocessing=EvalPreprocessing.of(cfg),
-    )  # fmt: skip
+        cfg.img_size,
+        num_classes or cfg.num_classes or 1,
+        AugmentConfig(),
+        0,
+        channels=cfg.in_chans,
+        preprocessing=EvalPreprocessing.of(cfg),
+    )
 
 
 def prepare_source(model: Classifier, source: DataSource) -> None:
@@ -135,9 +139,10 @@ def evaluate(
             names = batch.names or [str(start + i) for i in range(len(labels))]
             predictions += [
                 ImagePrediction(name, int(label), top)
-                for name, label, top in zip(names, batch.labels.tolist(),
-                                            top_classes(logits, top_k), strict=True)
-            ]  # fmt: skip
+                for name, label, top in zip(
+                    names, batch.labels.tolist(), top_classes(logits, top_k), strict=True
+                )
+            ]
         confusion += torch.bincount(
             labels * num_classes + logits.argmax(-1), minlength=num_classes**2
         ).view(num_classes, num_classes)

@@ -132,8 +132,13 @@ class MaskedPatchPredictionTask(Task):
             self.cfg.eval_batch_size, rank=process.rank, world_size=process.world_size
         )
         for batch in batches:
-            inputs = preprocess(batch.images.to(device), cfg.img_size, cfg.in_chans,
-                                EvalPreprocessing.of(cfg), prepared=batch.cropped)  # fmt: skip
+            inputs = preprocess(
+                batch.images.to(device),
+                cfg.img_size,
+                cfg.in_chans,
+                EvalPreprocessing.of(cfg),
+                prepared=batch.cropped,
+            )
             with autocast(device, self.cfg.precision):
                 _, sums, n = wrapper(inputs, generator)
             for name, value in sums.items():
