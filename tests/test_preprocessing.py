@@ -297,3 +297,18 @@ def test_a_model_name_that_contradicts_the_checkpoint_is_refused(
     timm_file = export(micro, tmp_path / "micro.pth", "timm")
     assert vitkit.load_pretrained(timm_file, "vit_micro").cfg.num_heads == micro.cfg.num_heads
     assert class_names(vitkit.load_pretrained(npz)) == ["0", "1", "2"]
+
+
+def test_a_fine_tuned_model_keeps_its_checkpoints_preprocessing(tmp_path: Path) -> None:
+    from vitkit.data.base import SourceInfo
+    from vitkit.training.tasks import build_task
+
+    ckpt = tiny_model(tmp_path, CROP)
+    info = SourceInfo(["a", "b"], 3, 10)
+    fine_tuned = build_task(TrainConfig(init_from=str(ckpt), data="x", model=None)).build_model(
+        info
+    )
+    assert EvalPreprocessing.of(fine_tuned.cfg) == CROP
+    assert fine_tuned.cfg.extra["classes"] == ["a", "b"]
+    new = build_task(TrainConfig(model="vit_micro", data="x")).build_model(info)
+    assert new.cfg.extra[RECORD_KEY] == EvalPreprocessing().to_dict()

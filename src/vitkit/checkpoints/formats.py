@@ -43,17 +43,13 @@ def read_checkpoint(path: str | Path, model: ModelSpec = None) -> Checkpoint:
     """Recognise the format of ``path`` and read it, without building a model.
 
     ``model`` (a registered name or a config) fills in what the format does not record (the
-    number of heads of a timm state dict, the image size of a fixed position embedding); a
-    *name* that describes another model than the checkpoint's is refused (``--model``)."""
+    number of heads of a timm state dict, the image size of a fixed position embedding)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     for fmt in FORMATS:
         if fmt.detect(path):
-            checkpoint = fmt.read(path, model)
-            if isinstance(model, str):
-                check_named_model(path, model, checkpoint.config)
-            return checkpoint
+            return fmt.read(path, model)
     names = ", ".join(f.name for f in FORMATS)
     raise CheckpointError(f"{path} is not a checkpoint format vitkit knows ({names})")
 
@@ -62,13 +58,17 @@ def load_pretrained(path: str | Path, model: ModelSpec = None, **overrides: Any)
     """Load any checkpoint vitkit reads into a model of its registered architecture.
 
     ``model`` names a registered model or passes a config, for formats that do not record
-    the whole architecture. See ``build_model`` for the overrides.
+    the whole architecture; a *name* that describes another model than the checkpoint holds
+    is refused (``check_named_model``), rather than silently ignored. See ``build_model`` for
+    the overrides.
     """
     token = IMG_SIZE_HINT.set(overrides.get("img_size"))
     try:
         checkpoint = read_checkpoint(path, model)
     finally:
         IMG_SIZE_HINT.reset(token)
+    if isinstance(model, str):
+        check_named_model(Path(path), model, checkpoint.config)
     return build_model(checkpoint, **overrides)
 
 
