@@ -290,7 +290,10 @@ def test_a_model_name_that_contradicts_the_checkpoint_is_refused(
     # the fields that differ, on both sides (the widths agree: not shown)
     assert "micro.npz holds a vit_micro-sized model (depth 2, " in err
     assert "but --model says vit_digits (depth 4, " in err
-    for command in (["inspect", str(npz)], ["convert", str(npz), str(tmp_path / "c.npz")]):
+    for command in (
+        ["inspect", str(npz)],
+        ["convert", str(npz), str(tmp_path / "c.npz"), "--to", "official"],
+    ):
         assert main([*command, "--model", "vit_digits"]) == 2
         assert "--model says vit_digits" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"holds a vit_micro-sized model .* says resnetv2_digits"):
