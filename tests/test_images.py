@@ -93,7 +93,7 @@ def inputs_of_predict(model: torch.nn.Module, path: Path) -> torch.Tensor:
     seen = []
     hook = model.register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
     try:
-        predict(model, vitkit.data.load_image(path))
+        predict(model, path)
     finally:
         hook.remove()
     (x,) = seen

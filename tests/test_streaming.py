@@ -33,7 +33,8 @@ from vitkit.data.images import open_image, to_model_input, upright
 from vitkit.data.readers import list_image_folder
 from vitkit.data.shards import ShardSource, parse_size, write_shards
 from vitkit.data.sources import DataOptions, InMemorySource, open_source, open_splits
-from vitkit.data.streaming import StreamingFolderSource, View, centre_box, load_view, random_box
+from vitkit.data.streaming import StreamingFolderSource, View, load_view, random_box
+from vitkit.models.preprocessing import EvalPreprocessing
 from vitkit.training import TrainConfig, TrainingInterrupted, train
 from vitkit.training.run import RunFolder
 
@@ -180,18 +181,21 @@ def test_large_jpegs_decode_at_reduced_size_and_match_a_full_decode(tmp_path: Pa
         assert upright(image, draft=(200, 150)).size == (200, 150)  # Pillow's 1/8 scale
     with open_image(tmp_path / "photo.jpg") as image:
         assert upright(image).size == (1600, 1200)  # no target: full size, as read_image
-    view = View((24, 24))
+    crop = EvalPreprocessing(resize="crop")
+    view = View((24, 24), preprocessing=crop)
     reduced = load_view(tmp_path / "photo.jpg", view, np.random.default_rng(0)).astype(float)
     full = Image.open(tmp_path / "photo.jpg").convert("RGB")
-    left, top, w, h = centre_box(1600, 1200, (24, 24))
+    left, top, w, h = crop.box(1600, 1200, (24, 24))
     reference = np.asarray(full.resize((24, 24), Image.Resampling.BILINEAR,
                                        box=(left, top, left + w, top + h)))  # fmt: skip
     assert np.abs(reduced - reference.transpose(2, 0, 1)).mean() < 3
 
 
-def test_centre_crop_is_timm_crop_pct_0875() -> None:
+def test_centre_crop_is_timm_crop_pct_0875_and_squash_takes_the_whole_image() -> None:
     # shorter side 480 -> 256 for 224 px, the centre 224 crop: 420 px of the original
-    assert centre_box(640, 480, (224, 224)) == pytest.approx((110, 30, 420, 420))
+    crop = EvalPreprocessing(resize="crop")
+    assert crop.box(640, 480, (224, 224)) == pytest.approx((110, 30, 420, 420))
+    assert EvalPreprocessing().box(640, 480, (224, 224)) == (0, 0, 640, 480)
 
 
 def test_random_boxes_keep_the_scale_and_ratio_ranges() -> None:

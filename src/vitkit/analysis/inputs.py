@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitkit.data import load_dataset, load_image, preprocess
+from vitkit.data import EvalPreprocessing, load_dataset, preprocess, preprocess_file
 from vitkit.utils.runlayout import RunLayout
 
 
@@ -91,10 +91,10 @@ def read_run(folder: str | Path) -> RunFiles:
 
 
 def load_images(paths: Sequence[str | Path], cfg: Any) -> Samples:
-    """Image files as the model's inputs, exactly as ``vitkit predict`` makes them: read by
-    ``vitkit.data.read_image`` and preprocessed by ``vitkit.data.preprocess`` for the model
-    config ``cfg`` (its channels and ``img_size``; the aspect ratio is not kept)."""
-    images = [preprocess(load_image(path), cfg.img_size, cfg.in_chans) for path in paths]
+    """Image files as the model's inputs, exactly as ``vitkit predict`` makes them:
+    ``vitkit.data.preprocess_file`` for the model config ``cfg`` (its channels, ``img_size``
+    and evaluation preprocessing)."""
+    images = [preprocess_file(path, cfg) for path in paths]
     return Samples(torch.cat(images), [Path(p).name for p in paths])
 
 
@@ -102,8 +102,8 @@ def sample_dataset(source: str | Path, cfg: Any, count: int) -> Samples:
     """``count`` images of a dataset (its test split, else its train split), classes in turn.
 
     The images are taken in the order: the first of every class, then the second of every
-    class, and so on, so that a few samples already show several classes; they are resized,
-    converted to the model's channels and scaled the way ``vitkit`` evaluates a model.
+    class, and so on, so that a few samples already show several classes; they are
+    preprocessed the way ``vitkit eval`` preprocesses in-memory images for the model.
     """
     try:
         data, split = load_dataset(source, "test"), "test"
@@ -115,7 +115,7 @@ def sample_dataset(source: str | Path, cfg: Any, count: int) -> Samples:
         members = np.flatnonzero(labels == label)
         rank_in_class[members] = np.arange(len(members))
     order = torch.from_numpy(np.lexsort((labels, rank_in_class))[:count])
-    images = preprocess(data.images[order], cfg.img_size, cfg.in_chans)
+    images = preprocess(data.images[order], cfg.img_size, cfg.in_chans, EvalPreprocessing.of(cfg))
     names = [f"{split} #{int(i)}" for i in order]
     return Samples(images, names, data.labels[order], list(data.classes))
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vitkit.models.pretrained import PretrainedModel, Resizable
-from vitkit.models.registry import architecture_of, model_config
+from vitkit.models.registry import architecture_of, list_models, model_config
 
 
 class CheckpointError(ValueError):
@@ -53,6 +53,62 @@ def resolve_spec(spec: ModelSpec) -> Any:
     if spec is not None:
         architecture_of(spec)  # refuse what is not the config of a registered architecture
     return spec
+
+
+# The config fields that fix a model's weight shapes, of any architecture (ViT, its hybrid,
+# ResNet-v2): a checkpoint and a named model disagreeing on one hold different models. The image
+# size, the classes and the head's representation layer are not among them: a named model is
+# fine-tuned to other values of those.
+SHAPE_FIELDS = (
+    "width",
+    "depth",
+    "num_heads",
+    "mlp_dim",
+    "patch_size",
+    "resnet_layers",
+    "resnet_width_factor",
+    "layers",
+    "width_factor",
+    "stem",
+)
+
+
+def shape_of(config: Any) -> dict[str, Any]:
+    names = {f.name for f in fields(config)}
+    return {name: getattr(config, name) for name in SHAPE_FIELDS if name in names}
+
+
+def sized_like(config: Any) -> str:
+    """The registered model whose shape ``config`` has (``"a vit_ti16-sized model"``), or
+    its architecture's name."""
+    shape = shape_of(config)
+    for name in list_models(architecture_of(config).name):
+        if shape_of(model_config(name)) == shape:
+            return f"a {name}-sized model"
+    return f"a {architecture_of(config).name} model"
+
+
+def check_named_model(path: Path, name: str, config: Any) -> None:
+    """Refuse a registered model name that describes another model than the one the
+    checkpoint at ``path`` holds (its ``config``, recorded or read off the weights): the
+    name would be ignored, and the user would run a model they did not ask for."""
+    named = model_config(name)
+    if architecture_of(named) is not architecture_of(config):
+        raise CheckpointError(
+            f"{path.name} holds {sized_like(config)} but --model says {name} (a "
+            f"{architecture_of(named).name}); drop --model or give the matching checkpoint"
+        )
+    held, wanted = shape_of(config), shape_of(named)
+    differing = [key for key in held if held[key] != wanted[key]]
+    if differing:
+
+        def show(shape: dict[str, Any]) -> str:
+            return ", ".join(f"{key} {shape[key]}" for key in differing)
+
+        raise CheckpointError(
+            f"{path.name} holds {sized_like(config)} ({show(held)}) but --model says {name} "
+            f"({show(wanted)}); drop --model or give the matching checkpoint"
+        )
 
 
 def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

@@ -23,6 +23,7 @@ from vitkit.checkpoints.core import (
     CheckpointFormat,
     ModelSpec,
     build_model,
+    check_named_model,
 )
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.utils.runlayout import RunLayout
@@ -44,7 +45,9 @@ def read_checkpoint(path: str | Path, model: ModelSpec = None) -> Checkpoint:
 
     A run folder (``vitkit train`` / ``finetune`` / ``pretrain --out``) stands for its best
     checkpoint, else its last: pre-training and then fine-tuning takes the run folder as it is.
-    """
+
+    ``model`` (a registered name or a config) fills in what the format does not record (the
+    number of heads of a timm state dict, the image size of a fixed position embedding)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -69,13 +72,17 @@ def load_pretrained(path: str | Path, model: ModelSpec = None, **overrides: Any)
     """Load any checkpoint vitkit reads into a model of its registered architecture.
 
     ``model`` names a registered model or passes a config, for formats that do not record
-    the whole architecture. See ``build_model`` for the overrides.
+    the whole architecture; a *name* that describes another model than the checkpoint holds
+    is refused (``check_named_model``), rather than silently ignored. See ``build_model`` for
+    the overrides.
     """
     token = IMG_SIZE_HINT.set(overrides.get("img_size"))
     try:
         checkpoint = read_checkpoint(path, model)
     finally:
         IMG_SIZE_HINT.reset(token)
+    if isinstance(model, str):
+        check_named_model(Path(path), model, checkpoint.config)
     return build_model(checkpoint, **overrides)
 
 

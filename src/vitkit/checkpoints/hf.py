@@ -13,11 +13,19 @@ Hugging Face's ViT always classifies from the [class] token with a learned 1-D p
 embedding and no hybrid stem, and its classifier has no representation layer in front, so
 models outside that are refused on writing. A ``ViTModel`` written without a pooler gets a
 freshly initialised one when transformers loads it (its ``last_hidden_state`` is exact).
+
+``preprocessor_config.json`` carries the model's evaluation preprocessing
+(``EvalPreprocessing``): written as a ``ViTImageProcessor`` for "squash" (resize to
+(H, W), bilinear, rescale 1/255, normalise), as a ``ConvNextImageProcessor`` for "crop"
+(shortest edge to ``size / crop_pct``, centre crop: timm's crop for a square size under 384
+pixels; other crop models get no processor file, with a warning). Read back, a
+``ConvNextImageProcessor`` gives "crop"; any other folder the default, "squash".
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +40,19 @@ from vitkit.checkpoints.core import (
 from vitkit.checkpoints.mapping import FUSED_QKV, Rule, from_vitkit, read_all_keys
 from vitkit.checkpoints.native import load_tensors, save_safetensors
 from vitkit.checkpoints.timm import load_pickle
+from vitkit.models.preprocessing import RECORD_KEY, EvalPreprocessing
 from vitkit.models.vit import GeluKind, VisionTransformer, ViTConfig
 from vitkit.utils.files import atomic_write
 
+logger = logging.getLogger(__name__)
+
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 INDEX_FILE, PICKLE_FILE = "model.safetensors.index.json", "pytorch_model.bin"
+PROCESSOR_FILE = "preprocessor_config.json"
+BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, as transformers' processors record it
+# ConvNextImageProcessor crops (shortest edge to size / crop_pct, centre crop) below this size
+# only; from it on it resizes without cropping.
+CONVNEXT_CROP_LIMIT = 384
 # transformers' ViTConfig defaults, for config files that leave a field out.
 DEFAULTS: dict[str, Any] = dict(
     hidden_size=768,
@@ -173,6 +189,53 @@ def classes_from_hf(hf: dict[str, Any], num_classes: int) -> list[str] | None:
     return [str(n) for n in names]
 
 
+def processor_config(cfg: ViTConfig) -> dict[str, Any] | None:
+    """The transformers image processor that preprocesses as ``cfg``'s ``EvalPreprocessing``,
+    or None where none does (a crop of a non-square or large size)."""
+    p = EvalPreprocessing.of(cfg)
+    height, width = cfg.img_size
+    common = {
+        "do_resize": True,
+        "resample": BILINEAR,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [p.mean] * cfg.in_chans,
+        "image_std": [p.std] * cfg.in_chans,
+    }
+    if p.resize == "squash":
+        return {
+            "image_processor_type": "ViTImageProcessor",
+            "size": {"height": height, "width": width},
+            **common,
+        }
+    if height == width < CONVNEXT_CROP_LIMIT:
+        return {
+            "image_processor_type": "ConvNextImageProcessor",
+            "size": {"shortest_edge": height},
+            "crop_pct": p.crop_pct,
+            **common,
+        }
+    return None
+
+
+def preprocessing_from_hf(folder: Path) -> EvalPreprocessing | None:
+    """The crop a ``ConvNextImageProcessor`` in ``folder`` describes; None (the default) for
+    any other processor or none."""
+    path = folder / PROCESSOR_FILE
+    if not path.is_file():
+        return None
+    processor = read_json(path)
+    if processor.get("image_processor_type") != "ConvNextImageProcessor":
+        return None
+    means, stds = set(processor.get("image_mean", [0.5])), set(processor.get("image_std", [0.5]))
+    if len(means) != 1 or len(stds) != 1:
+        return None  # per-channel statistics: not a contract vitkit applies
+    return EvalPreprocessing(
+        "crop", float(processor.get("crop_pct", 0.875)), mean=means.pop(), std=stds.pop()
+    )
+
+
 def detect(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG_FILE).is_file()
 
@@ -188,13 +251,17 @@ def read(path: Path, spec: ModelSpec) -> Checkpoint:
     prefix = "vit." if any(k.startswith("vit.") for k in sd) else ""
     try:
         cfg = config_from_hf(hf, sd, prefix)
+        preprocessing = preprocessing_from_hf(path)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: {err}") from None
+    if preprocessing is not None:
+        cfg = cfg.replace(extra={**cfg.extra, RECORD_KEY: preprocessing.to_dict()})
     return read_all_keys(hf_rules(cfg, prefix), sd, cfg, str(path), "hf", "Hugging Face")
 
 
 def write(model: VisionTransformer, folder: Path) -> None:
-    """Write ``model`` as a Hugging Face folder (config.json + model.safetensors)."""
+    """Write ``model`` as a Hugging Face folder (config.json + model.safetensors +
+    preprocessor_config.json)."""
     cfg = model.cfg
     problems = []
     if cfg.classifier != "token":
@@ -237,6 +304,17 @@ def write(model: VisionTransformer, folder: Path) -> None:
     sd = from_vitkit(hf_rules(cfg, "vit." if classify else ""), model.state_dict(), cfg)
     save_safetensors(folder / WEIGHTS_FILE, sd, {"format": "pt"})
     atomic_write(folder / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    processor = processor_config(cfg)
+    if processor is None:
+        logger.warning(
+            "%s: no preprocessor_config.json: no transformers image processor takes the centre "
+            "crop of a %dx%d model; preprocess as docs/preprocessing.md describes",
+            folder,
+            *cfg.img_size,
+        )
+        return
+    text = json.dumps(processor, indent=2)
+    atomic_write(folder / PROCESSOR_FILE, lambda tmp: tmp.write_text(text))
 
 
 FORMAT = CheckpointFormat("hf", detect, read)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from vitkit.checkpoints import EXPORT_FORMATS, build_model, export, read_checkpoint
-from vitkit.checkpoints.core import Checkpoint
+from vitkit.checkpoints.core import Checkpoint, check_named_model
 
 SHOWN_DROPPED = 3
 
@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None
     }
     ckpt = read_checkpoint(args.src, args.model)
+    if args.model:
+        check_named_model(Path(args.src), args.model, ckpt.config)
     if ckpt.dropped and dst.exists() and dst.resolve() == Path(args.src).resolve():
         raise ValueError(
             f"{args.src} holds {describe_dropped(ckpt)}, e.g. the optimizer and scheduler state "

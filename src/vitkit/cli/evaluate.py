@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
@@ -24,10 +25,14 @@ from vitkit.data.sources import (
 from vitkit.data.streaming import StreamingFolderSource
 from vitkit.deploy import OnnxClassifier, is_deployed, load_deployed
 from vitkit.models.pretrained import PretrainedModel
-from vitkit.training import evaluate
+from vitkit.training import Evaluation, evaluate
 from vitkit.training.config import DEVICES, PRECISIONS
 from vitkit.training.distributed import choose_device
+from vitkit.training.evaluate import class_names
+from vitkit.utils.files import atomic_write
 from vitkit.utils.runlayout import RunLayout
+
+PREDICTIONS_TOP_K = 5  # classes per image in --predictions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,6 +58,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--precision", choices=PRECISIONS, default="fp32", help="bf16: bfloat16 autocast"
     )
     p.add_argument("--batch-size", type=int, default=512, help="(default: 512)")
+    p.add_argument(
+        "--predictions",
+        type=Path,
+        metavar="FILE.csv",
+        help="also write one row per image: "
+        "its path (index for images without a file), true class and top-5 classes with "
+        "probabilities (path,true,pred1,prob1,...,pred5,prob5)",
+    )
     p.set_defaults(func=run)
 
 
@@ -135,10 +148,32 @@ def _is_whole_source(data: str, source: DataSource) -> bool:
         return False
 
 
+def write_predictions(
+    path: Path,
+    result: Evaluation,
+    model_classes: list[str],
+    data_classes: list[str],
+    first: str,
+) -> None:
+    """``result.predictions`` as a CSV file (atomically): ``first`` (path or index), the true
+    class (the data's name), then ``pred1, prob1, ...`` (the model's names)."""
+    top_k = max((len(p.top) for p in result.predictions), default=PREDICTIONS_TOP_K)
+    header = [first, "true"] + [f"{c}{i}" for i in range(1, top_k + 1) for c in ("pred", "prob")]
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for p in result.predictions:
+                ranked = [v for i, prob in p.top for v in (model_classes[i], f"{prob:.6f}")]
+                writer.writerow([p.name, data_classes[p.label], *ranked])
+
+    atomic_write(path, write)
+
+
 def run(args: argparse.Namespace) -> int:
     model, run_folder = load_for_inference(args)
     source, note = evaluation_data(args.data, args.split, run_folder)
-    source.set_image_size(model.cfg.img_size)
     if note:
         print(note, file=sys.stderr)
     classes = source.info.classes or []
@@ -149,7 +184,11 @@ def run(args: argparse.Namespace) -> int:
             f"warning: {differing_classes(names, classes, 'the model', 'the data')}",
             file=sys.stderr,
         )
-    result = evaluate(model, source, args.batch_size, args.precision)
+    top_k = PREDICTIONS_TOP_K if args.predictions else 0
+    result = evaluate(model, source, args.batch_size, args.precision, top_k=top_k)
+    if args.predictions:
+        first = "path" if isinstance(source, StreamingFolderSource) else "index"
+        write_predictions(args.predictions, result, class_names(model), classes, first)
     print(
         f"{args.checkpoint} on {args.data} ({args.split}): accuracy {result.accuracy:.4f} "
         f"({result.correct}/{result.count}), loss {result.loss:.4f}"

@@ -10,7 +10,7 @@ import torch
 
 from vitkit.analysis.inputs import locate_checkpoint
 from vitkit.checkpoints import CheckpointError, read_checkpoint
-from vitkit.checkpoints.core import check_state_dict
+from vitkit.checkpoints.core import check_named_model, check_state_dict
 from vitkit.models import ViTConfig, architecture_of
 
 SHOWN_DROPPED = 10
@@ -64,7 +64,10 @@ def numerics(cfg: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    ckpt = read_checkpoint(locate_checkpoint(args.checkpoint)[0], args.model)
+    path = locate_checkpoint(args.checkpoint)[0]
+    ckpt = read_checkpoint(path, args.model)
+    if args.model:
+        check_named_model(path, args.model, ckpt.config)
     cfg = ckpt.config
     with torch.device("meta"):
         model = architecture_of(cfg).build(cfg)

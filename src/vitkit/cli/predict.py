@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from vitkit.cli.evaluate import add_inference_flags, load_for_inference
-from vitkit.data import load_image
 from vitkit.training import predict
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "predict", help="top-k classes of images",
-        description="Print the top-k class names and probabilities of each image (read and "
-        "preprocessed exactly as `vitkit analyze --images` does).",
+        description="Print the top-k class names and probabilities of each image, read and "
+        "preprocessed by the model's evaluation preprocessing exactly as `vitkit eval` reads an "
+        "image folder (docs/preprocessing.md). A file that cannot be read is reported and "
+        "skipped; the exit status is then 2.",
     )  # fmt: skip
     p.add_argument(
         "checkpoint", help="any checkpoint load_pretrained reads, or a run folder (its best)"
@@ -29,7 +31,18 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     model, _ = load_for_inference(args)
+    failed = 0
     for path in args.images:
-        (top,) = predict(model, load_image(path), args.top_k)
+        try:
+            (top,) = predict(model, path, args.top_k)
+        except (FileNotFoundError, ValueError) as err:  # a missing or unreadable file
+            print(f"vitkit predict: error: {err}", file=sys.stderr)
+            failed += 1
+            continue
         print(f"{path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in top))
-    return 0
+    if failed and len(args.images) > 1:
+        print(
+            f"vitkit predict: error: {failed} of {len(args.images)} images could not be read",
+            file=sys.stderr,
+        )
+    return 2 if failed else 0  # bad input, as main's other errors

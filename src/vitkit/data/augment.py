@@ -28,6 +28,7 @@ from kornia.augmentation.auto.rand_augment.rand_augment import default_policy
 from torch import nn
 
 from vitkit.data.images import check_batch, match_channels, preprocess, resize, to_model_input
+from vitkit.models.preprocessing import EvalPreprocessing
 
 
 @dataclass
@@ -99,8 +100,9 @@ class BatchTransform(nn.Module):
     mixup / cutmix with label smoothing, as ``augment`` enables them; ``cropped`` images
     (a streamed source crops each one from its original, ``Batch.cropped``) skip the crop,
     not the rest. Evaluation
-    (``train=False``): resize and scale only, one-hot targets. ``channels`` (default: the
-    input's) converts grey to RGB or RGB to grey, for a model with another ``in_chans``.
+    (``train=False``): ``preprocess`` by the evaluation ``preprocessing`` (default: squash to
+    ``img_size``; ``cropped`` images already have its geometry), one-hot targets. ``channels``
+    (default: the input's) converts grey to RGB or RGB to grey, for a model with another ``in_chans``.
     The random state (``state_dict`` saves it) advances once per training batch.
     """
 
@@ -112,8 +114,10 @@ class BatchTransform(nn.Module):
         seed: int,
         *,
         channels: int | None = None,
+        preprocessing: EvalPreprocessing | None = None,
     ) -> None:
         super().__init__()
+        self.preprocessing = preprocessing or EvalPreprocessing()
         self.img_size = (int(img_size[0]), int(img_size[1]))
         self.num_classes = num_classes
         self.augment = augment
@@ -148,7 +152,10 @@ class BatchTransform(nn.Module):
         labels = labels.long().to(images.device)
         if not train:
             targets = F.one_hot(labels, self.num_classes).float()
-            return preprocess(images, self.img_size, self.channels), targets
+            inputs = preprocess(
+                images, self.img_size, self.channels, self.preprocessing, prepared=cropped
+            )
+            return inputs, targets
         images = match_channels(images.float(), self.channels)
         seed = int(torch.randint(2**62, (), generator=self.generator))
         devices = [images.device] if images.device.type == "cuda" else []

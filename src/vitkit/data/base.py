@@ -15,6 +15,8 @@ from typing import Protocol
 
 import torch
 
+from vitkit.models.preprocessing import EvalPreprocessing
+
 logger = logging.getLogger(__name__)
 
 SHOWN_SKIPPED = 3
@@ -28,10 +30,11 @@ MAX_UNREADABLE_FRACTION = 0.1
 class Batch:
     images: torch.Tensor  # uint8 (B, C, H, W)
     labels: torch.Tensor | None  # int64 (B,), None for unlabelled data
-    # The images are already random-resized-cropped to the model's size (a streamed source
-    # crops each image from its original in the loader's workers): the batch transform then
-    # skips its own crop and does the rest (flip, RandAugment, mixup / cutmix).
+    # The images are already at the model's size, cropped from their originals in a streamed
+    # source's workers (training: the random-resized crop; evaluation: the model's
+    # EvalPreprocessing): the batch transform skips its own crop or resize and does the rest.
     cropped: bool = False
+    names: tuple[str, ...] | None = None  # the images' file paths, where the source knows them
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,12 @@ class DataSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def set_image_size(self, size: tuple[int, int]) -> None:
-        """The model's input size, known once the model is built: streamed sources decode
-        and crop to it, in-memory ones ignore it (the batch transform resizes)."""
+    def set_image_size(
+        self, size: tuple[int, int], preprocessing: EvalPreprocessing | None = None
+    ) -> None:
+        """The model's input size and evaluation preprocessing (default
+        ``EvalPreprocessing()``), known once the model is built: streamed sources decode and
+        crop to them, in-memory ones ignore them (the batch transform applies them)."""
         ...
 
     def train_batches(

@@ -1,9 +1,11 @@
-"""The one image-input path: ``read_image`` decodes a file, ``preprocess`` makes model inputs.
+"""Decoding image files (``read_image``) and making model inputs of uint8 tensors
+(``preprocess``).
 
-``vitkit predict``, ``vitkit analyze --images`` and the image-folder reader decode files with
-``read_image``; every evaluation input (``predict``, ``eval``, ``analyze``, and
-``BatchTransform`` outside training) goes through ``preprocess``. So one file gives the same
-model input in every tool, and the class ``analyze`` shows is the one ``predict`` prints.
+``preprocess`` is the one evaluation path for images already in memory: it applies the
+model's ``EvalPreprocessing`` (squash or centre crop, bilinear, value range) in torch. Image
+*files* are decoded straight to the model's size by ``vitkit.data.streaming.load_view`` (so a
+large JPEG decodes at a reduced size), with the same geometry; ``preprocess(prepared=True)``
+then does the rest. Every evaluation tool goes through these two.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from kornia.color import rgb_to_grayscale
 from PIL import Image, ImageOps
+
+from vitkit.models.preprocessing import EvalPreprocessing
 
 # Pillow modes whose pixels are one grey value (with or without alpha); others become RGB.
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
@@ -101,10 +105,13 @@ def load_image(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(pixels.copy()).unsqueeze(0)  # a writable, contiguous copy
 
 
-def to_model_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) (or floats in 0..255) -> float32 in [-1, 1], ``(x - 127.5) / 127.5``
-    as the official code."""
-    return (images.float() - 127.5) / 127.5
+def to_model_input(
+    images: torch.Tensor, preprocessing: EvalPreprocessing | None = None
+) -> torch.Tensor:
+    """uint8 (B, C, H, W) (or floats in 0..255) -> float32 scaled as ``preprocessing`` says;
+    by default [-1, 1], ``(x - 127.5) / 127.5`` as the official code."""
+    p = preprocessing or EvalPreprocessing()
+    return (images.float() - 255.0 * p.mean) / (255.0 * p.std)
 
 
 def check_batch(images: torch.Tensor) -> None:
@@ -133,16 +140,46 @@ def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(images, size, mode="bilinear", antialias=True)
 
 
+def crop_box(images: torch.Tensor, box: tuple[float, float, float, float]) -> torch.Tensor:
+    """The pixels of (B, C, H, W) images inside ``box`` (left, top, width, height), its
+    edges rounded to whole pixels."""
+    left, top, width, height = box
+    x0, y0 = round(left), round(top)
+    x1, y1 = max(round(left + width), x0 + 1), max(round(top + height), y0 + 1)
+    return images[..., y0:y1, x0:x1]
+
+
 def preprocess(
-    images: torch.Tensor, img_size: tuple[int, int], channels: int | None
+    images: torch.Tensor,
+    img_size: tuple[int, int],
+    channels: int | None,
+    preprocessing: EvalPreprocessing | None = None,
+    *,
+    prepared: bool = False,
 ) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> model inputs: ``channels`` channels, ``img_size``, in [-1, 1]."""
+    """uint8 (B, C, H, W) -> model inputs: ``channels`` channels, ``img_size``, scaled, by the
+    evaluation ``preprocessing`` (default: ``EvalPreprocessing()``, squash to ``img_size``).
+
+    ``prepared`` images already have ``preprocessing``'s geometry at ``img_size`` (a streamed
+    source or ``load_view`` made them from the file): only channels and scaling are left.
+    """
     check_batch(images)
-    return to_model_input(resize(match_channels(images.float(), channels), img_size))
+    p = preprocessing or EvalPreprocessing()
+    pixels = match_channels(images.float(), channels)
+    if prepared:
+        if tuple(pixels.shape[-2:]) != tuple(img_size):
+            raise ValueError(
+                f"prepared images are {tuple(pixels.shape[-2:])}, not the model's {tuple(img_size)}"
+            )
+    else:
+        pixels = crop_box(pixels, p.box(pixels.shape[-1], pixels.shape[-2], img_size))
+        pixels = resize(pixels, img_size)
+    return to_model_input(pixels, p)
 
 
 __all__ = [
     "check_batch",
+    "crop_box",
     "load_image",
     "match_channels",
     "preprocess",

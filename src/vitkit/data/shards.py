@@ -50,6 +50,7 @@ from vitkit.data.base import (
 from vitkit.data.datasets import epoch_permutation
 from vitkit.data.images import UnreadableImage
 from vitkit.data.streaming import View, load_view, make_loader, sample_rng
+from vitkit.models.preprocessing import EvalPreprocessing
 from vitkit.utils.files import TEMP_SUFFIX, atomic_write, is_stale_temp
 
 logger = logging.getLogger(__name__)
@@ -360,6 +361,7 @@ class ShardSource:
         self.augment = augment or AugmentConfig()
         self.num_workers = default_workers() if num_workers is None else num_workers
         self.size: tuple[int, int] | None = None
+        self.preprocessing = EvalPreprocessing()
         folder = str(Path(shards[0].path).parent) if shards else "shards"
         self.skipped = skipped or SkipLog(folder, len(self), max_unreadable_fraction)
 
@@ -370,8 +372,11 @@ class ShardSource:
     def __len__(self) -> int:
         return sum(shard.count for shard in self.shards)
 
-    def set_image_size(self, size: tuple[int, int]) -> None:
+    def set_image_size(
+        self, size: tuple[int, int], preprocessing: EvalPreprocessing | None = None
+    ) -> None:
         self.size = (int(size[0]), int(size[1]))
+        self.preprocessing = preprocessing or EvalPreprocessing()
 
     def _read(
         self, shards: list[Shard], batch_size: int, view: View, **stream: Any
@@ -387,7 +392,11 @@ class ShardSource:
     def _view(self, train: bool) -> View:
         if self.size is None:
             raise RuntimeError("set_image_size must be called before reading a streamed source")
-        view = View.training(self.size, self.augment) if train else View(self.size)
+        view = (
+            View.training(self.size, self.augment, self.preprocessing)
+            if train
+            else View(self.size, preprocessing=self.preprocessing)
+        )
         return dataclasses.replace(view, channels=self.channels)
 
     def train_batches(
@@ -413,7 +422,7 @@ class ShardSource:
         batches = self._read(self.shards[rank::world_size], batch_size, self._view(False),
                              seed=0, epoch=0, rank=rank, start=0, train=False)  # fmt: skip
         for images, labels in batches:
-            yield Batch(images, labels)
+            yield Batch(images, labels, cropped=True)  # the evaluation geometry, in the workers
 
     def encoded_samples(self) -> Iterator[EncodedSample]:
         """Every sample's image bytes and label, in order (to pack the shards again)."""

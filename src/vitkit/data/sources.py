@@ -43,6 +43,7 @@ from vitkit.data.readers import (
 )
 from vitkit.data.shards import ShardSource, is_shards, read_index
 from vitkit.data.streaming import StreamingFolderSource
+from vitkit.models.preprocessing import EvalPreprocessing
 from vitkit.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -91,8 +92,10 @@ class InMemorySource:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def set_image_size(self, size: tuple[int, int]) -> None:
-        """Nothing to do: the batch transform resizes the stored images."""
+    def set_image_size(
+        self, size: tuple[int, int], preprocessing: EvalPreprocessing | None = None
+    ) -> None:
+        """Nothing to do: the batch transform resizes (or crops) the stored images."""
 
     def train_batches(
         self, batch_size: int, *, seed: int, epoch: int, start: int = 0, rank: int = 0,
@@ -136,9 +139,11 @@ class Splits:
     def sources(self) -> list[DataSource]:
         return [s for s in (self.train, self.val, self.test) if s is not None]
 
-    def set_image_size(self, size: tuple[int, int]) -> None:
+    def set_image_size(
+        self, size: tuple[int, int], preprocessing: EvalPreprocessing | None = None
+    ) -> None:
         for source in self.sources():
-            source.set_image_size(size)
+            source.set_image_size(size, preprocessing)
 
     def report(self, listing: Path | None = None, *, final: bool = True) -> dict[str, Any]:
         """For ``summary.json``: how many unreadable files (or shards, samples) the sources

@@ -8,8 +8,10 @@ JPEG is much larger than the crop needs (Pillow's draft mode):
 - training: a random-resized crop of the *original* image, with its own aspect ratio (area
   fraction ``crop_scale``, aspect ratio ``crop_ratio``, as Inception and timm), resized to the
   model's size; flip, RandAugment and mixup / cutmix follow on the batch (``BatchTransform``);
-- evaluation: the shorter side resized to ``size / 0.875`` and the centre ``size`` cropped
-  (timm's default ``crop_pct``).
+- evaluation: the model's ``EvalPreprocessing`` (``set_image_size``): by default the whole
+  image resized to the model's size; or the centre crop of ``crop_pct`` of the shorter side.
+  ``vitkit predict`` reads a file with the same function (``load_view``, through
+  ``read_eval_image``), so a file gives the same model input in both.
 
 Every random draw of an image comes from ``(seed, epoch, index)``, so the crops are the same
 whichever worker (or how many) decodes them, and a resumed run sees exactly the images an
@@ -23,7 +25,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -42,10 +44,10 @@ from vitkit.data.base import (
     default_workers,
 )
 from vitkit.data.datasets import batch_indices, stratified_split
-from vitkit.data.images import UnreadableImage, open_image, upright, upright_size
+from vitkit.data.images import UnreadableImage, open_image, preprocess, upright, upright_size
 from vitkit.data.readers import FolderListing
+from vitkit.models.preprocessing import EvalPreprocessing
 
-EVAL_CROP_FRACTION = 0.875  # timm's default crop_pct: resize to size / 0.875, crop the centre
 DRAFT_FACTOR = 2  # decode a JPEG at a reduced size once it is twice as large as needed
 MAX_SUBSTITUTES = 100  # consecutive unreadable files before a training batch gives up
 
@@ -53,19 +55,32 @@ MAX_SUBSTITUTES = 100  # consecutive unreadable files before a training batch gi
 @dataclass(frozen=True)
 class View:
     """How one image becomes a model input: ``size`` (height, width); a random-resized crop
-    with ``scale`` / ``ratio`` when ``random``, else the evaluation centre crop; ``channels``
-    3 (RGB) or 1 (grey)."""
+    with ``scale`` / ``ratio`` when ``random``, else the geometry of ``preprocessing`` (the
+    evaluation contract); ``channels`` 3 (RGB) or 1 (grey)."""
 
     size: tuple[int, int]
     random: bool = False
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     channels: int = 3
+    preprocessing: EvalPreprocessing = field(default_factory=EvalPreprocessing)
 
     @classmethod
-    def training(cls, size: tuple[int, int], augment: AugmentConfig) -> View:
-        """The training view of ``augment``: its random-resized crop, else the centre crop."""
-        return cls(size, augment.random_resized_crop, augment.crop_scale, augment.crop_ratio)
+    def training(
+        cls,
+        size: tuple[int, int],
+        augment: AugmentConfig,
+        preprocessing: EvalPreprocessing | None = None,
+    ) -> View:
+        """The training view of ``augment``: its random-resized crop, else the evaluation
+        geometry of ``preprocessing``."""
+        return cls(
+            size,
+            augment.random_resized_crop,
+            augment.crop_scale,
+            augment.crop_ratio,
+            preprocessing=preprocessing or EvalPreprocessing(),
+        )
 
 
 def random_box(
@@ -91,14 +106,6 @@ def random_box(
     return (width - box_w) / 2, (height - box_h) / 2, box_w, box_h
 
 
-def centre_box(width: int, height: int, size: tuple[int, int]) -> tuple[float, float, float, float]:
-    """The evaluation crop: ``size``'s shape, ``EVAL_CROP_FRACTION`` of the image's shorter
-    extent (for a square ``size``: shorter side to ``size / 0.875``, centre ``size``)."""
-    scale = min(width / size[1], height / size[0]) * EVAL_CROP_FRACTION
-    w, h = size[1] * scale, size[0] * scale
-    return (width - w) / 2, (height - h) / 2, w, h
-
-
 def load_view(
     file: str | Path | BinaryIO, view: View, rng: np.random.Generator, name: str | None = None
 ) -> np.ndarray:
@@ -108,9 +115,10 @@ def load_view(
     height_out, width_out = view.size
     with open_image(file, name) as image:
         width, height = upright_size(image)
-        left, top, w, h = random_box(width, height, view, rng) if view.random else centre_box(
-            width, height, view.size
-        )  # fmt: skip
+        if view.random:
+            left, top, w, h = random_box(width, height, view, rng)
+        else:
+            left, top, w, h = view.preprocessing.box(width, height, view.size)
         factor = min(w / width_out, h / height_out)
         draft = None
         if factor >= DRAFT_FACTOR:
@@ -122,6 +130,28 @@ def load_view(
         if view.channels == 1:
             return np.asarray(crop.convert("L"))[None]
         return np.asarray(crop.convert("RGB")).transpose(2, 0, 1)
+
+
+def read_eval_image(
+    file: str | Path | BinaryIO,
+    size: tuple[int, int],
+    preprocessing: EvalPreprocessing,
+    name: str | None = None,
+) -> torch.Tensor:
+    """One image file as the uint8 RGB (1, 3, H, W) evaluation input of ``size``, exactly as a
+    streamed folder's workers make it (``load_view``); ``preprocess(..., prepared=True)``
+    scales it. Raises ``FileNotFoundError`` or ``UnreadableImage`` (a ``ValueError``)."""
+    view = View((int(size[0]), int(size[1])), preprocessing=preprocessing)
+    return torch.from_numpy(load_view(file, view, sample_rng(0, 0, 0), name).copy()).unsqueeze(0)
+
+
+def preprocess_file(path: str | Path, cfg: Any) -> torch.Tensor:
+    """The model input (1, C, H, W) of one image file for a model with config ``cfg`` (its
+    ``img_size``, ``in_chans`` and recorded ``EvalPreprocessing``): what ``vitkit predict``
+    and a streamed ``vitkit eval`` feed the model for that file."""
+    preprocessing = EvalPreprocessing.of(cfg)
+    pixels = read_eval_image(path, cfg.img_size, preprocessing)
+    return preprocess(pixels, cfg.img_size, cfg.in_chans, preprocessing, prepared=True)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -146,8 +176,10 @@ class FolderBatches:
     epoch: int
     substitute: bool  # training: the next file takes an unreadable one's place
 
-    def __getitem__(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        images, labels, skipped = [], [], []
+    def __getitem__(
+        self, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+        images, labels, names, skipped = [], [], [], []
         for index in indices.tolist():
             for attempt in range(MAX_SUBSTITUTES if self.substitute else 1):
                 chosen = (index + attempt) % len(self.files)
@@ -156,6 +188,7 @@ class FolderBatches:
                     rng = sample_rng(self.seed, self.epoch, chosen)
                     images.append(load_view(f"{self.root}/{name}", self.view, rng, name))
                     labels.append(int(self.labels[chosen]))
+                    names.append(name)
                     break
                 except (UnreadableImage, FileNotFoundError) as err:
                     skipped.append(f"{name} ({getattr(err, 'reason', err)})")
@@ -166,7 +199,7 @@ class FolderBatches:
                         f"({'; '.join(skipped[-3:])}): is this an image folder?"
                     )
         stacked = torch.from_numpy(np.stack(images)) if images else torch.empty(0, 3, *self.view.size, dtype=torch.uint8)  # fmt: skip
-        return stacked, torch.tensor(labels, dtype=torch.int64), skipped
+        return stacked, torch.tensor(labels, dtype=torch.int64), names, skipped
 
 
 class StreamingFolderSource:
@@ -190,6 +223,7 @@ class StreamingFolderSource:
         self.augment = augment or AugmentConfig()
         self.num_workers = default_workers() if num_workers is None else num_workers
         self.size: tuple[int, int] | None = None
+        self.preprocessing = EvalPreprocessing()
         # one record for the whole listing, shared by its subsets (the held-out splits)
         total = len(listing.files)
         self.skipped = skipped or SkipLog(str(listing.root), total, max_unreadable_fraction)
@@ -209,13 +243,19 @@ class StreamingFolderSource:
 
     def subset(self, part: torch.Tensor) -> StreamingFolderSource:
         """The images at positions ``part`` of this source (sharing its skip record)."""
-        return StreamingFolderSource(
+        subset = StreamingFolderSource(
             self.listing, augment=self.augment, num_workers=self.num_workers,
             indices=self.indices[part], skipped=self.skipped,
         )  # fmt: skip
+        if self.size is not None:
+            subset.set_image_size(self.size, self.preprocessing)
+        return subset
 
-    def set_image_size(self, size: tuple[int, int]) -> None:
+    def set_image_size(
+        self, size: tuple[int, int], preprocessing: EvalPreprocessing | None = None
+    ) -> None:
         self.size = (int(size[0]), int(size[1]))
+        self.preprocessing = preprocessing or EvalPreprocessing()
 
     def encoded_samples(self) -> Iterator[EncodedSample]:
         """Each file's bytes as they are (no decoding, no re-encoding), with its label. A file
@@ -237,10 +277,14 @@ class StreamingFolderSource:
     ) -> Iterator[Batch]:
         dataset = FolderBatches(str(self.listing.root), self.files, self.labels, view, seed,
                                 epoch, substitute=train)  # fmt: skip
-        for images, labels, skipped in make_loader(dataset, list(plan), self.num_workers):
+        root = self.listing.root
+        for images, labels, names, skipped in make_loader(dataset, list(plan), self.num_workers):
             self.skipped.add(skipped)
             if len(labels):
-                yield Batch(images, labels, cropped=train)
+                # cropped either way: the training view or the evaluation geometry
+                yield Batch(
+                    images, labels, cropped=True, names=tuple(str(Path(root, n)) for n in names)
+                )
 
     def _size(self) -> tuple[int, int]:
         if self.size is None:
@@ -255,7 +299,7 @@ class StreamingFolderSource:
             len(self), batch_size, shuffle=True, seed=seed, epoch=epoch, rank=rank,
             world_size=world_size, drop_last=True, start=start,
         )  # fmt: skip
-        view = View.training(self._size(), self.augment)
+        view = View.training(self._size(), self.augment, self.preprocessing)
         return self._batches(plan, view, seed, epoch, train=True)
 
     def eval_batches(
@@ -263,4 +307,5 @@ class StreamingFolderSource:
     ) -> Iterator[Batch]:
         mine = torch.arange(rank, len(self), world_size)
         plan = iter(mine.split(batch_size))
-        return self._batches(plan, View(self._size()), 0, 0, train=False)
+        view = View(self._size(), preprocessing=self.preprocessing)
+        return self._batches(plan, view, 0, 0, train=False)

@@ -1,8 +1,10 @@
 """What every exported format records about its model, and reads back.
 
 A deployed file keeps the model's config as JSON (``CONFIG_KEY``) so that whatever runs it knows
-the input it takes (size, channels, [-1, 1] scaling) and the class names, without the checkpoint
-it came from.
+the input it takes (size, channels, its evaluation preprocessing in ``extra["preprocessing"]``)
+and the class names, without the checkpoint it came from. The exported programs take model
+inputs: no format embeds the preprocessing itself; ``vitkit eval`` and ``predict`` apply the
+recorded one, as for a PyTorch model.
 """
 
 from __future__ import annotations
@@ -19,10 +21,15 @@ from typing import Any
 
 import torch
 
+from vitkit.models.preprocessing import EvalPreprocessing
 from vitkit.models.pretrained import PretrainedModel
 
 CONFIG_KEY = "vitkit_config"
-INPUT_DESCRIPTION = "float32 NCHW images scaled to [-1, 1] (2 * pixel / 255 - 1)"
+
+
+def input_description(model: PretrainedModel) -> str:
+    """What the exported program's input is, in words (ONNX's ``vitkit_input``)."""
+    return f"float32 NCHW images: {EvalPreprocessing.of(model.cfg).describe()}"
 
 
 @contextlib.contextmanager

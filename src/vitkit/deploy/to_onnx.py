@@ -18,12 +18,12 @@ from torch import nn
 
 from vitkit.deploy.common import (
     CONFIG_KEY,
-    INPUT_DESCRIPTION,
     DeployedConfig,
     check_input,
     config_json,
     example_input,
     import_optional,
+    input_description,
     quiet,
 )
 from vitkit.models.pretrained import PretrainedModel
@@ -81,7 +81,7 @@ def export_onnx(
     report_warnings(caught)
     assert program is not None  # export returns the program when not given a file to write
     program.model.metadata_props[CONFIG_KEY] = config_json(model)
-    program.model.metadata_props["vitkit_input"] = INPUT_DESCRIPTION
+    program.model.metadata_props["vitkit_input"] = input_description(model)
     # Weights inline: external data would be named after the temporary file and lost on rename.
     atomic_write(path, lambda tmp: program.save(str(tmp), external_data=False))
     logger.info("wrote %s", path)

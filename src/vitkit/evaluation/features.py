@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitkit.data import AugmentConfig, BatchTransform, ImageDataset
+from vitkit.data import AugmentConfig, BatchTransform, EvalPreprocessing, ImageDataset
 
 
 @torch.no_grad()
@@ -40,7 +40,14 @@ def extract_features(
     cfg: Any = model.cfg
     net: Any = model  # any vitkit model: forward_features, forward_head(pre_logits=True)
     # Evaluation mode ignores the labels but builds one-hot targets: one class suffices.
-    transform = BatchTransform(cfg.img_size, 1, AugmentConfig(), 0, channels=cfg.in_chans)
+    transform = BatchTransform(
+        cfg.img_size,
+        1,
+        AugmentConfig(),
+        0,
+        channels=cfg.in_chans,
+        preprocessing=EvalPreprocessing.of(cfg),
+    )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, Self
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.data import AugmentConfig, BatchTransform, ImageDataset, preprocess
+from vitkit.data import (
+    AugmentConfig,
+    BatchTransform,
+    EvalPreprocessing,
+    ImageDataset,
+    preprocess,
+    preprocess_file,
+)
 from vitkit.data.sources import DataSource, as_source
 from vitkit.models.registry import ModelConfig
 from vitkit.training.distributed import Process, all_reduce_sum
@@ -38,17 +46,44 @@ class Classifier(Protocol):
     def train(self, mode: bool = True) -> Self: ...
 
 
-def eval_transform(model: Classifier) -> BatchTransform:
-    """Match the model's channels, resize to its resolution, scale to [-1, 1]: ``preprocess``
-    (the one evaluation input path), with the labels as one-hot targets."""
+def eval_transform(model: Classifier, num_classes: int | None = None) -> BatchTransform:
+    """The model's evaluation preprocessing (``EvalPreprocessing.of(model.cfg)``): match its
+    channels, squash or crop to its resolution, scale: ``preprocess`` (the one evaluation path
+    for tensors), with the labels as one-hot targets of ``num_classes`` (default: the
+    model's). Call it with ``cropped=batch.cropped``: a streamed source's batches already have
+    the geometry (``prepare_source`` set it)."""
     cfg = model.cfg
-    return BatchTransform(cfg.img_size, cfg.num_classes, AugmentConfig(), 0, channels=cfg.in_chans)
+    return BatchTransform(
+        cfg.img_size,
+        num_classes or cfg.num_classes or 1,
+        AugmentConfig(),
+        0,
+        channels=cfg.in_chans,
+        preprocessing=EvalPreprocessing.of(cfg),
+    )
+
+
+def prepare_source(model: Classifier, source: DataSource) -> None:
+    """Tell ``source`` the model's input size and evaluation preprocessing, so that a
+    streamed source crops files in its workers as ``preprocess_file`` does."""
+    source.set_image_size(model.cfg.img_size, EvalPreprocessing.of(model.cfg))
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    """One evaluated image: its file path (or its position in the source, for images without
+    a file), its true label and the top classes (index, probability), most probable first."""
+
+    name: str
+    label: int
+    top: list[tuple[int, float]]
 
 
 @dataclass
 class Evaluation:
     loss: float  # mean cross-entropy
     confusion: torch.Tensor  # (classes, classes) counts, rows = true class, columns = predicted
+    predictions: list[ImagePrediction] = field(default_factory=list)  # with ``top_k``
 
     @property
     def count(self) -> int:
@@ -70,9 +105,12 @@ def evaluate(
     batch_size: int = 512,
     precision: str = "fp32",
     process: Process | None = None,
+    top_k: int = 0,
 ) -> Evaluation:
-    """Every image of ``data`` once; under DDP each process takes its share and the sums are
-    added up, so the result is exact on any number of processes."""
+    """Every image of ``data`` once, preprocessed by the model's ``EvalPreprocessing``; under
+    DDP each process takes its share and the sums are added up, so the result is exact on any
+    number of processes. With ``top_k``, each image's top classes are kept too
+    (``Evaluation.predictions``, this process's images only)."""
     source = as_source(data)
     device = next(model.parameters()).device
     rank, world_size = (process.rank, process.world_size) if process else (0, 1)
@@ -82,18 +120,29 @@ def evaluate(
         raise ValueError(
             f"the data has {len(classes)} classes but the model predicts {num_classes}"
         )
+    prepare_source(model, source)
     transform = eval_transform(model)
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    predictions: list[ImagePrediction] = []
     for batch in source.eval_batches(batch_size, rank=rank, world_size=world_size):
         assert batch.labels is not None
-        x, _ = transform(batch.images.to(device), batch.labels, train=False)
+        x, _ = transform(batch.images.to(device), batch.labels, False, batch.cropped)
         labels = batch.labels.to(device)
         with autocast(device, precision):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+        if top_k:
+            start = len(predictions)
+            names = batch.names or [str(start + i) for i in range(len(labels))]
+            predictions += [
+                ImagePrediction(name, int(label), top)
+                for name, label, top in zip(
+                    names, batch.labels.tolist(), top_classes(logits, top_k), strict=True
+                )
+            ]
         confusion += torch.bincount(
             labels * num_classes + logits.argmax(-1), minlength=num_classes**2
         ).view(num_classes, num_classes)
@@ -102,23 +151,37 @@ def evaluate(
         all_reduce_sum(loss_sum, process)
         all_reduce_sum(confusion, process)
     # Over the images evaluated: a streamed source leaves out files it cannot decode.
-    return Evaluation(float(loss_sum) / max(int(confusion.sum()), 1), confusion.cpu())
+    loss = float(loss_sum) / max(int(confusion.sum()), 1)
+    return Evaluation(loss, confusion.cpu(), predictions)
+
+
+def top_classes(logits: torch.Tensor, top_k: int) -> list[list[tuple[int, float]]]:
+    """Per row of ``logits``: the ``top_k`` (class index, softmax probability), most probable
+    first."""
+    probs = logits.float().softmax(-1)
+    top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+    return [
+        [(int(i), float(p)) for p, i in zip(values, indices, strict=True)]
+        for values, indices in zip(top.values.cpu(), top.indices.cpu(), strict=True)
+    ]
 
 
 @torch.no_grad()
 def predict(
-    model: Classifier, images: torch.Tensor, top_k: int = 5
+    model: Classifier, images: torch.Tensor | str | Path | Sequence[str | Path], top_k: int = 5
 ) -> list[list[tuple[str, float]]]:
-    """Top-``top_k`` (class name, probability) of each uint8 image (B, C, H, W)."""
+    """Top-``top_k`` (class name, probability) of each image: uint8 (B, C, H, W) tensors
+    (``preprocess``), or image files (``preprocess_file``, as a streamed ``vitkit eval`` reads
+    them), by the model's ``EvalPreprocessing``."""
     device = next(model.parameters()).device
-    x = preprocess(images.to(device), model.cfg.img_size, model.cfg.in_chans)
-    probs = model.eval()(x).float().softmax(-1)
+    cfg = model.cfg
+    if isinstance(images, torch.Tensor):
+        x = preprocess(images.to(device), cfg.img_size, cfg.in_chans, EvalPreprocessing.of(cfg))
+    else:
+        paths = [images] if isinstance(images, str | Path) else list(images)
+        x = torch.cat([preprocess_file(path, cfg) for path in paths]).to(device)
     names = class_names(model)
-    top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-    return [
-        [(names[int(i)], float(p)) for p, i in zip(values, indices, strict=True)]
-        for values, indices in zip(top.values, top.indices, strict=True)
-    ]
+    return [[(names[i], p) for i, p in row] for row in top_classes(model.eval()(x), top_k)]
 
 
 def class_names(model: Classifier) -> list[str]:

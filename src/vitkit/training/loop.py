@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from vitkit.data.sources import Batch, DataSource, Splits, open_splits
+from vitkit.models.preprocessing import EvalPreprocessing
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.training import distributed, parallel
 from vitkit.training.config import TrainConfig
@@ -261,7 +262,7 @@ class Session:
         total_steps = cfg.steps or cfg.epochs * steps_per_epoch
         torch.manual_seed(cfg.seed)
         model = task.build_model(splits.train.info).to(process.device)
-        splits.set_image_size(model.cfg.img_size)
+        splits.set_image_size(model.cfg.img_size, EvalPreprocessing.of(model.cfg))
         task.setup(model)
         trainable = task.trainable(model)
         # The main process picks the checkpoint (other nodes may not see its disk) and reads

@@ -24,6 +24,7 @@ from vitkit.data import BatchTransform, preprocess
 from vitkit.data.sources import Batch, DataSource, SourceInfo
 from vitkit.models import architecture_of, create_model, model_config
 from vitkit.models.mpp import MaskedPatchPrediction
+from vitkit.models.preprocessing import EvalPreprocessing
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.models.vit import VisionTransformer, ViTConfig
 from vitkit.training.config import TrainConfig
@@ -131,7 +132,13 @@ class MaskedPatchPredictionTask(Task):
             self.cfg.eval_batch_size, rank=process.rank, world_size=process.world_size
         )
         for batch in batches:
-            inputs = preprocess(batch.images.to(device), cfg.img_size, cfg.in_chans)
+            inputs = preprocess(
+                batch.images.to(device),
+                cfg.img_size,
+                cfg.in_chans,
+                EvalPreprocessing.of(cfg),
+                prepared=batch.cropped,
+            )
             with autocast(device, self.cfg.precision):
                 _, sums, n = wrapper(inputs, generator)
             for name, value in sums.items():

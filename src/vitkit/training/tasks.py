@@ -22,6 +22,7 @@ from vitkit.checkpoints.core import build_model
 from vitkit.data import BatchTransform
 from vitkit.data.sources import Batch, DataSource, SourceInfo
 from vitkit.models import create_model, model_config
+from vitkit.models.preprocessing import RECORD_KEY, EvalPreprocessing
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.training.config import TrainConfig
 from vitkit.training.distributed import Process
@@ -125,8 +126,12 @@ class Classification(Task):
     def build_model(self, info: SourceInfo) -> PretrainedModel:
         cfg = self.cfg
         assert info.classes is not None  # the loop refuses unlabelled data (``needs_labels``)
-        extra = {"classes": info.classes}
+        # The evaluation preprocessing is recorded with the model, so that the validation and
+        # test accuracy of the run is what `vitkit eval` and `predict` later reproduce: a
+        # fine-tuned model keeps its checkpoint's, a new one gets the default.
+        extra: dict[str, Any] = {"classes": info.classes}
         if cfg.init_from is None:
+            extra[RECORD_KEY] = EvalPreprocessing().to_dict()
             assert cfg.model is not None  # TrainConfig checked it names a registered model
             size = {"img_size": cfg.img_size} if cfg.img_size else {}
             config_class = type(model_config(cfg.model))
@@ -138,6 +143,7 @@ class Classification(Task):
                 **size, **regularisation,
             )  # fmt: skip
         checkpoint = read_checkpoint(cfg.init_from, cfg.model)
+        extra[RECORD_KEY] = EvalPreprocessing.of(checkpoint.config).to_dict()
         regularisation = fitted_overrides(
             type(checkpoint.config), dropout=cfg.dropout, drop_path=cfg.drop_path
         )
