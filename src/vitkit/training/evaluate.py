@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.data import AugmentConfig, BatchTransform, ImageDataset, preprocess
+from vitkit.data import ImageDataset, preprocess
 from vitkit.data.sources import DataSource, as_source
+from vitkit.evaluation.features import eval_transform as eval_transform  # its public home was here
+from vitkit.evaluation.features import evaluation_inputs
 from vitkit.models.registry import ModelConfig
 from vitkit.training.distributed import Process, all_reduce_sum
 
@@ -36,13 +38,6 @@ class Classifier(Protocol):
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
     def eval(self) -> Self: ...
     def train(self, mode: bool = True) -> Self: ...
-
-
-def eval_transform(model: Classifier) -> BatchTransform:
-    """Match the model's channels, resize to its resolution, scale to [-1, 1]: ``preprocess``
-    (the one evaluation input path), with the labels as one-hot targets."""
-    cfg = model.cfg
-    return BatchTransform(cfg.img_size, cfg.num_classes, AugmentConfig(), 0, channels=cfg.in_chans)
 
 
 @dataclass
@@ -82,15 +77,15 @@ def evaluate(
         raise ValueError(
             f"the data has {len(classes)} classes but the model predicts {num_classes}"
         )
-    transform = eval_transform(model)
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    for batch in source.eval_batches(batch_size, rank=rank, world_size=world_size):
-        assert batch.labels is not None
-        x, _ = transform(batch.images.to(device), batch.labels, train=False)
-        labels = batch.labels.to(device)
+    for x, batch_labels in evaluation_inputs(
+        model, source, batch_size, rank=rank, world_size=world_size
+    ):
+        assert batch_labels is not None
+        labels = batch_labels.to(device)
         with autocast(device, precision):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
