@@ -20,10 +20,16 @@ from vitkit.cli.evaluate import (
     add_inference_flags,
     channel_note,
     load_for_inference,
-    run_data_options,
     run_splits,
 )
-from vitkit.data.sources import HELD_OUT_TEST, open_splits
+from vitkit.data.sources import (
+    HELD_OUT_TEST,
+    DataOptions,
+    DataSource,
+    InMemorySource,
+    open_splits,
+)
+from vitkit.data.streaming import StreamingFolderSource
 from vitkit.evaluation import fewshot_protocol
 from vitkit.evaluation.features import source_features
 from vitkit.evaluation.fewshot import DEFAULT_L2_REG, DEFAULT_SHOTS
@@ -31,6 +37,7 @@ from vitkit.evaluation.fewshot import DEFAULT_L2_REG, DEFAULT_SHOTS
 # A class needs this many readable images for the held-out split to give it a test image
 # (round(HELD_OUT_TEST * count) >= 1) and keep a training image.
 MIN_HELD_OUT_CLASS = 3
+STREAM_FOLDERS = DataOptions(in_memory="no")
 
 
 def add_feature_flags(parser: argparse.ArgumentParser) -> None:
@@ -77,18 +84,23 @@ def frozen_features(args: argparse.Namespace) -> FrozenFeatures:
     if run is not None:
         splits, seed = run.splits, run.seed
     else:
-        splits, seed = open_splits(args.data, 0.0, args.seed, run_data_options(None)), args.seed
+        # Streamed whatever the folder's size: memory stays bounded, and unreadable files
+        # are skipped and counted (``Splits.report``).
+        splits, seed = open_splits(args.data, 0.0, args.seed, STREAM_FOLDERS), args.seed
     classes = splits.train.info.classes
     if classes is None:
         raise ValueError(f"{args.data} has no labels: fitting a classifier needs class folders")
     note = channel_note(model.cfg.in_chans, splits.train.info.channels)
     if note:
         print(note, file=sys.stderr)
+    listed_train, listed_test = _listed_labels(splits.train), _listed_labels(splits.test)
+    if splits.held_out_test and listed_train is not None and listed_test is not None:
+        _check_held_out(args.data, classes, listed_train, listed_test)  # before any decoding
     test_x, test_y = source_features(model, splits.test, args.batch_size)
     train_x, train_y = source_features(model, splits.train, args.batch_size)
     assert train_y is not None and test_y is not None
     if splits.held_out_test:
-        _check_held_out(args.data, classes, train_y, test_y)
+        _check_held_out(args.data, classes, train_y, test_y)  # what was readable
     skipped = splits.report()["skipped_files"]
     report: dict[str, Any] = {
         "held_out_test": splits.held_out_test,
@@ -112,6 +124,13 @@ def frozen_features(args: argparse.Namespace) -> FrozenFeatures:
     if skipped:
         notes.append(f"skipped {skipped} unreadable file(s)")
     return FrozenFeatures(train_x, train_y, test_x, test_y, report, notes)
+
+
+def _listed_labels(source: DataSource) -> torch.Tensor | None:
+    """The labels a source knows without decoding: in memory, or a folder's listing."""
+    if isinstance(source, InMemorySource):
+        return source.dataset.labels
+    return source.labels if isinstance(source, StreamingFolderSource) else None
 
 
 def _check_held_out(
