@@ -290,6 +290,26 @@ def test_samples_take_classes_in_turn_as_the_model_sees_them() -> None:
     assert torch.equal(rgb.images[:, 0], rgb.images[:, 2])
 
 
+def test_samples_of_shards_and_photo_folders_are_streamed(tmp_path: Path) -> None:
+    """Shards (which ``load_dataset`` refuses) and a folder of differently sized photos with
+    an unreadable file are read batch by batch, classes in turn, at the model's size."""
+    assert main(["data", "pack", "digits", str(tmp_path / "shards")]) == 0
+    cfg = create_model("vit_digits").cfg
+    shards = sample_dataset(str(tmp_path / "shards"), cfg, 12)
+    assert shards.labels is not None and shards.labels.tolist() == [*range(10), 0, 1]
+    assert shards.images.shape == (12, 1, 8, 8)
+    for label, size in enumerate([(300, 200), (120, 160)]):
+        (tmp_path / "photos" / f"c{label}").mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", size, color=(90 * label, 40 * i, 0)).save(
+                tmp_path / "photos" / f"c{label}" / f"{i}.jpg"
+            )
+    (tmp_path / "photos" / "c0" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    photos = sample_dataset(str(tmp_path / "photos"), cfg, 3)
+    assert photos.labels is not None and photos.labels.tolist() == [0, 1, 0]
+    assert photos.classes == ["c0", "c1"] and photos.images.shape == (3, 1, 8, 8)
+
+
 def test_analyze_cli_on_a_checkpoint_with_image_files(tmp_path: Path, capsys) -> None:
     model = create_model("vit_micro", num_classes=0, classifier="gap", pos_embed="relative")
     checkpoint = model.save_pretrained(tmp_path / "model")

@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from vitkit.data import EvalPreprocessing, load_dataset, preprocess, preprocess_file
+from vitkit.data import EvalPreprocessing, preprocess, preprocess_file
+from vitkit.data.sources import DataOptions, open_source
 from vitkit.utils.runlayout import RunLayout
+
+STREAMED = DataOptions(in_memory="no")  # image folders: never decoded whole
+SAMPLE_BATCH = 64
 
 
 @dataclass
@@ -102,22 +105,39 @@ def sample_dataset(source: str | Path, cfg: Any, count: int) -> Samples:
     """``count`` images of a dataset (its test split, else its train split), classes in turn.
 
     The images are taken in the order: the first of every class, then the second of every
-    class, and so on, so that a few samples already show several classes; they are
-    preprocessed the way ``vitkit eval`` preprocesses in-memory images for the model.
+    class, and so on, so that a few samples already show several classes; they are resized,
+    converted to the model's channels and scaled the way ``vitkit`` evaluates a model. Image
+    folders and shards are streamed (decoded at the model's size, unreadable files skipped)
+    until every class has ``count`` images, so a folder of large photos is never held whole.
     """
     try:
-        data, split = load_dataset(source, "test"), "test"
+        data, split = open_source(str(source), "test", STREAMED), "test"
     except ValueError:
-        data, split = load_dataset(source, "train"), "train"
-    labels = data.labels.numpy()
-    rank_in_class = np.empty(len(labels), dtype=np.int64)
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        rank_in_class[members] = np.arange(len(members))
-    order = torch.from_numpy(np.lexsort((labels, rank_in_class))[:count])
-    images = preprocess(data.images[order], cfg.img_size, cfg.in_chans, EvalPreprocessing.of(cfg))
-    names = [f"{split} #{int(i)}" for i in order]
-    return Samples(images, names, data.labels[order], list(data.classes))
+        data, split = open_source(str(source), "train", STREAMED), "train"
+    preprocessing = EvalPreprocessing.of(cfg)
+    data.set_image_size(cfg.img_size, preprocessing)
+    classes = data.info.classes
+    kept: dict[int, list[tuple[int, torch.Tensor]]] = {}  # label -> (position, image)
+    position, prepared = 0, False
+    for batch in data.eval_batches(SAMPLE_BATCH):
+        prepared = batch.cropped  # a streamed source applied the geometry in its workers
+        labels = batch.labels if batch.labels is not None else torch.zeros(len(batch.images))
+        for image, label in zip(batch.images, labels.long().tolist(), strict=True):
+            if len(members := kept.setdefault(label, [])) < count:
+                members.append((position, image))
+            position += 1
+        if len(kept) == len(classes or [0]) and all(len(m) >= count for m in kept.values()):
+            break
+    chosen = sorted(
+        (rank, label, position, image)
+        for label, members in kept.items()
+        for rank, (position, image) in enumerate(members)
+    )[:count]
+    images = torch.stack([c[3] for c in chosen])
+    images = preprocess(images, cfg.img_size, cfg.in_chans, preprocessing, prepared=prepared)
+    names = [f"{split} #{c[2]}" for c in chosen]
+    labels_kept = torch.tensor([c[1] for c in chosen]) if classes is not None else None
+    return Samples(images, names, labels_kept, classes)
 
 
 __all__ = [

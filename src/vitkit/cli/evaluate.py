@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from vitkit.data.sources import (
     DataOptions,
     DataSource,
     InMemorySource,
+    Splits,
     open_source,
     open_splits,
     same_images,
@@ -105,6 +107,41 @@ def load_for_inference(
     return model.to(choose_device(args.device)), run_folder
 
 
+@dataclass
+class RunSplits:
+    splits: Splits
+    seed: int  # the run's: which images it held out
+
+
+def run_config(run_folder: Path | None) -> dict[str, Any]:
+    """The training config of a run folder ({} for none, or a run without config.json)."""
+    if run_folder is not None and RunLayout(run_folder).config.is_file():
+        return dict(json.loads(RunLayout(run_folder).config.read_text()))
+    return {}
+
+
+def run_data_options(run_folder: Path | None) -> DataOptions:
+    """How the run read its data (in memory or streamed, loader workers); defaults without."""
+    config = run_config(run_folder)
+    return DataOptions(
+        config.get("data_in_memory", "auto"),
+        config.get("num_workers"),
+        max_unreadable_fraction=config.get("max_unreadable_fraction", MAX_UNREADABLE_FRACTION),
+    )
+
+
+def run_splits(data: str, run_folder: Path | None) -> RunSplits | None:
+    """The run's own train / validation / test sources when ``data`` is the data it trained
+    on (``open_splits`` with its seed and validation fraction: a single-split source gives
+    the very images the run held out as its test split); None otherwise."""
+    config = run_config(run_folder)
+    if config.get("data") != data:
+        return None
+    seed = int(config.get("seed", 0))
+    options = run_data_options(run_folder)
+    return RunSplits(open_splits(data, config.get("val_fraction", 0.0), seed, options), seed)
+
+
 def evaluation_data(data: str, split: str, run_folder: Path | None) -> tuple[DataSource, str]:
     """The images to evaluate on, and a note when they are not a clean test split.
 
@@ -112,21 +149,12 @@ def evaluation_data(data: str, split: str, run_folder: Path | None) -> tuple[Dat
     fraction, from the run folder's config.json), so "test" means the run's held-out images;
     without a run folder it is evaluated whole, and the note says so.
     """
-    run_config: dict[str, Any] = {}
-    if run_folder is not None and RunLayout(run_folder).config.is_file():
-        run_config = json.loads(RunLayout(run_folder).config.read_text())
-    options = DataOptions(
-        run_config.get("data_in_memory", "auto"),
-        run_config.get("num_workers"),
-        max_unreadable_fraction=run_config.get("max_unreadable_fraction", MAX_UNREADABLE_FRACTION),
-    )
-    if run_config.get("data") == data:
-        splits = open_splits(
-            data, run_config.get("val_fraction", 0.0), run_config.get("seed", 0), options
-        )
+    run = run_splits(data, run_folder)
+    if run is not None:
+        splits = run.splits
         chosen = {"train": splits.train, "val": splits.val or splits.test, "test": splits.test}
         return chosen[split], ""
-    source = open_source(data, split, options)
+    source = open_source(data, split, run_data_options(run_folder))
     if split != "train" and _is_whole_source(data, source):
         return source, (
             f"note: {data} has no separate {split} split and {Path(str(data)).name} is not "
@@ -134,6 +162,18 @@ def evaluation_data(data: str, split: str, run_folder: Path | None) -> tuple[Dat
             f"{len(source)} images, training images included"
         )
     return source, ""
+
+
+def channel_note(model_channels: int, data_channels: int) -> str:
+    """The line that says images are converted to the model's channels ('' when they match):
+    evaluation converts (``preprocess``), as it resizes, rather than refuse."""
+    if model_channels == data_channels:
+        return ""
+    names = {1: "grey", 3: "RGB"}
+    return (
+        f"note: the model takes {model_channels} channel(s) and the data has {data_channels}: "
+        f"converting the images to {names.get(model_channels, f'{model_channels} channels')}"
+    )
 
 
 def _is_whole_source(data: str, source: DataSource) -> bool:
@@ -174,8 +214,9 @@ def write_predictions(
 def run(args: argparse.Namespace) -> int:
     model, run_folder = load_for_inference(args)
     source, note = evaluation_data(args.data, args.split, run_folder)
-    if note:
-        print(note, file=sys.stderr)
+    for line in (note, channel_note(model.cfg.in_chans, source.info.channels)):
+        if line:
+            print(line, file=sys.stderr)
     classes = source.info.classes or []
     names = model.cfg.extra.get("classes")
     if isinstance(names, list) and [str(n) for n in names] != classes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 
 from vitkit.cli.fewshot import add_feature_flags, frozen_features
 from vitkit.evaluation import knn_classifier, linear_probe
@@ -16,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "probe",
         help="linear probe (logistic regression) or k-NN on frozen features",
         description="Fit on the frozen pre-logits features of the train split, report the "
-        "accuracy on the test split. linear: logistic regression on standardised features, "
+        "accuracy on the test split (data with one split: on 20% held out of it). linear: logistic regression on standardised features, "
         "full-batch L-BFGS to convergence. knn: cosine similarity, the k nearest vote.",
     )
     add_feature_flags(p)
@@ -40,26 +41,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    train_x, train_y, test_x, test_y = frozen_features(args)
+    features = frozen_features(args)
+    train_x, train_y, test_x, test_y = (
+        features.train_x, features.train_y, features.test_x, features.test_y,
+    )  # fmt: skip
     if args.method == "linear":
         result = linear_probe(train_x, train_y, test_x, test_y, args.weight_decay, args.max_iter)
-        settings = {"weight_decay": args.weight_decay, "max_iter": args.max_iter}
+        settings: dict[str, object] = {
+            "weight_decay": args.weight_decay, "max_iter": args.max_iter,
+        }  # fmt: skip
     else:
-        result = knn_classifier(train_x, train_y, test_x, test_y, args.k, args.vote)
-        settings = {"k": args.k, "vote": args.vote}
+        k_used = min(args.k, len(train_x))
+        if k_used < args.k:
+            print(
+                f"warning: -k {args.k} is more than the {len(train_x)} training images: all "
+                f"{k_used} vote",
+                file=sys.stderr,
+            )
+        result = knn_classifier(train_x, train_y, test_x, test_y, k_used, args.vote)
+        settings = {"k": args.k, "k_used": k_used, "vote": args.vote}
     if args.json:
-        info = {"checkpoint": str(args.checkpoint), "data": str(args.data)}
-        info |= {"method": args.method, **settings, **dataclasses.asdict(result)}
-        print(json.dumps(info, indent=2))
+        info: dict[str, object] = {"checkpoint": str(args.checkpoint), "data": str(args.data)}
+        info |= {"method": args.method, **settings, **features.report}
+        print(json.dumps(info | dataclasses.asdict(result), indent=2))
         return 0
     detail = (
         f"{result.iterations} L-BFGS iterations, "
         + ("converged" if result.converged else "NOT converged")
         + f", train accuracy {result.train_accuracy:.4f}"
         if args.method == "linear"
-        else f"k={args.k}, {args.vote} vote"
+        else f"k={settings['k_used']}, {args.vote} vote"
     )
     print(
         f"{args.checkpoint} on {args.data}: {args.method} accuracy {result.accuracy:.4f} ({detail})"
     )
+    for note in features.notes:
+        print(note)
     return 0

@@ -12,15 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.data import (
-    AugmentConfig,
-    BatchTransform,
-    EvalPreprocessing,
-    ImageDataset,
-    preprocess,
-    preprocess_file,
-)
+from vitkit.data import EvalPreprocessing, ImageDataset, preprocess, preprocess_file
 from vitkit.data.sources import DataSource, as_source
+from vitkit.evaluation.features import (  # eval_transform's and prepare_source's home was here
+    eval_transform as eval_transform,
+)
+from vitkit.evaluation.features import evaluation_inputs
+from vitkit.evaluation.features import prepare_source as prepare_source
 from vitkit.models.registry import ModelConfig
 from vitkit.training.distributed import Process, all_reduce_sum
 
@@ -44,29 +42,6 @@ class Classifier(Protocol):
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
     def eval(self) -> Self: ...
     def train(self, mode: bool = True) -> Self: ...
-
-
-def eval_transform(model: Classifier, num_classes: int | None = None) -> BatchTransform:
-    """The model's evaluation preprocessing (``EvalPreprocessing.of(model.cfg)``): match its
-    channels, squash or crop to its resolution, scale: ``preprocess`` (the one evaluation path
-    for tensors), with the labels as one-hot targets of ``num_classes`` (default: the
-    model's). Call it with ``cropped=batch.cropped``: a streamed source's batches already have
-    the geometry (``prepare_source`` set it)."""
-    cfg = model.cfg
-    return BatchTransform(
-        cfg.img_size,
-        num_classes or cfg.num_classes or 1,
-        AugmentConfig(),
-        0,
-        channels=cfg.in_chans,
-        preprocessing=EvalPreprocessing.of(cfg),
-    )
-
-
-def prepare_source(model: Classifier, source: DataSource) -> None:
-    """Tell ``source`` the model's input size and evaluation preprocessing, so that a
-    streamed source crops files in its workers as ``preprocess_file`` does."""
-    source.set_image_size(model.cfg.img_size, EvalPreprocessing.of(model.cfg))
 
 
 @dataclass(frozen=True)
@@ -120,16 +95,13 @@ def evaluate(
         raise ValueError(
             f"the data has {len(classes)} classes but the model predicts {num_classes}"
         )
-    prepare_source(model, source)
-    transform = eval_transform(model)
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     predictions: list[ImagePrediction] = []
-    for batch in source.eval_batches(batch_size, rank=rank, world_size=world_size):
+    for x, batch in evaluation_inputs(model, source, batch_size, rank=rank, world_size=world_size):
         assert batch.labels is not None
-        x, _ = transform(batch.images.to(device), batch.labels, False, batch.cropped)
         labels = batch.labels.to(device)
         with autocast(device, precision):
             logits = model(x)
