@@ -15,15 +15,18 @@ from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from tests.test_training import config, train_records, weights
 from vitkit import load_pretrained
 from vitkit.cli import main
+from vitkit.data.sources import open_splits
 from vitkit.models import VisionTransformer
-from vitkit.training import TrainingDiverged, TrainingInterrupted, train
+from vitkit.training import TrainConfig, TrainingDiverged, TrainingInterrupted, train
 from vitkit.training.loop import Session
+from vitkit.training.model_choice import choose_model
 from vitkit.training.optim import SchedulePlan, lr_factor
 from vitkit.training.run import RunFolder
 
@@ -264,3 +267,83 @@ def test_only_rank_0_logs_under_torchrun(tiny_data: Path, tmp_path: Path, rank: 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert ("training 136,138-parameter" in done.stderr) == (rank == "0"), done.stderr[-3000:]
+
+
+# ------------------------------------------------------------------- model choice
+
+
+def photo_folder(root: Path, per_class: int = 5, size: tuple[int, int] = (120, 90)) -> Path:
+    """A phone-photo-like folder, small: two classes of colour JPEGs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.jpg")
+    return root
+
+
+def npz_of(path: Path, shape: tuple[int, ...]) -> Path:
+    images = np.zeros((20, *shape), dtype=np.uint8)
+    labels = np.arange(20) % 2
+    np.savez(path, x_train=images, y_train=labels, x_test=images, y_test=labels)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("shape", "model"),
+    [((8, 8), "vit_digits"), ((28, 28), "vit_mnist"), ((32, 32, 3), "vit_cifar")],
+)
+def test_without_a_model_the_data_chooses_one(tmp_path: Path, shape: tuple, model: str) -> None:
+    data = str(npz_of(tmp_path / "data.npz", shape))
+    assert choose_model(data, open_splits(data, 0.0, 0).train).model == model
+
+
+def test_photos_train_a_photo_model_and_the_log_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    photos = photo_folder(tmp_path / "photos")
+    with caplog.at_level(logging.INFO):
+        code = main(["train", "--data", str(photos), "--steps", "1", "--batch-size", "4",
+                     "--out", str(tmp_path / "run")])  # fmt: skip
+    assert code == 0
+    cfg = json.loads((tmp_path / "run/config.json").read_text())
+    assert (cfg["model"], cfg["img_size"]) == ("vit_ti16", 96)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("no --model")]
+    assert said == [
+        "no --model given: vit_ti16 at 96 px for 8 colour images of about 90 px: photos, for "
+        "ViT-Ti/16 (the smallest of the paper's family) at 96 px for so few images (--model "
+        "chooses another)"
+    ]
+    # A config that names a model keeps it.
+    assert main(["train", "--data", str(photos), "--model", "vit_micro", "--steps", "1",
+                 "--batch-size", "4", "--out", str(tmp_path / "named")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "named/config.json").read_text())["model"] == "vit_micro"
+
+
+def test_shards_without_a_model_are_refused_with_the_choices(tmp_path: Path) -> None:
+    assert main(["data", "pack", str(npz_of(tmp_path / "d.npz", (8, 8))), str(tmp_path / "s")]) == 0
+    with pytest.raises(
+        ValueError, match=r"choose one, --model vit_digits .*vit_ti16 --img-size 96"
+    ):
+        train(TrainConfig.from_dict(dict(data=str(tmp_path / "s"), out=str(tmp_path / "run"))))
+
+
+def test_finetuning_says_its_resolution(
+    tiny_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    train(config(tiny_data, tmp_path / "digits", epochs=1))
+    photos = photo_folder(tmp_path / "photos")
+    with caplog.at_level(logging.INFO):
+        code = main(["finetune", "--from", str(tmp_path / "digits/best.safetensors"), "--data",
+                     str(photos), "--steps", "1", "--batch-size", "4",
+                     "--out", str(tmp_path / "ft")])  # fmt: skip
+    assert code == 0
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fine-tuning")]
+    assert said == [
+        "fine-tuning at the checkpoint's resolution, 8x8 px (the images are about 90 px); "
+        "--img-size sets another (higher resizes the position embeddings): at 8 px most of "
+        "the images' detail is lost"
+    ]

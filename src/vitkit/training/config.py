@@ -47,9 +47,11 @@ class TrainConfig:
         "register by name)",
     )
     model: str | None = _option(
-        "vit_digits",
-        "registered model to train from scratch (see `vitkit models`); when fine-tuning, only "
-        "needed for checkpoint formats that do not record their architecture",
+        None,
+        "registered model to train from scratch (see `vitkit models`); default: the one made "
+        "for images like the data's (the 8x8 digits: vit_digits; 28 px grey: vit_mnist; 32 px "
+        "colour: vit_cifar; photos: vit_ti16 at 96 px), named in the log; when fine-tuning, "
+        "only needed for checkpoint formats that do not record their architecture",
     )
     init_from: str | None = _option(
         None, "checkpoint to fine-tune (any format load_pretrained reads); its head is replaced"
@@ -204,8 +206,8 @@ class TrainConfig:
                 problems.append(message)
 
         if self.init_from is None:
-            check(self.model in list_models(), f"model {self.model!r} is not registered: choose "
-                  "one of `vitkit models`")  # fmt: skip
+            check(self.model is None or self.model in list_models(), f"model {self.model!r} is "
+                  "not registered: choose one of `vitkit models`")  # fmt: skip
         else:
             check(Path(self.init_from).exists(), f"init_from {self.init_from} does not exist")
         check(self.img_size is None or self.img_size > 0, "img_size must be positive")

@@ -37,6 +37,7 @@ from vitkit.training.config import TrainConfig
 from vitkit.training.distributed import Process
 from vitkit.training.evaluate import autocast
 from vitkit.training.evaluators import EvalContext, Evaluator, build_evaluators
+from vitkit.training.model_choice import choose_model, image_side
 from vitkit.training.optim import (
     SchedulePlan,
     apply_schedule,
@@ -198,11 +199,13 @@ def _train(
     progress: Progress | None,
     resume_options: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    # ---- data, task and evaluators, checked before anything is trained or written
-    task = build_task(cfg)
+    # ---- data, model, task and evaluators, checked before anything is trained or written
     splits = open_splits(
         cfg.data, cfg.val_fraction, cfg.seed, cfg.data_options, train_fraction=cfg.train_fraction
     )
+    if cfg.model is None and cfg.init_from is None:
+        cfg = with_chosen_model(cfg, splits, process)
+    task = build_task(cfg)
     if task.needs_labels and splits.train.info.classes is None:
         raise ValueError(
             f"{cfg.data} has no labels (its images are not in class folders): the {cfg.task} "
@@ -234,6 +237,8 @@ def _train(
     if resume is None or resume_options:  # a resumed run's, with the RESUME_OPTIONS it changed
         run.write_json(run.config, cfg.to_dict())
     session.log_start()
+    if cfg.init_from is not None and cfg.img_size is None and process.is_main:
+        logger.info(finetune_resolution_note(session.model.cfg.img_size, splits.train))
 
     # ---- the loop: one optimizer step per ``accum_steps`` micro-batches
     try:
@@ -592,6 +597,27 @@ class Session:
         run.write_json(run.summary, summary)
         run.plot_curves()
         return summary
+
+
+def with_chosen_model(cfg: TrainConfig, splits: Splits, process: Process) -> TrainConfig:
+    """``cfg`` with the model that fits the data (``model_choice``), said in one line."""
+    choice = choose_model(cfg.data, splits.train)
+    img_size = cfg.img_size or choice.img_size
+    if process.is_main:
+        logger.info("no --model given: %s%s for %s (--model chooses another)", choice.model,
+                    f" at {img_size} px" if img_size else "", choice.reason)  # fmt: skip
+    return cfg.replace(model=choice.model, img_size=img_size)
+
+
+def finetune_resolution_note(size: tuple[int, int], train: DataSource) -> str:
+    """Why a fine-tuning run without --img-size runs at the checkpoint's resolution."""
+    side = image_side(train)
+    seen = f"the images are about {side} px" if side is not None else "the images' size unknown"
+    note = (f"fine-tuning at the checkpoint's resolution, {size[0]}x{size[1]} px ({seen}); "
+            "--img-size sets another (higher resizes the position embeddings)")  # fmt: skip
+    if side is not None and side >= 4 * max(size):
+        note += f": at {max(size)} px most of the images' detail is lost"
+    return note
 
 
 def num_parameters(model: nn.Module) -> int:
