@@ -217,7 +217,7 @@ def test_rollback_without_a_checkpoint_aborts(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     poison_forward(monkeypatch, {3})
-    with pytest.raises(TrainingDiverged, match="no checkpoint had been written yet"):
+    with pytest.raises(TrainingDiverged, match="nan at step 3, before the first checkpoint"):
         train(config(tiny_data, tmp_path / "run", on_nonfinite="rollback"))
 
 
@@ -347,3 +347,47 @@ def test_finetuning_says_its_resolution(
         "--img-size sets another (higher resizes the position embeddings): at 8 px most of "
         "the images' detail is lost"
     ]
+
+
+# ------------------------------------------------------------------------ torchrun
+
+# A torchrun worker whose model returns NaN on rank 1 only, at its N-th training forward pass.
+POISON_RANK_1 = r"""
+import os, sys
+import torch
+from vitkit.cli import main
+from vitkit.models import VisionTransformer
+
+bad_call, calls, forward = int(sys.argv[1]), [], VisionTransformer.forward
+
+def poisoned(self, x):
+    if self.training and os.environ["RANK"] == "1":
+        calls.append(1)
+        if len(calls) == bad_call:
+            return forward(self, x) * float("nan")
+    return forward(self, x)
+
+VisionTransformer.forward = poisoned
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_under_torchrun_every_rank_rolls_back_and_rank_0_logs_once(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               "2", "--no-python", sys.executable, "-c", POISON_RANK_1, "12",
+               "train", "--data", str(tiny_data), "--epochs", "2", "--batch-size", "32",
+               "--val-fraction", "0.2", "--warmup-epochs", "1", "--on-nonfinite", "rollback",
+               "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-5000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(e["step"], e["action"]) for e in summary["nonfinite_events"]] == [(12, "rolled back")]
+    assert summary["steps"] == 2 * STEPS_PER_EPOCH and summary["processes"] == 2
+    assert done.stderr.count("training 136,138-parameter") == 1, done.stderr[-5000:]
+    # Rank 0's own loss was finite: the NaN came with rank 1's gradients.
+    assert done.stderr.count("the gradients became non-finite (the loss here: ") == 1
+    assert done.stderr.count("at step 12: rolled back") == 1

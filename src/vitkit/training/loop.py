@@ -457,7 +457,7 @@ class Session:
             raise TrainingDiverged(diverged_message(run, state, loss))
         if self.process.is_main:
             logger.warning(
-                "the loss became %s at step %d: %s (--on-nonfinite %s)%s", loss, event["step"],
+                "%s at step %d: %s (--on-nonfinite %s)%s", nonfinite_cause(loss), event["step"],
                 action, cfg.on_nonfinite,
                 f"; from step {state.step} on, the learning rate is x{self.plan.lr_scale:g}"
                 if action == "rolled back" else "",
@@ -746,20 +746,26 @@ def nonfinite_event(step: int, loss: float, policy: str, action: str) -> dict[st
                 policy=policy, action=action)  # fmt: skip
 
 
+def nonfinite_cause(loss: float) -> str:
+    """What was not finite: the loss, or (the loss finite here) the gradients, which under
+    DDP carry another process's NaN."""
+    if not math.isfinite(loss):
+        return f"the loss became {loss}"
+    return f"the gradients became non-finite (the loss here: {loss:.4g})"
+
+
 def diverged_message(run: RunFolder, state: LoopState, loss: float) -> str:
-    kept = "no checkpoint had been written yet"
+    again = ("start again with a lower --lr, a longer --warmup-epochs or gradient clipping "
+             "(--grad-clip 1)")  # fmt: skip
     latest = run.latest_checkpoint()
-    if latest is not None:
-        saved = LoopState.from_dict(run.checkpoint_counters(latest))
-        kept = (
-            f"the last good checkpoint, {latest} (step {saved.step}, epoch {saved.epoch}), is kept"
-        )
+    if latest is None:
+        return f"{nonfinite_cause(loss)} at step {state.step + 1}, before the first checkpoint: {again}"
+    saved = LoopState.from_dict(run.checkpoint_counters(latest))
     return (
-        f"the loss became {loss if not math.isfinite(loss) else 'finite but the gradients not'}"
-        f" at step {state.step + 1}: training stopped; {kept}. Continue from it with "
-        f"`vitkit train --resume {run.path} --on-nonfinite rollback` (reloads it and halves "
-        "the learning rate) or `--on-nonfinite skip`, or start again with a lower --lr, a "
-        "longer --warmup-epochs or gradient clipping (--grad-clip 1)."
+        f"{nonfinite_cause(loss)} at step {state.step + 1}: training stopped; the last good "
+        f"checkpoint, {latest} (step {saved.step}, epoch {saved.epoch}), is kept. Continue "
+        f"from it with `vitkit train --resume {run.path} --on-nonfinite rollback` (reloads "
+        f"it and halves the learning rate) or `--on-nonfinite skip`, or {again}."
     )
 
 
