@@ -230,6 +230,7 @@ def progress_bar() -> Iterator[Progress]:
             return
         if bar is None:
             bar = tqdm(total=total, initial=step - 1, unit="step", dynamic_ncols=True)
+        bar.total = total  # a time budget refits the run's length as it goes
         bar.update(step - bar.n)
         if record is not None:
             shown: dict[str, Any] = {k: record[k] for k in ("loss", "accuracy") if k in record}
