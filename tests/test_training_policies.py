@@ -97,15 +97,15 @@ def test_a_time_boxed_run_ends_as_a_finished_run(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     simulated_clock(monkeypatch, 0.1)  # 0.03 minutes: about 18 of the 40 configured steps
-    cfg = config(tiny_data, tmp_path / "run", epochs=5, max_minutes=0.03, warmup_epochs=1.0)
+    cfg = config(tiny_data, tmp_path / "run", epochs=5, max_minutes=0.03, warmup_epochs=2.0)
     summary = train(cfg)
     plan = summary["schedule"]
     assert summary["budget_spent"] and 15 <= summary["steps"] <= 19
     assert plan["total_steps"] == summary["steps"] and plan["configured_steps"] == 40
     assert plan["refits"][0]["reason"] == "fitted to the time budget"
     assert plan["refits"][0]["seconds_per_step"] == pytest.approx(0.1)
-    # The warm-up shrank with the run: 8 of 40 steps -> a fifth of the fitted run.
-    assert plan["warmup_steps"] == round(8 * plan["refits"][0]["total_steps"] / 40)
+    # The warm-up shrank with the run: 16 of 40 steps -> two fifths of the fitted run.
+    assert plan["warmup_steps"] == round(16 * plan["refits"][0]["total_steps"] / 40)
     lrs = [r["lr"] for r in train_records(tmp_path / "run")]
     assert lrs[-1] == pytest.approx(0.0, abs=1e-9 * cfg.lr)  # the schedule's end value
     after_peak = lrs[lrs.index(max(lrs)) :]

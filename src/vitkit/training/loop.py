@@ -272,6 +272,9 @@ class Session:
     segment_start: float = field(default_factory=time.perf_counter)  # of training steps
     logged: dict[str, torch.Tensor] = field(default_factory=dict)  # sums since the last line
     time_up: bool = False  # the --max-minutes budget is spent: stop after this step
+    # (step, training seconds) after this session's first step, whose time (data loading
+    # starting, lazy initialisation) says little about the speed of the others.
+    first_step: tuple[int, float] | None = None
 
     @classmethod
     def build(
@@ -508,8 +511,8 @@ class Session:
 
     def fit_to_budget(self) -> bool:
         """With ``max_minutes``, after each step: refit the schedule to the steps that fit in
-        the time left at the speed measured so far, so the run ends at the schedule's end
-        value; True when the time is up (the backstop, should the speed drop). The main
+        the time left at the speed measured so far (from this session's second step on), so
+        the run ends at the schedule's end value; True when the time is up (the backstop, should the speed drop). The main
         process's clock decides, so every rank takes the same plan. Schedule 'bit' drops at
         fixed steps: it is not refitted, the budget only stops it."""
         cfg, state, plan = self.cfg, self.state, self.plan
@@ -519,9 +522,12 @@ class Session:
         left = 60 * cfg.max_minutes - spent
         if left <= 0:
             return True
-        if cfg.schedule == "bit":
+        if self.first_step is None:
+            self.first_step = (state.step, spent)
+        measured = state.step - self.first_step[0]
+        if cfg.schedule == "bit" or measured < 2:
             return False
-        per_step = spent / state.step
+        per_step = (spent - self.first_step[1]) / measured
         fitting = min(plan.configured_steps, state.step + max(int(left / per_step), 1))
         # Re-plan on a change of more than 1% of the steps left: the measured speed wobbles.
         if abs(fitting - plan.total_steps) > max(0.01 * (plan.total_steps - state.step), 0.5):
