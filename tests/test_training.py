@@ -467,11 +467,11 @@ def test_benchmark_recipes_are_valid_configs() -> None:
     assert {p.stem for p in recipes} >= {"digits", "mnist", "cifar10"}
     for path in recipes:
         TrainConfig.from_dict(read_toml(path))
-    # The digits recipe spells out the main job: `vitkit train` with no options.
-    assert (
-        TrainConfig.from_dict(read_toml(recipes[[p.stem for p in recipes].index("digits")]))
-        == TrainConfig()
-    )
+    # The digits recipe spells out the main job: `vitkit train` with no options (whose model,
+    # unnamed, is chosen for the digits: vit_digits).
+    assert TrainConfig.from_dict(
+        read_toml(recipes[[p.stem for p in recipes].index("digits")])
+    ) == TrainConfig(model="vit_digits")
 
 
 def test_single_split_source_holds_out_a_test_set(

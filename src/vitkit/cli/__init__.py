@@ -71,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    # The library reports through logging; the command line shows its info lines plainly.
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # The library reports through logging; the command line shows its info lines plainly,
+    # once: under torchrun the other ranks would repeat every line, so they show errors only.
+    logging.basicConfig(level=logging.INFO if is_main_rank() else logging.ERROR,
+                        format="%(message)s")  # fmt: skip
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows up here rather than at exit
@@ -89,7 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def is_main_rank() -> bool:
+    """Whether this process is torchrun's rank 0 (or not under torchrun): the one that
+    reports, so a message is printed once, not once a rank."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def report(message: str) -> None:
     """Print an error once: under torchrun every rank meets the same bad input."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_rank():
         print(message, file=sys.stderr)

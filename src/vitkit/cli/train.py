@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import types
 import typing
@@ -20,6 +19,7 @@ from typing import Any
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from vitkit.cli import is_main_rank
 from vitkit.data import AugmentConfig
 from vitkit.training import (
     FINETUNE_DEFAULTS,
@@ -194,17 +194,12 @@ def run_train(args: argparse.Namespace) -> int:
             summary = train(cfg, resume=resume, progress=progress,
                             resume_options=resume_options if resume is not None else None)  # fmt: skip
     except (TrainingDiverged, TrainingInterrupted) as err:
-        if is_main_process():
+        if is_main_rank():
             print(f"vitkit {args.command}: {err}", file=sys.stderr)
         return 1
-    if is_main_process():
+    if is_main_rank():
         print(one_line_summary(summary))
     return 0
-
-
-def is_main_process() -> bool:
-    """Under torchrun only rank 0 reports, so a message is printed once, not once a rank."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def one_line_summary(summary: dict[str, Any]) -> str:
@@ -231,10 +226,11 @@ def progress_bar() -> Iterator[Progress]:
 
     def update(step: int, total: int, record: dict[str, Any] | None) -> None:
         nonlocal bar
-        if not is_main_process():
+        if not is_main_rank():
             return
         if bar is None:
             bar = tqdm(total=total, initial=step - 1, unit="step", dynamic_ncols=True)
+        bar.total = total  # a time budget refits the run's length as it goes
         bar.update(step - bar.n)
         if record is not None:
             shown: dict[str, Any] = {k: record[k] for k in ("loss", "accuracy") if k in record}

@@ -27,6 +27,7 @@ PRECISIONS = ("fp32", "bf16")
 PARALLELS = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 IN_MEMORY = ("auto", "yes", "no")
+NONFINITE_POLICIES = ("abort", "skip", "rollback")
 # The main job's augmentation: a mild random-resized crop (on 8x8 digits, a small zoom and
 # shift) is worth about 3 points of test accuracy there; everything else stays off.
 DEFAULT_AUGMENT: dict[str, Any] = dict(random_resized_crop=True, crop_scale=(0.6, 1.0))
@@ -47,9 +48,11 @@ class TrainConfig:
         "register by name)",
     )
     model: str | None = _option(
-        "vit_digits",
-        "registered model to train from scratch (see `vitkit models`); when fine-tuning, only "
-        "needed for checkpoint formats that do not record their architecture",
+        None,
+        "registered model to train from scratch (see `vitkit models`); default: the one made "
+        "for images like the data's (the 8x8 digits: vit_digits; 28 px grey: vit_mnist; 32 px "
+        "colour: vit_cifar; photos: vit_ti16 at 96 px), named in the log; when fine-tuning, "
+        "only needed for checkpoint formats that do not record their architecture",
     )
     init_from: str | None = _option(
         None, "checkpoint to fine-tune (any format load_pretrained reads); its head is replaced"
@@ -132,6 +135,15 @@ class TrainConfig:
         None, "the warm-up in optimizer steps, overriding warmup_epochs"
     )
     grad_clip: float = _option(1.0, "clip gradients at this global norm; 0 = off")
+    on_nonfinite: Literal["abort", "skip", "rollback"] = _option(
+        "abort",
+        "a step whose loss or gradients are NaN or infinite: 'abort' the run (its last "
+        "checkpoint kept), 'skip' the step (no update; up to max_skipped_steps), or 'rollback' "
+        "to the last checkpoint with the learning rate halved (up to max_rollbacks); each "
+        "event goes to events.jsonl and summary.json",
+    )
+    max_skipped_steps: int = _option(10, "--on-nonfinite skip: abort after this many skips")
+    max_rollbacks: int = _option(3, "--on-nonfinite rollback: abort after this many rollbacks")
     # Regularisation and augmentation (label smoothing and the rest live in ``augment``).
     dropout: float = _option(0.0, "dropout rate after the position embedding and in the MLPs")
     drop_path: float = _option(0.0, "stochastic depth rate of the last block (0 at the first)")
@@ -201,8 +213,8 @@ class TrainConfig:
                 problems.append(message)
 
         if self.init_from is None:
-            check(self.model in list_models(), f"model {self.model!r} is not registered: choose "
-                  "one of `vitkit models`")  # fmt: skip
+            check(self.model is None or self.model in list_models(), f"model {self.model!r} is "
+                  "not registered: choose one of `vitkit models`")  # fmt: skip
         else:
             check(Path(self.init_from).exists(), f"init_from {self.init_from} does not exist")
         check(self.img_size is None or self.img_size > 0, "img_size must be positive")
@@ -240,6 +252,10 @@ class TrainConfig:
         else:
             check(not self.lr_drops, "lr_drops is only used by schedule 'bit': set --schedule bit")
         check(self.grad_clip >= 0, "grad_clip must be >= 0 (0 = off)")
+        check(self.on_nonfinite in NONFINITE_POLICIES,
+              f"on_nonfinite must be one of {NONFINITE_POLICIES}")  # fmt: skip
+        check(self.max_skipped_steps >= 0, "max_skipped_steps must be >= 0")
+        check(self.max_rollbacks >= 0, "max_rollbacks must be >= 0")
         check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
         check(0.0 <= self.drop_path < 1.0, "drop_path must be in [0, 1)")
         check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}")

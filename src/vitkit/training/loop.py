@@ -38,7 +38,14 @@ from vitkit.training.config import TrainConfig
 from vitkit.training.distributed import Process
 from vitkit.training.evaluate import autocast
 from vitkit.training.evaluators import EvalContext, Evaluator, build_evaluators
-from vitkit.training.optim import build_optimizer, build_schedule
+from vitkit.training.model_choice import choose_model, image_side
+from vitkit.training.optim import (
+    SchedulePlan,
+    apply_schedule,
+    build_optimizer,
+    build_schedule,
+    schedule_plan,
+)
 from vitkit.training.run import RunFolder, SavedTraining
 from vitkit.training.tasks import Task, build_task
 
@@ -65,6 +72,8 @@ class LoopState:
     train_images: int = 0
     train_seconds: float = 0.0  # time in training steps (not evaluating or checkpointing)
     wall_seconds: float = 0.0
+    # What the --on-nonfinite policy did: one dict per non-finite step (``nonfinite_event``).
+    nonfinite_events: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LoopState:
@@ -75,8 +84,14 @@ class LoopState:
 Progress = Callable[[int, int, dict[str, Any] | None], None]
 """``progress(step, total_steps, logged_record_or_None)``, called after each optimizer step."""
 
-# Settings a resumed run may change: how it runs, not what it learns.
-RESUME_OPTIONS = ("parallel", "activation_checkpointing", "compile")
+# Settings a resumed run may change: how it runs (and what it does about a non-finite loss),
+# not what it learns.
+RESUME_OPTIONS = (
+    "parallel", "activation_checkpointing", "compile", "on_nonfinite", "max_skipped_steps",
+    "max_rollbacks",
+)  # fmt: skip
+# --on-nonfinite rollback multiplies the learning rate by this at each rollback.
+ROLLBACK_LR_FACTOR = 0.5
 
 
 def derived_seed(*parts: int) -> int:
@@ -169,7 +184,8 @@ def resumable_config(folder: Path) -> TrainConfig:
             f"{run.last} is missing (and so is {run.sharded_last.name}) although the run "
             "logged progress: resuming would start "
             f"again from step 0 and overwrite {run.best.name} and {run.metrics.name}; restore "
-            "last.safetensors (for example, copy best.safetensors to it) or start a new run"
+            "last.safetensors from a copy, or start a new run (`vitkit finetune --from "
+            f"{run.best}` continues from the best model)"
         )
     try:
         return TrainConfig.from_dict(json.loads(run.config.read_text()))
@@ -184,11 +200,13 @@ def _train(
     progress: Progress | None,
     resume_options: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    # ---- data, task and evaluators, checked before anything is trained or written
-    task = build_task(cfg)
+    # ---- data, model, task and evaluators, checked before anything is trained or written
     splits = open_splits(
         cfg.data, cfg.val_fraction, cfg.seed, cfg.data_options, train_fraction=cfg.train_fraction
     )
+    if cfg.model is None and cfg.init_from is None:
+        cfg = with_chosen_model(cfg, splits, process)
+    task = build_task(cfg)
     if task.needs_labels and splits.train.info.classes is None:
         raise ValueError(
             f"{cfg.data} has no labels (its images are not in class folders): the {cfg.task} "
@@ -214,9 +232,14 @@ def _train(
     session = Session.build(cfg, process, run, task, splits, evaluators, resume is not None)
     if resume is not None:  # from step 0 if the run was stopped before its first checkpoint
         run.cut_metrics(session.state.step)
+        if process.is_main:
+            logger.info("resuming %s at step %d of %d, epoch %d", run.path, session.state.step,
+                        session.total_steps, session.state.epoch)  # fmt: skip
     if resume is None or resume_options:  # a resumed run's, with the RESUME_OPTIONS it changed
         run.write_json(run.config, cfg.to_dict())
     session.log_start()
+    if cfg.init_from is not None and cfg.img_size is None and process.is_main:
+        logger.info(finetune_resolution_note(session.model.cfg.img_size, splits.train))
 
     # ---- the loop: one optimizer step per ``accum_steps`` micro-batches
     try:
@@ -246,10 +269,13 @@ class Session:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: LoopState
     steps_per_epoch: int
-    total_steps: int
     started: float = field(default_factory=time.perf_counter)  # this session, less the earlier
     segment_start: float = field(default_factory=time.perf_counter)  # of training steps
     logged: dict[str, torch.Tensor] = field(default_factory=dict)  # sums since the last line
+    time_up: bool = False  # the --max-minutes budget is spent: stop after this step
+    # (step, training seconds) after this session's first step, whose time (data loading
+    # starting, lazy initialisation) says little about the speed of the others.
+    first_step: tuple[int, float] | None = None
 
     @classmethod
     def build(
@@ -267,33 +293,44 @@ class Session:
         trainable = task.trainable(model)
         # The main process picks the checkpoint (other nodes may not see its disk) and reads
         # a whole one (last.safetensors) before the model is spread over the processes.
-        latest = cast(Path | None, distributed.broadcast_object(
-            run.latest_checkpoint() if process.is_main and resuming else None, process
-        ))  # fmt: skip
-        saved = None
-        if latest is not None and not latest.is_dir():
-            saved = cast(SavedTraining, distributed.broadcast_object(
-                run.load_checkpoint(latest) if process.is_main else None, process
-            ))  # fmt: skip
+        latest, saved = read_latest_checkpoint(run, process) if resuming else (None, None)
+        if saved is not None:
             model.load_state_dict(saved.weights)
             task.load_task_state(trainable, saved.task)
         net = parallel.wrap(trainable, cfg, process)
         optimizer = build_optimizer(trainable, cfg)
         warmup_steps = warmup_length(cfg, steps_per_epoch, total_steps)
         scheduler = build_schedule(optimizer, warmup_steps, total_steps, cfg.schedule, cfg.lr_drops)
-        state = LoopState()
-        if saved is not None:
-            parallel.load_optimizer_state(optimizer, trainable, saved.optimizer)
-            scheduler.load_state_dict(saved.scheduler)
-            state = LoopState.from_dict(saved.loop_state)
-        elif latest is not None:  # last.dcp: every process reads its own part
-            scheduler_state, loop_state = run.load_sharded_checkpoint(latest, trainable, optimizer)
-            scheduler.load_state_dict(scheduler_state)
-            state = LoopState.from_dict(loop_state)
         session = cls(cfg, process, run, task, splits, evaluators, model, trainable, net,
-                      optimizer, scheduler, state, steps_per_epoch, total_steps)  # fmt: skip
-        session.started -= state.wall_seconds
+                      optimizer, scheduler, LoopState(), steps_per_epoch)  # fmt: skip
+        if latest is not None:
+            session.restore(latest, saved)
+        session.started -= session.state.wall_seconds
         return session
+
+    @property
+    def plan(self) -> SchedulePlan:
+        return schedule_plan(self.scheduler)
+
+    @property
+    def total_steps(self) -> int:
+        """The steps of the run as planned now (a time budget refits the plan as it goes)."""
+        return self.plan.total_steps
+
+    def restore(self, latest: Path, saved: SavedTraining | None) -> None:
+        """Load the optimizer, schedule and counters of checkpoint ``latest``: ``saved``, or
+        for a sharded checkpoint (``saved`` None) each process's part of it, weights too."""
+        if saved is not None:
+            parallel.load_optimizer_state(self.optimizer, self.trainable, saved.optimizer)
+            scheduler_state, loop_state = saved.scheduler, saved.loop_state
+        else:  # last.dcp: every process reads its own part
+            scheduler_state, loop_state = self.run.load_sharded_checkpoint(
+                latest, self.trainable, self.optimizer
+            )
+        self.scheduler.load_state_dict(scheduler_state)
+        restored = LoopState.from_dict(loop_state)
+        for name in (f.name for f in dataclasses.fields(LoopState)):
+            setattr(self.state, name, getattr(restored, name))
 
     def log_start(self) -> None:
         cfg, process = self.cfg, self.process
@@ -316,18 +353,19 @@ class Session:
         # so a run always takes at least one step.
         while state.step < self.total_steps and not self.out_of_time(this_segment=False):
             epoch, offset = divmod(state.step, self.steps_per_epoch)
+            epoch_end = (epoch + 1) * self.steps_per_epoch
             batches = self.splits.train.train_batches(
                 cfg.micro_batch_size // self.process.world_size, seed=cfg.seed, epoch=epoch,
                 start=offset * cfg.accum_steps, rank=self.process.rank,
                 world_size=self.process.world_size,
             )  # fmt: skip
             self.trainable.train()
-            last = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
-            for _ in range(offset, last):
-                self.step(batches)
+            while state.step < min(epoch_end, self.total_steps):
+                if not self.step(batches):
+                    break  # rolled back to the last checkpoint: start its epoch's data again
                 epoch_done = state.step % self.steps_per_epoch == 0
                 state.epoch += epoch_done
-                stop = self.out_of_time()
+                stop = self.time_up
                 eval_due = (
                     stop
                     or state.step == self.total_steps
@@ -358,10 +396,15 @@ class Session:
                     logger.info("the %g-minute budget is spent after step %d of %d: testing",
                                 cfg.max_minutes, state.step, self.total_steps)  # fmt: skip
                     return
+        if self.plan.history and self.process.is_main:
+            logger.info("the %g-minute budget fitted the schedule to %d steps (of %d configured)",
+                        cfg.max_minutes, state.step, self.plan.configured_steps)  # fmt: skip
 
-    def step(self, batches: Iterator[Batch]) -> None:
-        """One optimizer step: ``accum_steps`` micro-batches, each with its own seeds."""
+    def step(self, batches: Iterator[Batch]) -> bool:
+        """One optimizer step: ``accum_steps`` micro-batches, each with its own seeds. False
+        when a non-finite loss rolled the run back to its last checkpoint."""
         cfg, state, device = self.cfg, self.state, self.process.device
+        sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.accum_steps):
             batch = next(batches)
             seed = derived_seed(cfg.seed, state.step, micro, self.process.rank)
@@ -373,18 +416,76 @@ class Session:
                     result = self.task.step(self.net, inputs, targets)
                 (result.loss / cfg.accum_steps).backward()
             for name, value in result.sums.items():
-                self.logged[name] = self.logged.get(name, 0) + value.detach().double()
-            self.logged["count"] = self.logged.get("count", 0) + torch.tensor(
+                sums[name] = sums.get(name, 0) + value.detach().double()
+            sums["count"] = sums.get("count", 0) + torch.tensor(
                 result.count, dtype=torch.float64, device=device
             )
+        # The norm of the gradients every process holds after DDP averaged them (or FSDP's
+        # global norm): every process takes the same decision.
         grad_norm = clip_gradients(self.trainable, cfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise TrainingDiverged(diverged_message(self.run, state, result.loss.item()))
-        self.optimizer.step()
-        self.scheduler.step()
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+            for name, value in sums.items():
+                self.logged[name] = self.logged.get(name, 0) + value
+        elif self.on_nonfinite(result.loss.item()) == "rolled back":
+            return False
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.train_images += cfg.batch_size
+        self.time_up = self.fit_to_budget()  # before the schedule steps: the next LR follows it
+        self.scheduler.step()
+        return True
+
+    def on_nonfinite(self, loss: float) -> str:
+        """Apply the --on-nonfinite policy to a step whose loss or gradients are not finite;
+        returns what was done ("skipped", "rolled back") or raises ``TrainingDiverged``."""
+        cfg, state, run = self.cfg, self.state, self.run
+        done = [e["action"] for e in state.nonfinite_events]
+        latest, saved = None, None
+        if cfg.on_nonfinite == "rollback":
+            latest, saved = read_latest_checkpoint(run, self.process)
+        if cfg.on_nonfinite == "skip" and done.count("skipped") < cfg.max_skipped_steps:
+            action = "skipped"
+        elif latest is not None and done.count("rolled back") < cfg.max_rollbacks:
+            action = "rolled back"
+        else:
+            action = "aborted"
+        event = nonfinite_event(state.step + 1, loss, cfg.on_nonfinite, action)
+        if action == "rolled back":
+            assert latest is not None
+            self.roll_back(latest, saved, event)
+        else:
+            state.nonfinite_events.append(event)
+        run.log_event(event)
+        if action == "aborted":
+            raise TrainingDiverged(diverged_message(run, state, loss))
+        if self.process.is_main:
+            logger.warning(
+                "%s at step %d: %s (--on-nonfinite %s)%s", nonfinite_cause(loss), event["step"],
+                action, cfg.on_nonfinite,
+                f"; from step {state.step} on, the learning rate is x{self.plan.lr_scale:g}"
+                if action == "rolled back" else "",
+            )  # fmt: skip
+        return action
+
+    def roll_back(self, latest: Path, saved: SavedTraining | None, event: dict[str, Any]) -> None:
+        """Reload checkpoint ``latest`` (model, optimizer, schedule, counters) and scale the
+        learning rate down; the events and the time spent so far are kept."""
+        state = self.state
+        events, spent = [*state.nonfinite_events, event], self.spent_seconds()
+        lr_scale = self.plan.lr_scale * ROLLBACK_LR_FACTOR
+        if saved is not None:
+            parallel.load_full_weights(self.model, saved.weights, self.process)
+            self.task.load_task_state(self.trainable, saved.task)
+        self.restore(latest, saved)
+        state.nonfinite_events, state.train_seconds = events, spent
+        self.segment_start = time.perf_counter()
+        self.plan.lr_scale = lr_scale
+        apply_schedule(self.scheduler)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.logged = {}
+        event.update(resumed_at=state.step, lr_scale=lr_scale)
+        self.run.cut_metrics(state.step)  # the steps after the checkpoint are logged again
 
     def log(self, epoch: int) -> dict[str, Any]:
         """A line of metrics.jsonl from the sums since the last one."""
@@ -395,15 +496,53 @@ class Session:
         self.logged = {}
         return record
 
+    def spent_seconds(self, this_segment: bool = True) -> float:
+        """The time spent in training steps by the earlier sessions and, with
+        ``this_segment``, by this one since its last log line."""
+        now = time.perf_counter() if this_segment else self.segment_start
+        return self.state.train_seconds + now - self.segment_start
+
     def out_of_time(self, this_segment: bool = True) -> bool:
         """Whether ``max_minutes`` of training steps are spent (evaluating and checkpointing
         are free); the main process's clock decides, so every rank stops after one step."""
         if not self.cfg.max_minutes:
             return False
-        spent = self.state.train_seconds
-        if this_segment:
-            spent += time.perf_counter() - self.segment_start
+        spent = self.spent_seconds(this_segment)
         return bool(distributed.broadcast_object(spent >= 60 * self.cfg.max_minutes, self.process))
+
+    def fit_to_budget(self) -> bool:
+        """With ``max_minutes``, after each step: refit the schedule to the steps that fit in
+        the time left at the speed measured so far (from this session's second step on), so
+        the run ends at the schedule's end value; True when the time is up (the backstop, should the speed drop). The main
+        process's clock decides, so every rank takes the same plan. Schedule 'bit' drops at
+        fixed steps: it is not refitted, the budget only stops it."""
+        cfg, state, plan = self.cfg, self.state, self.plan
+        if not cfg.max_minutes:
+            return False
+        spent = distributed.broadcast_object(self.spent_seconds(), self.process)
+        left = 60 * cfg.max_minutes - spent
+        if left <= 0:
+            return True
+        if self.first_step is None:
+            self.first_step = (state.step, spent)
+        measured = state.step - self.first_step[0]
+        if cfg.schedule == "bit" or measured < 2:
+            return False
+        per_step = (spent - self.first_step[1]) / measured
+        fitting = min(plan.configured_steps, state.step + max(int(left / per_step), 1))
+        # Re-plan on a change of more than 1% of the steps left: the measured speed wobbles.
+        if abs(fitting - plan.total_steps) > max(0.01 * (plan.total_steps - state.step), 0.5):
+            first = not plan.history
+            warmup = round(plan.configured_warmup * fitting / plan.configured_steps)
+            plan.refit(state.step, fitting, warmup, seconds_per_step=round(per_step, 6),
+                       reason="fitted to the time budget" if first else "speed re-measured")  # fmt: skip
+            if self.process.is_main and first:
+                logger.info(
+                    "%.3g s a step: %d steps fit in the %g-minute budget; the schedule "
+                    "(warm-up %d steps) is fitted to them and refitted as the speed is "
+                    "re-measured", per_step, fitting, cfg.max_minutes, plan.warmup_steps,
+                )  # fmt: skip
+        return False
 
     def checkpoint(self, is_best: bool) -> None:
         state, run = self.state, self.run
@@ -442,7 +581,10 @@ class Session:
             best_step=state.best_step or state.step,
             epochs=epochs_done,
             steps=state.step,
-            budget_spent=state.step < self.total_steps,  # stopped by max_minutes
+            budget_spent=state.step < self.plan.configured_steps,  # cut by max_minutes
+            schedule=self.plan.describe(),
+            on_nonfinite=cfg.on_nonfinite,
+            nonfinite_events=state.nonfinite_events,
             train_examples=len(self.splits.train),
             wall_seconds=time.perf_counter() - self.started,
             train_seconds=state.train_seconds,
@@ -463,6 +605,27 @@ class Session:
         run.write_json(run.summary, summary)
         run.plot_curves()
         return summary
+
+
+def with_chosen_model(cfg: TrainConfig, splits: Splits, process: Process) -> TrainConfig:
+    """``cfg`` with the model that fits the data (``model_choice``), said in one line."""
+    choice = choose_model(cfg.data, splits.train)
+    img_size = cfg.img_size or choice.img_size
+    if process.is_main:
+        logger.info("no --model given: %s%s for %s (--model chooses another)", choice.model,
+                    f" at {img_size} px" if img_size else "", choice.reason)  # fmt: skip
+    return cfg.replace(model=choice.model, img_size=img_size)
+
+
+def finetune_resolution_note(size: tuple[int, int], train: DataSource) -> str:
+    """Why a fine-tuning run without --img-size runs at the checkpoint's resolution."""
+    side = image_side(train)
+    seen = f"the images are about {side} px" if side is not None else "the images' size unknown"
+    note = (f"fine-tuning at the checkpoint's resolution, {size[0]}x{size[1]} px ({seen}); "
+            "--img-size sets another (higher resizes the position embeddings)")  # fmt: skip
+    if side is not None and side >= 4 * max(size):
+        note += f": at {max(size)} px most of the images' detail is lost"
+    return note
 
 
 def num_parameters(model: nn.Module) -> int:
@@ -524,10 +687,12 @@ def log_training(
     scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, steps_per_epoch: int,
 ) -> dict[str, Any]:  # fmt: skip
     """Average the metric sums over processes and steps since the last line; log them."""
-    names = sorted(logged)
-    sums = distributed.all_reduce_sum(torch.stack([logged[n] for n in names]), process)
-    totals = dict(zip(names, sums.tolist(), strict=True))
-    count = max(totals.pop("count"), 1.0)
+    names = sorted(logged)  # none when every step since the last line was skipped (nan)
+    totals: dict[str, float] = {}
+    if names:  # the same on every process: they skip the same steps
+        sums = distributed.all_reduce_sum(torch.stack([logged[n] for n in names]), process)
+        totals = dict(zip(names, sums.tolist(), strict=True))
+    count = max(totals.pop("count", 0.0), 1.0)
     record = dict(
         split="train", epoch=epoch + 1, step=state.step,
         **{name: value / count for name, value in totals.items()},
@@ -566,18 +731,49 @@ def run_evaluators(
     return is_best
 
 
+def read_latest_checkpoint(
+    run: RunFolder, process: Process
+) -> tuple[Path | None, SavedTraining | None]:
+    """The run's latest checkpoint and, unless it is sharded (each process reads its own
+    part), its content: the main process picks and reads it (other nodes may not see its
+    disk), whole, and every process gets it."""
+    latest = cast(Path | None, distributed.broadcast_object(
+        run.latest_checkpoint() if process.is_main else None, process
+    ))  # fmt: skip
+    if latest is None or latest.is_dir():
+        return latest, None
+    saved = cast(SavedTraining, distributed.broadcast_object(
+        run.load_checkpoint(latest) if process.is_main else None, process
+    ))  # fmt: skip
+    return latest, saved
+
+
+def nonfinite_event(step: int, loss: float, policy: str, action: str) -> dict[str, Any]:
+    """A line of events.jsonl (and of the summary's ``nonfinite_events``)."""
+    return dict(event="nonfinite", step=step, loss=loss if math.isfinite(loss) else str(loss),
+                policy=policy, action=action)  # fmt: skip
+
+
+def nonfinite_cause(loss: float) -> str:
+    """What was not finite: the loss, or (the loss finite here) the gradients, which under
+    DDP carry another process's NaN."""
+    if not math.isfinite(loss):
+        return f"the loss became {loss}"
+    return f"the gradients became non-finite (the loss here: {loss:.4g})"
+
+
 def diverged_message(run: RunFolder, state: LoopState, loss: float) -> str:
-    kept = "no checkpoint had been written yet"
+    again = ("start again with a lower --lr, a longer --warmup-epochs or gradient clipping "
+             "(--grad-clip 1)")  # fmt: skip
     latest = run.latest_checkpoint()
-    if latest is not None:
-        saved = LoopState.from_dict(run.checkpoint_counters(latest))
-        kept = (
-            f"the last good checkpoint, {latest} (step {saved.step}, epoch {saved.epoch}), is kept"
-        )
+    if latest is None:
+        return f"{nonfinite_cause(loss)} at step {state.step + 1}, before the first checkpoint: {again}"
+    saved = LoopState.from_dict(run.checkpoint_counters(latest))
     return (
-        f"the loss became {loss if not math.isfinite(loss) else 'finite but the gradients not'}"
-        f" at step {state.step + 1}: training stopped; {kept}. Lower --lr, lengthen "
-        "--warmup-epochs or clip gradients (--grad-clip 1)."
+        f"{nonfinite_cause(loss)} at step {state.step + 1}: training stopped; the last good "
+        f"checkpoint, {latest} (step {saved.step}, epoch {saved.epoch}), is kept. Continue "
+        f"from it with `vitkit train --resume {run.path} --on-nonfinite rollback` (reloads "
+        f"it and halves the learning rate) or `--on-nonfinite skip`, or {again}."
     )
 
 

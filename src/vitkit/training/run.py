@@ -3,7 +3,10 @@
     config.json        the resolved ``TrainConfig``
     metrics.jsonl      one JSON line per logged training step and per evaluation
     last.safetensors   the model at the latest checkpoint, plus the training state to resume
-    best.safetensors   the same, at the evaluation with the best validation metric
+    best.safetensors   the model alone (and a task's own head), at the evaluation with the best
+                       validation metric: for use, not to resume (runs written before this
+                       version also kept the training state there; they still load)
+    events.jsonl       what the --on-nonfinite policy did, one line an event
     last.dcp/          an FSDP run's checkpoint instead, sharded (``vitkit.checkpoints.sharded``);
                        its best.safetensors, and last.safetensors at the end, hold the model
                        alone, gathered whole, for everything that reads a model
@@ -88,6 +91,13 @@ class RunFolder(RunLayout):
     def __init__(self, path: str | Path, writer: bool = True) -> None:
         super().__init__(path)
         self.writer = writer
+        self.events = self.path / "events.jsonl"
+
+    def log_event(self, event: dict[str, Any]) -> None:
+        """Append what a policy did (``events.jsonl``: never cut back, unlike the metrics)."""
+        if self.writer:
+            with self.events.open("a") as f:
+                f.write(json.dumps(event) + "\n")
 
     def write_json(self, path: Path, content: dict[str, Any]) -> None:
         if self.writer:
@@ -137,8 +147,9 @@ class RunFolder(RunLayout):
         tensors |= {TASK_PREFIX + k: v for k, v in (task_tensors or {}).items()}
         state = {**loop_state, "optimizer": optimizer_json, "scheduler": scheduler.state_dict()}
         save_pretrained(model, self.last, tensors, {STATE_KEY: json.dumps(state)})
-        if is_best:
-            atomic_write(self.best, lambda tmp: shutil.copyfile(self.last, tmp))
+        if is_best:  # the model for use: no optimizer state (two thirds of last's bytes)
+            task = {TASK_PREFIX + k: v for k, v in (task_tensors or {}).items()}
+            save_pretrained(model, self.best, task)
 
     def save_sharded_checkpoint(
         self,
