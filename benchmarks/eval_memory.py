@@ -47,18 +47,31 @@ def measure(argv: list[str]) -> None:
 def photo_folder(root: Path, photos: int, classes: int, tools: Path) -> Path:
     for split, seed in (("train", 0), ("test", 1)):
         subprocess.run(
-            [sys.executable, str(tools / "make_photo_folder.py"), str(root / split),
-             "--per-class", str(photos // classes), "--classes", str(classes),
-             "--seed", str(seed)],
+            [
+                sys.executable,
+                str(tools / "make_photo_folder.py"),
+                str(root / split),
+                "--per-class",
+                str(photos // classes),
+                "--classes",
+                str(classes),
+                "--seed",
+                str(seed),
+            ],
             check=True,
-        )  # fmt: skip
+        )
     return root
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--photos", type=int, nargs="+", default=[60, 240],
-                        help="photos in train/ (and as many in test/) (default: 60 240)")  # fmt: skip
+    parser.add_argument(
+        "--photos",
+        type=int,
+        nargs="+",
+        default=[60, 240],
+        help="photos in train/ (and as many in test/) (default: 60 240)",
+    )
     parser.add_argument("--classes", type=int, default=2)
     parser.add_argument("--method", choices=("linear", "knn"), default="linear")
     parser.add_argument("--tools", type=Path, default=Path("/work/shared/tools"))
@@ -77,20 +90,38 @@ def main() -> None:
         rows = []
         for photos in args.photos:
             folder = photo_folder(work / f"photos_{photos}", photos, args.classes, args.tools)
-            command = ["probe", str(checkpoint_path), "--data", str(folder), "--method",
-                       args.method, "--device", "cpu", "--json"]  # fmt: skip
+            command = [
+                "probe",
+                str(checkpoint_path),
+                "--data",
+                str(folder),
+                "--method",
+                args.method,
+                "--device",
+                "cpu",
+                "--json",
+            ]
             result = subprocess.run(
                 [sys.executable, __file__, "--measure", *command],
-                check=True, capture_output=True, text=True,
-            )  # fmt: skip
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             report = json.loads(result.stdout.strip().splitlines()[-1])
             peak, workers = report["peak"], report["workers"]
-            rows.append([
-                str(photos), str(photos), f"{peak / 1024**3:.2f}", f"{workers / 1024**3:.2f}",
-                "yes" if peak < GOAL_BYTES and report["code"] == 0 else "NO",
-            ])  # fmt: skip
-    print(f"vitkit probe --method {args.method}, vit_ti16 at 96 px, {args.classes} classes; "
-          f"CPU: {cpu_name()}")  # fmt: skip
+            rows.append(
+                [
+                    str(photos),
+                    str(photos),
+                    f"{peak / 1024**3:.2f}",
+                    f"{workers / 1024**3:.2f}",
+                    "yes" if peak < GOAL_BYTES and report["code"] == 0 else "NO",
+                ]
+            )
+    print(
+        f"vitkit probe --method {args.method}, vit_ti16 at 96 px, {args.classes} classes; "
+        f"CPU: {cpu_name()}"
+    )
     header = ["train photos", "test photos", "peak RSS (GB)", "largest worker (GB)", "< 2 GB"]
     print(markdown_table(header, rows))
 

@@ -32,8 +32,16 @@ CHANCE_BOUND = 0.4  # 30 test images at chance 0.1: 0.4 is over five standard de
 
 def random_vit(in_chans: int = 3) -> VisionTransformer:
     torch.manual_seed(0)
-    return VisionTransformer(img_size=8, patch_size=2, width=32, depth=1, num_heads=2,
-                             mlp_dim=64, num_classes=CLASSES, in_chans=in_chans)  # fmt: skip
+    return VisionTransformer(
+        img_size=8,
+        patch_size=2,
+        width=32,
+        depth=1,
+        num_heads=2,
+        mlp_dim=64,
+        num_classes=CLASSES,
+        in_chans=in_chans,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +120,14 @@ def test_the_seed_chooses_the_held_out_images(checkpoint: Path, tmp_path: Path) 
     data = str(noise_npz(tmp_path / "noise.npz"))
     model = random_vit()  # the checkpoint's weights: the same seed
     for seed in (0, 3):
-        args = argparse.Namespace(checkpoint=str(checkpoint), data=data, seed=seed,
-                                  batch_size=64, model=None, device="cpu")  # fmt: skip
+        args = argparse.Namespace(
+            checkpoint=str(checkpoint),
+            data=data,
+            seed=seed,
+            batch_size=64,
+            model=None,
+            device="cpu",
+        )
         features = frozen_features(args)
         expected = open_splits(data, 0.0, seed).test  # train's own held-out images
         torch.testing.assert_close(features.test_x, extract_features(model, expected))
@@ -169,8 +183,9 @@ def test_unreadable_files_are_skipped_and_counted(
     checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     data = noise_folder(tmp_path / "noise")
-    (data / "c0" / "truncated.png").write_bytes((data / "c0" / next(
-        p.name for p in (data / "c0").iterdir())).read_bytes()[:40])  # fmt: skip
+    (data / "c0" / "truncated.png").write_bytes(
+        (data / "c0" / next(p.name for p in (data / "c0").iterdir())).read_bytes()[:40]
+    )
     (data / "c1" / "notes.jpg").write_text("not an image")
     out = run_json(["probe", str(checkpoint), "--data", str(data)], capsys)
     assert out["skipped_files"] == 2

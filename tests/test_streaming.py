@@ -416,9 +416,20 @@ def test_pack_writes_the_training_samples_in_a_random_order(tmp_path: Path) -> N
 
 
 def tiny_config(data: Path, out: Path, **overrides: Any) -> TrainConfig:
-    values = dict(data=str(data), model="vit_digits", img_size=16, epochs=1, batch_size=4,
-                  lr=1e-3, warmup_epochs=0.5, data_in_memory="no", num_workers=0,
-                  out=str(out), log_every=1, max_unreadable_fraction=MESSY_LIMIT)  # fmt: skip
+    values = dict(
+        data=str(data),
+        model="vit_digits",
+        img_size=16,
+        epochs=1,
+        batch_size=4,
+        lr=1e-3,
+        warmup_epochs=0.5,
+        data_in_memory="no",
+        num_workers=0,
+        out=str(out),
+        log_every=1,
+        max_unreadable_fraction=MESSY_LIMIT,
+    )
     return TrainConfig.from_dict({**values, **overrides})
 
 
@@ -509,9 +520,26 @@ def test_two_processes_read_disjoint_parts_of_each_epoch(
     assert sorted(shards[0] + shards[1]) == sorted(train_ids)
     assert sorted(ranks[0]["shards"]["eval"] + ranks[1]["shards"]["eval"]) == sorted(train_ids)
     # and a whole run: the broken files of both ranks are counted once
-    flags = ["--data", str(messy), "--model", "vit_digits", "--img-size", "16", "--epochs", "1",
-             "--batch-size", "4", "--warmup-epochs", "0.5", "--data-in-memory", "no",
-             "--num-workers", "1", "--max-unreadable-fraction", str(MESSY_LIMIT)]  # fmt: skip
+    flags = [
+        "--data",
+        str(messy),
+        "--model",
+        "vit_digits",
+        "--img-size",
+        "16",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--warmup-epochs",
+        "0.5",
+        "--data-in-memory",
+        "no",
+        "--num-workers",
+        "1",
+        "--max-unreadable-fraction",
+        str(MESSY_LIMIT),
+    ]
     out = tmp_path / "ddp"
     done = subprocess.run([*torchrun, "-m", "vitkit", "train", *flags, "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip

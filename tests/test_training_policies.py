@@ -113,8 +113,11 @@ def test_a_time_boxed_run_ends_as_a_finished_run(
 
 
 def test_a_time_boxed_run_resumes_its_plan_exactly(
-    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:  # fmt: skip
+    tiny_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     simulated_clock(monkeypatch, 0.1)
     settings = dict(epochs=5, max_minutes=0.03, warmup_epochs=1.0)
     whole = train(config(tiny_data, tmp_path / "whole", **settings))
@@ -162,8 +165,9 @@ def test_abort_names_the_step_the_checkpoint_and_the_resume_command(
     assert "nan at step 12" in message and "(step 8, epoch 1)" in message
     assert f"vitkit train --resume {out} --on-nonfinite rollback" in message
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-    assert events == [dict(event="nonfinite", step=12, loss="nan", policy="abort",
-                           action="aborted")]  # fmt: skip
+    assert events == [
+        dict(event="nonfinite", step=12, loss="nan", policy="abort", action="aborted")
+    ]
 
 
 def test_skip_drops_the_step_and_gives_up_after_the_limit(
@@ -173,8 +177,9 @@ def test_skip_drops_the_step_and_gives_up_after_the_limit(
     summary = train(config(tiny_data, tmp_path / "skip", on_nonfinite="skip"))
     assert summary["steps"] == 3 * STEPS_PER_EPOCH  # the run kept its length
     assert [(e["step"], e["action"]) for e in summary["nonfinite_events"]] == [
-        (5, "skipped"), (13, "skipped"),
-    ]  # fmt: skip
+        (5, "skipped"),
+        (13, "skipped"),
+    ]
     records = train_records(tmp_path / "skip")
     # A skipped step is not averaged in: its line (one a step here) has no loss.
     assert [r["step"] for r in records if "loss" not in r] == [5, 13]
@@ -200,8 +205,11 @@ def test_rollback_reloads_the_last_checkpoint_at_half_the_learning_rate(
     assert summary["steps"] == total
     [event] = summary["nonfinite_events"]
     assert (event["step"], event["action"], event["resumed_at"], event["lr_scale"]) == (
-        12, "rolled back", 8, 0.5,
-    )  # fmt: skip
+        12,
+        "rolled back",
+        8,
+        0.5,
+    )
     assert summary["schedule"]["lr_scale"] == 0.5
     records = {r["step"]: r for r in train_records(tmp_path / "run")}
     assert sorted(records) == list(range(1, total + 1))  # steps 9-11 logged once
@@ -249,8 +257,21 @@ def test_best_holds_the_model_and_old_bests_still_load(
         assert torch.equal(tensor, weights(old / "last.safetensors")[name])
     assert main(["eval", str(old / "best.safetensors"), "--data", str(tiny_data)]) == 0
     assert "/100)" in capsys.readouterr().out
-    tuned = main(["finetune", "--from", str(old / "best.safetensors"), "--data", str(tiny_data),
-                  "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path / "ft")])  # fmt: skip
+    tuned = main(
+        [
+            "finetune",
+            "--from",
+            str(old / "best.safetensors"),
+            "--data",
+            str(tiny_data),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--out",
+            str(tmp_path / "ft"),
+        ]
+    )
     assert tuned == 0
 
 
@@ -262,8 +283,20 @@ def test_only_rank_0_logs_under_torchrun(tiny_data: Path, tmp_path: Path, rank: 
     """A worker of rank 1 (torchrun sets RANK; without MASTER_ADDR the process trains alone)
     logs errors only, where rank 0 logs its info lines."""
     env = {**os.environ, "RANK": rank, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "vitkit", "train", "--data", str(tiny_data), "--steps",
-               "2", "--batch-size", "32", "--out", str(tmp_path / "run")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "vitkit",
+        "train",
+        "--data",
+        str(tiny_data),
+        "--steps",
+        "2",
+        "--batch-size",
+        "32",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert ("training 136,138-parameter" in done.stderr) == (rank == "0"), done.stderr[-3000:]
@@ -306,8 +339,19 @@ def test_photos_train_a_photo_model_and_the_log_says_why(
 ) -> None:
     photos = photo_folder(tmp_path / "photos")
     with caplog.at_level(logging.INFO):
-        code = main(["train", "--data", str(photos), "--steps", "1", "--batch-size", "4",
-                     "--out", str(tmp_path / "run")])  # fmt: skip
+        code = main(
+            [
+                "train",
+                "--data",
+                str(photos),
+                "--steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
     assert code == 0
     cfg = json.loads((tmp_path / "run/config.json").read_text())
     assert (cfg["model"], cfg["img_size"]) == ("vit_ti16", 96)
@@ -318,8 +362,24 @@ def test_photos_train_a_photo_model_and_the_log_says_why(
         "chooses another)"
     ]
     # A config that names a model keeps it.
-    assert main(["train", "--data", str(photos), "--model", "vit_micro", "--steps", "1",
-                 "--batch-size", "4", "--out", str(tmp_path / "named")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(photos),
+                "--model",
+                "vit_micro",
+                "--steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--out",
+                str(tmp_path / "named"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "named/config.json").read_text())["model"] == "vit_micro"
 
 
@@ -337,9 +397,21 @@ def test_finetuning_says_its_resolution(
     train(config(tiny_data, tmp_path / "digits", epochs=1))
     photos = photo_folder(tmp_path / "photos")
     with caplog.at_level(logging.INFO):
-        code = main(["finetune", "--from", str(tmp_path / "digits/best.safetensors"), "--data",
-                     str(photos), "--steps", "1", "--batch-size", "4",
-                     "--out", str(tmp_path / "ft")])  # fmt: skip
+        code = main(
+            [
+                "finetune",
+                "--from",
+                str(tmp_path / "digits/best.safetensors"),
+                "--data",
+                str(photos),
+                "--steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--out",
+                str(tmp_path / "ft"),
+            ]
+        )
     assert code == 0
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fine-tuning")]
     assert said == [
@@ -376,11 +448,34 @@ def test_under_torchrun_every_rank_rolls_back_and_rank_0_logs_once(
     tiny_data: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               "2", "--no-python", sys.executable, "-c", POISON_RANK_1, "12",
-               "train", "--data", str(tiny_data), "--epochs", "2", "--batch-size", "32",
-               "--val-fraction", "0.2", "--warmup-epochs", "1", "--on-nonfinite", "rollback",
-               "--out", str(out)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--no-python",
+        sys.executable,
+        "-c",
+        POISON_RANK_1,
+        "12",
+        "train",
+        "--data",
+        str(tiny_data),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--val-fraction",
+        "0.2",
+        "--warmup-epochs",
+        "1",
+        "--on-nonfinite",
+        "rollback",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-5000:]

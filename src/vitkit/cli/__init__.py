@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # The library reports through logging; the command line shows its info lines plainly,
     # once: under torchrun the other ranks would repeat every line, so they show errors only.
-    logging.basicConfig(level=logging.INFO if is_main_rank() else logging.ERROR,
-                        format="%(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO if is_main_rank() else logging.ERROR, format="%(message)s"
+    )
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows up here rather than at exit

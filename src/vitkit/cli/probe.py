@@ -43,13 +43,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     features = frozen_features(args)
     train_x, train_y, test_x, test_y = (
-        features.train_x, features.train_y, features.test_x, features.test_y,
-    )  # fmt: skip
+        features.train_x,
+        features.train_y,
+        features.test_x,
+        features.test_y,
+    )
     if args.method == "linear":
         result = linear_probe(train_x, train_y, test_x, test_y, args.weight_decay, args.max_iter)
         settings: dict[str, object] = {
-            "weight_decay": args.weight_decay, "max_iter": args.max_iter,
-        }  # fmt: skip
+            "weight_decay": args.weight_decay,
+            "max_iter": args.max_iter,
+        }
     else:
         k_used = min(args.k, len(train_x))
         if k_used < args.k:

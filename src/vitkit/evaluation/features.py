@@ -48,9 +48,13 @@ def prepare_source(model: Any, source: DataSource) -> None:
 
 
 def evaluation_inputs(
-    model: Any, data: DataSource | ImageDataset, batch_size: int, *, rank: int = 0,
+    model: Any,
+    data: DataSource | ImageDataset,
+    batch_size: int,
+    *,
+    rank: int = 0,
     world_size: int = 1,
-) -> Iterator[tuple[torch.Tensor, Batch]]:  # fmt: skip
+) -> Iterator[tuple[torch.Tensor, Batch]]:
     """(model inputs on the model's device, the batch they came from: labels, file names) for
     every image of ``data`` once (this process's share under ``world_size``): what
     ``evaluate`` scores and ``source_features`` embeds. A streamed source leaves out files it

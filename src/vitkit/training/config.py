@@ -213,8 +213,10 @@ class TrainConfig:
                 problems.append(message)
 
         if self.init_from is None:
-            check(self.model is None or self.model in list_models(), f"model {self.model!r} is "
-                  "not registered: choose one of `vitkit models`")  # fmt: skip
+            check(
+                self.model is None or self.model in list_models(),
+                f"model {self.model!r} is not registered: choose one of `vitkit models`",
+            )
         else:
             check(Path(self.init_from).exists(), f"init_from {self.init_from} does not exist")
         check(self.img_size is None or self.img_size > 0, "img_size must be positive")
@@ -252,8 +254,10 @@ class TrainConfig:
         else:
             check(not self.lr_drops, "lr_drops is only used by schedule 'bit': set --schedule bit")
         check(self.grad_clip >= 0, "grad_clip must be >= 0 (0 = off)")
-        check(self.on_nonfinite in NONFINITE_POLICIES,
-              f"on_nonfinite must be one of {NONFINITE_POLICIES}")  # fmt: skip
+        check(
+            self.on_nonfinite in NONFINITE_POLICIES,
+            f"on_nonfinite must be one of {NONFINITE_POLICIES}",
+        )
         check(self.max_skipped_steps >= 0, "max_skipped_steps must be >= 0")
         check(self.max_rollbacks >= 0, "max_rollbacks must be >= 0")
         check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")

@@ -87,9 +87,13 @@ Progress = Callable[[int, int, dict[str, Any] | None], None]
 # Settings a resumed run may change: how it runs (and what it does about a non-finite loss),
 # not what it learns.
 RESUME_OPTIONS = (
-    "parallel", "activation_checkpointing", "compile", "on_nonfinite", "max_skipped_steps",
+    "parallel",
+    "activation_checkpointing",
+    "compile",
+    "on_nonfinite",
+    "max_skipped_steps",
     "max_rollbacks",
-)  # fmt: skip
+)
 # --on-nonfinite rollback multiplies the learning rate by this at each rollback.
 ROLLBACK_LR_FACTOR = 0.5
 
@@ -233,8 +237,13 @@ def _train(
     if resume is not None:  # from step 0 if the run was stopped before its first checkpoint
         run.cut_metrics(session.state.step)
         if process.is_main:
-            logger.info("resuming %s at step %d of %d, epoch %d", run.path, session.state.step,
-                        session.total_steps, session.state.epoch)  # fmt: skip
+            logger.info(
+                "resuming %s at step %d of %d, epoch %d",
+                run.path,
+                session.state.step,
+                session.total_steps,
+                session.state.epoch,
+            )
     if resume is None or resume_options:  # a resumed run's, with the RESUME_OPTIONS it changed
         run.write_json(run.config, cfg.to_dict())
     session.log_start()
@@ -301,8 +310,21 @@ class Session:
         optimizer = build_optimizer(trainable, cfg)
         warmup_steps = warmup_length(cfg, steps_per_epoch, total_steps)
         scheduler = build_schedule(optimizer, warmup_steps, total_steps, cfg.schedule, cfg.lr_drops)
-        session = cls(cfg, process, run, task, splits, evaluators, model, trainable, net,
-                      optimizer, scheduler, LoopState(), steps_per_epoch)  # fmt: skip
+        session = cls(
+            cfg,
+            process,
+            run,
+            task,
+            splits,
+            evaluators,
+            model,
+            trainable,
+            net,
+            optimizer,
+            scheduler,
+            LoopState(),
+            steps_per_epoch,
+        )
         if latest is not None:
             session.restore(latest, saved)
         session.started -= session.state.wall_seconds
@@ -397,8 +419,12 @@ class Session:
                                 cfg.max_minutes, state.step, self.total_steps)  # fmt: skip
                     return
         if self.plan.history and self.process.is_main:
-            logger.info("the %g-minute budget fitted the schedule to %d steps (of %d configured)",
-                        cfg.max_minutes, state.step, self.plan.configured_steps)  # fmt: skip
+            logger.info(
+                "the %g-minute budget fitted the schedule to %d steps (of %d configured)",
+                cfg.max_minutes,
+                state.step,
+                self.plan.configured_steps,
+            )
 
     def step(self, batches: Iterator[Batch]) -> bool:
         """One optimizer step: ``accum_steps`` micro-batches, each with its own seeds. False
@@ -534,8 +560,13 @@ class Session:
         if abs(fitting - plan.total_steps) > max(0.01 * (plan.total_steps - state.step), 0.5):
             first = not plan.history
             warmup = round(plan.configured_warmup * fitting / plan.configured_steps)
-            plan.refit(state.step, fitting, warmup, seconds_per_step=round(per_step, 6),
-                       reason="fitted to the time budget" if first else "speed re-measured")  # fmt: skip
+            plan.refit(
+                state.step,
+                fitting,
+                warmup,
+                seconds_per_step=round(per_step, 6),
+                reason="fitted to the time budget" if first else "speed re-measured",
+            )
             if self.process.is_main and first:
                 logger.info(
                     "%.3g s a step: %d steps fit in the %g-minute budget; the schedule "
@@ -612,8 +643,12 @@ def with_chosen_model(cfg: TrainConfig, splits: Splits, process: Process) -> Tra
     choice = choose_model(cfg.data, splits.train)
     img_size = cfg.img_size or choice.img_size
     if process.is_main:
-        logger.info("no --model given: %s%s for %s (--model chooses another)", choice.model,
-                    f" at {img_size} px" if img_size else "", choice.reason)  # fmt: skip
+        logger.info(
+            "no --model given: %s%s for %s (--model chooses another)",
+            choice.model,
+            f" at {img_size} px" if img_size else "",
+            choice.reason,
+        )
     return cfg.replace(model=choice.model, img_size=img_size)
 
 
@@ -621,8 +656,10 @@ def finetune_resolution_note(size: tuple[int, int], train: DataSource) -> str:
     """Why a fine-tuning run without --img-size runs at the checkpoint's resolution."""
     side = image_side(train)
     seen = f"the images are about {side} px" if side is not None else "the images' size unknown"
-    note = (f"fine-tuning at the checkpoint's resolution, {size[0]}x{size[1]} px ({seen}); "
-            "--img-size sets another (higher resizes the position embeddings)")  # fmt: skip
+    note = (
+        f"fine-tuning at the checkpoint's resolution, {size[0]}x{size[1]} px ({seen}); "
+        "--img-size sets another (higher resizes the position embeddings)"
+    )
     if side is not None and side >= 4 * max(size):
         note += f": at {max(size)} px most of the images' detail is lost"
     return note
@@ -737,21 +774,30 @@ def read_latest_checkpoint(
     """The run's latest checkpoint and, unless it is sharded (each process reads its own
     part), its content: the main process picks and reads it (other nodes may not see its
     disk), whole, and every process gets it."""
-    latest = cast(Path | None, distributed.broadcast_object(
-        run.latest_checkpoint() if process.is_main else None, process
-    ))  # fmt: skip
+    latest = cast(
+        Path | None,
+        distributed.broadcast_object(run.latest_checkpoint() if process.is_main else None, process),
+    )
     if latest is None or latest.is_dir():
         return latest, None
-    saved = cast(SavedTraining, distributed.broadcast_object(
-        run.load_checkpoint(latest) if process.is_main else None, process
-    ))  # fmt: skip
+    saved = cast(
+        SavedTraining,
+        distributed.broadcast_object(
+            run.load_checkpoint(latest) if process.is_main else None, process
+        ),
+    )
     return latest, saved
 
 
 def nonfinite_event(step: int, loss: float, policy: str, action: str) -> dict[str, Any]:
     """A line of events.jsonl (and of the summary's ``nonfinite_events``)."""
-    return dict(event="nonfinite", step=step, loss=loss if math.isfinite(loss) else str(loss),
-                policy=policy, action=action)  # fmt: skip
+    return dict(
+        event="nonfinite",
+        step=step,
+        loss=loss if math.isfinite(loss) else str(loss),
+        policy=policy,
+        action=action,
+    )
 
 
 def nonfinite_cause(loss: float) -> str:
@@ -763,8 +809,10 @@ def nonfinite_cause(loss: float) -> str:
 
 
 def diverged_message(run: RunFolder, state: LoopState, loss: float) -> str:
-    again = ("start again with a lower --lr, a longer --warmup-epochs or gradient clipping "
-             "(--grad-clip 1)")  # fmt: skip
+    again = (
+        "start again with a lower --lr, a longer --warmup-epochs or gradient clipping "
+        "(--grad-clip 1)"
+    )
     latest = run.latest_checkpoint()
     if latest is None:
         return f"{nonfinite_cause(loss)} at step {state.step + 1}, before the first checkpoint: {again}"

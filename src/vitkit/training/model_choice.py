@@ -79,6 +79,8 @@ def choose_model(data: str, source: DataSource) -> ModelChoice:
         return ModelChoice("vit_cifar", None, f"{seen}: the model of CIFAR's 32x32 images")
     size = PHOTO_FULL_SIDE if count >= MANY_IMAGES and side >= PHOTO_FULL_SIDE else PHOTO_SMALL_SIDE
     return ModelChoice(
-        "vit_ti16", size, f"{seen}: photos, for ViT-Ti/16 (the smallest of the paper's family) "
+        "vit_ti16",
+        size,
+        f"{seen}: photos, for ViT-Ti/16 (the smallest of the paper's family) "
         f"at {size} px" + (" for so few images" if size == PHOTO_SMALL_SIDE else ""),
-    )  # fmt: skip
+    )

@@ -67,8 +67,9 @@ class SchedulePlan:
     continues it exactly; a checkpoint from before plans existed leaves the configured one.
     """
 
-    def __init__(self, warmup_steps: int, total_steps: int, schedule: str,
-                 drops: Sequence[int] = ()) -> None:  # fmt: skip
+    def __init__(
+        self, warmup_steps: int, total_steps: int, schedule: str, drops: Sequence[int] = ()
+    ) -> None:
         self.configured_warmup, self.configured_steps = warmup_steps, total_steps
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
@@ -112,16 +113,21 @@ class SchedulePlan:
         progress = self.progress(step - 1) if step > 0 else 0.0
         self.anchor_step, self.anchor_value, self.anchor_progress = step, value, progress
         self.warmup_steps, self.total_steps = warmup_steps, max(total_steps, step)
-        self.history.append(dict(step=step, total_steps=self.total_steps,
-                                 warmup_steps=warmup_steps, **why))  # fmt: skip
+        self.history.append(
+            dict(step=step, total_steps=self.total_steps, warmup_steps=warmup_steps, **why)
+        )
 
     def describe(self) -> dict[str, Any]:
         """The plan for summary.json: its steps as configured and as fitted, and each refit."""
         return dict(
-            schedule=self.schedule, configured_steps=self.configured_steps,
-            configured_warmup_steps=self.configured_warmup, total_steps=self.total_steps,
-            warmup_steps=self.warmup_steps, lr_scale=self.lr_scale, refits=self.history,
-        )  # fmt: skip
+            schedule=self.schedule,
+            configured_steps=self.configured_steps,
+            configured_warmup_steps=self.configured_warmup,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            lr_scale=self.lr_scale,
+            refits=self.history,
+        )
 
 
 def decayed(progress: float, schedule: str) -> float:
