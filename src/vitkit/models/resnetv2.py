@@ -39,7 +39,6 @@ of one forward pass, 2 per multiply-add, as ``FlopCounterMode`` counts them):
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
@@ -52,13 +51,14 @@ from vitkit.models.layers import lecun_normal_
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.models.resnet import StdConv2d, bottleneck_plan, group_norm, needs_projection
 from vitkit.models.vit import to_pair
+from vitkit.utils.config import ConfigMixin
 
 Stem = Literal["bit", "conv3x3"]
 STEMS: tuple[str, ...] = ("bit", "conv3x3")
 
 
 @dataclass
-class ResNetV2Config:
+class ResNetV2Config(ConfigMixin):
     """Everything that defines a BiT ResNet-v2; saved as ``config.json`` beside the weights.
 
     ``layers`` counts the bottleneck units per stage (ResNet-50: 3, 4, 6, 3); the stem has
@@ -67,6 +67,8 @@ class ResNetV2Config:
     for small images (CIFAR-style: no early downsampling of 32x32 inputs). ResNets take any
     input size; ``img_size`` is the size the model is trained and evaluated at.
     """
+
+    config_name = "ResNet-v2 config"
 
     img_size: tuple[int, int] = (224, 224)
     in_chans: int = 3
@@ -120,24 +122,6 @@ class ResNetV2Config:
     def reduction(self) -> int:
         """How much smaller the final feature map is than the image, per side."""
         return (4 if self.stem == "bit" else 1) * 2 ** (len(self.layers) - 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["img_size"], d["layers"] = list(self.img_size), list(self.layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ResNetV2Config:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown ResNet-v2 config keys {unknown}; known keys are {sorted(known)}"
-            )
-        return cls(**d)
-
-    def replace(self, **overrides: Any) -> ResNetV2Config:
-        return ResNetV2Config.from_dict({**self.to_dict(), **overrides})
 
 
 class PreActBottleneck(nn.Module):

@@ -8,7 +8,6 @@ layer (pre-training) → linear head.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
@@ -20,6 +19,7 @@ from vitkit.models.layers import AttentionImpl, Block, lecun_normal_
 from vitkit.models.posembed import POS_EMBED_KINDS, Grid, PosEmbedKind, PositionEmbedding
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.models.resnet import ResNetBackbone
+from vitkit.utils.config import ConfigMixin
 
 ClassifierKind = Literal["token", "gap"]
 GeluKind = Literal["tanh", "none"]
@@ -34,8 +34,10 @@ def to_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 @dataclass
-class ViTConfig:
+class ViTConfig(ConfigMixin):
     """Everything that defines a ViT; saved as ``config.json`` beside the weights."""
+
+    config_name = "ViT config"
 
     img_size: tuple[int, int] = (224, 224)
     patch_size: tuple[int, int] = (16, 16)
@@ -131,24 +133,6 @@ class ViTConfig:
             self.img_size[0] // (self.patch_size[0] * r),
             self.img_size[1] // (self.patch_size[1] * r),
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for key in ("img_size", "patch_size", "resnet_layers"):
-            if d[key] is not None:
-                d[key] = list(d[key])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ViT config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**d)
-
-    def replace(self, **overrides: Any) -> ViTConfig:
-        return ViTConfig.from_dict({**self.to_dict(), **overrides})
 
 
 PatchHook = Callable[[torch.Tensor], torch.Tensor]
