@@ -28,6 +28,7 @@ from vitkit.data.sources import Batch, DataSource, InMemorySource, SourceInfo
 from vitkit.models import create_model
 from vitkit.training import LoopState, TrainConfig, TrainingInterrupted, train
 from vitkit.training import loop as loop_module
+from vitkit.training import run as run_module
 from vitkit.training.distributed import Process
 from vitkit.training.run import RunFolder
 from vitkit.training.tasks import TASKS, StepResult, Task, register_task
@@ -252,9 +253,9 @@ def test_ctrl_c_says_where_to_resume(
 def test_two_runs_started_in_the_same_second_get_their_own_folders(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(loop_module, "default_out", lambda cfg: tmp_path / "runs/digits-same")
-    first = loop_module.claim_run_folder(None, TrainConfig())
-    second = loop_module.claim_run_folder(None, TrainConfig())
+    monkeypatch.setattr(run_module, "default_out", lambda cfg: tmp_path / "runs/digits-same")
+    first = run_module.claim_run_folder(None, TrainConfig())
+    second = run_module.claim_run_folder(None, TrainConfig())
     assert first != second and first.is_dir() and second.is_dir()
     assert second.name == "digits-same-2"
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from vitkit.checkpoints import load_pretrained
 from vitkit.cli import main
 from vitkit.data import load_dataset
-from vitkit.data.readers import read_unlabelled
+from vitkit.data.folders import read_unlabelled
 from vitkit.evaluation import extract_features, fewshot_protocol
 from vitkit.training import PRETRAIN_DEFAULTS, TrainConfig, TrainingInterrupted, train
 from vitkit.training.run import RunFolder

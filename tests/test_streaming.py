@@ -29,8 +29,8 @@ from safetensors.torch import load_file
 from vitkit.cli import main
 from vitkit.data import AugmentConfig, BatchTransform, load_dataset
 from vitkit.data.datasets import batch_indices, epoch_permutation
+from vitkit.data.folders import list_image_folder
 from vitkit.data.images import open_image, to_model_input, upright
-from vitkit.data.readers import list_image_folder
 from vitkit.data.shards import ShardSource, parse_size, write_shards
 from vitkit.data.sources import DataOptions, InMemorySource, open_source, open_splits
 from vitkit.data.streaming import StreamingFolderSource, View, load_view, random_box

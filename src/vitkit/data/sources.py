@@ -33,14 +33,9 @@ from vitkit.data.base import (
     SourceInfo,
 )
 from vitkit.data.datasets import ImageDataset, differing_classes, iterate_batches
+from vitkit.data.folders import FolderListing, list_image_folder, read_unlabelled
 from vitkit.data.images import open_image, upright_size
-from vitkit.data.readers import (
-    FolderListing,
-    is_image_folder,
-    list_image_folder,
-    load_dataset,
-    read_unlabelled,
-)
+from vitkit.data.readers import is_image_folder, load_dataset
 from vitkit.data.shards import ShardSource, is_shards, read_index
 from vitkit.data.streaming import StreamingFolderSource
 from vitkit.models.preprocessing import EvalPreprocessing

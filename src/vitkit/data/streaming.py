@@ -44,8 +44,8 @@ from vitkit.data.base import (
     default_workers,
 )
 from vitkit.data.datasets import batch_indices, stratified_split
+from vitkit.data.folders import FolderListing
 from vitkit.data.images import UnreadableImage, open_image, preprocess, upright, upright_size
-from vitkit.data.readers import FolderListing
 from vitkit.models.preprocessing import EvalPreprocessing
 
 DRAFT_FACTOR = 2  # decode a JPEG at a reduced size once it is twice as large as needed

@@ -15,14 +15,11 @@ weights on the same hardware.
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -46,7 +43,14 @@ from vitkit.training.optim import (
     build_schedule,
     schedule_plan,
 )
-from vitkit.training.run import RunFolder, SavedTraining
+from vitkit.training.run import (  # the run-folder functions' home was here
+    RunFolder,
+    SavedTraining,
+    open_run_folder,
+    resumable_config,
+)
+from vitkit.training.run import claim_run_folder as claim_run_folder
+from vitkit.training.run import default_out as default_out
 from vitkit.training.tasks import Task, build_task
 
 logger = logging.getLogger(__name__)
@@ -102,35 +106,6 @@ def derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint32)[0])
 
 
-def default_out(cfg: TrainConfig) -> Path:
-    name = "digits" if cfg.data == "digits" else Path(cfg.data).name
-    return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-def claim_run_folder(out: Path | None, cfg: TrainConfig) -> Path:
-    """Create the run folder, atomically: two runs never share one. An explicit ``out`` must
-    be new or empty; the default name gets a suffix when another run took it first."""
-    if out is not None:
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file: give a folder for the run")
-        if out.exists() and any(out.iterdir()):
-            raise ValueError(
-                f"{out} is not empty: continue that run with --resume {out}, or give another --out"
-            )
-        out.mkdir(parents=True, exist_ok=True)
-        return out
-    base = default_out(cfg)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in itertools.count(1):
-        candidate = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
-        try:
-            candidate.mkdir()  # fails if another run created it, even a moment ago
-            return candidate
-        except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
-
-
 def train(
     cfg: TrainConfig | None = None,
     resume: str | Path | None = None,
@@ -160,41 +135,6 @@ def train(
         return _train(cfg, folder, process, progress, resume_options)
     finally:
         distributed.stop(process)
-
-
-def open_run_folder(cfg: TrainConfig, process: Process) -> RunFolder:
-    """Claim a new run folder: the main process creates it and every process takes its
-    answer (a process that looked later would see the main process's first files)."""
-    claimed: Path | str | None = None
-    if process.is_main:
-        try:
-            claimed = claim_run_folder(Path(cfg.out) if cfg.out else None, cfg)
-        except ValueError as err:
-            claimed = str(err)
-    claimed = distributed.broadcast_object(claimed, process)
-    if isinstance(claimed, str):
-        raise ValueError(claimed)
-    assert claimed is not None  # the main process's folder
-    return RunFolder(claimed, process.is_main)
-
-
-def resumable_config(folder: Path) -> TrainConfig:
-    """The config of the run in ``folder``, after checking that resuming loses nothing."""
-    run = RunFolder(folder)
-    if not run.holds_run():
-        raise ValueError(f"{folder} holds no run to resume (no config.json there)")
-    if run.latest_checkpoint() is None and (run.best.is_file() or run.read_metrics()):
-        raise ValueError(
-            f"{run.last} is missing (and so is {run.sharded_last.name}) although the run "
-            "logged progress: resuming would start "
-            f"again from step 0 and overwrite {run.best.name} and {run.metrics.name}; restore "
-            "last.safetensors from a copy, or start a new run (`vitkit finetune --from "
-            f"{run.best}` continues from the best model)"
-        )
-    try:
-        return TrainConfig.from_dict(json.loads(run.config.read_text()))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{run.config} is not valid JSON ({err})") from None
 
 
 def _train(

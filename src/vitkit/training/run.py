@@ -24,10 +24,12 @@ checkpoint's step on resume.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,6 +40,7 @@ from vitkit.checkpoints import sharded
 from vitkit.checkpoints.native import STATE_PREFIX, load_tensors, read_metadata, save_pretrained
 from vitkit.models.registry import architecture_of
 from vitkit.training import distributed
+from vitkit.training.config import TrainConfig
 from vitkit.training.distributed import Process
 from vitkit.utils.files import atomic_write
 from vitkit.utils.runlayout import RunLayout
@@ -277,18 +280,17 @@ class RunFolder(RunLayout):
         split (training and each evaluator)."""
         if not self.writer:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A Figure of its own (the Agg canvas), not pyplot: no global state, no display needed.
+        from matplotlib.figure import Figure
 
         records = self.read_metrics()
         not_metrics = {"split", "epoch", "step", "lr", "images_per_second"}
         names = sorted({k for r in records for k, v in r.items()
                         if k not in not_metrics and isinstance(v, int | float)})  # fmt: skip
         names = sorted(names, key=lambda n: (n != "loss", n))  # the loss first
-        fig, axes = plt.subplots(1, max(len(names), 1), figsize=(5.5 * max(len(names), 1), 4),
-                                 squeeze=False)  # fmt: skip
+        panels = max(len(names), 1)
+        fig = Figure(figsize=(5.5 * panels, 4))
+        axes = fig.subplots(1, panels, squeeze=False)
         splits = list(dict.fromkeys(r["split"] for r in records))
         for ax, name in zip(axes[0], names, strict=False):
             for split in splits:
@@ -305,4 +307,67 @@ class RunFolder(RunLayout):
                 ax.set_yscale("log")
         fig.tight_layout()
         atomic_write(self.curves, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-        plt.close(fig)
+
+
+def default_out(cfg: TrainConfig) -> Path:
+    name = "digits" if cfg.data == "digits" else Path(cfg.data).name
+    return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def claim_run_folder(out: Path | None, cfg: TrainConfig) -> Path:
+    """Create the run folder, atomically: two runs never share one. An explicit ``out`` must
+    be new or empty; the default name gets a suffix when another run took it first."""
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file: give a folder for the run")
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(
+                f"{out} is not empty: continue that run with --resume {out}, or give another --out"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    base = default_out(cfg)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in itertools.count(1):
+        candidate = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
+        try:
+            candidate.mkdir()  # fails if another run created it, even a moment ago
+            return candidate
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def open_run_folder(cfg: TrainConfig, process: Process) -> RunFolder:
+    """Claim a new run folder: the main process creates it and every process takes its
+    answer (a process that looked later would see the main process's first files)."""
+    claimed: Path | str | None = None
+    if process.is_main:
+        try:
+            claimed = claim_run_folder(Path(cfg.out) if cfg.out else None, cfg)
+        except ValueError as err:
+            claimed = str(err)
+    claimed = distributed.broadcast_object(claimed, process)
+    if isinstance(claimed, str):
+        raise ValueError(claimed)
+    assert claimed is not None  # the main process's folder
+    return RunFolder(claimed, process.is_main)
+
+
+def resumable_config(folder: Path) -> TrainConfig:
+    """The config of the run in ``folder``, after checking that resuming loses nothing."""
+    run = RunFolder(folder)
+    if not run.holds_run():
+        raise ValueError(f"{folder} holds no run to resume (no config.json there)")
+    if run.latest_checkpoint() is None and (run.best.is_file() or run.read_metrics()):
+        raise ValueError(
+            f"{run.last} is missing (and so is {run.sharded_last.name}) although the run "
+            "logged progress: resuming would start "
+            f"again from step 0 and overwrite {run.best.name} and {run.metrics.name}; restore "
+            "last.safetensors from a copy, or start a new run (`vitkit finetune --from "
+            f"{run.best}` continues from the best model)"
+        )
+    try:
+        return TrainConfig.from_dict(json.loads(run.config.read_text()))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{run.config} is not valid JSON ({err})") from None
