@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from _common import cpu_name, device_sync, markdown_table, timed_calls
 
-from vitkit.analysis.scaling import ScalingExperiment, run_scaling
 from vitkit.analysis.scaling import markdown_table as runs_table
 from vitkit.checkpoints import load_pretrained
+from vitkit.experiments.scaling import ScalingExperiment, run_scaling
 from vitkit.training.config import read_toml
 
 RECIPE = Path(__file__).with_name("recipes") / "cifar10_scaling.toml"

@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 import torch
 
-from vitkit.analysis import scaling
-from vitkit.analysis.scaling import ScalingExperiment, run_scaling
+from vitkit.analysis.scaling import COMPUTE_FIGURE, SIZE_FIGURE
 from vitkit.cli import main
 from vitkit.data import load_dataset
 from vitkit.data.sources import open_splits
+from vitkit.experiments import scaling
+from vitkit.experiments.scaling import ScalingExperiment, run_scaling
 from vitkit.models import create_model, flops_per_image, model_config
 from vitkit.training import TrainConfig, TrainingInterrupted, train
 from vitkit.training.optim import build_schedule, lr_factor
@@ -212,7 +213,7 @@ def test_scaling_experiment_killed_then_rerun(
     assert capsys.readouterr().out.startswith(table[0])
     report = (out / "report.html").read_text()
     assert "<th>test accuracy</th>" in report and report.count("<td>vit_digits</td>") == 2
-    for figure in (scaling.SIZE_FIGURE, scaling.COMPUTE_FIGURE):
+    for figure in (SIZE_FIGURE, COMPUTE_FIGURE):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert figure in report
 
@@ -221,26 +222,36 @@ def test_scaling_experiment_killed_then_rerun(
                                       base=dict(QUICK)))  # fmt: skip
 
 
-def test_scaling_under_a_time_budget_sizes_the_schedule_and_reruns_nothing(
+def test_scaling_under_a_time_budget_is_time_boxed_by_the_loop_and_reruns_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def experiment() -> ScalingExperiment:
-        return ScalingExperiment("digits", [0.1], ["vit_digits"], tmp_path, budget_minutes=0.005,
-                                 base=dict(QUICK))  # fmt: skip
+        return ScalingExperiment(
+            "digits", [0.1], ["vit_digits"], tmp_path, budget_minutes=0.005, base=dict(QUICK)
+        )
 
-    monkeypatch.setattr(scaling, "measure_train_speed", lambda cfg: 32 * 2.5 / 0.3)  # 2.5 steps
     (row,) = run_scaling(experiment())
-    cfg = json.loads((tmp_path / "runs/vit_digits-f0.1/config.json").read_text())
-    assert (cfg["max_minutes"], cfg["steps"]) == (0.005, 2)
-    assert 1 <= row["steps"] <= 2
-    monkeypatch.setattr(scaling, "measure_train_speed", lambda cfg: 1e9)  # a rerun: no new steps
+    run = tmp_path / "runs/vit_digits-f0.1"
+    cfg = json.loads((run / "config.json").read_text())
+    # The budget goes to the run itself, which sizes its schedule as it trains.
+    assert (cfg["max_minutes"], cfg["steps"]) == (0.005, 0)
+    summary = json.loads((run / "summary.json").read_text())
+    configured = 150 * (digits_examples(0.1) // 32)  # the default epochs bound the length
+    assert summary["budget_spent"] and 1 <= row["steps"] < configured
     monkeypatch.setattr(scaling, "train", lambda *a, **k: pytest.fail("a finished run retrained"))
     assert run_scaling(experiment()) == [row]
 
 
-def test_measure_train_speed_is_positive() -> None:
-    cfg = TrainConfig.from_dict(dict(QUICK, model="vit_digits", train_fraction=0.1))
-    assert scaling.measure_train_speed(cfg, steps=1) > 0
+def test_a_budget_run_folder_of_the_calibrating_version_is_read_back(tmp_path: Path) -> None:
+    """Before runs were time-boxed by the loop the experiment wrote its calibrated ``steps``
+    into each run's config; such a folder still counts as the same run."""
+    experiment = ScalingExperiment(
+        "digits", [0.1], ["vit_digits"], tmp_path, budget_minutes=0.005, base=dict(QUICK)
+    )
+    (row,) = run_scaling(experiment)
+    config = tmp_path / "runs/vit_digits-f0.1/config.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), steps=7)))
+    assert run_scaling(experiment) == [row]
 
 
 def test_experiment_refuses_bad_plans() -> None:

@@ -10,11 +10,10 @@ from vitkit.analysis.scaling import (
     REPORT_FILE,
     RESULTS_CSV,
     SIZE_FIGURE,
-    ScalingExperiment,
     markdown_table,
-    run_scaling,
 )
 from vitkit.cli.train import progress_bar
+from vitkit.experiments.scaling import ScalingExperiment, run_scaling
 from vitkit.training.config import read_toml
 
 
@@ -45,8 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     length.add_argument("--epochs", type=int, help="train every run for N epochs of its data")
     length.add_argument(
         "--budget-minutes", type=float, metavar="T",
-        help="train every run for T minutes (time in training steps; the schedule's length is "
-        "what the model's measured speed fits into T)",
+        help="train every run for T minutes (time in training steps; the schedule is fitted to "
+        "the steps that fit into T at the speed measured as the run goes)",
     )  # fmt: skip
     scaling.add_argument(
         "--config", type=Path,

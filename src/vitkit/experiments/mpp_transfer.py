@@ -1,0 +1,253 @@
+"""Does masked patch prediction help, in small? The paper's self-supervision claim on one
+labelled dataset (CIFAR-10 by default; ``benchmarks/mpp_transfer.py`` runs it):
+
+1. Pre-train the model by masked patch prediction (``vitkit pretrain``'s defaults: 50% of the
+   patches corrupted, 3-bit mean colour targets, Adam 2e-4, warm-up, cosine) on the training
+   images for ``minutes`` (the MPP task never reads the labels).
+2. Few-shot linear accuracy (10 and 25 shots per class, 3 seeds, the paper's closed-form
+   ridge regression on frozen features) of that model, of the same model at random
+   initialisation and of it trained with labels for the same minutes.
+3. Fine-tune the MPP model with 1%, 10% and 100% of the labels (``vitkit finetune``'s recipe,
+   SGD) for ``finetune_minutes``, against the same model trained from scratch on those labels
+   for the same total time: pre-training plus fine-tuning minutes.
+
+Every run is an ordinary run folder under ``out`` trained for its minutes by the training
+loop's time budget (``max_minutes``: the schedule is fitted to the steps that fit, at the
+speed re-measured as the run goes), so a run fills its minutes whatever the machine. Writes
+``results.json`` and ``mpp_transfer.png`` to ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from vitkit.checkpoints import load_pretrained
+from vitkit.data import ImageDataset, load_dataset
+from vitkit.evaluation import extract_features, fewshot_indices, fewshot_protocol
+from vitkit.models import create_model
+from vitkit.training import FINETUNE_DEFAULTS, PRETRAIN_DEFAULTS, TrainConfig, train
+from vitkit.utils.files import atomic_write
+
+logger = logging.getLogger(__name__)
+
+# The supervised recipe of benchmarks/recipes/cifar10.toml, without its data and epochs.
+SUPERVISED = dict(
+    batch_size=128,
+    lr=1e-3,
+    augment=dict(random_resized_crop=True, crop_scale=(0.5, 1.0), hflip=True, label_smoothing=0.1),
+)
+PRETRAIN = dict(
+    PRETRAIN_DEFAULTS,
+    batch_size=128,
+    augment=dict(random_resized_crop=True, crop_scale=(0.5, 1.0), hflip=True),
+)
+LABEL_FRACTIONS = (0.01, 0.1, 1.0)
+SHOTS = (10, 25)
+# The length a time-boxed run is configured with: beyond what any budget here fits, so that the
+# minutes decide; the loop fits the schedule (and the warm-up, a tenth of it) to them.
+TIME_BOXED_EPOCHS = 10_000
+RESULTS_FILE = "results.json"
+FIGURE_FILE = "mpp_transfer.png"
+
+
+@dataclass
+class MppTransferStudy:
+    """What to run: ``model`` on ``data`` (``"digits"`` or a dataset path with train and test
+    splits), MPP pre-training for ``minutes``, fine-tuning for ``finetune_minutes`` per label
+    fraction; ``subset`` keeps only that many training (and test) images, a quick check of the
+    study, not a result. ``machine`` names the hardware in ``results.json``."""
+
+    data: str
+    out: Path
+    model: str = "vit_cifar"
+    minutes: float = 60.0
+    finetune_minutes: float = 10.0
+    finetune_lr: float = 0.03
+    subset: int | None = None
+    seed: int = 0
+    machine: str = ""
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.minutes <= 0 or self.finetune_minutes <= 0:
+            raise ValueError(
+                f"--minutes and --finetune-minutes must be positive, got {self.minutes} and "
+                f"{self.finetune_minutes}"
+            )
+        if self.data != "digits" and not Path(self.data).exists():
+            raise ValueError(f"{self.data} does not exist: set VITKIT_DATA or pass --data")
+
+
+def time_boxed(values: dict[str, Any], minutes: float, train_size: int) -> dict[str, Any]:
+    """``values`` trained for ``minutes`` in training steps (``max_minutes``), with the batch
+    size cut to the data when it is smaller."""
+    batch = min(values.get("batch_size", 64), train_size)
+    return {
+        **values,
+        "batch_size": batch,
+        "max_minutes": minutes,
+        "epochs": TIME_BOXED_EPOCHS,
+        "warmup_epochs": TIME_BOXED_EPOCHS / 10,
+    }
+
+
+def labelled_subset(train_set: ImageDataset, fraction: float, seed: int) -> ImageDataset:
+    """``fraction`` of the images, the same number of each class (at least one), drawn as the
+    few-shot images are."""
+    if fraction >= 1.0:
+        return train_set
+    per_class = max(1, round(fraction * len(train_set) / len(train_set.classes)))
+    chosen = fewshot_indices(train_set.labels, per_class, seed, len(train_set.classes))
+    return train_set.subset(torch.from_numpy(np.sort(chosen)))
+
+
+def save_npz(path: Path, train_set: ImageDataset, test_set: ImageDataset) -> str:
+    """Both splits as one ``.npz`` data source (its class names kept)."""
+    np.savez(
+        path,
+        x_train=train_set.images.numpy(),
+        y_train=train_set.labels.numpy(),
+        x_test=test_set.images.numpy(),
+        y_test=test_set.labels.numpy(),
+        classes=np.asarray(train_set.classes),
+    )
+    return str(path)
+
+
+def run(values: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Train one run into ``out``; its summary, with the wall-clock minutes it took."""
+    started = time.perf_counter()
+    summary = train(TrainConfig.from_dict({**values, "out": str(out)}))
+    return {**summary, "minutes": (time.perf_counter() - started) / 60}
+
+
+def fewshot(model: torch.nn.Module, train_set: ImageDataset, test_set: ImageDataset) -> dict:
+    return fewshot_protocol(
+        extract_features(model, train_set),
+        train_set.labels,
+        extract_features(model, test_set),
+        test_set.labels,
+        SHOTS,
+        range(3),
+        num_classes=len(train_set.classes),
+    )
+
+
+def run_mpp_transfer(study: MppTransferStudy) -> dict[str, Any]:
+    """Run the three steps (module doc); write and return the results."""
+    out = study.out
+    out.mkdir(parents=True, exist_ok=True)
+    train_set, test_set = load_dataset(study.data, "train"), load_dataset(study.data, "test")
+    if study.subset:
+        picked = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
+        train_set = train_set.subset(picked[: study.subset])
+        test_set = test_set.subset(torch.arange(min(study.subset, len(test_set))))
+    data = save_npz(out / "data.npz", train_set, test_set)
+    base = dict(model=study.model, data=data, seed=study.seed)
+    n = len(train_set)
+
+    # 1. Pre-training without labels, and the supervised reference for the same minutes.
+    logger.info("pre-training %s by masked patch prediction for %g min", study.model, study.minutes)
+    mpp = run(time_boxed({**PRETRAIN, **base}, study.minutes, n), out / "mpp")
+    supervised = run(time_boxed({**SUPERVISED, **base}, study.minutes, n), out / "supervised")
+
+    # 2. Few-shot accuracy of the frozen features.
+    torch.manual_seed(study.seed)
+    models = {
+        "random init": create_model(study.model, num_classes=0),
+        "MPP": load_pretrained(out / "mpp/best.safetensors"),
+        "supervised": load_pretrained(out / "supervised/best.safetensors"),
+    }
+    shots = {name: fewshot(m, train_set, test_set) for name, m in models.items()}
+
+    # 3. Fine-tuning with few labels against scratch for the same total minutes.
+    rows = []
+    for fraction in LABEL_FRACTIONS:
+        subset = labelled_subset(train_set, fraction, study.seed)
+        tag = f"{fraction:g}"
+        labelled = dict(base, data=save_npz(out / f"labels-{tag}.npz", subset, test_set))
+        tuned = {
+            **FINETUNE_DEFAULTS,
+            **labelled,
+            "model": None,
+            "lr": study.finetune_lr,
+            "init_from": str(out / "mpp/best.safetensors"),
+            "batch_size": 128,
+        }
+        scratch = {**SUPERVISED, **labelled}
+        total = study.minutes + study.finetune_minutes
+        tuned_run = run(
+            time_boxed(tuned, study.finetune_minutes, len(subset)), out / f"finetune-{tag}"
+        )
+        scratch_run = run(time_boxed(scratch, total, len(subset)), out / f"scratch-{tag}")
+        rows.append(dict(fraction=fraction, images=len(subset), mpp=tuned_run, scratch=scratch_run))
+
+    kept = ("test_accuracy", "epochs", "minutes")
+    results = dict(
+        model=study.model,
+        data=study.data,
+        machine=study.machine,
+        torch=torch.__version__,
+        minutes=study.minutes,
+        finetune_minutes=study.finetune_minutes,
+        train_images=n,
+        mpp=dict(
+            epochs=mpp["epochs"],
+            test_loss=mpp["test_loss"],
+            test_accuracy=mpp.get("test_accuracy"),
+            minutes=mpp["minutes"],
+        ),
+        supervised=dict(epochs=supervised["epochs"], test_accuracy=supervised["test_accuracy"]),
+        fewshot={name: {str(k): v for k, v in r.items()} for name, r in shots.items()},
+        finetune=[
+            dict(
+                fraction=r["fraction"],
+                images=r["images"],
+                **{k: {f: r[k][f] for f in kept} for k in ("mpp", "scratch")},
+            )
+            for r in rows
+        ],
+    )
+    text = json.dumps(results, indent=2) + "\n"
+    atomic_write(out / RESULTS_FILE, lambda tmp: tmp.write_text(text))
+    fig = transfer_figure(results)
+    atomic_write(out / FIGURE_FILE, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return results
+
+
+def transfer_figure(results: dict[str, Any]) -> Figure:
+    """Left: few-shot accuracy of each initialisation; right: fine-tuned MPP against scratch
+    by the fraction of labels."""
+    fig = Figure(figsize=(11, 4))
+    left, right = fig.subplots(1, 2)
+    inits = list(results["fewshot"])
+    for offset, shots in enumerate(SHOTS):
+        means = [results["fewshot"][i][str(shots)]["mean"] for i in inits]
+        stds = [results["fewshot"][i][str(shots)]["std"] for i in inits]
+        xs = np.arange(len(inits)) + (offset - 0.5) * 0.35
+        left.bar(xs, means, 0.35, yerr=stds, label=f"{shots}-shot", capsize=3)
+    left.set_xticks(range(len(inits)), inits)
+    left.set_ylabel("few-shot test accuracy")
+    left.legend()
+    fractions = [row["fraction"] for row in results["finetune"]]
+    for key, label in (("mpp", "MPP + fine-tune"), ("scratch", "scratch, same minutes")):
+        accuracy = [row[key]["test_accuracy"] for row in results["finetune"]]
+        right.plot(fractions, accuracy, "o-", label=label)
+    right.set_xscale("log")
+    right.set_xlabel("fraction of the training labels")
+    right.set_ylabel("test accuracy")
+    right.legend()
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{results['model']} on {results['data']}: MPP {results['minutes']:g} min")
+    fig.tight_layout()
+    return fig
