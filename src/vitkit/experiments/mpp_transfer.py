@@ -170,7 +170,7 @@ def run_mpp_transfer(study: MppTransferStudy) -> dict[str, Any]:
     shots = {name: fewshot(m, train_set, test_set) for name, m in models.items()}
 
     # 3. Fine-tuning with few labels against scratch for the same total minutes.
-    rows = []
+    rows: list[dict[str, Any]] = []
     for fraction in LABEL_FRACTIONS:
         subset = labelled_subset(train_set, fraction, study.seed)
         tag = f"{fraction:g}"
