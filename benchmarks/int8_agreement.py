@@ -25,7 +25,7 @@ from _common import cpu_name, markdown_table
 from vitkit.checkpoints import load_pretrained
 from vitkit.data import iterate_batches, load_dataset
 from vitkit.deploy import load_int8, quantize_int8, save_int8
-from vitkit.training.evaluate import eval_transform
+from vitkit.evaluation.inference import eval_transform
 
 BAR = 0.99
 

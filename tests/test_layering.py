@@ -1,10 +1,12 @@
-"""Layering: imports flow one way, cli -> analysis -> (training, deploy) -> evaluation ->
-(checkpoints, data) -> models -> utils; the checkpoint formats are tried in one written order; the
-shared utilities at the bottom (atomic writes, the run-folder layout)."""
+"""Layering: imports flow one way, cli -> experiments -> (training, deploy, analysis) ->
+evaluation -> (checkpoints, data) -> models -> utils, and analysis and training never import each
+other; moved modules leave their names behind; the checkpoint formats are tried in one written
+order; the shared utilities at the bottom (atomic writes, the run-folder layout)."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 import os
 import stat
 from pathlib import Path
@@ -28,7 +30,8 @@ LAYERS = {
     "evaluation": 3,
     "training": 4,
     "deploy": 4,
-    "analysis": 5,
+    "analysis": 4,
+    "experiments": 5,
     "cli": 6,
 }
 TOP = ("vitkit", "vitkit.__main__")  # the public facade and ``python -m``: above everything
@@ -84,6 +87,23 @@ def test_no_module_imports_against_the_layer_order() -> None:
     assert problems == []
 
 
+def package_imports(package: str) -> set[str]:
+    """The vitkit packages that the modules of ``package`` import."""
+    found = set()
+    for path in sorted((SRC / package).rglob("*.py")):
+        module = module_name(path)
+        for _, name in imported_modules(path.read_text(), module, path.name == "__init__.py"):
+            found.add(name.split(".")[1] if "." in name else name)
+    return found
+
+
+@pytest.mark.parametrize(("package", "other"), [("analysis", "training"), ("training", "analysis")])
+def test_analysis_and_training_never_import_each_other(package: str, other: str) -> None:
+    """Analysis reads run folders through ``vitkit.utils.runlayout``, not the training code;
+    training writes them without the analysis code. What needs both is an experiment."""
+    assert other not in package_imports(package)
+
+
 def test_every_package_has_a_layer() -> None:
     packages = {p.name for p in SRC.iterdir() if (p / "__init__.py").is_file()}
     assert packages <= set(LAYERS)
@@ -102,10 +122,53 @@ def test_every_package_has_a_layer() -> None:
         ("vitkit.training.run", "from vitkit.checkpoints.native import read\n", False),
         ("vitkit.models.vit", "from .layers import Block\n", False),
         ("vitkit.cli.train", "from vitkit.analysis import analyze\n", False),
+        ("vitkit.analysis.scaling", "from vitkit.training import train\n", True),
+        ("vitkit.analysis.report", "from vitkit.deploy import load_deployed\n", True),
+        ("vitkit.evaluation.inference", "from vitkit.training.distributed import P\n", True),
+        ("vitkit.experiments.scaling", "from vitkit.training import train\n", False),
+        ("vitkit.experiments.scaling", "from vitkit.analysis.scaling import rows\n", False),
+        ("vitkit.training.loop", "from vitkit.experiments import scaling\n", True),
+        ("vitkit.experiments.scaling", "from vitkit.cli.train import progress_bar\n", True),
     ],
 )
 def test_the_checker_sees_imports_anywhere(module: str, source: str, bad: bool) -> None:
     assert bool(violations(source, module)) == bad
+
+
+# ------------------------------------------------------------------ moved modules
+
+
+def test_inference_moved_to_evaluation_and_its_old_module_still_gives_its_names() -> None:
+    from vitkit.evaluation import inference
+
+    with pytest.warns(DeprecationWarning, match="moved to vitkit.evaluation.inference.evaluate"):
+        from vitkit.training.evaluate import evaluate
+    assert evaluate is inference.evaluate
+    # The package's own name is the function, although the module was imported.
+    assert vitkit.training.evaluate is inference.evaluate
+    with pytest.raises(AttributeError, match="no_such_name"):
+        importlib.import_module("vitkit.training.evaluate").no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("vitkit.training.loop:claim_run_folder", "vitkit.training.run:claim_run_folder"),
+        ("vitkit.training.loop:default_out", "vitkit.training.run:default_out"),
+        ("vitkit.data.readers:list_image_folder", "vitkit.data.folders:list_image_folder"),
+        ("vitkit.data.readers:read_unlabelled", "vitkit.data.folders:read_unlabelled"),
+        ("vitkit.data.readers:FolderListing", "vitkit.data.folders:FolderListing"),
+        ("vitkit.evaluation.features:eval_transform", "vitkit.evaluation.inference:eval_transform"),
+        ("vitkit.analysis.inputs:locate_checkpoint", "vitkit.utils.runlayout:locate_checkpoint"),
+        ("vitkit.training.distributed:choose_device", "vitkit.utils.devices:choose_device"),
+    ],
+)
+def test_a_moved_name_imports_from_its_old_module(old: str, new: str) -> None:
+    def find(where: str) -> object:
+        module, name = where.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    assert find(old) is find(new)
 
 
 # ------------------------------------------------------------------ checkpoint format order

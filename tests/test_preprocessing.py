@@ -17,9 +17,9 @@ import vitkit
 from vitkit.checkpoints import export
 from vitkit.cli import main
 from vitkit.data import EvalPreprocessing, preprocess, preprocess_file
+from vitkit.evaluation.inference import class_names
 from vitkit.models.preprocessing import RECORD_KEY
 from vitkit.training import TrainConfig, predict, train
-from vitkit.training.evaluate import class_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -245,7 +245,7 @@ def test_a_training_run_records_its_preprocessing_and_eval_reproduces_its_accura
     )
     model = vitkit.load_pretrained(out / "best.safetensors")
     assert model.cfg.extra[RECORD_KEY] == EvalPreprocessing().to_dict()
-    from vitkit.cli.evaluate import evaluation_data
+    from vitkit.evaluation.splits import evaluation_data
 
     source, _ = evaluation_data(str(tmp_path / "photos"), "test", out)
     again = vitkit.training.evaluate(model.cpu(), source)

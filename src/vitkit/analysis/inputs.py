@@ -20,6 +20,7 @@ import torch
 from vitkit.data import EvalPreprocessing, preprocess, preprocess_file
 from vitkit.data.sources import DataOptions, open_source
 from vitkit.utils.runlayout import RunLayout
+from vitkit.utils.runlayout import locate_checkpoint as locate_checkpoint  # its home was here
 
 STREAMED = DataOptions(in_memory="no")  # image folders: never decoded whole
 SAMPLE_BATCH = 64
@@ -43,30 +44,6 @@ class Samples:
     names: list[str]
     labels: torch.Tensor | None = None
     classes: list[str] | None = None
-
-
-def locate_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
-    """The checkpoint to load and the run folder it belongs to (None for a lone checkpoint).
-
-    ``path`` may be a run folder (its best checkpoint is used, else its last), a checkpoint
-    inside a run folder, or any checkpoint ``load_pretrained`` reads.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint or run folder {path} does not exist")
-    if path.is_dir():
-        run = RunLayout(path)
-        checkpoint = run.checkpoint()
-        if checkpoint is not None:
-            return checkpoint, path
-        if run.metrics.is_file() or run.summary.is_file():
-            raise FileNotFoundError(
-                f"{path} looks like a run folder but holds neither {run.best.name} nor "
-                f"{run.last.name}"
-            )
-        return path, None
-    run = RunLayout(path.parent)
-    return path, run.path if run.metrics.is_file() or run.summary.is_file() else None
 
 
 def _read_json(path: Path, notes: list[str]) -> dict[str, Any]:

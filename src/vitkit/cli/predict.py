@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from vitkit.cli.evaluate import add_inference_flags, load_for_inference
-from vitkit.training import predict
+from vitkit.cli.evaluate import add_inference_flags
+from vitkit.deploy import load_for_inference
+from vitkit.evaluation.inference import predict
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
-    model, _ = load_for_inference(args)
+    model, _ = load_for_inference(args.checkpoint, args.model, args.device)
     failed = 0
     for path in args.images:
         try:

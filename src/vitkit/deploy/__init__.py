@@ -2,7 +2,8 @@
 
 ``export_model(model, path, to)`` writes one of ``DEPLOY_FORMATS``; ``load_deployed`` reads an
 ONNX or int8 file back as something ``vitkit eval`` and ``vitkit predict`` can run (a ``.pt2``
-is for PyTorch runtimes, read with ``load_pt2``). onnx, onnxscript, onnxruntime and torchao are
+is for PyTorch runtimes, read with ``load_pt2``); ``load_for_inference`` reads either kind, or
+any checkpoint or run folder, as those commands do. onnx, onnxscript, onnxruntime and torchao are
 optional (``pip install 'vitkit[onnx]'``) and imported only when used.
 """
 
@@ -14,11 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vitkit.checkpoints import load_pretrained
 from vitkit.deploy.common import DeployedConfig, MissingDependency
 from vitkit.deploy.int8 import is_int8_file, load_int8, quantize_int8, save_int8
 from vitkit.deploy.to_onnx import OnnxClassifier, export_onnx
 from vitkit.deploy.to_pt2 import export_pt2, load_pt2
 from vitkit.models.pretrained import PretrainedModel
+from vitkit.utils.devices import choose_device
+from vitkit.utils.runlayout import locate_checkpoint
 
 
 def export_int8(model: PretrainedModel, path: str | Path) -> Path:
@@ -54,6 +58,34 @@ def load_deployed(path: str | Path) -> OnnxClassifier | PretrainedModel:
     return OnnxClassifier(path) if Path(path).suffix == ".onnx" else load_int8(path)
 
 
+def load_for_inference(
+    checkpoint: str | Path, model: str | None = None, device: str = "auto", need_head: bool = True
+) -> tuple[OnnxClassifier | PretrainedModel, Path | None]:
+    """The model of any checkpoint, run folder (its best checkpoint, else its last) or
+    exported file, on ``device`` (``choose_device``), with a classification head if
+    ``need_head``; and its run folder, if any. ``model`` names the registered model for
+    checkpoint formats without an architecture. Without ``need_head`` the caller wants
+    features, which an exported file does not give."""
+    loaded: OnnxClassifier | PretrainedModel
+    if is_deployed(checkpoint):  # `vitkit export`'s .onnx (run on the CPU) or int8
+        if not need_head:
+            raise ValueError(
+                f"{checkpoint} is an exported model (`vitkit export`), which gives class "
+                "scores only, not the features this command needs: give the checkpoint it was "
+                "exported from"
+            )
+        loaded, run_folder = load_deployed(checkpoint), None
+    else:
+        path, run_folder = locate_checkpoint(checkpoint)
+        loaded = load_pretrained(path, model)
+    if need_head and not loaded.cfg.num_classes:
+        raise ValueError(
+            f"{checkpoint} has no classification head (num_classes 0): it gives features, "
+            "not classes; fine-tune it with `vitkit finetune --from` to classify"
+        )
+    return loaded.to(choose_device(device)), run_folder
+
+
 @torch.no_grad()
 def max_difference(
     reference: PretrainedModel, exported: nn.Module, batches: tuple[int, ...]
@@ -77,6 +109,7 @@ __all__ = [
     "export_pt2",
     "is_deployed",
     "load_deployed",
+    "load_for_inference",
     "load_int8",
     "load_pt2",
     "max_difference",

@@ -1,5 +1,5 @@
 """Frozen pre-logits features of a model: what few-shot, linear-probe and k-NN evaluation fit;
-and the one evaluation input path, which ``vitkit.training.evaluate`` reads through as well.
+read through the one evaluation input path (``vitkit.evaluation.inference``).
 
 The features are ``model.forward_head(model.forward_features(x), pre_logits=True)``: the
 [class] token or the average of the tokens after the final norm, through the representation
@@ -12,62 +12,18 @@ a streamed folder or shard set is never held in memory: only the features are ke
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from vitkit.data import AugmentConfig, BatchTransform, EvalPreprocessing, ImageDataset
-from vitkit.data.base import Batch
+from vitkit.data import ImageDataset
 from vitkit.data.sources import DataSource, InMemorySource, as_source
-
-
-def eval_transform(model: Any, num_classes: int | None = None) -> BatchTransform:
-    """The model's evaluation preprocessing (``EvalPreprocessing.of(model.cfg)``): match its
-    channels, squash or crop to its resolution, scale: ``preprocess`` (the one evaluation path
-    for tensors), with the labels as one-hot targets of ``num_classes`` (default: the model's;
-    one class for a model without a head, whose targets nobody reads). Call it with
-    ``cropped=batch.cropped``: a streamed source's batches already have the geometry
-    (``prepare_source`` set it)."""
-    cfg = model.cfg
-    return BatchTransform(
-        cfg.img_size,
-        num_classes or cfg.num_classes or 1,
-        AugmentConfig(),
-        0,
-        channels=cfg.in_chans,
-        preprocessing=EvalPreprocessing.of(cfg),
-    )
-
-
-def prepare_source(model: Any, source: DataSource) -> None:
-    """Tell ``source`` the model's input size and evaluation preprocessing, so that a
-    streamed source crops files in its workers as ``preprocess_file`` does."""
-    source.set_image_size(model.cfg.img_size, EvalPreprocessing.of(model.cfg))
-
-
-def evaluation_inputs(
-    model: Any,
-    data: DataSource | ImageDataset,
-    batch_size: int,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-) -> Iterator[tuple[torch.Tensor, Batch]]:
-    """(model inputs on the model's device, the batch they came from: labels, file names) for
-    every image of ``data`` once (this process's share under ``world_size``): what
-    ``evaluate`` scores and ``source_features`` embeds. A streamed source leaves out files it
-    cannot decode (its ``skipped`` log)."""
-    source = as_source(data)
-    prepare_source(model, source)
-    transform = eval_transform(model)
-    device = next(model.parameters()).device
-    for batch in source.eval_batches(batch_size, rank=rank, world_size=world_size):
-        images = batch.images.to(device)
-        placeholder = torch.zeros(len(images), dtype=torch.long)  # the targets are not used
-        x, _ = transform(images, placeholder, False, batch.cropped)
-        yield x, batch
+from vitkit.evaluation.inference import (  # their home was here
+    eval_transform as eval_transform,
+)
+from vitkit.evaluation.inference import evaluation_inputs
+from vitkit.evaluation.inference import prepare_source as prepare_source
 
 
 @torch.no_grad()

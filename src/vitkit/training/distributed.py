@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 import torch.distributed as dist
 
+from vitkit.utils.devices import choose_device
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -41,14 +43,6 @@ class Process:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def choose_device(preference: str, local_rank: int = 0) -> torch.device:
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no GPU is visible: use --device cpu")
-    if preference == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
 
 
 def launched() -> bool:

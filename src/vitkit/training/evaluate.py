@@ -1,164 +1,18 @@
-"""Evaluation and prediction with a trained model: loss, accuracy, confusion matrix, top-k."""
+"""Inference moved to ``vitkit.evaluation.inference``: its names still import from here, with a
+``DeprecationWarning``."""
 
-from __future__ import annotations
+import warnings
+from typing import Any
 
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol, Self
-
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from vitkit.data import EvalPreprocessing, ImageDataset, preprocess, preprocess_file
-from vitkit.data.sources import DataSource, as_source
-from vitkit.evaluation.features import (  # eval_transform's and prepare_source's home was here
-    eval_transform as eval_transform,
-)
-from vitkit.evaluation.features import evaluation_inputs
-from vitkit.evaluation.features import prepare_source as prepare_source
-from vitkit.models.registry import ModelConfig
-from vitkit.training.distributed import Process, all_reduce_sum
+from vitkit.evaluation import inference
 
 
-def autocast(device: torch.device, precision: str) -> AbstractContextManager:
-    """bfloat16 autocast for ``precision == "bf16"``, else nothing."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-class Classifier(Protocol):
-    """What evaluation and prediction use of a model: a model of any registered architecture,
-    or a deployed one (``vitkit.deploy``), which is no ``PretrainedModel`` but has its ``cfg``."""
-
-    training: bool
-
-    @property
-    def cfg(self) -> ModelConfig: ...
-    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
-    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
-    def eval(self) -> Self: ...
-    def train(self, mode: bool = True) -> Self: ...
-
-
-@dataclass(frozen=True)
-class ImagePrediction:
-    """One evaluated image: its file path (or its position in the source, for images without
-    a file), its true label and the top classes (index, probability), most probable first."""
-
-    name: str
-    label: int
-    top: list[tuple[int, float]]
-
-
-@dataclass
-class Evaluation:
-    loss: float  # mean cross-entropy
-    confusion: torch.Tensor  # (classes, classes) counts, rows = true class, columns = predicted
-    predictions: list[ImagePrediction] = field(default_factory=list)  # with ``top_k``
-
-    @property
-    def count(self) -> int:
-        return int(self.confusion.sum())
-
-    @property
-    def correct(self) -> int:
-        return int(self.confusion.diagonal().sum())
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / max(self.count, 1)
-
-
-@torch.no_grad()
-def evaluate(
-    model: Classifier,
-    data: DataSource | ImageDataset,
-    batch_size: int = 512,
-    precision: str = "fp32",
-    process: Process | None = None,
-    top_k: int = 0,
-) -> Evaluation:
-    """Every image of ``data`` once, preprocessed by the model's ``EvalPreprocessing``; under
-    DDP each process takes its share and the sums are added up, so the result is exact on any
-    number of processes. With ``top_k``, each image's top classes are kept too
-    (``Evaluation.predictions``, this process's images only)."""
-    source = as_source(data)
-    device = next(model.parameters()).device
-    rank, world_size = (process.rank, process.world_size) if process else (0, 1)
-    num_classes = model.cfg.num_classes
-    classes = source.info.classes or []
-    if len(classes) != num_classes:
-        raise ValueError(
-            f"the data has {len(classes)} classes but the model predicts {num_classes}"
-        )
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    predictions: list[ImagePrediction] = []
-    for x, batch in evaluation_inputs(model, source, batch_size, rank=rank, world_size=world_size):
-        assert batch.labels is not None
-        labels = batch.labels.to(device)
-        with autocast(device, precision):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-        if top_k:
-            start = len(predictions)
-            names = batch.names or [str(start + i) for i in range(len(labels))]
-            predictions += [
-                ImagePrediction(name, int(label), top)
-                for name, label, top in zip(
-                    names, batch.labels.tolist(), top_classes(logits, top_k), strict=True
-                )
-            ]
-        confusion += torch.bincount(
-            labels * num_classes + logits.argmax(-1), minlength=num_classes**2
-        ).view(num_classes, num_classes)
-    model.train(was_training)
-    if process is not None:
-        all_reduce_sum(loss_sum, process)
-        all_reduce_sum(confusion, process)
-    # Over the images evaluated: a streamed source leaves out files it cannot decode.
-    loss = float(loss_sum) / max(int(confusion.sum()), 1)
-    return Evaluation(loss, confusion.cpu(), predictions)
-
-
-def top_classes(logits: torch.Tensor, top_k: int) -> list[list[tuple[int, float]]]:
-    """Per row of ``logits``: the ``top_k`` (class index, softmax probability), most probable
-    first."""
-    probs = logits.float().softmax(-1)
-    top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-    return [
-        [(int(i), float(p)) for p, i in zip(values, indices, strict=True)]
-        for values, indices in zip(top.values.cpu(), top.indices.cpu(), strict=True)
-    ]
-
-
-@torch.no_grad()
-def predict(
-    model: Classifier, images: torch.Tensor | str | Path | Sequence[str | Path], top_k: int = 5
-) -> list[list[tuple[str, float]]]:
-    """Top-``top_k`` (class name, probability) of each image: uint8 (B, C, H, W) tensors
-    (``preprocess``), or image files (``preprocess_file``, as a streamed ``vitkit eval`` reads
-    them), by the model's ``EvalPreprocessing``."""
-    device = next(model.parameters()).device
-    cfg = model.cfg
-    if isinstance(images, torch.Tensor):
-        x = preprocess(images.to(device), cfg.img_size, cfg.in_chans, EvalPreprocessing.of(cfg))
-    else:
-        paths = [images] if isinstance(images, str | Path) else list(images)
-        x = torch.cat([preprocess_file(path, cfg) for path in paths]).to(device)
-    names = class_names(model)
-    return [[(names[i], p) for i, p in row] for row in top_classes(model.eval()(x), top_k)]
-
-
-def class_names(model: Classifier) -> list[str]:
-    """The class names a vitkit training run stores in the config, else the indices."""
-    names = model.cfg.extra.get("classes")
-    if isinstance(names, list) and len(names) == model.cfg.num_classes:
-        return [str(n) for n in names]
-    return [str(i) for i in range(model.cfg.num_classes)]
+def __getattr__(name: str) -> Any:
+    if name.startswith("__") or not hasattr(inference, name):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        f"vitkit.training.evaluate.{name} moved to vitkit.evaluation.inference.{name}",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(inference, name)

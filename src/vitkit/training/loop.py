@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from vitkit.data.sources import Batch, DataSource, Splits, open_splits
+from vitkit.evaluation.inference import autocast
 from vitkit.models.preprocessing import EvalPreprocessing
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.training import distributed, parallel
 from vitkit.training.config import TrainConfig
 from vitkit.training.distributed import Process
-from vitkit.training.evaluate import autocast
 from vitkit.training.evaluators import EvalContext, Evaluator, build_evaluators
 from vitkit.training.model_choice import choose_model, image_side
 from vitkit.training.optim import (

@@ -22,6 +22,7 @@ from torch import nn
 
 from vitkit.data import BatchTransform, preprocess
 from vitkit.data.sources import Batch, DataSource, SourceInfo
+from vitkit.evaluation.inference import autocast
 from vitkit.models import architecture_of, create_model, model_config
 from vitkit.models.mpp import MaskedPatchPrediction
 from vitkit.models.preprocessing import EvalPreprocessing
@@ -29,7 +30,6 @@ from vitkit.models.pretrained import PretrainedModel
 from vitkit.models.vit import VisionTransformer, ViTConfig
 from vitkit.training.config import TrainConfig
 from vitkit.training.distributed import Process, all_reduce_sum
-from vitkit.training.evaluate import autocast
 from vitkit.training.tasks import StepResult, Task, fitted_overrides, register_task
 
 LABEL_AUGMENTATIONS = ("mixup", "cutmix", "label_smoothing")

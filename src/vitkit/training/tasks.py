@@ -21,12 +21,12 @@ from vitkit.checkpoints import read_checkpoint
 from vitkit.checkpoints.core import build_model
 from vitkit.data import BatchTransform
 from vitkit.data.sources import Batch, DataSource, SourceInfo
+from vitkit.evaluation.inference import evaluate
 from vitkit.models import create_model, model_config
 from vitkit.models.preprocessing import RECORD_KEY, EvalPreprocessing
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.training.config import TrainConfig
 from vitkit.training.distributed import Process
-from vitkit.training.evaluate import evaluate
 
 
 @dataclass

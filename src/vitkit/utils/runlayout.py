@@ -43,4 +43,28 @@ class RunLayout:
         return next((c for c in (self.best, self.last) if c.is_file()), None)
 
 
-__all__ = ["RunLayout"]
+def locate_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
+    """The checkpoint to load and the run folder it belongs to (None for a lone checkpoint).
+
+    ``path`` may be a run folder (its best checkpoint is used, else its last), a checkpoint
+    inside a run folder, or any checkpoint ``load_pretrained`` reads.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint or run folder {path} does not exist")
+    if path.is_dir():
+        run = RunLayout(path)
+        checkpoint = run.checkpoint()
+        if checkpoint is not None:
+            return checkpoint, path
+        if run.metrics.is_file() or run.summary.is_file():
+            raise FileNotFoundError(
+                f"{path} looks like a run folder but holds neither {run.best.name} nor "
+                f"{run.last.name}"
+            )
+        return path, None
+    run = RunLayout(path.parent)
+    return path, run.path if run.metrics.is_file() or run.summary.is_file() else None
+
+
+__all__ = ["RunLayout", "locate_checkpoint"]
