@@ -5,14 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from vitkit.data.base import DataSource
-from vitkit.data.shards import parse_size, write_shards
-from vitkit.data.sources import DataOptions, InMemorySource, open_splits
-from vitkit.data.streaming import StreamingFolderSource
-from vitkit.utils.runlayout import RunLayout
+from vitkit.data.packing import pack
+from vitkit.data.shards import parse_size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,36 +40,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pack.set_defaults(func=run_pack)
 
 
-def shuffled(source: DataSource, seed: int) -> DataSource:
-    """The training samples in a random order. Folders list their images class by class, and
-    a reader's shuffle buffer (a few hundred samples) cannot mix that: every batch would hold
-    one or two classes, which trains a model to predict the current class, not the image.
-    Shards packed from shards keep their order (shuffled when they were packed)."""
-    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))
-    if isinstance(source, StreamingFolderSource):
-        return source.subset(order)
-    if isinstance(source, InMemorySource):
-        return InMemorySource(source.dataset.subset(order), source.labelled)
-    return source
-
-
 def run_pack(args: argparse.Namespace) -> int:
-    shard_size = parse_size(args.shard_size)
-    # Image folders are streamed: their files are copied into the shards without decoding.
-    splits = open_splits(args.src, args.val_fraction, args.seed, DataOptions(in_memory="no"))
-    info = splits.train.info
-    named = {"train": shuffled(splits.train, args.seed), "val": splits.val, "test": splits.test}
-    total = sum(len(s) for s in splits.sources())
-    with tqdm(total=total, unit="img", dynamic_ncols=True) as bar:
-        index = write_shards(
-            named, args.out, shard_size, classes=info.classes or [], channels=info.channels,
-            source=str(args.src), held_out_test=splits.held_out_test, progress=bar.update,
-        )  # fmt: skip
-    for split, entry in index["splits"].items():
+    with tqdm(unit="img", dynamic_ncols=True) as bar:
+
+        def set_total(total: int) -> None:
+            bar.total = total
+            bar.refresh()
+
+        packed = pack(
+            args.src,
+            args.out,
+            parse_size(args.shard_size),
+            args.val_fraction,
+            args.seed,
+            progress=bar.update,
+            on_total=set_total,
+        )
+    for split, entry in packed.index["splits"].items():
         print(f"{split}: {entry['count']} images in {len(entry['shards'])} shard(s)")
-    listing = RunLayout(args.out).skipped  # beside the shards, named as in a run folder
-    skipped = splits.report(listing)["skipped_files"]
-    if skipped:
-        print(f"left out {skipped} unreadable file(s), each listed in {listing}")
+    if packed.skipped:
+        print(
+            f"left out {packed.skipped} unreadable file(s), each listed in {packed.skipped_listing}"
+        )
     print(f"wrote {args.out}; train with --data {args.out}")
     return 0
