@@ -1,0 +1,65 @@
+"""The MPP transfer study's parts (``vitkit.experiments.mpp_transfer``): its label fractions,
+its time-boxed runs (the training loop's budget, not a calibration of its own), its figure and
+its refusals. The whole study trains eight runs: ``benchmarks/mpp_transfer.py`` runs it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from vitkit.data import load_dataset
+from vitkit.experiments.mpp_transfer import (
+    SHOTS,
+    MppTransferStudy,
+    labelled_subset,
+    time_boxed,
+    transfer_figure,
+)
+from vitkit.training import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_a_label_fraction_takes_the_same_number_of_each_class() -> None:
+    digits = load_dataset("digits", "train")
+    subset = labelled_subset(digits, 0.1, seed=0)
+    per_class = round(0.1 * len(digits) / 10)
+    assert torch.bincount(subset.labels, minlength=10).tolist() == [per_class] * 10
+    assert labelled_subset(digits, 1.0, seed=0) is digits
+    # At least one image of each class, however small the fraction.
+    assert torch.bincount(labelled_subset(digits, 1e-6, seed=0).labels).tolist() == [1] * 10
+
+
+def test_a_time_boxed_run_is_stopped_by_the_loops_budget(tmp_path: Path) -> None:
+    values = time_boxed(dict(model="vit_digits", data="digits", batch_size=4096), 0.002, 100)
+    assert values["batch_size"] == 100  # cut to the data
+    summary = train(TrainConfig.from_dict(dict(values, log_every=1, out=str(tmp_path / "run"))))
+    config = json.loads((tmp_path / "run/config.json").read_text())
+    assert (config["max_minutes"], config["steps"]) == (0.002, 0)
+    assert summary["budget_spent"] and summary["epochs"] < config["epochs"]
+
+
+def test_the_figure_is_a_figure_of_its_own() -> None:
+    score = {str(s): {"mean": 0.5, "std": 0.1} for s in SHOTS}
+    row = {"test_accuracy": 0.6, "epochs": 1, "minutes": 0.1}
+    results = dict(
+        model="vit_digits",
+        data="digits",
+        minutes=1.0,
+        fewshot={name: score for name in ("random init", "MPP", "supervised")},
+        finetune=[dict(fraction=f, images=10, mpp=row, scratch=row) for f in (0.01, 0.1, 1.0)],
+    )
+    fig = transfer_figure(results)
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    assert fig.axes[1].get_xscale() == "log"
+
+
+def test_the_study_refuses_a_budget_of_nothing_and_missing_data(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--minutes and --finetune-minutes must be positive"):
+        MppTransferStudy("digits", tmp_path, minutes=0)
+    with pytest.raises(ValueError, match="does not exist: set VITKIT_DATA or pass --data"):
+        MppTransferStudy(str(tmp_path / "nowhere"), tmp_path)
