@@ -20,6 +20,10 @@ No pickle anywhere. Every file is written to a temporary name and renamed, so a 
 any moment leaves each file either old or new, never half-written (``last.dcp/`` is written as
 a temporary folder and renamed); ``metrics.jsonl`` is append-only and cut back to the
 checkpoint's step on resume.
+
+A new run claims its folder (``claim_run_folder``: created atomically, so two runs never share
+one); a resumed one reads its config back (``resumable_config``) after checking that nothing
+it needs is missing.
 """
 
 from __future__ import annotations
