@@ -137,11 +137,16 @@ def _read_cache(cache: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[st
     that it is rebuilt."""
     try:
         with np.load(cache, allow_pickle=False) as cached:
-            return (cached["images"], cached["labels"], [str(c) for c in cached["classes"]],
-                    [str(f) for f in cached["skipped"]])  # fmt: skip
+            return (
+                cached["images"],
+                cached["labels"],
+                [str(c) for c in cached["classes"]],
+                [str(f) for f in cached["skipped"]],
+            )
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        warnings.warn(f"the decoded-image cache {cache} is damaged ({err}); rebuilding it",
-                      stacklevel=4)  # fmt: skip
+        warnings.warn(
+            f"the decoded-image cache {cache} is damaged ({err}); rebuilding it", stacklevel=4
+        )
         return None
 
 
@@ -157,9 +162,11 @@ def _decode_folder(listing: FolderListing) -> tuple[np.ndarray, np.ndarray, list
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         decoded = list(pool.map(_decode, [f"{root}/{name}" for name in files], chunksize=256))
     readable = [i for i, p in enumerate(decoded) if isinstance(p, np.ndarray)]
-    skipped = [f"{name} ({getattr(err, 'reason', err)})"
-               for name, err in zip(files, decoded, strict=True)
-               if not isinstance(err, np.ndarray)]  # fmt: skip
+    skipped = [
+        f"{name} ({getattr(err, 'reason', err)})"
+        for name, err in zip(files, decoded, strict=True)
+        if not isinstance(err, np.ndarray)
+    ]
     if not readable:
         raise ValueError(f"{root}: none of its {len(files)} images could be read ({decoded[0]})")
     images = _stack([p for p in decoded if isinstance(p, np.ndarray)], root)
@@ -168,8 +175,13 @@ def _decode_folder(listing: FolderListing) -> tuple[np.ndarray, np.ndarray, list
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
-                np.savez(f, images=images, labels=label_array, classes=np.asarray(classes),
-                         skipped=np.asarray(skipped, dtype=str))  # fmt: skip
+                np.savez(
+                    f,
+                    images=images,
+                    labels=label_array,
+                    classes=np.asarray(classes),
+                    skipped=np.asarray(skipped, dtype=str),
+                )
 
         try:
             atomic_write(cache, write)
