@@ -262,3 +262,12 @@ def test_experiment_refuses_bad_plans() -> None:
     with pytest.raises(ValueError, match="sets model itself"):
         ScalingExperiment("digits", [0.5], ["vit_digits"], Path("x"), epochs=1,
                           base={"model": "vit_cifar"})  # fmt: skip
+
+
+def test_the_old_home_of_the_experiment_says_where_it_went() -> None:
+    import vitkit.analysis.scaling as old
+
+    with pytest.raises(AttributeError, match=r"import it from vitkit\.experiments\.scaling"):
+        old.run_scaling  # noqa: B018
+    with pytest.raises(AttributeError, match="the training loop's max_minutes"):
+        old.measure_train_speed  # noqa: B018

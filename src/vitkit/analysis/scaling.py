@@ -128,3 +128,20 @@ def accuracy_figure(rows: Sequence[dict[str, Any]], x: str, label: str) -> Figur
     if rows:
         ax.legend()
     return fig
+
+
+# What trains moved up to ``vitkit.experiments.scaling``, which analysis may not import.
+MOVED = ("ScalingExperiment", "run_scaling", "check_same_settings", "EXPERIMENT_KEYS")
+
+
+def __getattr__(name: str) -> Any:
+    if name in MOVED:
+        raise AttributeError(
+            f"vitkit.analysis.scaling.{name} moved: import it from vitkit.experiments.scaling"
+        )
+    if name == "measure_train_speed":
+        raise AttributeError(
+            "vitkit.analysis.scaling.measure_train_speed is gone: a time budget is the training "
+            "loop's max_minutes, which measures the speed as the run goes"
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
