@@ -18,6 +18,7 @@ from torch import nn
 from vitkit.models.layers import AttentionImpl, Block, lecun_normal_
 from vitkit.models.posembed import POS_EMBED_KINDS, Grid, PosEmbedKind, PositionEmbedding
 from vitkit.models.pretrained import PretrainedModel
+from vitkit.models.registry import Description
 from vitkit.models.resnet import ResNetBackbone
 from vitkit.utils.config import ConfigMixin
 
@@ -121,6 +122,36 @@ class ViTConfig(ConfigMixin):
         if not self.resnet_width_factor > 0:
             problems.append(f"resnet_width_factor must be > 0, not {self.resnet_width_factor}")
         return problems
+
+    def description(self) -> Description:
+        """This ViT in words (``Architecture.describe``); a subclass extends it with its own
+        fields."""
+        p, img = self.patch_size, self.img_size
+        summary = [
+            f"width {self.width}, depth {self.depth}, {self.num_heads} heads, MLP {self.mlp_dim}",
+            f"patch {p[0]}x{p[1]}, image {img[0]}x{img[1]}, {self.in_chans} channels",
+            f"{self.classifier} classifier, {self.pos_embed} position embedding",
+            f"{self.num_classes} classes" if self.num_classes else "no head",
+        ]
+        if self.representation_size:
+            summary.append(f"representation layer {self.representation_size}")
+        if self.resnet_layers:
+            summary.append(f"hybrid ResNet stages {list(self.resnet_layers)}")
+        rows = [
+            ("patches", f"{p[0]}x{p[1]}, grid {self.grid[0]}x{self.grid[1]}"),
+            ("encoder", f"{self.depth} layers, width {self.width}, {self.num_heads} heads"),
+            ("MLP width", str(self.mlp_dim)),
+            ("classifier", f"{self.classifier}, position embedding {self.pos_embed}"),
+        ]
+        if self.resnet_layers is not None:
+            rows.insert(1, ("hybrid", f"ResNet stages {list(self.resnet_layers)}"))
+        gelu = "tanh approximation" if self.gelu == "tanh" else "exact (erf)"
+        return Description(
+            summary="; ".join(summary),
+            numerics=f"GELU {gelu}, LayerNorm eps {self.eps:g}",
+            columns={"width": str(self.width), "depth": str(self.depth), "patch": f"{p[0]}x{p[1]}"},
+            rows=rows,
+        )
 
     @property
     def backbone_reduction(self) -> int:
