@@ -167,6 +167,14 @@ class ViTConfig(ConfigMixin):
 
 
 PatchHook = Callable[[torch.Tensor], torch.Tensor]
+TokenHook = Callable[[torch.Tensor], torch.Tensor]
+"""``VisionTransformer.token_hook(tokens) -> tokens``: sees the encoder's input, (B, N, D) after
+the [class] token was prepended and the position embedding added (and its dropout), and
+returns what the encoder blocks get, (B, N', D). It may drop tokens (MAE-style masking keeps a
+random subset of the patches) or add some (DeiT's distillation token); as an ``nn.Module``
+its parameters are the model's (saved, loaded, trained). Only the relative position
+embedding, which biases attention between the N original tokens, needs N' == N. Pooling
+reads the result: the [class] token at index 0, or the mean of all N' tokens (``gap``)."""
 
 
 @dataclass
@@ -217,6 +225,7 @@ class VisionTransformer(PretrainedModel):
             cfg.pos_embed, cfg.width, cfg.grid, self.num_prefix, cfg.num_heads, cfg.depth
         )
         self.pos_drop = nn.Dropout(cfg.dropout)
+        self.token_hook: TokenHook | None = None  # set by a subclass or a plugin (TokenHook)
         # Stochastic depth grows linearly with depth, from 0 to drop_path at the last block.
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
@@ -281,7 +290,10 @@ class VisionTransformer(PretrainedModel):
             tokens = patch_hook(tokens)
         if self.cls_token is not None:
             tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        return self.pos_drop(self.pos_embed(tokens, grid)), grid
+        tokens = self.pos_drop(self.pos_embed(tokens, grid))
+        if self.token_hook is not None:
+            tokens = self.token_hook(tokens)
+        return tokens, grid
 
     def forward_intermediates(
         self,
@@ -294,10 +306,17 @@ class VisionTransformer(PretrainedModel):
 
         ``patch_hook(tokens) -> tokens`` sees the patch embeddings (B, N, D) straight after the
         projection, before the [class] token and the position embedding: masked patch
-        prediction corrupts them there (``vitkit.models.mpp``).
+        prediction corrupts them there (``vitkit.models.mpp``). The model's own ``token_hook``
+        (``TokenHook``) then sees the tokens after the position embedding.
         """
         x, grid = self._embed(x, patch_hook)
         bias = self.pos_embed.attention_bias(grid)
+        if bias is not None and bias.shape[-1] != x.shape[1]:
+            raise ValueError(
+                f"the token hook changed the number of tokens ({bias.shape[-1]} -> "
+                f"{x.shape[1]}), which the relative position embedding cannot follow: keep "
+                "the count, or use another pos_embed"
+            )
         blocks, attentions = [], []
         for i, block in enumerate(self.blocks):
             x, probs = block(x, None if bias is None else bias[i], return_attention)
@@ -366,6 +385,7 @@ __all__ = [
     "GeluKind",
     "Intermediates",
     "PatchHook",
+    "TokenHook",
     "ViTConfig",
     "VisionTransformer",
 ]
