@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from vitkit.checkpoints import load_pretrained
+from vitkit.checkpoints import FORMATS, load_pretrained, read_checkpoint
+from vitkit.checkpoints.core import Checkpoint, CheckpointError, CheckpointFormat
+from vitkit.checkpoints.formats import register_format
 from vitkit.checkpoints.native import from_pretrained
 from vitkit.data import ImageDataset
 from vitkit.data.sources import (
@@ -34,6 +36,7 @@ from vitkit.models import (
     architecture_of,
     create_model,
     get_architecture,
+    model_config,
     register,
     register_architecture,
     unregister_architecture,
@@ -284,3 +287,29 @@ def test_a_registered_source_kind_opens_through_open_splits(numbered_source: Sou
     assert splits.held_out_test  # one split: the test images were held out of it
     seen = [b.images[:, 0, 0, 0] for s in (splits.train, splits.test) for b in s.eval_batches(4)]
     assert sorted(torch.cat(seen).tolist()) == list(range(10))
+
+
+# ----------------------------------------------------------------------- checkpoint formats
+
+
+def test_a_registered_checkpoint_format_is_read_before_the_catch_all(tmp_path: Path) -> None:
+    """A format of its own: a ``.pth`` file beside a ``FROZEN`` marker holds a torch state
+    dict of ``vit_micro``; timm's reader would take the file otherwise."""
+    model = create_model("vit_micro")
+    path = tmp_path / "weights.pth"
+    torch.save(model.state_dict(), path)
+    (tmp_path / "FROZEN").touch()
+
+    def read(file: Path, spec: Any) -> Checkpoint:
+        return Checkpoint(model_config("vit_micro"), torch.load(file), "frozen")
+
+    fmt = CheckpointFormat("frozen", lambda file: (file.parent / "FROZEN").exists(), read)
+    register_format(fmt)
+    try:
+        assert read_checkpoint(path).format == "frozen"
+        loaded = load_pretrained(path)
+        assert torch.equal(loaded.head.weight, model.head.weight)  # type: ignore[union-attr]
+    finally:
+        FORMATS.remove(fmt)
+    with pytest.raises(CheckpointError, match="timm ViT state dict"):  # without it: timm's
+        read_checkpoint(path)
