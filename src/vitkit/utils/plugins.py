@@ -64,12 +64,4 @@ def ensure_loaded(*builtin_modules: str, plugins: bool = True) -> None:
         load_plugins()
 
 
-def reset_plugins() -> None:
-    """Forget which plugins were loaded, so that the next lookup loads them again (for tests
-    that install a plugin after vitkit's registries were first used)."""
-    global _started
-    _started = False
-    _loaded.clear()
-
-
-__all__ = ["GROUP", "ensure_loaded", "load_plugins", "reset_plugins"]
+__all__ = ["GROUP", "ensure_loaded", "load_plugins"]
