@@ -79,6 +79,10 @@ def test_the_example_plugin_works_in_every_command(deit_site: Path, tmp_path: Pa
     assert inspected.returncode == 0, inspected.stderr
     assert "distillation token" in inspected.stdout and "weights fit:  yes" in inspected.stdout
 
+    converted = vitkit(deit_site, "convert", "run", "converted", "--to", "vitkit", cwd=tmp_path)
+    assert converted.returncode == 0, converted.stderr
+    assert '"architecture": "deit"' in (tmp_path / "converted" / "config.json").read_text()
+
     digit = load_dataset("digits", "test")
     Image.fromarray(digit.images[0, 0].numpy()).save(tmp_path / "digit.png")
     predicted = vitkit(deit_site, "predict", "run", "digit.png", "--top-k", "2", cwd=tmp_path)
