@@ -84,7 +84,7 @@ def test_the_record_round_trips_and_old_configs_get_the_default() -> None:
     assert EvalPreprocessing.from_dict(CROP.to_dict()) == CROP
     assert EvalPreprocessing.of(vitkit.create_model("vit_micro").cfg) == EvalPreprocessing()
     assert EvalPreprocessing().resize == "squash"  # the official code and Hugging Face
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown preprocessing record keys"):
         EvalPreprocessing.from_dict({"resize": "squash", "colour": "sepia"})
     with pytest.raises(ValueError, match="resize must be one of"):
         EvalPreprocessing(resize="pad")  # type: ignore[arg-type]

@@ -34,7 +34,7 @@ from vitkit.analysis.inputs import (
 )
 from vitkit.analysis.requirements import NotApplicable
 from vitkit.checkpoints import load_pretrained
-from vitkit.models import VisionTransformer, ViTConfig, architecture_of, flops_per_image
+from vitkit.models import VisionTransformer, architecture_of, flops_per_image
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.utils.files import atomic_write
 from vitkit.utils.runlayout import RunLayout
@@ -128,18 +128,6 @@ def render_report(title: str, sections: Sequence[Section]) -> str:
     )
 
 
-def _vit_rows(cfg: ViTConfig) -> list[tuple[str, str]]:
-    rows = [
-        ("patches", f"{cfg.patch_size[0]}x{cfg.patch_size[1]}, grid {cfg.grid[0]}x{cfg.grid[1]}"),
-        ("encoder", f"{cfg.depth} layers, width {cfg.width}, {cfg.num_heads} heads"),
-        ("MLP width", str(cfg.mlp_dim)),
-        ("classifier", f"{cfg.classifier}, position embedding {cfg.pos_embed}"),
-    ]
-    if cfg.resnet_layers is not None:
-        rows.insert(1, ("hybrid", f"ResNet stages {list(cfg.resnet_layers)}"))
-    return rows
-
-
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     """The results of a run's summary.json, formatted for people: accuracies as percentages,
     other metrics to 4 significant digits, durations in minutes and seconds, speeds in
@@ -176,11 +164,12 @@ def _model_section(
     model: PretrainedModel, checkpoint: Path, run: RunFiles | None, classes: list[str] | None
 ) -> Section:
     cfg = model.cfg
+    architecture = architecture_of(cfg)
     rows = [
         ("checkpoint", str(checkpoint)),
-        ("architecture", architecture_of(cfg).name),
+        ("architecture", architecture.name),
         ("input", f"{cfg.img_size[0]}x{cfg.img_size[1]}, {cfg.in_chans} channel(s)"),
-        *(_vit_rows(cfg) if isinstance(cfg, ViTConfig) else []),
+        *architecture.describe(cfg).rows,
         ("parameters", f"{model.num_parameters():,}"),
         ("GFLOPs per image", f"{flops_per_image(cfg) / 1e9:.3g}"),
     ]

@@ -7,7 +7,7 @@ Its sharded training checkpoints (``last.dcp/`` folders of FSDP runs) are recogn
 The others do not overlap: Hugging Face folders (config.json), official, big_vision and BiT
 ``.npz`` files (told apart by their module names), timm ResNet-v2 state dicts (told by their
 stem) and timm ViT state dicts (any other ``.safetensors``, ``.pth``, ``.pt`` or ``.bin``
-file).
+file). A plugin adds a format of its own with ``register_format``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from vitkit.checkpoints.core import (
     check_named_model,
 )
 from vitkit.models.pretrained import PretrainedModel
+from vitkit.utils.plugins import ensure_loaded
 from vitkit.utils.runlayout import RunLayout
 
-FORMATS: tuple[CheckpointFormat, ...] = (
+FORMATS: list[CheckpointFormat] = [
     native.FORMAT,
     sharded.FORMAT,  # a torch.distributed.checkpoint folder with vitkit.json
     hf.FORMAT,
@@ -37,7 +38,16 @@ FORMATS: tuple[CheckpointFormat, ...] = (
     bit.BIT_FORMAT,
     bit.TIMM_FORMAT,  # before timm's ViT reader, which would take any state dict
     timm.FORMAT,
-)
+]
+
+
+def register_format(fmt: CheckpointFormat, *, before: str | None = timm.FORMAT.name) -> None:
+    """Add a checkpoint format, tried before the format named ``before`` (by default before
+    timm's ViT state dicts, which take any state dict; None: last)."""
+    if any(known.name == fmt.name for known in FORMATS):
+        raise ValueError(f"checkpoint format {fmt.name!r} is registered twice")
+    names = [known.name for known in FORMATS]
+    FORMATS.insert(names.index(before) if before in names else len(FORMATS), fmt)
 
 
 def read_checkpoint(path: str | Path, model: ModelSpec = None) -> Checkpoint:
@@ -61,6 +71,7 @@ def read_checkpoint(path: str | Path, model: ModelSpec = None) -> Checkpoint:
                 f"{path} is a run folder without a checkpoint yet: neither {run.best.name} "
                 f"nor {run.last.name} was written"
             )
+    ensure_loaded()  # the plugins' formats
     for fmt in FORMATS:
         if fmt.detect(path):
             return fmt.read(path, model)
@@ -86,4 +97,4 @@ def load_pretrained(path: str | Path, model: ModelSpec = None, **overrides: Any)
     return build_model(checkpoint, **overrides)
 
 
-__all__ = ["FORMATS", "load_pretrained", "read_checkpoint"]
+__all__ = ["FORMATS", "load_pretrained", "read_checkpoint", "register_format"]

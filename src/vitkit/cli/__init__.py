@@ -1,7 +1,9 @@
 """The ``vitkit`` command: one subcommand per module listed in ``COMMAND_MODULES``.
 
 Each module defines ``register(subparsers)``, which adds its parser and sets ``func`` (taking
-the parsed ``argparse.Namespace`` and returning an exit code) as the parser's default.
+the parsed ``argparse.Namespace`` and returning an exit code) as the parser's default. The
+plugins (entry point group ``vitkit.plugins``) are imported first, so that what they register
+is there for every subcommand (a broken one costs a warning line, not the command).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 from importlib.metadata import version
 
 from vitkit.deploy import MissingDependency
+from vitkit.utils.plugins import load_plugins
 
 COMMAND_MODULES: tuple[str, ...] = (
     "models",
@@ -34,6 +37,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    load_plugins()
     parser = argparse.ArgumentParser(
         prog="vitkit",
         description="The Vision Transformer (Dosovitskiy et al., ICLR 2021): models, "

@@ -11,7 +11,7 @@ import torch
 from vitkit.analysis.inputs import locate_checkpoint
 from vitkit.checkpoints import CheckpointError, read_checkpoint
 from vitkit.checkpoints.core import check_named_model, check_state_dict
-from vitkit.models import ViTConfig, architecture_of
+from vitkit.models import architecture_of
 
 SHOWN_DROPPED = 10
 
@@ -34,43 +34,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def describe(cfg: Any) -> str:
-    """The architecture in words: every field for a ViT, the common ones for the others."""
-    if not isinstance(cfg, ViTConfig):
-        return (
-            f"{architecture_of(cfg).name}: image {cfg.img_size[0]}x{cfg.img_size[1]}, "
-            f"{cfg.in_chans} channels, "
-            + (f"{cfg.num_classes} classes" if cfg.num_classes else "no head")
-        )
-    parts = [
-        f"width {cfg.width}, depth {cfg.depth}, {cfg.num_heads} heads, MLP {cfg.mlp_dim}",
-        f"patch {cfg.patch_size[0]}x{cfg.patch_size[1]}, image {cfg.img_size[0]}x{cfg.img_size[1]}"
-        f", {cfg.in_chans} channels",
-        f"{cfg.classifier} classifier, {cfg.pos_embed} position embedding",
-        f"{cfg.num_classes} classes" if cfg.num_classes else "no head",
-    ]
-    if cfg.representation_size:
-        parts.append(f"representation layer {cfg.representation_size}")
-    if cfg.resnet_layers:
-        parts.append(f"hybrid ResNet stages {list(cfg.resnet_layers)}")
-    return "; ".join(parts)
-
-
-def numerics(cfg: Any) -> str:
-    if not isinstance(cfg, ViTConfig):
-        return "-"
-    gelu = "tanh approximation" if cfg.gelu == "tanh" else "exact (erf)"
-    return f"GELU {gelu}, LayerNorm eps {cfg.eps:g}"
-
-
 def run(args: argparse.Namespace) -> int:
     path = locate_checkpoint(args.checkpoint)[0]
     ckpt = read_checkpoint(path, args.model)
     if args.model:
         check_named_model(path, args.model, ckpt.config)
     cfg = ckpt.config
+    architecture = architecture_of(cfg)
+    description = architecture.describe(cfg)
     with torch.device("meta"):
-        model = architecture_of(cfg).build(cfg)
+        model = architecture.build(cfg)
     try:
         check_state_dict(model, ckpt.state_dict)
         fits = "yes"
@@ -78,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
         fits = f"no: {err}"
     info: dict[str, Any] = {
         "format": ckpt.format,
-        "architecture": describe(cfg),
+        "architecture": description.summary,
         "parameters": sum(t.numel() for t in ckpt.state_dict.values()),
-        "numerics": numerics(cfg),
+        "numerics": description.numerics,
         "weights fit": fits,
         "dropped": ckpt.dropped,
     }

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 import torch
 
-from vitkit.models import ViTConfig, architecture_of, flops_per_image, list_models, model_config
+from vitkit.models import architecture_of, flops_per_image, list_models, model_config
+
+VIEWED_COLUMNS = ("width", "depth", "patch")  # from each architecture's ``Description``
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,13 +23,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _vit_columns(cfg: Any) -> tuple[str, str, str]:
-    """Width, depth and patch size of a ViT; '-' for other architectures."""
-    if not isinstance(cfg, ViTConfig):
-        return ("-", "-", "-")
-    return (str(cfg.width), str(cfg.depth), f"{cfg.patch_size[0]}x{cfg.patch_size[1]}")
-
-
 def run(args: argparse.Namespace) -> int:
     rows = []
     for name in list_models():
@@ -39,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         with torch.device("meta"):  # no memory, no initialisation: ViT-H costs nothing here
             n_params = architecture.build(cfg).num_parameters()
         gflops = flops_per_image(cfg) / 1e9
+        columns = architecture.describe(cfg).columns
         rows.append(
             (
                 name,
@@ -46,10 +41,10 @@ def run(args: argparse.Namespace) -> int:
                 f"{n_params:,}",
                 f"{gflops:.2f}" if gflops >= 0.1 else f"{gflops:.4f}",
                 f"{cfg.img_size[0]}x{cfg.img_size[1]}",
-                *_vit_columns(cfg),
+                *(columns.get(c, "-") for c in VIEWED_COLUMNS),
             )
         )
-    header = ("model", "architecture", "parameters", "GFLOPs", "input", "width", "depth", "patch")
+    header = ("model", "architecture", "parameters", "GFLOPs", "input", *VIEWED_COLUMNS)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print(

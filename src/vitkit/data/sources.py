@@ -6,14 +6,16 @@ on*, so a run resumed in the middle of an epoch continues with exactly the image
 have seen; evaluation asks for every example exactly once over all processes. The loop never
 learns whether the images sit in memory or are streamed: ``InMemorySource`` holds a decoded
 dataset, ``StreamingFolderSource`` decodes an image folder as it goes, ``ShardSource`` reads
-WebDataset shards. ``open_source`` / ``open_splits`` are the one place that picks which.
+WebDataset shards. ``open_source`` / ``open_splits`` are the one place that picks which: the
+first of the ``SOURCES`` (a ``SourceKind`` each: a detector and the ways to open it) that
+detects the data, so a new kind of source is one ``register_source`` call.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,13 +35,19 @@ from vitkit.data.base import (
     SourceInfo,
 )
 from vitkit.data.datasets import ImageDataset, differing_classes, iterate_batches
-from vitkit.data.folders import FolderListing, list_image_folder, read_unlabelled
+from vitkit.data.folders import (
+    FolderListing,
+    is_unlabelled_folder,
+    list_image_folder,
+    read_unlabelled,
+)
 from vitkit.data.images import open_image, upright_size
-from vitkit.data.readers import is_image_folder, load_dataset
+from vitkit.data.readers import is_cifar_folder, is_idx_folder, is_image_folder, load_dataset
 from vitkit.data.shards import ShardSource, is_shards, read_index
 from vitkit.data.streaming import StreamingFolderSource
 from vitkit.models.preprocessing import EvalPreprocessing
 from vitkit.utils.files import atomic_write
+from vitkit.utils.plugins import ensure_loaded
 
 logger = logging.getLogger(__name__)
 
@@ -172,9 +180,7 @@ def streams(data: str, options: DataOptions) -> bool:
     and uniform (``auto``: judged from a sample of image headers, without decoding) or
     ``in_memory`` says otherwise; the array formats and the digits never."""
     if is_shards(data):
-        if options.in_memory == "yes":
-            raise ValueError(f"{data} is a shard dataset: shards are always streamed; drop "
-                             "--data-in-memory yes")  # fmt: skip
+        _refuse_in_memory_shards(data, options)
         return True
     if not is_image_folder(data) or options.in_memory == "yes":
         return False
@@ -202,36 +208,70 @@ def uniform_size(listing: FolderListing) -> tuple[int, int] | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
+# --- the kinds of source: each a detector and the two ways to open it -------------------
+
+Reader = Callable[..., ImageDataset]
+"""``read(data, split, *, max_unreadable_fraction, skipped) -> ImageDataset``: one split of an
+in-memory source (``load_dataset``'s signature)."""
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """A kind of data ``--data`` can name: ``detect(data)`` says whether ``data`` is one;
+    ``open(data, split, options)`` opens one split (``open_source``) and ``open_splits(data,
+    val_fraction, seed, options, train_fraction)`` the train, validation and test sources of
+    a run (``open_splits``). Sources held in memory need only a ``Reader``: ``in_memory``."""
+
+    name: str
+    detect: Callable[[str], bool]
+    open: Callable[[str, str, DataOptions], DataSource]
+    open_splits: Callable[[str, float, int, DataOptions, float], Splits]
+
+
+def in_memory(name: str, detect: Callable[[str], bool], read: Reader) -> SourceKind:
+    """The kind of a source decoded whole into memory by ``read`` (``Reader``): the split
+    rules of ``open_splits`` (held-out test of a single split, stratified validation and
+    training fractions) come with it."""
+    return SourceKind(
+        name,
+        detect,
+        lambda data, split, options: _open_in_memory(read, data, split, options),
+        lambda data, val_fraction, seed, options, train_fraction: _read_in_memory_splits(
+            read, data, val_fraction, seed, options, train_fraction
+        ),
+    )
+
+
+def _path_test(test: Callable[[Path], bool]) -> Callable[[str], bool]:
+    return lambda data: data != "digits" and test(Path(data).expanduser())
+
+
+IMAGE_FOLDER = "image folder"
+SOURCES: list[SourceKind] = []
+"""The kinds of source, tried in this order by ``detect_source``; a plugin adds its own with
+``register_source``. Data no kind detects is read by ``load_dataset``, which explains what it
+accepts."""
+
+
+def register_source(kind: SourceKind, *, before: str | None = IMAGE_FOLDER) -> None:
+    """Add a kind of source, tried before the kind named ``before`` (by default before image
+    folders, which take any other folder; None: last)."""
+    if any(known.name == kind.name for known in SOURCES):
+        raise ValueError(f"data source {kind.name!r} is registered twice")
+    names = [known.name for known in SOURCES]
+    SOURCES.insert(names.index(before) if before in names else len(SOURCES), kind)
+
+
+def detect_source(data: str) -> SourceKind:
+    """The first kind in ``SOURCES`` (plugins' included) that detects ``data``; data none
+    detects goes to ``load_dataset``, which names what it accepts."""
+    ensure_loaded()
+    return next((kind for kind in SOURCES if kind.detect(data)), _UNDETECTED)
+
+
 def open_source(data: str, split: str, options: DataOptions | None = None) -> DataSource:
     """Split ``split`` of ``data``, whole, in memory or streamed (``streams``)."""
-    options = options or DataOptions()
-    if not streams(data, options):
-        log = SkipLog(data, max_fraction=options.max_unreadable_fraction)
-        dataset = load_dataset(data, split, max_unreadable_fraction=log.max_fraction, skipped=log)
-        return InMemorySource(dataset, skipped=log)
-    return _streamed(data, split, options)
-
-
-def _streamed(data: str, split: str, options: DataOptions) -> StreamingFolderSource | ShardSource:
-    if is_shards(data):
-        index = read_index(data)
-        found = split if split in index.splits else {"val": "test", "test": "val"}.get(split)
-        if found not in index.splits:
-            raise ValueError(f"{data} has no {split!r} split: it has {sorted(index.splits)}")
-        return ShardSource(
-            index.splits[found],
-            index.classes,
-            index.channels,
-            augment=options.augment,
-            num_workers=options.num_workers,
-            max_unreadable_fraction=options.max_unreadable_fraction,
-        )
-    return StreamingFolderSource(
-        list_image_folder(Path(data).expanduser(), split),
-        augment=options.augment,
-        num_workers=options.num_workers,
-        max_unreadable_fraction=options.max_unreadable_fraction,
-    )
+    return detect_source(data).open(data, split, options or DataOptions())
 
 
 def open_splits(
@@ -259,35 +299,136 @@ def open_splits(
     a validation split must have been packed. An unlabelled folder (``read_unlabelled``) is
     decoded into memory and split the same way into sources without labels.
     """
-    options = options or DataOptions()
+    kind = detect_source(data)
+    return kind.open_splits(data, val_fraction, seed, options or DataOptions(), train_fraction)
+
+
+def _open_in_memory(read: Reader, data: str, split: str, options: DataOptions) -> DataSource:
+    log = SkipLog(data, max_fraction=options.max_unreadable_fraction)
+    dataset = read(data, split, max_unreadable_fraction=log.max_fraction, skipped=log)
+    return InMemorySource(dataset, skipped=log)
+
+
+def _read_in_memory_splits(
+    read: Reader,
+    data: str,
+    val_fraction: float,
+    seed: int,
+    options: DataOptions,
+    train_fraction: float,
+) -> Splits:
+    """The splits of an in-memory source: its train and test splits read, each with its own
+    record of skipped files."""
+    logger.info("%s: decoded into memory", data)
+    skipped = SkipLog(data, max_fraction=options.max_unreadable_fraction)
+    fraction = skipped.max_fraction
+    test_skipped = SkipLog(data, max_fraction=fraction)
+    train = read(data, "train", max_unreadable_fraction=fraction, skipped=skipped)
+    test = read(data, "test", max_unreadable_fraction=fraction, skipped=test_skipped)
+    return _in_memory_splits(
+        data, val_fraction, seed, train_fraction, train, test, (skipped, test_skipped)
+    )
+
+
+# --- shards ------------------------------------------------------------------------------
+
+
+def _refuse_in_memory_shards(data: str, options: DataOptions) -> None:
+    if options.in_memory == "yes":
+        raise ValueError(
+            f"{data} is a shard dataset: shards are always streamed; drop --data-in-memory yes"
+        )
+
+
+def _open_shards(data: str, split: str, options: DataOptions) -> ShardSource:
+    _refuse_in_memory_shards(data, options)
+    index = read_index(data)
+    found = split if split in index.splits else {"val": "test", "test": "val"}.get(split)
+    if found not in index.splits:
+        raise ValueError(f"{data} has no {split!r} split: it has {sorted(index.splits)}")
+    return ShardSource(
+        index.splits[found],
+        index.classes,
+        index.channels,
+        augment=options.augment,
+        num_workers=options.num_workers,
+        max_unreadable_fraction=options.max_unreadable_fraction,
+    )
+
+
+def _shard_splits(
+    data: str, val_fraction: float, seed: int, options: DataOptions, train_fraction: float
+) -> Splits:
+    _refuse_in_memory_shards(data, options)
+    if train_fraction < 1.0:
+        raise ValueError(
+            f"{data} is a shard dataset: train_fraction needs an image folder or "
+            "an in-memory source"
+        )
+    index = read_index(data)
+    shards = _open_shards(data, "train", options)
+    if val_fraction > 0 and "val" not in index.splits:
+        raise ValueError(
+            f"{data} has no validation shards: pack them with `vitkit data "
+            "pack --val-fraction`, or train with --val-fraction 0"
+        )
+    val = _open_shards(data, "val", options) if val_fraction > 0 else None
+    logger.info("%s: streaming %d training shard(s)", data, len(shards.shards))
+    return Splits(shards, val, _open_shards(data, "test", options), index.held_out_test)
+
+
+# --- unlabelled and labelled image folders -----------------------------------------------
+
+
+def _unlabelled_splits(
+    data: str, val_fraction: float, seed: int, options: DataOptions, train_fraction: float
+) -> Splits:
     skipped = SkipLog(data, max_fraction=options.max_unreadable_fraction)
     unlabelled = read_unlabelled(data, skipped.max_fraction, skipped)
-    if unlabelled is not None or not streams(data, options):
-        logger.info("%s: decoded into memory", data)
-        return _in_memory_splits(data, val_fraction, seed, train_fraction, unlabelled, skipped)
-    if is_shards(data):
-        if train_fraction < 1.0:
-            raise ValueError(f"{data} is a shard dataset: train_fraction needs an image folder or "
-                             "an in-memory source")  # fmt: skip
-        index = read_index(data)
-        shards = _streamed(data, "train", options)
-        if val_fraction > 0 and "val" not in index.splits:
-            raise ValueError(f"{data} has no validation shards: pack them with `vitkit data "
-                             "pack --val-fraction`, or train with --val-fraction 0")  # fmt: skip
-        val = _streamed(data, "val", options) if val_fraction > 0 else None
-        assert isinstance(shards, ShardSource)
-        logger.info("%s: streaming %d training shard(s)", data, len(shards.shards))
-        return Splits(shards, val, _streamed(data, "test", options), index.held_out_test)
-    train = _streamed(data, "train", options)
+    assert unlabelled is not None  # detected as an unlabelled folder
+    logger.info("%s: decoded into memory", data)
+    dataset = as_unlabelled_dataset(unlabelled)
+    return _in_memory_splits(
+        data,
+        val_fraction,
+        seed,
+        train_fraction,
+        dataset,
+        dataset,
+        (skipped, skipped),
+        labelled=False,
+    )
+
+
+def _open_image_folder(data: str, split: str, options: DataOptions) -> DataSource:
+    if not streams(data, options):
+        return _open_in_memory(load_dataset, data, split, options)
+    return StreamingFolderSource(
+        list_image_folder(Path(data).expanduser(), split),
+        augment=options.augment,
+        num_workers=options.num_workers,
+        max_unreadable_fraction=options.max_unreadable_fraction,
+    )
+
+
+def _image_folder_splits(
+    data: str, val_fraction: float, seed: int, options: DataOptions, train_fraction: float
+) -> Splits:
+    if not streams(data, options):
+        return _read_in_memory_splits(
+            load_dataset, data, val_fraction, seed, options, train_fraction
+        )
+    train = _open_image_folder(data, "train", options)
     assert isinstance(train, StreamingFolderSource)
     test: DataSource
     single_split = train.listing.single_split
     if single_split:
-        logger.warning("%s has no separate test split: holding out %.0f%% of it", data,
-                       100 * HELD_OUT_TEST)  # fmt: skip
+        logger.warning(
+            "%s has no separate test split: holding out %.0f%% of it", data, 100 * HELD_OUT_TEST
+        )
         train, test = train.split(HELD_OUT_TEST, seed)
     else:
-        test = _streamed(data, "test", options)
+        test = _open_image_folder(data, "test", options)
         if train.info.classes != test.info.classes:
             raise ValueError(_class_mismatch(data, train.info.classes, test.info.classes))
     if train_fraction < 1.0:
@@ -295,8 +436,12 @@ def open_splits(
     val = None
     if val_fraction > 0:
         train, val = train.split(val_fraction, seed)
-    logger.info("%s: streaming %d image files from disk, decoded by %d loader worker(s) per "
-                "process", data, len(train), train.num_workers)  # fmt: skip
+    logger.info(
+        "%s: streaming %d image files from disk, decoded by %d loader worker(s) per process",
+        data,
+        len(train),
+        train.num_workers,
+    )
     return Splits(train, val, test, held_out_test=single_split)
 
 
@@ -308,23 +453,22 @@ def _class_mismatch(data: str, train: list[str] | None, test: list[str] | None) 
 
 
 def _in_memory_splits(
-    data: str, val_fraction: float, seed: int, train_fraction: float,
-    unlabelled: torch.Tensor | None, skipped: SkipLog,
-) -> Splits:  # fmt: skip
-    """``skipped``: the training split's record (the unlabelled folder's, when it is one);
-    a test split read on its own gets one of its own."""
-    test_skipped = skipped
-    if unlabelled is None:
-        fraction = skipped.max_fraction
-        test_skipped = SkipLog(data, max_fraction=fraction)
-        train = load_dataset(data, "train", max_unreadable_fraction=fraction, skipped=skipped)
-        test = load_dataset(data, "test", max_unreadable_fraction=fraction, skipped=test_skipped)
-    else:
-        train = test = as_unlabelled_dataset(unlabelled)
+    data: str,
+    val_fraction: float,
+    seed: int,
+    train_fraction: float,
+    train: ImageDataset,
+    test: ImageDataset,
+    skipped: tuple[SkipLog, SkipLog],
+    labelled: bool = True,
+) -> Splits:
+    """``skipped``: the records of the training split (and of its validation part) and of
+    the test split, which a single-split source shares."""
     single_split = same_images(train, test)
     if single_split:
-        logger.warning("%s has no separate test split: holding out %.0f%% of it", data,
-                       100 * HELD_OUT_TEST)  # fmt: skip
+        logger.warning(
+            "%s has no separate test split: holding out %.0f%% of it", data, 100 * HELD_OUT_TEST
+        )
         train, test = train.split(HELD_OUT_TEST, seed)
     if train.classes != test.classes:
         raise ValueError(_class_mismatch(data, train.classes, test.classes))
@@ -340,12 +484,32 @@ def _in_memory_splits(
     val = None
     if val_fraction > 0:
         train, val = train.split(val_fraction, seed)
-    labelled = unlabelled is None
     return Splits(
-        InMemorySource(train, labelled, skipped),
-        InMemorySource(val, labelled, skipped) if val else None,
-        InMemorySource(test, labelled, test_skipped), held_out_test=single_split,
-    )  # fmt: skip
+        InMemorySource(train, labelled, skipped[0]),
+        InMemorySource(val, labelled, skipped[0]) if val else None,
+        InMemorySource(test, labelled, skipped[1]),
+        held_out_test=single_split,
+    )
+
+
+_UNDETECTED = in_memory("other", lambda data: True, load_dataset)
+for _kind in (
+    in_memory("digits", lambda data: data == "digits", load_dataset),
+    SourceKind("shards", is_shards, _open_shards, _shard_splits),
+    SourceKind(
+        "unlabelled folder",
+        _path_test(is_unlabelled_folder),
+        _open_image_folder,
+        _unlabelled_splits,
+    ),
+    in_memory("idx folder", _path_test(is_idx_folder), load_dataset),
+    in_memory("CIFAR folder", _path_test(is_cifar_folder), load_dataset),
+    in_memory(
+        "npz", _path_test(lambda path: path.is_file() and path.suffix == ".npz"), load_dataset
+    ),
+    SourceKind(IMAGE_FOLDER, is_image_folder, _open_image_folder, _image_folder_splits),
+):
+    register_source(_kind, before=None)
 
 
 def as_unlabelled_dataset(images: torch.Tensor) -> ImageDataset:

@@ -3,6 +3,7 @@
 from vitkit.models import zoo  # noqa: F401  (registers the ViT architecture and named models)
 from vitkit.models.registry import (
     Architecture,
+    Description,
     architecture_of,
     create_model,
     flops_per_image,
@@ -14,11 +15,13 @@ from vitkit.models.registry import (
     register_architecture,
     unregister_architecture,
 )
-from vitkit.models.vit import Intermediates, VisionTransformer, ViTConfig
+from vitkit.models.vit import Intermediates, TokenHook, VisionTransformer, ViTConfig
 
 __all__ = [
     "Architecture",
+    "Description",
     "Intermediates",
+    "TokenHook",
     "ViTConfig",
     "VisionTransformer",
     "architecture_of",

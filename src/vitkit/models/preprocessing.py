@@ -15,15 +15,17 @@ above it) write it too; ``vitkit.data`` applies it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
+
+from vitkit.utils.config import ConfigMixin
 
 RECORD_KEY = "preprocessing"  # its key in a model config's ``extra``
 GEOMETRIES = ("squash", "crop")
 
 
 @dataclass(frozen=True)
-class EvalPreprocessing:
+class EvalPreprocessing(ConfigMixin):
     """How an evaluation image becomes a model input of size (H, W).
 
     - ``resize``: ``"squash"`` resizes the whole image to (H, W), whatever its aspect ratio
@@ -33,7 +35,12 @@ class EvalPreprocessing:
     - ``interpolation``: bilinear, antialiased when shrinking (the one vitkit implements);
     - the value range: ``(pixel / 255 - mean) / std`` for every channel; the default
       ``mean = std = 0.5`` is ``(pixel - 127.5) / 127.5``, [-1, 1], as the official code.
+
+    A record missing keys takes their defaults (``from_dict``); unknown keys are refused (a
+    record this version would silently misread).
     """
+
+    config_name = "preprocessing record"
 
     resize: Literal["squash", "crop"] = "squash"
     crop_pct: float = 0.875  # timm's default; used by "crop" only
@@ -55,20 +62,6 @@ class EvalPreprocessing:
             )
         if not float(self.std) > 0.0:
             raise ValueError(f"preprocessing std must be positive, got {self.std}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EvalPreprocessing:
-        """The contract a config records; missing keys take their defaults, unknown ones are
-        refused (a record this version would silently misread)."""
-        if not isinstance(d, dict):
-            raise ValueError(f"a preprocessing record is a JSON object, got {d!r}")
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"preprocessing record has unknown keys {unknown}")
-        return cls(**d)
 
     @classmethod
     def of(cls, cfg: Any) -> EvalPreprocessing:

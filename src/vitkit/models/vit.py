@@ -18,6 +18,7 @@ from torch import nn
 from vitkit.models.layers import AttentionImpl, Block, lecun_normal_
 from vitkit.models.posembed import POS_EMBED_KINDS, Grid, PosEmbedKind, PositionEmbedding
 from vitkit.models.pretrained import PretrainedModel
+from vitkit.models.registry import Description
 from vitkit.models.resnet import ResNetBackbone
 from vitkit.utils.config import ConfigMixin
 
@@ -122,6 +123,36 @@ class ViTConfig(ConfigMixin):
             problems.append(f"resnet_width_factor must be > 0, not {self.resnet_width_factor}")
         return problems
 
+    def description(self) -> Description:
+        """This ViT in words (``Architecture.describe``); a subclass extends it with its own
+        fields."""
+        p, img = self.patch_size, self.img_size
+        summary = [
+            f"width {self.width}, depth {self.depth}, {self.num_heads} heads, MLP {self.mlp_dim}",
+            f"patch {p[0]}x{p[1]}, image {img[0]}x{img[1]}, {self.in_chans} channels",
+            f"{self.classifier} classifier, {self.pos_embed} position embedding",
+            f"{self.num_classes} classes" if self.num_classes else "no head",
+        ]
+        if self.representation_size:
+            summary.append(f"representation layer {self.representation_size}")
+        if self.resnet_layers:
+            summary.append(f"hybrid ResNet stages {list(self.resnet_layers)}")
+        rows = [
+            ("patches", f"{p[0]}x{p[1]}, grid {self.grid[0]}x{self.grid[1]}"),
+            ("encoder", f"{self.depth} layers, width {self.width}, {self.num_heads} heads"),
+            ("MLP width", str(self.mlp_dim)),
+            ("classifier", f"{self.classifier}, position embedding {self.pos_embed}"),
+        ]
+        if self.resnet_layers is not None:
+            rows.insert(1, ("hybrid", f"ResNet stages {list(self.resnet_layers)}"))
+        gelu = "tanh approximation" if self.gelu == "tanh" else "exact (erf)"
+        return Description(
+            summary="; ".join(summary),
+            numerics=f"GELU {gelu}, LayerNorm eps {self.eps:g}",
+            columns={"width": str(self.width), "depth": str(self.depth), "patch": f"{p[0]}x{p[1]}"},
+            rows=rows,
+        )
+
     @property
     def backbone_reduction(self) -> int:
         return 1 if self.resnet_layers is None else 4 * 2 ** (len(self.resnet_layers) - 1)
@@ -136,6 +167,14 @@ class ViTConfig(ConfigMixin):
 
 
 PatchHook = Callable[[torch.Tensor], torch.Tensor]
+TokenHook = Callable[[torch.Tensor], torch.Tensor]
+"""``VisionTransformer.token_hook(tokens) -> tokens``: sees the encoder's input, (B, N, D) after
+the [class] token was prepended and the position embedding added (and its dropout), and
+returns what the encoder blocks get, (B, N', D). It may drop tokens (MAE-style masking keeps a
+random subset of the patches) or add some (DeiT's distillation token); as an ``nn.Module``
+its parameters are the model's (saved, loaded, trained). Only the relative position
+embedding, which biases attention between the N original tokens, needs N' == N. Pooling
+reads the result: the [class] token at index 0, or the mean of all N' tokens (``gap``)."""
 
 
 @dataclass
@@ -186,6 +225,7 @@ class VisionTransformer(PretrainedModel):
             cfg.pos_embed, cfg.width, cfg.grid, self.num_prefix, cfg.num_heads, cfg.depth
         )
         self.pos_drop = nn.Dropout(cfg.dropout)
+        self.token_hook: TokenHook | None = None  # set by a subclass or a plugin (TokenHook)
         # Stochastic depth grows linearly with depth, from 0 to drop_path at the last block.
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
@@ -250,7 +290,10 @@ class VisionTransformer(PretrainedModel):
             tokens = patch_hook(tokens)
         if self.cls_token is not None:
             tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        return self.pos_drop(self.pos_embed(tokens, grid)), grid
+        tokens = self.pos_drop(self.pos_embed(tokens, grid))
+        if self.token_hook is not None:
+            tokens = self.token_hook(tokens)
+        return tokens, grid
 
     def forward_intermediates(
         self,
@@ -263,10 +306,17 @@ class VisionTransformer(PretrainedModel):
 
         ``patch_hook(tokens) -> tokens`` sees the patch embeddings (B, N, D) straight after the
         projection, before the [class] token and the position embedding: masked patch
-        prediction corrupts them there (``vitkit.models.mpp``).
+        prediction corrupts them there (``vitkit.models.mpp``). The model's own ``token_hook``
+        (``TokenHook``) then sees the tokens after the position embedding.
         """
         x, grid = self._embed(x, patch_hook)
         bias = self.pos_embed.attention_bias(grid)
+        if bias is not None and bias.shape[-1] != x.shape[1]:
+            raise ValueError(
+                f"the token hook changed the number of tokens ({bias.shape[-1]} -> "
+                f"{x.shape[1]}), which the relative position embedding cannot follow: keep "
+                "the count, or use another pos_embed"
+            )
         blocks, attentions = [], []
         for i, block in enumerate(self.blocks):
             x, probs = block(x, None if bias is None else bias[i], return_attention)
@@ -335,6 +385,7 @@ __all__ = [
     "GeluKind",
     "Intermediates",
     "PatchHook",
+    "TokenHook",
     "ViTConfig",
     "VisionTransformer",
 ]

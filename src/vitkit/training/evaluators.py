@@ -26,6 +26,7 @@ from vitkit.models.pretrained import PretrainedModel
 from vitkit.training.config import TrainConfig
 from vitkit.training.distributed import Process
 from vitkit.training.tasks import Task
+from vitkit.utils.plugins import ensure_loaded
 
 
 class Evaluator(Protocol):
@@ -145,8 +146,14 @@ def _fewshot(context: EvalContext) -> Evaluator:
 register_evaluator("fewshot", _fewshot)
 
 
+def registered_evaluators() -> dict[str, EvaluatorFactory]:
+    """``EVALUATORS`` once the plugins have registered theirs: what a lookup reads."""
+    ensure_loaded()
+    return EVALUATORS
+
+
 def build_evaluators(context: EvalContext) -> list[Evaluator]:
-    unknown = sorted(set(context.cfg.evaluators) - set(EVALUATORS))
+    unknown = sorted(set(context.cfg.evaluators) - set(registered_evaluators()))
     if unknown:
         raise ValueError(f"unknown evaluators {unknown}: choose from {sorted(EVALUATORS)}")
     built = (EVALUATORS[name](context) for name in context.cfg.evaluators)

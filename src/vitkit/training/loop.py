@@ -87,6 +87,12 @@ class LoopState:
 
 Progress = Callable[[int, int, dict[str, Any] | None], None]
 """``progress(step, total_steps, logged_record_or_None)``, called after each optimizer step."""
+StepHook = Callable[[int, nn.Module, torch.optim.Optimizer], None]
+"""``hook(step, model, optimizer)``, called right after each optimizer step that updated the
+weights (not after one skipped for a non-finite gradient), before the gradients are zeroed
+and the learning rate moves on: ``step`` counts the optimizer steps taken, this one included;
+``model`` is the model that checkpoints hold. What a hook keeps (an EMA teacher's weights) is
+its own: checkpoints do not save it, so a resumed run starts it again."""
 
 # Settings a resumed run may change: how it runs (and what it does about a non-finite loss),
 # not what it learns.
@@ -111,10 +117,12 @@ def train(
     resume: str | Path | None = None,
     progress: Progress | None = None,
     resume_options: dict[str, Any] | None = None,
+    step_hooks: list[StepHook] | None = None,
 ) -> dict[str, Any]:
     """Train (``cfg``) or continue the run in folder ``resume``, changing only the
     ``RESUME_OPTIONS`` in ``resume_options``; returns ``summary.json``'s content. Raises
-    ValueError, before any training, for a bad config or data.
+    ValueError, before any training, for a bad config or data. ``step_hooks`` are called
+    after every optimizer step (``StepHook``).
 
     Workers that torchrun restarted (``--max-restarts``) continue the run in ``cfg.out``
     from its last checkpoint, without being told to."""
@@ -132,7 +140,7 @@ def train(
     process = distributed.start(cfg.device, sharded=cfg.parallel == "fsdp")
     try:
         folder = Path(resume) if resume is not None else None
-        return _train(cfg, folder, process, progress, resume_options)
+        return _train(cfg, folder, process, progress, resume_options, step_hooks or [])
     finally:
         distributed.stop(process)
 
@@ -143,6 +151,7 @@ def _train(
     process: Process,
     progress: Progress | None,
     resume_options: dict[str, Any] | None,
+    step_hooks: list[StepHook],
 ) -> dict[str, Any]:
     # ---- data, model, task and evaluators, checked before anything is trained or written
     splits = open_splits(
@@ -174,6 +183,7 @@ def _train(
 
     # ---- model, optimizer, schedule; restored from the last checkpoint when resuming
     session = Session.build(cfg, process, run, task, splits, evaluators, resume is not None)
+    session.step_hooks = step_hooks
     if resume is not None:  # from step 0 if the run was stopped before its first checkpoint
         run.cut_metrics(session.state.step)
         if process.is_main:
@@ -225,6 +235,7 @@ class Session:
     # (step, training seconds) after this session's first step, whose time (data loading
     # starting, lazy initialisation) says little about the speed of the others.
     first_step: tuple[int, float] | None = None
+    step_hooks: list[StepHook] = field(default_factory=list)  # after each optimizer step
 
     @classmethod
     def build(
@@ -391,6 +402,8 @@ class Session:
         grad_norm = clip_gradients(self.trainable, cfg.grad_clip)
         if torch.isfinite(grad_norm):
             self.optimizer.step()
+            for hook in self.step_hooks:
+                hook(state.step + 1, self.model, self.optimizer)
             for name, value in sums.items():
                 self.logged[name] = self.logged.get(name, 0) + value
         elif self.on_nonfinite(result.loss.item()) == "rolled back":

@@ -27,6 +27,7 @@ from vitkit.models.preprocessing import RECORD_KEY, EvalPreprocessing
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.training.config import TrainConfig
 from vitkit.training.distributed import Process
+from vitkit.utils.plugins import ensure_loaded
 
 
 @dataclass
@@ -191,7 +192,18 @@ class Classification(Task):
         }
 
 
+BUILTIN_TASK_MODULES = ("vitkit.training.mpp_task",)  # the built-in tasks outside this module
+
+
+def registered_tasks() -> dict[str, type[Task]]:
+    """``TASKS`` once the built-in tasks and the plugins' have registered, whatever was
+    imported: what a lookup reads."""
+    ensure_loaded(*BUILTIN_TASK_MODULES)
+    return TASKS
+
+
 def build_task(cfg: TrainConfig) -> Task:
-    if cfg.task not in TASKS:
-        raise ValueError(f"unknown task {cfg.task!r}: choose one of {sorted(TASKS)}")
-    return TASKS[cfg.task](cfg)
+    tasks = registered_tasks()
+    if cfg.task not in tasks:
+        raise ValueError(f"unknown task {cfg.task!r}: choose one of {sorted(tasks)}")
+    return tasks[cfg.task](cfg)

@@ -82,10 +82,18 @@ def checked_values(cls: type[ConfigMixin], values: dict[str, Any], prefix: str) 
             continue
         if cls.check_types and nested is None and not fits(value, hints[name]):
             wrong.append(f"{prefix}{name} must be {describe(hints[name])}, not {value!r}")
-        built[name] = value
+        built[name] = (
+            tuple(value) if isinstance(value, list) and wants_tuple(hints[name]) else value
+        )
     if wrong:
         raise ValueError(f"invalid {cls.describe_name()}: " + "; ".join(wrong))
     return built
+
+
+def wants_tuple(hint: Any) -> bool:
+    """Whether a field is annotated as a tuple (or a tuple or None): JSON and TOML give lists,
+    which ``from_dict`` turns back into tuples so that a config round-trips equal."""
+    return any(typing.get_origin(h) is tuple for h in (hint, *typing.get_args(hint)))
 
 
 def merge_tables(
