@@ -1,6 +1,6 @@
-"""The documentation's code runs: every fenced ```python block of README.md and docs/*.md is
-executed, every ```bash / ```sh block made of `vitkit ...` lines runs those commands, each block
-in a fresh folder. A block that cannot run in a test (a download, hours of training, data that
+"""The documentation's code runs: every fenced ```python block of README.md, CONTRIBUTING.md
+and docs/*.md is executed, every ```bash / ```sh block made of `vitkit ...` lines runs those
+commands, each block in a fresh folder. A block that cannot run in a test (a download, hours of training, data that
 is not shipped) says so in the line above it, with a reason:
 
     <!-- not-run: needs CIFAR-10 (60 min) -->
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PAGES = [REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted((REPO / "docs").glob("*.md"))]
 RUN_LANGUAGES = {"python", "bash", "sh"}
 FENCE = re.compile(r"^(\s*)```(\w*)\s*$")
 MARK = re.compile(r"^\s*<!--\s*(not-run|slow)\s*:(.*?)-->\s*$")
