@@ -1,7 +1,7 @@
 """The documentation's code runs: every fenced ```python block of README.md, CONTRIBUTING.md
 and docs/*.md is executed, every ```bash / ```sh block made of `vitkit ...` lines runs those
-commands, each block in a fresh folder. A block that cannot run in a test (a download, hours of training, data that
-is not shipped) says so in the line above it, with a reason:
+commands, each block in a fresh folder. A block that cannot run in a test (a download, hours
+of training, data that is not shipped) says so in the line above it, with a reason:
 
     <!-- not-run: needs CIFAR-10 (60 min) -->
 
