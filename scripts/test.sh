@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up a virtual environment from nothing and run the linters and the whole test suite.
+# Set up a virtual environment from nothing, run the linters, build the documentation and run
+# the whole test suite.
 # Usage: bash scripts/test.sh [extra pytest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +10,7 @@ python3 -m venv .venv
 python -m pip install -q --upgrade pip
 # Pinned first, so nothing after it can pull another (CUDA) torch build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,onnx]"
+python -m pip install -q -e ".[test,onnx,docs]"
 
 # Headless Chromium for the report's browser test (skipped with a reason if it cannot install).
 if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
@@ -21,4 +22,7 @@ export VITKIT_DATA="${VITKIT_DATA:-$(cd .. && pwd)/shared/data}"
 ruff check src tests benchmarks
 ruff format --check src tests benchmarks
 mypy  # [tool.mypy] in pyproject.toml: src/vitkit
+# The documentation site, warnings as errors (into site/, which git ignores); its code blocks
+# run in tests/test_docs.py.
+NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir site
 python -m pytest -q "$@"
