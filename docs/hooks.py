@@ -12,9 +12,8 @@ import os
 from collections.abc import Iterator
 
 MARKER = "<!-- cli-reference -->"
-HELP_WIDTH = (
-    "100"  # argparse wraps help to $COLUMNS: fixed, so the page does not depend on a terminal
-)
+# argparse wraps help to $COLUMNS: fixed, so the page does not depend on a terminal.
+HELP_WIDTH = "100"
 
 
 def _subcommands(
