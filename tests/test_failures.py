@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import vitkit
+from tests.conftest import dead_pid
 from vitkit import CheckpointError, create_model
 from vitkit.checkpoints import export, read_checkpoint
 from vitkit.cli import main
@@ -65,12 +66,6 @@ def test_convert_of_a_training_checkpoint_names_what_it_drops(tmp_path: Path, ca
     assert "2 entries that are not model weights (state/optimizer/0/exp_avg, metadata " in err
     assert "vitkit_state)" in err
     assert read_checkpoint(tmp_path / "model.safetensors").dropped == []
-
-
-def dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
 
 
 def test_temporary_files_are_visible_and_a_killed_writers_are_removed(tmp_path: Path) -> None:

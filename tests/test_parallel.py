@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import wait_for
+from tests.conftest import train_config, wait_for
 from vitkit import load_pretrained
 from vitkit.cli import main
 from vitkit.models import create_model, registry
-from vitkit.training import TrainConfig, TrainingInterrupted, train
+from vitkit.training import TrainingInterrupted, train
 from vitkit.training.parallel import checkpoint_activations, units
 from vitkit.training.run import RunFolder
 
@@ -64,8 +65,7 @@ def flags(data: Path, out: Path, **overrides: object) -> list[str]:
     return args + (["--no-random-resized-crop"] if not augment["random_resized_crop"] else [])
 
 
-def config(data: Path, out: Path, **overrides: object) -> TrainConfig:
-    return TrainConfig.from_dict({**SETTINGS, "data": str(data), "out": str(out), **overrides})
+config = partial(train_config, SETTINGS)
 
 
 def torchrun(nproc: int, *extra: str) -> list[str]:

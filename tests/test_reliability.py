@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 from safetensors import SafetensorError
 
+from tests.conftest import dead_pid
 from vitkit.checkpoints import load_pretrained
 from vitkit.cli import main
 from vitkit.data import load_dataset
@@ -124,13 +125,6 @@ def test_a_warning_about_the_model_stays_one_line(caplog: pytest.LogCaptureFixtu
         (logging.DEBUG, "ONNX export: internal"),
         (logging.DEBUG, "ONNX export: deprecated"),
     ]
-
-
-def dead_pid() -> int:
-    """The id of a process that has ended."""
-    command = [sys.executable, "-c", "import os; print(os.getpid())"]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
-    return int(done.stdout)
 
 
 def test_pack_again_after_a_killed_pack(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
