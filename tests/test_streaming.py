@@ -465,7 +465,7 @@ import json, sys
 from vitkit.data.sources import DataOptions, open_source
 from vitkit.training import distributed
 sys.path.insert(0, sys.argv[4])
-from test_streaming import ids_of
+from tests.test_streaming import ids_of
 
 folder, shards, out = sys.argv[1:4]
 process = distributed.start("cpu")
@@ -490,7 +490,7 @@ def test_two_processes_read_disjoint_parts_of_each_epoch(
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node", "2"]  # fmt: skip
-    here = str(Path(__file__).parent)
+    here = str(Path(__file__).parents[1])  # the repository, where `tests` is a package
     done = subprocess.run([*torchrun, str(script), str(id_folder), str(id_shards), str(tmp_path), here],
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-5000:]
