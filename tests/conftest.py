@@ -4,6 +4,7 @@ models, and runs that are killed or interrupted on purpose."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -119,24 +120,28 @@ def perturbed(model: Module, seed: int = 0, scale: float = 0.02) -> Module:
 
 
 @contextmanager
-def interrupted_after_checkpoint(count: int) -> Iterator[list[int]]:
+def interrupted_after_checkpoint(
+    count: int, method: str = "save_checkpoint"
+) -> Iterator[list[int]]:
     """Within the block, a Ctrl-C (``KeyboardInterrupt``) right after a run writes its
-    ``count``-th checkpoint; yields the steps of the checkpoints written so far (filled as the
-    run goes). On leaving, checkpoints are saved as usual again (for the ``--resume``)."""
+    ``count``-th checkpoint with ``RunFolder.<method>``; yields the steps of the checkpoints
+    written so far (filled as the run goes). On leaving, checkpoints are saved as usual again
+    (for the ``--resume``)."""
     from vitkit.training.run import RunFolder
 
-    save = RunFolder.save_checkpoint
+    save = getattr(RunFolder, method)
     steps: list[int] = []
 
     def save_then_die(self: RunFolder, *args: Any, **kwargs: Any) -> None:
         save(self, *args, **kwargs)
-        loop_state = kwargs["loop_state"] if "loop_state" in kwargs else args[3]
-        steps.append(loop_state["step"])
+        steps.append(
+            inspect.signature(save).bind(self, *args, **kwargs).arguments["loop_state"]["step"]
+        )
         if len(steps) == count:
             raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(RunFolder, "save_checkpoint", save_then_die)
+        patch.setattr(RunFolder, method, save_then_die)
         yield steps
 
 

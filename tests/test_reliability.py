@@ -92,6 +92,8 @@ def test_convert_on_a_full_disk_names_the_file_and_keeps_the_old_one(
         assert contents(dst) == before
 
 
+# slow: an ONNX export in a fresh process; what it filters is tested by the next test
+@pytest.mark.slow
 def test_onnx_export_prints_no_library_chatter(tmp_path: Path) -> None:
     pytest.importorskip("onnxscript", reason="the export extra is not installed")
     pytest.importorskip("onnxruntime", reason="the export extra is not installed")

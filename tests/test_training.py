@@ -238,6 +238,7 @@ def test_resume_is_bit_identical(tiny_data: Path, tmp_path: Path) -> None:
     assert steps == sorted(set(steps))
 
 
+@pytest.mark.slow  # test_engine's SIGKILL test does the same in 12 epochs, mid-epoch
 def test_resume_after_sigkill(tiny_data: Path, tmp_path: Path) -> None:
     """The real thing: the CLI killed with SIGKILL mid-run, then ``--resume``, against the
     same run never interrupted (in this process, also on one thread)."""
@@ -427,6 +428,8 @@ def test_inference_errors(trained_run: Path, tmp_path: Path, capsys: pytest.Capt
 # ----------------------------------------------------------------------------- DDP
 
 
+# slow: test_parallel's runs show 2 DDP processes = 2 FSDP processes = 1 process, more cheaply
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(tiny_data: Path, tmp_path: Path) -> None:
     """gloo, 2 processes x 16 images = 1 process x 32 images, step for step."""
     args = ["train", "--data", str(tiny_data), "--epochs", "2", "--batch-size", "32",

@@ -268,6 +268,8 @@ def test_best_holds_the_model_and_old_bests_still_load(
 # ------------------------------------------------------------------------- logging
 
 
+# slow: test_under_torchrun_every_rank_rolls_back_and_rank_0_logs_once counts the lines of both
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_only_rank_0_logs_under_torchrun(tiny_data: Path, tmp_path: Path, rank: str) -> None:
     """A worker of rank 1 (torchrun sets RANK; without MASTER_ADDR the process trains alone)
