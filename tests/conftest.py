@@ -1,17 +1,27 @@
-"""Shared test fixtures: where the reference data lives, deterministic seeds, one thread for
-tiny models, and small slices of the shipped digits."""
+"""Shared test fixtures and helpers: where the reference data lives, deterministic seeds, one
+thread for tiny models, small slices of the shipped digits, tiny training configs, perturbed
+models, and runs that are killed or interrupted on purpose."""
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from vitkit.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_REFERENCE = REPO / "tests" / "fixtures" / "official_vit"
@@ -77,3 +87,66 @@ def sigkill_after_checkpoint(command: list[str], out: Path, env: dict[str, str],
     time.sleep(settle)
     proc.kill()
     proc.wait()
+
+
+def train_config(
+    settings: Mapping[str, object], data: Path, out: Path, **overrides: object
+) -> TrainConfig:
+    """A ``TrainConfig`` of a test file's tiny ``settings`` (keys as a config file has them) on
+    ``data``, written to ``out``; ``overrides`` replace settings. A test file binds its own
+    settings once: ``config = functools.partial(train_config, TINY)``."""
+    from vitkit.training import TrainConfig
+
+    return TrainConfig.from_dict({**settings, "data": str(data), "out": str(out), **overrides})
+
+
+def run_records(run: Path, split: str = "train") -> list[dict[str, Any]]:
+    """The ``metrics.jsonl`` records of one split of a run folder, in order."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+Module = TypeVar("Module", bound=nn.Module)
+
+
+def perturbed(model: Module, seed: int = 0, scale: float = 0.02) -> Module:
+    """Add noise to every parameter (as the official fixtures do), so no gradient or output is
+    trivially 0: a zero-initialised head, mask token or GroupNorm scale would block them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+@contextmanager
+def interrupted_after_checkpoint(
+    count: int, method: str = "save_checkpoint"
+) -> Iterator[list[int]]:
+    """Within the block, a Ctrl-C (``KeyboardInterrupt``) right after a run writes its
+    ``count``-th checkpoint with ``RunFolder.<method>``; yields the steps of the checkpoints
+    written so far (filled as the run goes). On leaving, checkpoints are saved as usual again
+    (for the ``--resume``)."""
+    from vitkit.training.run import RunFolder
+
+    save = getattr(RunFolder, method)
+    steps: list[int] = []
+
+    def save_then_die(self: RunFolder, *args: Any, **kwargs: Any) -> None:
+        save(self, *args, **kwargs)
+        steps.append(
+            inspect.signature(save).bind(self, *args, **kwargs).arguments["loop_state"]["step"]
+        )
+        if len(steps) == count:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RunFolder, method, save_then_die)
+        yield steps
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from tests.conftest import perturbed
 from vitkit.checkpoints import bigvision, bit, official, timm
 from vitkit.checkpoints.core import Checkpoint, CheckpointError
 from vitkit.models.resnetv2 import ResNetV2, ResNetV2Config
@@ -27,12 +28,8 @@ CFG = ResNetV2Config(img_size=32, num_classes=10, layers=LAYERS, width_factor=0.
 
 
 def tiny_model(**overrides: object) -> ResNetV2:
-    model = ResNetV2(CFG.replace(**overrides))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():  # noise everywhere: no zero head, no unit GroupNorm scales
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
+    # noise everywhere: no zero head, no unit GroupNorm scales
+    return perturbed(ResNetV2(CFG.replace(**overrides)), scale=0.05).eval()
 
 
 def timm_state_dict(model: ResNetV2) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from tests.conftest import sigkill_after_checkpoint
+from tests.conftest import interrupted_after_checkpoint, sigkill_after_checkpoint, train_config
+from tests.conftest import run_records as records
 from vitkit.cli import main
 from vitkit.data import ImageDataset, load_dataset, to_model_input
 from vitkit.data.sources import Batch, DataSource, InMemorySource, SourceInfo
@@ -30,7 +32,6 @@ from vitkit.training import LoopState, TrainConfig, TrainingInterrupted, train
 from vitkit.training import loop as loop_module
 from vitkit.training import run as run_module
 from vitkit.training.distributed import Process
-from vitkit.training.run import RunFolder
 from vitkit.training.tasks import TASKS, StepResult, Task, register_task
 
 TINY = dict(epochs=3, batch_size=32, lr=3e-3, warmup_epochs=1.0, log_every=1,
@@ -46,13 +47,7 @@ def tiny_data(tiny_digits: Callable[[int, int], Path]) -> Path:
     return tiny_digits(256, 64)
 
 
-def config(data: Path, out: Path, **overrides: object) -> TrainConfig:
-    return TrainConfig.from_dict({**TINY, "data": str(data), "out": str(out), **overrides})
-
-
-def records(run: Path, split: str = "train") -> list[dict[str, Any]]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
+config = partial(train_config, TINY)
 
 
 def same_tensors(a: Path, b: Path) -> None:
@@ -170,27 +165,19 @@ def test_a_short_run_cuts_the_warm_up_with_a_note(
 
 
 def test_resume_from_a_mid_epoch_checkpoint_is_bit_identical(
-    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_data: Path, tmp_path: Path
 ) -> None:
     cfg = dict(epochs=2, checkpoint_every=3, dropout=0.1, drop_path=0.1, val_fraction=0.25,
                augment=dict(random_resized_crop=True, crop_scale=(0.5, 1.0), hflip=True,
                             mixup=0.2))  # fmt: skip
     train(config(tiny_data, tmp_path / "whole", **cfg))
 
-    save = RunFolder.save_checkpoint
-    steps: list[int] = []
-
-    def save_then_die(self: RunFolder, *args: Any, **kwargs: Any) -> None:
-        save(self, *args, **kwargs)
-        steps.append(args[3]["step"])
-        if len(steps) == 3:
-            raise KeyboardInterrupt  # Ctrl-C right after the 3rd checkpoint
-
-    monkeypatch.setattr(RunFolder, "save_checkpoint", save_then_die)
-    with pytest.raises(TrainingInterrupted, match=r"step 9; .*\(step 9\): .*--resume"):
+    with (
+        interrupted_after_checkpoint(3) as steps,  # Ctrl-C right after the 3rd checkpoint
+        pytest.raises(TrainingInterrupted, match=r"step 9; .*\(step 9\): .*--resume"),
+    ):
         train(config(tiny_data, tmp_path / "cut", **cfg))
     assert steps == [3, 6, 9]  # mid-epoch, end of epoch 1 (6 steps), mid-epoch 2
-    monkeypatch.setattr(RunFolder, "save_checkpoint", save)
     train(resume=tmp_path / "cut")
     same_tensors(tmp_path / "whole/last.safetensors", tmp_path / "cut/last.safetensors")
     drop = ("images_per_second",)

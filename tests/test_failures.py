@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 
 import vitkit
+from tests.conftest import dead_pid
 from vitkit import CheckpointError, create_model
 from vitkit.checkpoints import export, read_checkpoint
 from vitkit.cli import main
@@ -65,12 +67,6 @@ def test_convert_of_a_training_checkpoint_names_what_it_drops(tmp_path: Path, ca
     assert "2 entries that are not model weights (state/optimizer/0/exp_avg, metadata " in err
     assert "vitkit_state)" in err
     assert read_checkpoint(tmp_path / "model.safetensors").dropped == []
-
-
-def dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
 
 
 def test_temporary_files_are_visible_and_a_killed_writers_are_removed(tmp_path: Path) -> None:
@@ -337,7 +333,7 @@ def test_train_into_a_folder_it_cannot_create_is_one_line(
 
 
 def test_disk_full_during_training_keeps_the_last_checkpoint(
-    tmp_path: Path, monkeypatch, capsys
+    tiny_digits: Callable[[int, int], Path], tmp_path: Path, monkeypatch, capsys
 ) -> None:
     """The second epoch's checkpoint meets a full disk: the run stops with one line naming the
     file, and the first epoch's checkpoint is still there, whole."""
@@ -353,8 +349,9 @@ def test_disk_full_during_training_keeps_the_last_checkpoint(
         real_save(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(pretrained, "save_file", full_on_second)
-    args = ["train", "--epochs", "3", "--warmup-epochs", "0", "--out", str(out)]
-    assert main(args) == 1
+    data = str(tiny_digits(64, 16))
+    args = ["train", "--data", data, "--batch-size", "32", "--epochs", "3", "--warmup-epochs", "0"]
+    assert main([*args, "--out", str(out)]) == 1
     line = last_line(capsys)
     assert line.startswith(f"vitkit train: error: {out / 'last.safetensors'}: No space left")
     monkeypatch.setattr(pretrained, "save_file", real_save)

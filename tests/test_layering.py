@@ -9,14 +9,17 @@ import ast
 import importlib
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 import vitkit
-from vitkit.checkpoints import FORMATS, hf, native, read_checkpoint
-from vitkit.training.run import RunFolder
+from tests.conftest import perturbed, train_config
+from vitkit.analysis.inputs import locate_checkpoint, read_run
+from vitkit.checkpoints import FORMATS, export, load_pretrained, native, read_checkpoint
+from vitkit.training import train
 from vitkit.utils.files import atomic_write
 from vitkit.utils.runlayout import RunLayout
 
@@ -174,17 +177,38 @@ def test_a_moved_name_imports_from_its_old_module(old: str, new: str) -> None:
 # ------------------------------------------------------------------ checkpoint format order
 
 
-def test_formats_are_tried_in_one_written_order() -> None:
-    assert [f.name for f in FORMATS] == [
-        "vitkit", "vitkit-sharded", "hf", "official", "big_vision", "bit", "timm_resnetv2", "timm"
-    ]  # fmt: skip
-    assert not hasattr(vitkit.checkpoints, "register_format")
+# A model written by each exporter, and the format whose reader must read it back. Where a
+# later format claims the file too, only the order of FORMATS sends it to the right reader:
+# vitkit's one file is a .safetensors state dict like timm's, and its folder has a config.json
+# like Hugging Face's.
+WRITTEN = [
+    ("vit_micro", "vitkit", "m.safetensors", "vitkit", "timm"),
+    ("vit_micro", "vitkit", "m", "vitkit", "hf"),
+    ("vit_micro", "hf", "m", "hf", None),
+    ("vit_micro", "official", "m.npz", "official", None),
+    ("vit_micro", "timm", "m.safetensors", "timm", None),
+    ("resnetv2_digits", "bit", "m.npz", "bit", None),
+    ("resnetv2_digits", "timm", "m.safetensors", "timm_resnetv2", None),
+]
 
 
-def test_vitkit_folder_matches_hf_too_and_its_place_in_the_order_decides(tmp_path: Path) -> None:
-    folder = vitkit.create_model("vit_micro").save_pretrained(tmp_path / "m")
-    assert native.FORMAT.detect(folder) and hf.FORMAT.detect(folder)
-    assert read_checkpoint(folder).format == "vitkit"
+@pytest.mark.parametrize(
+    "model, to, name, reader, also_claimed_by",
+    WRITTEN,
+    ids=[f"{model}-{to}-{name}" for model, to, name, *_ in WRITTEN],
+)
+def test_each_format_is_read_by_its_own_reader_where_another_claims_it_too(
+    model: str, to: str, name: str, reader: str, also_claimed_by: str | None, tmp_path: Path
+) -> None:
+    original = perturbed(vitkit.create_model(model)).eval()
+    path = export(original, tmp_path / name, to)
+    claims = [f.name for f in FORMATS if f.detect(path)]
+    assert claims[0] == reader
+    assert also_claimed_by is None or also_claimed_by in claims
+    assert read_checkpoint(path, model).format == reader
+    loaded = load_pretrained(path, model).eval()
+    images = torch.randn(2, original.cfg.in_chans, *original.cfg.img_size)
+    torch.testing.assert_close(loaded(images), original(images))
 
 
 # -------------------------------------------------------------------------- shared utilities
@@ -207,23 +231,27 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # not mkstemp's private 0600
 
 
-def test_run_layout_names_the_files_a_run_folder_holds(tmp_path: Path) -> None:
-    layout = RunLayout(tmp_path)
-    names = [layout.config, layout.metrics, layout.last, layout.best, layout.curves]
-    assert [p.name for p in [*names, layout.summary]] == [
-        "config.json",
-        "metrics.jsonl",
-        "last.safetensors",
-        "best.safetensors",
-        "curves.png",
-        "summary.json",
-    ]
-    assert all(p.parent == tmp_path for p in names)
-    assert not layout.holds_run()
-    layout.config.write_text("{}")
-    assert layout.holds_run()
-    run = RunFolder(tmp_path, writer=False)
-    assert isinstance(run, RunLayout) and run.best == layout.best and run.holds_run()
+def test_a_run_writes_the_files_its_layout_names_and_the_readers_find_them(
+    tiny_digits: Callable[[int, int], Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    assert not RunLayout(out).holds_run()
+    settings = dict(epochs=1, batch_size=32, val_fraction=0.25, log_every=1)
+    summary = train(train_config(settings, tiny_digits(64, 32), out))
+
+    layout = RunLayout(out)
+    written = [layout.config, layout.metrics, layout.last, layout.best, layout.curves]
+    assert all(path.is_file() for path in [*written, layout.summary])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        p.name for p in [*written, layout.summary]
+    )
+    assert layout.holds_run() and layout.checkpoint() == layout.best
+    # what reads a run folder finds the run's files through the layout
+    run = read_run(out)
+    assert run.notes == [] and run.summary == summary and run.config
+    assert locate_checkpoint(out) == (layout.best, out)
+    found, best = read_checkpoint(out).state_dict, read_checkpoint(layout.best).state_dict
+    assert found.keys() == best.keys() and all(torch.equal(found[k], best[k]) for k in best)
 
 
 def test_save_pretrained_records_the_architecture(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vitkit
+from tests.conftest import perturbed
 from tests.test_official import bilinear_align_corners
 from vitkit.models import VisionTransformer, ViTConfig, flops_per_image
 from vitkit.models.posembed import POS_EMBED_KINDS
@@ -33,16 +34,6 @@ def test_gflops_match_the_closed_form() -> None:
     per_block = 2 * (n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * m)
     expected = 2 * 196 * (p * p * 3) * d + 12 * per_block + 2 * d * 1000
     assert flops_per_image(cfg) == pytest.approx(expected, rel=1e-6)
-
-
-def perturbed(model: VisionTransformer, seed: int = 0) -> VisionTransformer:
-    """Add noise to every parameter (as the official fixtures do) so no gradient is trivially 0:
-    the zero head and the hybrid's zero-initialised GroupNorm scales would block them."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    return model
 
 
 VARIANTS = [

@@ -17,13 +17,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from tests.conftest import interrupted_after_checkpoint
+from tests.conftest import run_records as records
 from vitkit.checkpoints import load_pretrained
 from vitkit.cli import main
 from vitkit.data import load_dataset
 from vitkit.data.folders import read_unlabelled
 from vitkit.evaluation import extract_features, fewshot_protocol
 from vitkit.training import PRETRAIN_DEFAULTS, TrainConfig, TrainingInterrupted, train
-from vitkit.training.run import RunFolder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,11 +37,6 @@ def tiny_data(tiny_digits: Callable[[int, int], Path]) -> Path:
 
 def pretrain_config(**values: Any) -> TrainConfig:
     return TrainConfig.from_dict({**PRETRAIN_DEFAULTS, "log_every": 1, **values})
-
-
-def records(run: Path, split: str) -> list[dict[str, Any]]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
 def colour_entropy(images: torch.Tensor, patch: int) -> float:
@@ -103,27 +99,19 @@ def test_the_checkpoint_fine_tunes_without_the_prediction_head(
 
 
 def test_resume_mid_epoch_is_bit_identical_with_the_mask_token_and_head(
-    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_data: Path, tmp_path: Path
 ) -> None:
     settings = dict(data=str(tiny_data), epochs=2, batch_size=32, lr=1e-3, warmup_epochs=0.5,
                     checkpoint_every=3, dropout=0.1, drop_path=0.1, val_fraction=0.25,
                     augment=dict(random_resized_crop=True, crop_scale=(0.5, 1.0), hflip=True))  # fmt: skip
     train(pretrain_config(out=str(tmp_path / "whole"), **settings))
 
-    save = RunFolder.save_checkpoint
-    steps: list[int] = []
-
-    def save_then_die(self: RunFolder, *args: Any, **kwargs: Any) -> None:
-        save(self, *args, **kwargs)
-        steps.append(args[3]["step"])
-        if len(steps) == 3:
-            raise KeyboardInterrupt  # Ctrl-C right after the 3rd checkpoint
-
-    monkeypatch.setattr(RunFolder, "save_checkpoint", save_then_die)
-    with pytest.raises(TrainingInterrupted, match=r"step 9"):
+    with (
+        interrupted_after_checkpoint(3) as steps,  # Ctrl-C right after the 3rd checkpoint
+        pytest.raises(TrainingInterrupted, match=r"step 9"),
+    ):
         train(pretrain_config(out=str(tmp_path / "cut"), **settings))
     assert steps == [3, 6, 9]  # 192 images: 6 steps an epoch, so step 9 is mid-epoch
-    monkeypatch.setattr(RunFolder, "save_checkpoint", save)
     assert main(["train", "--resume", str(tmp_path / "cut")]) == 0
 
     whole = load_file(str(tmp_path / "whole/last.safetensors"))

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import wait_for
+from tests.conftest import interrupted_after_checkpoint, train_config, wait_for
 from vitkit import load_pretrained
 from vitkit.cli import main
 from vitkit.models import create_model, registry
-from vitkit.training import TrainConfig, TrainingInterrupted, train
+from vitkit.training import TrainingInterrupted, train
 from vitkit.training.parallel import checkpoint_activations, units
 from vitkit.training.run import RunFolder
 
@@ -64,8 +65,7 @@ def flags(data: Path, out: Path, **overrides: object) -> list[str]:
     return args + (["--no-random-resized-crop"] if not augment["random_resized_crop"] else [])
 
 
-def config(data: Path, out: Path, **overrides: object) -> TrainConfig:
-    return TrainConfig.from_dict({**SETTINGS, "data": str(data), "out": str(out), **overrides})
+config = partial(train_config, SETTINGS)
 
 
 def torchrun(nproc: int, *extra: str) -> list[str]:
@@ -239,19 +239,7 @@ def one_process_group(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     torch.set_num_threads(1)  # the group split the cores over its one process
 
 
-def stop_after_save(monkeypatch: pytest.MonkeyPatch, method: str, limit: int) -> None:
-    """Make the ``limit``-th checkpoint written by ``RunFolder.<method>`` the run's last."""
-    save, saves = getattr(RunFolder, method), []
-
-    def save_then_stop(self: RunFolder, *args: object, **kwargs: object) -> None:
-        save(self, *args, **kwargs)
-        saves.append(1)
-        if len(saves) == limit:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunFolder, method, save_then_stop)
-
-
+@pytest.mark.slow  # 5 torchrun jobs; test_ddp_checkpoint_resumes_under_fsdp resumes shards in 1
 def test_slow_sharded_checkpoints_resume_in_any_number_of_processes(
     data: Path, fsdp_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     one_process_group: None,
@@ -272,8 +260,11 @@ def test_slow_sharded_checkpoints_resume_in_any_number_of_processes(
     assert_same_weights(tmp_path / "same/last.safetensors", fsdp_run / "last.safetensors")
     assert [s for s, _ in train_losses(tmp_path / "same")] == list(range(1, 25))
 
-    stop_after_save(monkeypatch, "save_sharded_checkpoint", 2)  # in 1 process: steps 8, 9
-    with pytest.raises(TrainingInterrupted):
+    # in 1 process: steps 8, 9
+    with (
+        interrupted_after_checkpoint(2, "save_sharded_checkpoint"),
+        pytest.raises(TrainingInterrupted),
+    ):
         train(resume=tmp_path / "fewer")
     saved = json.loads((tmp_path / "fewer/last.dcp/vitkit.json").read_text())
     assert (saved["world_size"], saved["loop"]["step"]) == (1, 9)
@@ -296,8 +287,7 @@ def test_ddp_checkpoint_resumes_under_fsdp(
     with monkeypatch.context() as patch:
         for name in ("RANK", "MASTER_ADDR"):
             patch.delenv(name)
-        stop_after_save(patch, "save_checkpoint", 2)
-        with pytest.raises(TrainingInterrupted):
+        with interrupted_after_checkpoint(2), pytest.raises(TrainingInterrupted):
             train(config(data, tmp_path / "run"))
     assert main(["train", "--resume", str(tmp_path / "run"), "--parallel", "fsdp"]) == 0
     assert_same_weights(tmp_path / "run/last.safetensors", fsdp_run / "last.safetensors", 1e-5)
@@ -318,6 +308,7 @@ def test_convert_consolidates_a_sharded_checkpoint(fsdp_run: Path, tmp_path: Pat
     assert_same_weights(out, fsdp_run / "last.safetensors")
 
 
+@pytest.mark.slow  # two agents; test_fsdp_matches_ddp runs the same 2 processes under one
 def test_two_agents_match_one(data: Path, fsdp_run: Path, tmp_path: Path) -> None:
     """Two torchrun agents (as on two machines), one process each, joined by c10d."""
     endpoint = f"127.0.0.1:{free_port()}"
@@ -350,6 +341,7 @@ def children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow  # a torchrun restart; resuming sharded checkpoints is tested in the fast suite
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux's /proc")
 def test_slow_killed_rank_restarts_from_the_last_checkpoint(
     data: Path, fsdp_run: Path, tmp_path: Path
@@ -423,6 +415,9 @@ def sweep(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+# slow: test_activation_checkpointing_gives_the_same_gradients checks every architecture and
+# test_fsdp_matches_ddp FSDP, each more cheaply
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SWEEP))
 def test_fsdp_with_activation_checkpointing_trains_every_architecture(
     name: str, data: Path, sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import vitkit
-from tests.test_models import perturbed
+from tests.conftest import perturbed
 from vitkit import ViTConfig
 from vitkit.models.resnetv2 import ResNetV2Config
 

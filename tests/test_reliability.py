@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 from safetensors import SafetensorError
 
+from tests.conftest import dead_pid
 from vitkit.checkpoints import load_pretrained
 from vitkit.cli import main
 from vitkit.data import load_dataset
@@ -91,6 +92,8 @@ def test_convert_on_a_full_disk_names_the_file_and_keeps_the_old_one(
         assert contents(dst) == before
 
 
+# slow: an ONNX export in a fresh process; what it filters is tested by the next test
+@pytest.mark.slow
 def test_onnx_export_prints_no_library_chatter(tmp_path: Path) -> None:
     pytest.importorskip("onnxscript", reason="the export extra is not installed")
     pytest.importorskip("onnxruntime", reason="the export extra is not installed")
@@ -124,13 +127,6 @@ def test_a_warning_about_the_model_stays_one_line(caplog: pytest.LogCaptureFixtu
         (logging.DEBUG, "ONNX export: internal"),
         (logging.DEBUG, "ONNX export: deprecated"),
     ]
-
-
-def dead_pid() -> int:
-    """The id of a process that has ended."""
-    command = [sys.executable, "-c", "import os; print(os.getpid())"]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
-    return int(done.stdout)
 
 
 def test_pack_again_after_a_killed_pack(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

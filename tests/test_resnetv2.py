@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import perturbed
 from vitkit.models.resnetv2 import RESNETV2_MODELS, ResNetV2, ResNetV2Config
 
 # timm's parameter counts of resnetv2_{50x1,101x1,50x3,101x3,152x2,152x4}_bit at 1,000 classes.
@@ -54,15 +55,6 @@ def test_small_models_counted_from_layer_shapes(name: str) -> None:
 
 
 TINY = dict(img_size=16, num_classes=5, layers=(1, 2), width_factor=0.5)
-
-
-def perturbed(model: ResNetV2, seed: int = 0) -> ResNetV2:
-    """Noise on every parameter, so the zero head does not block every gradient."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    return model
 
 
 @pytest.mark.parametrize("stem", ["bit", "conv3x3"])

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import webdataset as wds
 from PIL import Image
 from safetensors.torch import load_file
 
+from tests.conftest import interrupted_after_checkpoint, train_config
 from vitkit.cli import main
 from vitkit.data import AugmentConfig, BatchTransform, load_dataset
 from vitkit.data.datasets import batch_indices, epoch_permutation
@@ -36,7 +38,6 @@ from vitkit.data.sources import DataOptions, InMemorySource, open_source, open_s
 from vitkit.data.streaming import StreamingFolderSource, View, load_view, random_box
 from vitkit.models.preprocessing import EvalPreprocessing
 from vitkit.training import TrainConfig, TrainingInterrupted, train
-from vitkit.training.run import RunFolder
 
 BROKEN_PER_CLASS = 3  # empty, truncated and text-as-.jpg files of make_messy_folder
 # The messy folder is 6 broken files of 26 (23%): above the default limit of 10%
@@ -415,22 +416,19 @@ def test_pack_writes_the_training_samples_in_a_random_order(tmp_path: Path) -> N
 # ---------------------------------------------------------------- training runs
 
 
-def tiny_config(data: Path, out: Path, **overrides: Any) -> TrainConfig:
-    values = dict(
-        data=str(data),
-        model="vit_digits",
-        img_size=16,
-        epochs=1,
-        batch_size=4,
-        lr=1e-3,
-        warmup_epochs=0.5,
-        data_in_memory="no",
-        num_workers=0,
-        out=str(out),
-        log_every=1,
-        max_unreadable_fraction=MESSY_LIMIT,
-    )
-    return TrainConfig.from_dict({**values, **overrides})
+TINY_STREAMED = dict(
+    model="vit_digits",
+    img_size=16,
+    epochs=1,
+    batch_size=4,
+    lr=1e-3,
+    warmup_epochs=0.5,
+    data_in_memory="no",
+    num_workers=0,
+    log_every=1,
+    max_unreadable_fraction=MESSY_LIMIT,
+)
+tiny_config = partial(train_config, TINY_STREAMED)
 
 
 def test_a_messy_folder_trains_and_counts_its_broken_files(messy: Path, tmp_path: Path) -> None:
@@ -445,26 +443,15 @@ def test_a_messy_folder_trains_and_counts_its_broken_files(messy: Path, tmp_path
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_streamed_run_killed_mid_epoch_resumes_bit_identically(
-    messy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+    messy: Path, tmp_path: Path, workers: int
 ) -> None:
     cfg = dict(epochs=2, checkpoint_every=3, num_workers=workers, dropout=0.1,
                augment=dict(random_resized_crop=True, crop_scale=(0.3, 1.0), hflip=True,
                             mixup=0.2))  # fmt: skip
     train(tiny_config(messy, tmp_path / "whole", **cfg))
-    save = RunFolder.save_checkpoint
-    steps: list[int] = []
-
-    def save_then_die(self: RunFolder, *args: Any, **kwargs: Any) -> None:
-        save(self, *args, **kwargs)
-        steps.append(args[3]["step"])
-        if len(steps) == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunFolder, "save_checkpoint", save_then_die)
-    with pytest.raises(TrainingInterrupted):
+    with interrupted_after_checkpoint(3) as steps, pytest.raises(TrainingInterrupted):
         train(tiny_config(messy, tmp_path / "cut", **cfg))
     assert steps == [3, 5, 6]  # mid-epoch 1, its end (5 steps), mid-epoch 2
-    monkeypatch.setattr(RunFolder, "save_checkpoint", save)
     train(resume=tmp_path / "cut")
     whole, cut = (
         load_file(str(tmp_path / "whole/last.safetensors")),
@@ -478,7 +465,7 @@ import json, sys
 from vitkit.data.sources import DataOptions, open_source
 from vitkit.training import distributed
 sys.path.insert(0, sys.argv[4])
-from test_streaming import ids_of
+from tests.test_streaming import ids_of
 
 folder, shards, out = sys.argv[1:4]
 process = distributed.start("cpu")
@@ -503,7 +490,7 @@ def test_two_processes_read_disjoint_parts_of_each_epoch(
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node", "2"]  # fmt: skip
-    here = str(Path(__file__).parent)
+    here = str(Path(__file__).parents[1])  # the repository, where `tests` is a package
     done = subprocess.run([*torchrun, str(script), str(id_folder), str(id_shards), str(tmp_path), here],
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-5000:]

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.conftest import sigkill_after_checkpoint
+from tests.conftest import (
+    interrupted_after_checkpoint,
+    run_records,
+    sigkill_after_checkpoint,
+    train_config,
+)
 from vitkit import load_pretrained
 from vitkit.cli import main
 from vitkit.data import load_dataset
@@ -52,8 +58,7 @@ def tiny_data(tiny_digits: Callable[[int, int], Path]) -> Path:
     return tiny_digits(320, 100)
 
 
-def config(data: Path, out: Path, **overrides: object) -> TrainConfig:
-    return TrainConfig.from_dict({**TINY, "data": str(data), "out": str(out), **overrides})
+config = partial(train_config, TINY)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -66,11 +71,6 @@ def run_ok(command: list[str], env: dict[str, str]) -> None:
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     # The first error of a failing process sits above torchrun's summary: keep plenty.
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-20000:]
-
-
-def train_records(run: Path) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == "train"]
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_weight_decay_only_on_weight_matrices() -> None:
 
 
 def test_a_few_steps_lower_the_loss(trained_run: Path) -> None:
-    records = train_records(trained_run)
+    records = run_records(trained_run)
     # A zero-initialised head predicts the uniform distribution: the first loss is ln(10).
     assert records[0]["loss"] == pytest.approx(math.log(10), abs=1e-4)
     assert records[-1]["loss"] < 0.7 * math.log(10)
@@ -178,7 +178,7 @@ def test_gradient_accumulation_keeps_the_global_batch(tiny_data: Path, tmp_path:
 def test_bf16_autocast_trains(tiny_data: Path, tmp_path: Path) -> None:
     summary = train(config(tiny_data, tmp_path / "bf16", epochs=2, precision="bf16"))
     assert summary["precision"] == "bf16"
-    records = train_records(tmp_path / "bf16")
+    records = run_records(tmp_path / "bf16")
     assert records[-1]["loss"] < records[0]["loss"]
 
 
@@ -187,7 +187,7 @@ def test_compile_computes_what_eager_does(tiny_data: Path, tmp_path: Path) -> No
     short = dict(epochs=1, steps=3, evaluators=[], **EXACT)
     train(config(tiny_data, tmp_path / "eager", **short))
     train(config(tiny_data, tmp_path / "compiled", compile=True, **short))
-    eager, compiled = train_records(tmp_path / "eager"), train_records(tmp_path / "compiled")
+    eager, compiled = run_records(tmp_path / "eager"), run_records(tmp_path / "compiled")
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], abs=1e-5)
     a, b = (
         weights(tmp_path / "eager/last.safetensors"),
@@ -215,28 +215,14 @@ def test_compile_without_a_compiler_says_so(
 # ---------------------------------------------------------------------- nothing lost
 
 
-def test_resume_is_bit_identical(
-    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_resume_is_bit_identical(tiny_data: Path, tmp_path: Path) -> None:
     augment = dict(random_resized_crop=True, crop_scale=(0.5, 1.0), label_smoothing=0.1)
     cfg = dict(epochs=4, dropout=0.1, drop_path=0.1, augment=augment)
     train(config(tiny_data, tmp_path / "whole", **cfg))
 
-    from vitkit.training.run import RunFolder
-
-    save = RunFolder.save_checkpoint
-    calls = []
-
-    def save_then_die(self: RunFolder, *args: object, **kwargs: object) -> None:
-        save(self, *args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # killed right after the 2nd epoch's checkpoint
-
-    monkeypatch.setattr(RunFolder, "save_checkpoint", save_then_die)
-    with pytest.raises(TrainingInterrupted):
+    # killed right after the 2nd epoch's checkpoint
+    with interrupted_after_checkpoint(2), pytest.raises(TrainingInterrupted):
         train(config(tiny_data, tmp_path / "cut", **cfg))
-    monkeypatch.setattr(RunFolder, "save_checkpoint", save)
     summary = train(resume=tmp_path / "cut")
 
     whole, resumed = (
@@ -248,10 +234,11 @@ def test_resume_is_bit_identical(
         assert torch.equal(whole[name], resumed[name]), name
     assert summary["steps"] == 4 * (256 // 32)
     # The metrics of the killed epochs are not repeated.
-    steps = [r["step"] for r in train_records(tmp_path / "cut")]
+    steps = [r["step"] for r in run_records(tmp_path / "cut")]
     assert steps == sorted(set(steps))
 
 
+@pytest.mark.slow  # test_engine's SIGKILL test does the same in 12 epochs, mid-epoch
 def test_resume_after_sigkill(tiny_data: Path, tmp_path: Path) -> None:
     """The real thing: the CLI killed with SIGKILL mid-run, then ``--resume``, against the
     same run never interrupted (in this process, also on one thread)."""
@@ -441,6 +428,8 @@ def test_inference_errors(trained_run: Path, tmp_path: Path, capsys: pytest.Capt
 # ----------------------------------------------------------------------------- DDP
 
 
+# slow: test_parallel's runs show 2 DDP processes = 2 FSDP processes = 1 process, more cheaply
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(tiny_data: Path, tmp_path: Path) -> None:
     """gloo, 2 processes x 16 images = 1 process x 32 images, step for step."""
     args = ["train", "--data", str(tiny_data), "--epochs", "2", "--batch-size", "32",

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_training import config, train_records, weights
+from tests.conftest import interrupted_after_checkpoint, run_records
+from tests.test_training import config, weights
 from vitkit import load_pretrained
 from vitkit.cli import main
 from vitkit.data.sources import open_splits
@@ -28,7 +29,6 @@ from vitkit.training import TrainConfig, TrainingDiverged, TrainingInterrupted, 
 from vitkit.training.loop import Session
 from vitkit.training.model_choice import choose_model
 from vitkit.training.optim import SchedulePlan, lr_factor
-from vitkit.training.run import RunFolder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,7 +106,7 @@ def test_a_time_boxed_run_ends_as_a_finished_run(
     assert plan["refits"][0]["seconds_per_step"] == pytest.approx(0.1)
     # The warm-up shrank with the run: 16 of 40 steps -> two fifths of the fitted run.
     assert plan["warmup_steps"] == round(16 * plan["refits"][0]["total_steps"] / 40)
-    lrs = [r["lr"] for r in train_records(tmp_path / "run")]
+    lrs = [r["lr"] for r in run_records(tmp_path / "run")]
     assert lrs[-1] == pytest.approx(0.0, abs=1e-9 * cfg.lr)  # the schedule's end value
     after_peak = lrs[lrs.index(max(lrs)) :]
     assert all(b <= a for a, b in pairwise(after_peak))
@@ -122,19 +122,9 @@ def test_a_time_boxed_run_resumes_its_plan_exactly(
     settings = dict(epochs=5, max_minutes=0.03, warmup_epochs=1.0)
     whole = train(config(tiny_data, tmp_path / "whole", **settings))
 
-    save = RunFolder.save_checkpoint
-    calls = []
-
-    def save_then_die(self: RunFolder, *args: object, **kwargs: object) -> None:
-        save(self, *args, **kwargs)
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
-
-    monkeypatch.setattr(RunFolder, "save_checkpoint", save_then_die)
-    with pytest.raises(TrainingInterrupted):
+    # killed right after the first epoch's checkpoint
+    with interrupted_after_checkpoint(1), pytest.raises(TrainingInterrupted):
         train(config(tiny_data, tmp_path / "cut", **settings))
-    monkeypatch.setattr(RunFolder, "save_checkpoint", save)
     with caplog.at_level(logging.INFO, logger="vitkit.training.loop"):
         resumed = train(resume=tmp_path / "cut")
     assert resumed["schedule"] == whole["schedule"]
@@ -180,7 +170,7 @@ def test_skip_drops_the_step_and_gives_up_after_the_limit(
         (5, "skipped"),
         (13, "skipped"),
     ]
-    records = train_records(tmp_path / "skip")
+    records = run_records(tmp_path / "skip")
     # A skipped step is not averaged in: its line (one a step here) has no loss.
     assert [r["step"] for r in records if "loss" not in r] == [5, 13]
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
@@ -211,7 +201,7 @@ def test_rollback_reloads_the_last_checkpoint_at_half_the_learning_rate(
         0.5,
     )
     assert summary["schedule"]["lr_scale"] == 0.5
-    records = {r["step"]: r for r in train_records(tmp_path / "run")}
+    records = {r["step"]: r for r in run_records(tmp_path / "run")}
     assert sorted(records) == list(range(1, total + 1))  # steps 9-11 logged once
     # ``lr`` is logged after the step: the learning rate of the next one.
     for step in (4, 8):
@@ -278,6 +268,8 @@ def test_best_holds_the_model_and_old_bests_still_load(
 # ------------------------------------------------------------------------- logging
 
 
+# slow: test_under_torchrun_every_rank_rolls_back_and_rank_0_logs_once counts the lines of both
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_only_rank_0_logs_under_torchrun(tiny_data: Path, tmp_path: Path, rank: str) -> None:
     """A worker of rank 1 (torchrun sets RANK; without MASTER_ADDR the process trains alone)
