@@ -352,11 +352,21 @@ def test_analyze_cli_bad_input(tmp_path: Path, capsys, make_args, message: str) 
 def test_summary_numbers_are_formatted_for_people() -> None:
     from vitkit.analysis.report import summary_rows
 
-    rows = dict(summary_rows({
-        "test_accuracy": 0.97823, "test_loss": 0.0712345, "best_val_accuracy": 0.5,
-        "best_val_mse": None, "epochs": 150, "steps": 3300, "wall_seconds": 754.4,
-        "images_per_second": 4016.4, "classes": ["0", "1"],
-    }))  # fmt: skip
+    rows = dict(
+        summary_rows(
+            {
+                "test_accuracy": 0.97823,
+                "test_loss": 0.0712345,
+                "best_val_accuracy": 0.5,
+                "best_val_mse": None,
+                "epochs": 150,
+                "steps": 3300,
+                "wall_seconds": 754.4,
+                "images_per_second": 4016.4,
+                "classes": ["0", "1"],
+            }
+        )
+    )
     assert rows == {
         "test accuracy": "97.82%",
         "test loss": "0.07123",

@@ -216,8 +216,15 @@ def test_models_cli_lists_every_architecture(tiny: str, capsys) -> None:
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == [
-        "model", "architecture", "parameters", "GFLOPs", "input", "width", "depth", "patch"
-    ]  # fmt: skip
+        "model",
+        "architecture",
+        "parameters",
+        "GFLOPs",
+        "input",
+        "width",
+        "depth",
+        "patch",
+    ]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     params = 6 * 1 * 9 + 6 + 6 * 10 + 10  # conv weights and biases, head weights and biases
     # FLOPs: the 3x3 convolution at each of the 64 pixels and the head (2 per multiply-add)

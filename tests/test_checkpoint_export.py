@@ -184,10 +184,15 @@ def test_class_names_go_to_hugging_face_and_come_back(tmp_path: Path) -> None:
 def test_class_names_written_by_transformers_are_read(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.ViTConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        image_size=16, patch_size=8, id2label={0: "left", 1: "right"},
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=8,
+        id2label={0: "left", 1: "right"},
         label2id={"left": 0, "right": 1},
-    )  # fmt: skip
+    )
     transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "theirs")
     model = vitkit.load_pretrained(tmp_path / "theirs")
     assert model.cfg.num_classes == 2 and model.cfg.extra == {"classes": ["left", "right"]}

@@ -25,13 +25,29 @@ from vitkit.models.posembed import sincos_2d
 
 HF_CONFIGS = {
     # transformers' defaults: exact GELU, eps 1e-12
-    "exact_gelu": dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=4, intermediate_size=64, num_labels=5),
+    "exact_gelu": dict(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=5,
+    ),
     # the official numerics, another patch and image size, no qkv bias
-    "tanh_gelu": dict(image_size=24, patch_size=8, hidden_size=48, num_hidden_layers=1,
-                      num_attention_heads=3, intermediate_size=96, num_labels=3,
-                      layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", qkv_bias=False),
-}  # fmt: skip
+    "tanh_gelu": dict(
+        image_size=24,
+        patch_size=8,
+        hidden_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=3,
+        intermediate_size=96,
+        num_labels=3,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu_pytorch_tanh",
+        qkv_bias=False,
+    ),
+}
 
 
 def official_arrays(name: str) -> dict[str, np.ndarray]:

@@ -119,9 +119,10 @@ def test_ranks_get_interleaved_shards_with_equal_step_counts() -> None:
 
     single = [i for batch in shard(0) for i in batch]
     everything = [
-        i for images, _ in iterate_batches(data, 14, shuffle=True, seed=5, epoch=2)
+        i
+        for images, _ in iterate_batches(data, 14, shuffle=True, seed=5, epoch=2)
         for i in ids_of(images)
-    ]  # fmt: skip
+    ]
     padded = everything + everything[:2]
     assert single == padded[0::4]
     shards = [shard(rank) for rank in range(4)]
@@ -190,8 +191,21 @@ def test_cifar10_pickles(tmp_path: Path) -> None:
     test_rows = cifar_rows(3, 0)
     test_rows[0, 1024 + 32 * 2 + 5] = 201  # green, row 2, column 5 of the first test image
     write_pickle(tmp_path / "test_batch", {b"data": test_rows, b"labels": [9, 8, 7]})
-    names = [n.encode() for n in ("airplane", "automobile", "bird", "cat", "deer", "dog",
-                                  "frog", "horse", "ship", "truck")]  # fmt: skip
+    names = [
+        n.encode()
+        for n in (
+            "airplane",
+            "automobile",
+            "bird",
+            "cat",
+            "deer",
+            "dog",
+            "frog",
+            "horse",
+            "ship",
+            "truck",
+        )
+    ]
     write_pickle(tmp_path / "batches.meta", {b"label_names": names})
     train, test = load_dataset(tmp_path, "train"), load_dataset(tmp_path, "test")
     assert len(train) == 10 and train.labels.tolist()[:4] == [1, 0, 2, 0]
@@ -204,8 +218,12 @@ def test_cifar100_pickles_use_fine_labels(tmp_path: Path) -> None:
     for split, rows in (("train", 4), ("test", 2)):
         write_pickle(
             tmp_path / split,
-            {b"data": cifar_rows(rows, rows), b"fine_labels": [3] * rows, b"coarse_labels": [1] * rows},
-        )  # fmt: skip
+            {
+                b"data": cifar_rows(rows, rows),
+                b"fine_labels": [3] * rows,
+                b"coarse_labels": [1] * rows,
+            },
+        )
     write_pickle(tmp_path / "meta", {b"fine_label_names": [f"c{i}".encode() for i in range(100)]})
     test = load_dataset(tmp_path, "val")
     assert test.labels.tolist() == [3, 3] and len(test.classes) == 100
@@ -228,8 +246,14 @@ def test_npz_arrays(tmp_path: Path, layout: str) -> None:
     nchw = nchw.astype(np.uint8)
     stored = {"NHWC": nchw.transpose(0, 2, 3, 1), "NCHW": nchw, "NHW": nchw[:, 0]}[layout]
     path = tmp_path / "data.npz"
-    np.savez(path, x_train=stored, y_train=np.array([[0], [1], [1], [0]]), x_test=stored[:1],
-             y_test=np.array([1]), classes=np.array(["cat", "dog"]))  # fmt: skip
+    np.savez(
+        path,
+        x_train=stored,
+        y_train=np.array([[0], [1], [1], [0]]),
+        x_test=stored[:1],
+        y_test=np.array([1]),
+        classes=np.array(["cat", "dog"]),
+    )
     train = load_dataset(path, "train")
     assert torch.equal(train.images, torch.from_numpy(nchw))
     assert train.labels.tolist() == [0, 1, 1, 0] and train.classes == ["cat", "dog"]
@@ -342,8 +366,14 @@ def test_eval_only_resizes_and_scales() -> None:
     assert torch.allclose(resized.mean((2, 3)), scaled.mean((2, 3)), atol=0.02)
 
 
-FULL = AugmentConfig(random_resized_crop=True, hflip=True, randaugment=(2, 15), mixup=0.8,
-                     cutmix=1.0, label_smoothing=0.1)  # fmt: skip
+FULL = AugmentConfig(
+    random_resized_crop=True,
+    hflip=True,
+    randaugment=(2, 15),
+    mixup=0.8,
+    cutmix=1.0,
+    label_smoothing=0.1,
+)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

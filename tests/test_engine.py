@@ -34,8 +34,14 @@ from vitkit.training import run as run_module
 from vitkit.training.distributed import Process
 from vitkit.training.tasks import TASKS, StepResult, Task, register_task
 
-TINY = dict(epochs=3, batch_size=32, lr=3e-3, warmup_epochs=1.0, log_every=1,
-            augment=dict(random_resized_crop=False))  # fmt: skip
+TINY = dict(
+    epochs=3,
+    batch_size=32,
+    lr=3e-3,
+    warmup_epochs=1.0,
+    log_every=1,
+    augment=dict(random_resized_crop=False),
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,8 +116,13 @@ def test_a_second_task_trains_through_the_same_loop(
     assert summary["best_step"] == best["step"]
     # The test metric is computed from the best checkpoint: recompute it independently.
     model = create_model("vit_digits", num_classes=1, in_chans=1)
-    model.load_state_dict({k: v for k, v in load_file(str(out / "best.safetensors")).items()
-                           if not k.startswith("state/")})  # fmt: skip
+    model.load_state_dict(
+        {
+            k: v
+            for k, v in load_file(str(out / "best.safetensors")).items()
+            if not k.startswith("state/")
+        }
+    )
     images = to_model_input(load_dataset(str(tiny_data), "test").images)
     with torch.no_grad():
         mse = F.mse_loss(model.eval()(images), images.mean(dim=(2, 3))).item()
@@ -121,8 +132,10 @@ def test_a_second_task_trains_through_the_same_loop(
 def test_unknown_task_and_evaluator_are_refused_before_writing(
     tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    for flag, message in ((["--task", "nope"], "unknown task 'nope'"),
-                          (["--evaluators", "val", "nope"], "unknown evaluators ['nope']")):  # fmt: skip
+    for flag, message in (
+        (["--task", "nope"], "unknown task 'nope'"),
+        (["--evaluators", "val", "nope"], "unknown evaluators ['nope']"),
+    ):
         out = tmp_path / flag[1]
         assert main(["train", "--data", str(tiny_data), *flag, "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
@@ -167,9 +180,14 @@ def test_a_short_run_cuts_the_warm_up_with_a_note(
 def test_resume_from_a_mid_epoch_checkpoint_is_bit_identical(
     tiny_data: Path, tmp_path: Path
 ) -> None:
-    cfg = dict(epochs=2, checkpoint_every=3, dropout=0.1, drop_path=0.1, val_fraction=0.25,
-               augment=dict(random_resized_crop=True, crop_scale=(0.5, 1.0), hflip=True,
-                            mixup=0.2))  # fmt: skip
+    cfg = dict(
+        epochs=2,
+        checkpoint_every=3,
+        dropout=0.1,
+        drop_path=0.1,
+        val_fraction=0.25,
+        augment=dict(random_resized_crop=True, crop_scale=(0.5, 1.0), hflip=True, mixup=0.2),
+    )
     train(config(tiny_data, tmp_path / "whole", **cfg))
 
     with (
@@ -195,8 +213,9 @@ def test_resume_from_a_mid_epoch_checkpoint_is_bit_identical(
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data: Path, tmp_path: Path) -> None:
     """The CLI killed with SIGKILL at a random moment (checkpoints every 2 steps, 8 steps an
     epoch, so most likely mid-epoch), resumed, against the same run never interrupted."""
-    settings = dict(data=str(tiny_data), epochs=12, batch_size=32, warmup_epochs=1.0,
-                    checkpoint_every=2)  # fmt: skip
+    settings = dict(
+        data=str(tiny_data), epochs=12, batch_size=32, warmup_epochs=1.0, checkpoint_every=2
+    )
     train(TrainConfig.from_dict({**settings, "out": str(tmp_path / "whole")}))
     cut = tmp_path / "cut"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
@@ -204,8 +223,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data: Path, tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     sigkill_after_checkpoint([*command, *flags, "--out", str(cut)], cut, env, settle=0.3)
     assert not (cut / "summary.json").exists(), "the run finished before it could be killed"
-    done = subprocess.run([*command, "--resume", str(cut)], env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [*command, "--resume", str(cut)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     same_tensors(tmp_path / "whole/last.safetensors", cut / "last.safetensors")
 

@@ -184,9 +184,16 @@ def digits_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 8x8 grey-scale model of the 10 digits, saved in vitkit's format."""
     torch.manual_seed(0)
     model = VisionTransformer(
-        img_size=8, patch_size=2, in_chans=1, num_classes=10, width=32, depth=2, num_heads=2,
-        mlp_dim=64, extra={"classes": [str(d) for d in range(10)]},
-    )  # fmt: skip
+        img_size=8,
+        patch_size=2,
+        in_chans=1,
+        num_classes=10,
+        width=32,
+        depth=2,
+        num_heads=2,
+        mlp_dim=64,
+        extra={"classes": [str(d) for d in range(10)]},
+    )
     with torch.no_grad():
         model.head.weight.normal_(0, 0.5)
     return model.save_pretrained(tmp_path_factory.mktemp("ckpt") / "digits.safetensors")

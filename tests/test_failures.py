@@ -214,9 +214,17 @@ def test_nonsense_overrides_are_refused(
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("depth", 0), ("num_heads", 0), ("width", -8), ("mlp_dim", 0), ("patch_size", (0, 4)),
-     ("in_chans", 0), ("representation_size", 0), ("resnet_width_factor", 0.0)],
-)  # fmt: skip
+    [
+        ("depth", 0),
+        ("num_heads", 0),
+        ("width", -8),
+        ("mlp_dim", 0),
+        ("patch_size", (0, 4)),
+        ("in_chans", 0),
+        ("representation_size", 0),
+        ("resnet_width_factor", 0.0),
+    ],
+)
 def test_config_sizes_must_be_positive(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"{field} must be"):
         vitkit.ViTConfig(**{field: value})
@@ -361,9 +369,21 @@ def test_disk_full_during_training_keeps_the_last_checkpoint(
 
 def test_an_error_under_torchrun_is_printed_once(tmp_path: Path) -> None:
     """Both ranks meet the same bad option: one line from vitkit, no Python traceback."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", "-m", "vitkit", "train", "--batch-size", "99998",
-               "--out", str(tmp_path / "run")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "vitkit",
+        "train",
+        "--batch-size",
+        "99998",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0

@@ -48,9 +48,16 @@ def test_the_folder_reader_decodes_upright_too(tmp_path: Path, monkeypatch) -> N
 
 @pytest.mark.parametrize(
     ("mode", "shape"),
-    [("1", (4, 5)), ("LA", (4, 5)), ("I;16", (4, 5)), ("F", (4, 5)), ("RGBA", (4, 5, 3)),
-     ("P", (4, 5, 3)), ("CMYK", (4, 5, 3))],
-)  # fmt: skip
+    [
+        ("1", (4, 5)),
+        ("LA", (4, 5)),
+        ("I;16", (4, 5)),
+        ("F", (4, 5)),
+        ("RGBA", (4, 5, 3)),
+        ("P", (4, 5, 3)),
+        ("CMYK", (4, 5, 3)),
+    ],
+)
 def test_any_mode_becomes_grey_or_rgb(mode: str, shape: tuple[int, ...], tmp_path: Path) -> None:
     suffix = ".tif" if mode in ("I;16", "F", "CMYK") else ".png"
     path = tmp_path / f"x{suffix}"

@@ -39,10 +39,18 @@ from vitkit.training.run import RunFolder
 # processes draw different ones (test_activation_checkpointing_gives_the_same_gradients covers
 # dropout and stochastic depth).
 SETTINGS = dict(
-    epochs=3, batch_size=32, accum_steps=2, grad_clip=0.1, optimizer="sgd", lr=0.05,
-    warmup_epochs=1.0, val_fraction=0.2, log_every=1, checkpoint_every=3,
+    epochs=3,
+    batch_size=32,
+    accum_steps=2,
+    grad_clip=0.1,
+    optimizer="sgd",
+    lr=0.05,
+    warmup_epochs=1.0,
+    val_fraction=0.2,
+    log_every=1,
+    checkpoint_every=3,
     augment=dict(random_resized_crop=False),
-)  # fmt: skip
+)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -69,8 +77,15 @@ config = partial(train_config, SETTINGS)
 
 
 def torchrun(nproc: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc-per-node", str(nproc), *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        *extra,
+    ]
 
 
 def run(command: list[str], ok: bool = True) -> subprocess.CompletedProcess:
@@ -149,7 +164,9 @@ def test_fsdp_matches_ddp(data: Path, fsdp_run: Path, tmp_path: Path) -> None:
     assert abs(summaries[0]["test_loss"] - summaries[1]["test_loss"]) < 1e-5
     # The sharded checkpoint holds one file per process; the model files are whole.
     assert sorted(p.name for p in (fsdp_run / "last.dcp").glob("*.distcp")) == [
-        "__0_0.distcp", "__1_0.distcp"]  # fmt: skip
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
     assert load_pretrained(fsdp_run / "last.safetensors").num_parameters() == 136_138
 
 
@@ -231,8 +248,14 @@ def test_fsdp_needs_torchrun(data: Path, tmp_path: Path) -> None:
 @pytest.fixture
 def one_process_group(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """What torchrun with one process sets, so FSDP runs in this process (a group of one)."""
-    group = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # fmt: skip
+    group = dict(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+    )
     for name, value in group.items():
         monkeypatch.setenv(name, value)
     yield
@@ -241,9 +264,12 @@ def one_process_group(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.mark.slow  # 5 torchrun jobs; test_ddp_checkpoint_resumes_under_fsdp resumes shards in 1
 def test_slow_sharded_checkpoints_resume_in_any_number_of_processes(
-    data: Path, fsdp_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    data: Path,
+    fsdp_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     one_process_group: None,
-) -> None:  # fmt: skip
+) -> None:
     """A 2-process FSDP run stopped after its checkpoint at step 6 (mid-epoch) resumes in 2
     processes bit-identically, in 1 (then back in 2, resharding both ways) and in one plain
     DDP process, each to the uninterrupted run's weights."""
@@ -279,9 +305,12 @@ def test_slow_sharded_checkpoints_resume_in_any_number_of_processes(
 
 
 def test_ddp_checkpoint_resumes_under_fsdp(
-    data: Path, fsdp_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    data: Path,
+    fsdp_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     one_process_group: None,
-) -> None:  # fmt: skip
+) -> None:
     """last.safetensors of a single process (optimizer state keyed by parameter index) goes
     into FSDP's shards; and a run cannot take another model's sharded checkpoint."""
     with monkeypatch.context() as patch:
@@ -314,12 +343,29 @@ def test_two_agents_match_one(data: Path, fsdp_run: Path, tmp_path: Path) -> Non
     endpoint = f"127.0.0.1:{free_port()}"
     agents = []
     for node in (0, 1):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
-                   str(node), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                   "--rdzv-endpoint", endpoint, "-m", "vitkit",
-                   *flags(data, tmp_path / "run", parallel="fsdp")]  # fmt: skip
-        agents.append(subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True))  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(node),
+            "--nproc-per-node",
+            "1",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            endpoint,
+            "-m",
+            "vitkit",
+            *flags(data, tmp_path / "run", parallel="fsdp"),
+        ]
+        agents.append(
+            subprocess.Popen(
+                command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     for agent in agents:
         output, _ = agent.communicate(timeout=300)
         assert agent.returncode == 0, output[-20000:]
@@ -352,11 +398,17 @@ def test_slow_killed_rank_restarts_from_the_last_checkpoint(
     one's address: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as the README says.)"""
     out = tmp_path / "run"
     agent = subprocess.Popen(
-        [*torchrun(2, "--max-restarts", "1", "--monitor-interval", "0.1"), "-m", "vitkit",
-         *flags(data, out, parallel="fsdp")],
-        env={**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            *torchrun(2, "--max-restarts", "1", "--monitor-interval", "0.1"),
+            "-m",
+            "vitkit",
+            *flags(data, out, parallel="fsdp"),
+        ],
+        env={**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for(out / "last.dcp", agent)
     workers = children(agent.pid)
     assert len(workers) == 2 and not (out / "summary.json").exists()
@@ -374,12 +426,34 @@ def test_slow_killed_rank_restarts_from_the_last_checkpoint(
 # ResNet-v2 (one unit per stage). The larger registered models differ only in their sizes.
 SWEEP = {
     "vit_digits": None,
-    "sweep_vit_gap": ("vit", dict(img_size=8, patch_size=2, in_chans=1, classifier="gap",
-                                  width=32, depth=2, num_heads=2, mlp_dim=64)),
-    "sweep_hybrid": ("vit", dict(img_size=16, patch_size=1, resnet_layers=(1,), in_chans=1,
-                                 width=32, depth=2, num_heads=2, mlp_dim=64)),
+    "sweep_vit_gap": (
+        "vit",
+        dict(
+            img_size=8,
+            patch_size=2,
+            in_chans=1,
+            classifier="gap",
+            width=32,
+            depth=2,
+            num_heads=2,
+            mlp_dim=64,
+        ),
+    ),
+    "sweep_hybrid": (
+        "vit",
+        dict(
+            img_size=16,
+            patch_size=1,
+            resnet_layers=(1,),
+            in_chans=1,
+            width=32,
+            depth=2,
+            num_heads=2,
+            mlp_dim=64,
+        ),
+    ),
     "resnetv2_digits": None,
-}  # fmt: skip
+}
 SWEEP_SETTINGS = dict(
     epochs=1, batch_size=64, accum_steps=1, val_fraction=0.0, checkpoint_every=2, warmup_epochs=0.5
 )
@@ -409,8 +483,13 @@ def sweep(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every SWEEP model trained by 2 processes with FSDP and activation checkpointing."""
     out = tmp_path_factory.mktemp("sweep")
     (out / "sweep.py").write_text(SWEEP_SCRIPT)
-    settings = {**SETTINGS, **SWEEP_SETTINGS, "data": str(data), "parallel": "fsdp",
-                "activation_checkpointing": True}  # fmt: skip
+    settings = {
+        **SETTINGS,
+        **SWEEP_SETTINGS,
+        "data": str(data),
+        "parallel": "fsdp",
+        "activation_checkpointing": True,
+    }
     run([*torchrun(2), str(out / "sweep.py"), json.dumps(SWEEP), json.dumps(settings), str(out)])
     return out
 
@@ -427,7 +506,8 @@ def test_fsdp_with_activation_checkpointing_trains_every_architecture(
         architecture, values = SWEEP[name]
         monkeypatch.setitem(registry._MODELS, name, (architecture, values))
     train(config(data, tmp_path / "plain", **SWEEP_SETTINGS, model=name))
-    assert_same_weights(sweep / name / "last.safetensors", tmp_path / "plain/last.safetensors",
-                        1e-5)  # fmt: skip
+    assert_same_weights(
+        sweep / name / "last.safetensors", tmp_path / "plain/last.safetensors", 1e-5
+    )
     summary = json.loads((sweep / name / "summary.json").read_text())
     assert (summary["parallel"], summary["processes"]) == ("fsdp", 2)

@@ -44,8 +44,12 @@ def reduced(name: str) -> dict[str, Any]:
         # allow, and an image that leaves a 2x2 map after every downsampling.
         stem_reduction = 4 if cfg.stem == "bit" else 1
         side = 2 * stem_reduction * 2 ** (len(cfg.layers) - 1)
-        return dict(layers=(1,) * len(cfg.layers), width_factor=0.5, img_size=side,
-                    num_classes=3 if cfg.num_classes else 0)  # fmt: skip
+        return dict(
+            layers=(1,) * len(cfg.layers),
+            width_factor=0.5,
+            img_size=side,
+            num_classes=3 if cfg.num_classes else 0,
+        )
     if not isinstance(cfg, ViTConfig):
         pytest.fail(f"{name}: no reduced size for {type(cfg).__name__}; add one to reduced()")
     width = 8 * cfg.num_heads
@@ -260,8 +264,14 @@ def paper_count(name: str, classes: int = 1000) -> int:
 
 # Paper models without a published count: the closed form above. Listed by name, so a new
 # paper model has to be added here (or to OFFICIAL_COUNTS) on purpose.
-HAND_COUNTED = ("vit_ti16_gap", "vit_b8_gap", "vit_l16_gap", "vit_l32_gap", "vit_h14_gap",
-                "r50_vit_b16_gap")  # fmt: skip
+HAND_COUNTED = (
+    "vit_ti16_gap",
+    "vit_b8_gap",
+    "vit_l16_gap",
+    "vit_l32_gap",
+    "vit_h14_gap",
+    "r50_vit_b16_gap",
+)
 PARAMETER_COUNTS = {**OFFICIAL_COUNTS, **{name: paper_count(name) for name in HAND_COUNTED}}
 PAPER_FAMILY = re.compile(r"vit_(ti|s|b|l|h)(8|14|16|32)(_gap)?|r50_vit_.*")
 

@@ -140,8 +140,9 @@ def id_shards(id_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return out
 
 
-def streamed(data: Path | str, split: str = "train", workers: int = 0, size: int = 8,
-             **augment: Any) -> Any:  # fmt: skip
+def streamed(
+    data: Path | str, split: str = "train", workers: int = 0, size: int = 8, **augment: Any
+) -> Any:
     options = DataOptions("no", workers, AugmentConfig(**augment), MESSY_LIMIT)
     source = open_source(str(data), split, options)
     source.set_image_size((size, size))
@@ -158,7 +159,9 @@ def test_every_mode_becomes_rgb_and_broken_files_are_named(messy: Path) -> None:
     assert all(b.cropped for b in batches)
     assert sum(len(b.labels) for b in batches) == len(source) == 26
     skipped = {name.split(" (")[0] for name in source.skipped.skipped}
-    expected = {f"{c}/{f}" for c in ("cat", "dog") for f in ("empty.jpg", "truncated.jpg", "notes.jpg")}  # fmt: skip
+    expected = {
+        f"{c}/{f}" for c in ("cat", "dog") for f in ("empty.jpg", "truncated.jpg", "notes.jpg")
+    }
     assert skipped == expected
 
 
@@ -187,8 +190,9 @@ def test_large_jpegs_decode_at_reduced_size_and_match_a_full_decode(tmp_path: Pa
     reduced = load_view(tmp_path / "photo.jpg", view, np.random.default_rng(0)).astype(float)
     full = Image.open(tmp_path / "photo.jpg").convert("RGB")
     left, top, w, h = crop.box(1600, 1200, (24, 24))
-    reference = np.asarray(full.resize((24, 24), Image.Resampling.BILINEAR,
-                                       box=(left, top, left + w, top + h)))  # fmt: skip
+    reference = np.asarray(
+        full.resize((24, 24), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+    )
     assert np.abs(reduced - reference.transpose(2, 0, 1)).mean() < 3
 
 
@@ -299,10 +303,11 @@ def test_evaluation_counts_every_image_once_over_ranks(
     source = streamed(id_folder if kind == "folder" else id_shards, split="train", workers=2)
     for world_size in (1, 2, 3):
         seen = [
-            i for rank in range(world_size)
+            i
+            for rank in range(world_size)
             for b in source.eval_batches(5, rank=rank, world_size=world_size)
             for i in ids_of(b.images)
-        ]  # fmt: skip
+        ]
         expected = range(40) if kind == "folder" else ids_in_split(id_shards, "train")
         assert sorted(seen) == sorted(expected)
 
@@ -318,7 +323,9 @@ def test_a_resumed_shard_epoch_skips_the_finished_shards(id_shards: Path) -> Non
     assert [shard.count for shard in source.shards] == [4] * 8
     batches = list(source.train_batches(4, seed=2, epoch=0))
     assert len(batches) == len(source) // 4
-    resumed = [i for b in source.train_batches(4, seed=2, epoch=0, start=3) for i in ids_of(b.images)]  # fmt: skip
+    resumed = [
+        i for b in source.train_batches(4, seed=2, epoch=0, start=3) for i in ids_of(b.images)
+    ]
     # 8 shards of 4, batches of 4: three batches finish three shards of this epoch's order
     order = [source.shards[i] for i in epoch_permutation(len(source.shards), 2, 0).tolist()]
     later = [i for shard in order[3:] for i in shard_ids(shard.path)]
@@ -390,10 +397,21 @@ def test_digits_pack_and_train_from_shards(tmp_path: Path) -> None:
     assert (index["splits"]["train"]["count"], index["splits"]["test"]["count"]) == (1438, 359)
     assert index["channels"] == 1 and len(index["splits"]["train"]["shards"]) > 2
     some = str(tmp_path / "digits/train-{000000..000011}.tar")  # a brace pattern: 432 images
-    summary = train(TrainConfig.from_dict(dict(
-        data=some, model="vit_digits", epochs=3, batch_size=32, lr=3e-3, warmup_epochs=1,
-        num_workers=1, out=str(tmp_path / "run"), augment=dict(random_resized_crop=False),
-    )))  # fmt: skip
+    summary = train(
+        TrainConfig.from_dict(
+            dict(
+                data=some,
+                model="vit_digits",
+                epochs=3,
+                batch_size=32,
+                lr=3e-3,
+                warmup_epochs=1,
+                num_workers=1,
+                out=str(tmp_path / "run"),
+                augment=dict(random_resized_crop=False),
+            )
+        )
+    )
     assert summary["test_accuracy"] > 0.3 and summary["skipped_files"] == 0  # chance: 0.1
 
 
@@ -406,8 +424,9 @@ def test_pack_writes_the_training_samples_in_a_random_order(tmp_path: Path) -> N
     labels = []
     for shard in sorted((tmp_path / "digits").glob("train-*.tar")):
         with tarfile.open(shard) as tar:
-            labels += [int(tar.extractfile(m).read()) for m in tar.getmembers()
-                       if m.name.endswith(".cls")]  # fmt: skip
+            labels += [
+                int(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".cls")
+            ]
     assert sorted(labels) == sorted(load_dataset("digits", "train").labels.tolist())
     changes = sum(a != b for a, b in itertools.pairwise(labels))
     assert changes > 0.8 * len(labels)
@@ -445,9 +464,13 @@ def test_a_messy_folder_trains_and_counts_its_broken_files(messy: Path, tmp_path
 def test_a_streamed_run_killed_mid_epoch_resumes_bit_identically(
     messy: Path, tmp_path: Path, workers: int
 ) -> None:
-    cfg = dict(epochs=2, checkpoint_every=3, num_workers=workers, dropout=0.1,
-               augment=dict(random_resized_crop=True, crop_scale=(0.3, 1.0), hflip=True,
-                            mixup=0.2))  # fmt: skip
+    cfg = dict(
+        epochs=2,
+        checkpoint_every=3,
+        num_workers=workers,
+        dropout=0.1,
+        augment=dict(random_resized_crop=True, crop_scale=(0.3, 1.0), hflip=True, mixup=0.2),
+    )
     train(tiny_config(messy, tmp_path / "whole", **cfg))
     with interrupted_after_checkpoint(3) as steps, pytest.raises(TrainingInterrupted):
         train(tiny_config(messy, tmp_path / "cut", **cfg))
@@ -488,11 +511,22 @@ def test_two_processes_read_disjoint_parts_of_each_epoch(
     script = tmp_path / "ranks.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node", "2"]  # fmt: skip
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
     here = str(Path(__file__).parents[1])  # the repository, where `tests` is a package
-    done = subprocess.run([*torchrun, str(script), str(id_folder), str(id_shards), str(tmp_path), here],
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [*torchrun, str(script), str(id_folder), str(id_shards), str(tmp_path), here],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-5000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     folder = [set(r["folder"]["train"]) for r in ranks]
@@ -528,8 +562,13 @@ def test_two_processes_read_disjoint_parts_of_each_epoch(
         str(MESSY_LIMIT),
     ]
     out = tmp_path / "ddp"
-    done = subprocess.run([*torchrun, "-m", "vitkit", "train", *flags, "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [*torchrun, "-m", "vitkit", "train", *flags, "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-5000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["skipped_files"] == 2 * BROKEN_PER_CLASS

@@ -13,29 +13,33 @@ from vitkit.data.shards import parse_size
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "data", help="prepare datasets (pack WebDataset shards)",
+        "data",
+        help="prepare datasets (pack WebDataset shards)",
         description="Dataset tools. `vitkit data pack SRC OUT` writes SRC (anything --data "
         "accepts) as WebDataset tar shards plus dataset.json (class names and counts), which "
         "`--data OUT` then streams.",
-    )  # fmt: skip
+    )
     commands = p.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     pack = commands.add_parser(
-        "pack", help="write a dataset as WebDataset shards",
+        "pack",
+        help="write a dataset as WebDataset shards",
         description="Write every split of SRC into OUT/<split>-NNNNNN.tar shards: image "
         "files are copied as they are, in-memory arrays (idx, CIFAR, .npz, digits) become "
         "PNG files. A single-split source gets its test split held out (20%%, stratified, "
         "by --seed), as training would hold it out; --val-fraction holds out validation "
         "shards too. Every shard is written under a temporary name and renamed.",
-    )  # fmt: skip
+    )
     pack.add_argument("src", help="'digits', an image folder, idx / CIFAR folder, .npz or shards")
     pack.add_argument("out", type=Path, help="a new (or empty) folder for the shards")
     pack.add_argument(
         "--shard-size", default="500MB", help="largest shard, e.g. 500MB, 2GB (default: 500MB)"
     )
     pack.add_argument(
-        "--val-fraction", type=float, default=0.0, help="validation split to hold out of "
-        "train, stratified (default: 0, none)",
-    )  # fmt: skip
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="validation split to hold out of train, stratified (default: 0, none)",
+    )
     pack.add_argument("--seed", type=int, default=0, help="seed of the held-out splits (0)")
     pack.set_defaults(func=run_pack)
 

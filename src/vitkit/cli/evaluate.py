@@ -21,19 +21,21 @@ from vitkit.training.config import DEVICES, PRECISIONS
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "eval", help="accuracy and loss of a checkpoint on a dataset",
+        "eval",
+        help="accuracy and loss of a checkpoint on a dataset",
         description="Evaluate a checkpoint (any registered architecture) on a split of a "
         "dataset: accuracy, mean cross-entropy and the confusion matrix. For data with a "
         "single split, a checkpoint of a run folder is evaluated on that run's own held-out "
         "images.",
-    )  # fmt: skip
+    )
     p.add_argument(
         "checkpoint", help="any checkpoint load_pretrained reads, or a run folder (its best)"
     )
     p.add_argument(
-        "--data", required=True, help="'digits' (shipped) or a path: image folder, idx / CIFAR "
-        "folder or .npz",
-    )  # fmt: skip
+        "--data",
+        required=True,
+        help="'digits' (shipped) or a path: image folder, idx / CIFAR folder or .npz",
+    )
     p.add_argument(
         "--split", default="test", choices=("train", "val", "test"), help="(default: test)"
     )

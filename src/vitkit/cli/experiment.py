@@ -34,24 +34,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     scaling.add_argument("--data", required=True, help="'digits' or a dataset path")
     scaling.add_argument(
-        "--fractions", type=float, nargs="+", required=True, metavar="F",
+        "--fractions",
+        type=float,
+        nargs="+",
+        required=True,
+        metavar="F",
         help="fractions of the training split, in (0, 1]",
-    )  # fmt: skip
+    )
     scaling.add_argument(
         "--models", nargs="+", required=True, metavar="MODEL", help="registered models"
     )
     length = scaling.add_mutually_exclusive_group(required=True)
     length.add_argument("--epochs", type=int, help="train every run for N epochs of its data")
     length.add_argument(
-        "--budget-minutes", type=float, metavar="T",
+        "--budget-minutes",
+        type=float,
+        metavar="T",
         help="train every run for T minutes (time in training steps; the schedule is fitted to "
         "the steps that fit into T at the speed measured as the run goes)",
-    )  # fmt: skip
+    )
     scaling.add_argument(
-        "--config", type=Path,
+        "--config",
+        type=Path,
         help="TOML of training settings for every run (batch size, lr, augmentation, seed...; "
         "not model, data, steps or max_minutes, which the experiment sets)",
-    )  # fmt: skip
+    )
     scaling.add_argument(
         "--out", type=Path, help="experiment folder (default: runs/scaling-<data name>)"
     )
@@ -72,6 +79,8 @@ def run_experiment(args: argparse.Namespace) -> int:
     rows = run_scaling(experiment, progress=progress_bar)
     print(markdown_table(rows), end="")
     out = experiment.out
-    print(f"table {out / RESULTS_CSV}, figures {out / SIZE_FIGURE} and {out / COMPUTE_FIGURE}, "
-          f"report {out / REPORT_FILE}")  # fmt: skip
+    print(
+        f"table {out / RESULTS_CSV}, figures {out / SIZE_FIGURE} and {out / COMPUTE_FIGURE}, "
+        f"report {out / REPORT_FILE}"
+    )
     return 0

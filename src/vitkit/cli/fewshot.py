@@ -24,15 +24,19 @@ def add_feature_flags(parser: argparse.ArgumentParser) -> None:
         help="any checkpoint load_pretrained reads, or a run folder (its best)",
     )
     parser.add_argument(
-        "--data", required=True, help="'digits' (shipped) or a path: image folder, shards, "
+        "--data",
+        required=True,
+        help="'digits' (shipped) or a path: image folder, shards, "
         "idx / CIFAR folder or .npz; its train split is fitted on, its test split scored (a "
         "source with one split: 20%% of it is held out as the test split, or the run's own "
         "test images when it is the checkpoint's run's data)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--seed", type=int, default=0,
+        "--seed",
+        type=int,
+        default=0,
         help="seed of the held-out test split of single-split data (default: 0)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--batch-size", type=int, default=256, help="images per forward pass (default: 256)"
     )
@@ -80,9 +84,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
     features = frozen_features(args)
     results = fewshot_protocol(
-        features.train_x, features.train_y, features.test_x, features.test_y, args.shots,
-        range(args.seeds), args.l2_reg,
-    )  # fmt: skip
+        features.train_x,
+        features.train_y,
+        features.test_x,
+        features.test_y,
+        args.shots,
+        range(args.seeds),
+        args.l2_reg,
+    )
     dim = int(features.train_x.shape[1])
     if args.json:
         info = {"checkpoint": str(args.checkpoint), "data": str(args.data), "feature_dim": dim}

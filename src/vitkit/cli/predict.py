@@ -13,12 +13,13 @@ from vitkit.evaluation.inference import predict
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "predict", help="top-k classes of images",
+        "predict",
+        help="top-k classes of images",
         description="Print the top-k class names and probabilities of each image, read and "
         "preprocessed by the model's evaluation preprocessing exactly as `vitkit eval` reads an "
         "image folder (docs/preprocessing.md). A file that cannot be read is reported and "
         "skipped; the exit status is then 2.",
-    )  # fmt: skip
+    )
     p.add_argument(
         "checkpoint", help="any checkpoint load_pretrained reads, or a run folder (its best)"
     )

@@ -59,9 +59,15 @@ class DataSource(Protocol):
         ...
 
     def train_batches(
-        self, batch_size: int, *, seed: int, epoch: int, start: int = 0, rank: int = 0,
+        self,
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int,
+        start: int = 0,
+        rank: int = 0,
         world_size: int = 1,
-    ) -> Iterator[Batch]:  # fmt: skip
+    ) -> Iterator[Batch]:
         """Shuffled batches of ``batch_size`` images (per process) of ``epoch``, from batch
         ``start`` on; the order depends only on ``(seed, epoch)``, ranks get disjoint images,
         and every rank gets the same number of full batches."""
@@ -135,6 +141,7 @@ class SkipLog:
             if len(self.skipped) <= SHOWN_SKIPPED:
                 logger.warning("%s: skipped %s", self.what, name)
             elif len(self.skipped) == SHOWN_SKIPPED + 1:
-                logger.warning("%s: skipping more unreadable files; the summary counts them",
-                               self.what)  # fmt: skip
+                logger.warning(
+                    "%s: skipping more unreadable files; the summary counts them", self.what
+                )
         check_unreadable(self.what, list(self.skipped), self.total, self.max_fraction)

@@ -147,7 +147,14 @@ def iterate_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(uint8 images, labels) batches of one epoch, as ``batch_indices`` orders them."""
     for indices in batch_indices(
-        len(dataset), batch_size, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
-        world_size=world_size, drop_last=drop_last, start=start,
-    ):  # fmt: skip
+        len(dataset),
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        drop_last=drop_last,
+        start=start,
+    ):
         yield dataset.images[indices], dataset.labels[indices]

@@ -258,7 +258,10 @@ def read_cifar_folder(folder: Path, split: str) -> ImageDataset:
         ("batches.meta", "label_names") if variant == "cifar10" else ("meta", "fine_label_names")
     )
     if (folder / meta_file).is_file():
-        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in _unpickle(folder / meta_file)[names_key]]  # fmt: skip
+        classes = [
+            n.decode() if isinstance(n, bytes) else str(n)
+            for n in _unpickle(folder / meta_file)[names_key]
+        ]
     else:
         classes = _class_names(labels)
     return ImageDataset(

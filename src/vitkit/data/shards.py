@@ -86,9 +86,16 @@ def parse_size(text: str) -> int:
 
 
 def write_shards(
-    splits: dict[str, Any], out: Path, shard_size: int, *, classes: list[str], channels: int,
-    source: str, held_out_test: bool, progress: Callable[[int], None] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    splits: dict[str, Any],
+    out: Path,
+    shard_size: int,
+    *,
+    classes: list[str],
+    channels: int,
+    source: str,
+    held_out_test: bool,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Write each split's ``encoded_samples()`` into ``out/<split>-NNNNNN.tar`` shards of at
     most ``shard_size`` bytes (a larger single image gets a shard of its own), each written
     under a temporary name and renamed, then ``dataset.json``; returns its content.
@@ -98,8 +105,15 @@ def write_shards(
     if out.exists():
         _clear_interrupted_pack(out)
     out.mkdir(parents=True, exist_ok=True)
-    index: dict[str, Any] = dict(format=FORMAT, version=1, source=source, classes=classes,
-                                 channels=channels, held_out_test=held_out_test, splits={})  # fmt: skip
+    index: dict[str, Any] = dict(
+        format=FORMAT,
+        version=1,
+        source=source,
+        classes=classes,
+        channels=channels,
+        held_out_test=held_out_test,
+        splits={},
+    )
     for split, data in splits.items():
         if data is None:
             continue
@@ -109,8 +123,9 @@ def write_shards(
             name = f"{split}-{len(shards):06d}.tar"
             atomic_write(out / name, packer.fill)
             shards.append({"name": name, "count": packer.filled})
-        index["splits"][split] = dict(count=packer.written, class_counts=packer.class_counts,
-                                      shards=shards)  # fmt: skip
+        index["splits"][split] = dict(
+            count=packer.written, class_counts=packer.class_counts, shards=shards
+        )
     atomic_write(out / INDEX_FILE, lambda tmp: tmp.write_text(json.dumps(index, indent=1)))
     return index
 
@@ -145,8 +160,13 @@ def _is_pack_leftover(entry: os.DirEntry) -> bool:
 class _Packer:
     """Fills one shard after another from a stream of samples, keys counting on."""
 
-    def __init__(self, samples: Iterator[EncodedSample], shard_size: int, num_classes: int,
-                 progress: Callable[[int], None] | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        samples: Iterator[EncodedSample],
+        shard_size: int,
+        num_classes: int,
+        progress: Callable[[int], None] | None,
+    ) -> None:
         self.samples, self.shard_size, self.progress = samples, shard_size, progress
         self.pending = next(samples, None)
         self.written = self.filled = 0
@@ -161,8 +181,13 @@ class _Packer:
                 size += len(sample.data) + TAR_OVERHEAD
                 if self.filled and size > self.shard_size:
                     return
-                writer.write({"__key__": f"{self.written:09d}", sample.ext: sample.data,
-                              "cls": str(sample.label).encode()})  # fmt: skip
+                writer.write(
+                    {
+                        "__key__": f"{self.written:09d}",
+                        sample.ext: sample.data,
+                        "cls": str(sample.label).encode(),
+                    }
+                )
                 self.class_counts[sample.label] += 1
                 self.written += 1
                 self.filled += 1
@@ -207,8 +232,12 @@ def read_index(data: str) -> ShardIndex:
     given = None
     folder = Path(data).expanduser()
     if not folder.is_dir():
-        given = [str(Path(p).expanduser()) for part in data.split(",") if part
-                 for p in wds.shardlists.expand_urls(part)]  # fmt: skip
+        given = [
+            str(Path(p).expanduser())
+            for part in data.split(",")
+            if part
+            for p in wds.shardlists.expand_urls(part)
+        ]
         folder = Path(given[0]).parent
     if not (folder / INDEX_FILE).is_file():
         raise ValueError(
@@ -228,13 +257,17 @@ def read_index(data: str) -> ShardIndex:
         counts = {s.path: s.count for shards in splits.values() for s in shards}
         unknown = [p for p in given if p not in counts]
         if unknown:
-            raise ValueError(f"{unknown[0]} is not listed in {folder / INDEX_FILE}: give shards "
-                             "that `vitkit data pack` wrote, with their index")  # fmt: skip
+            raise ValueError(
+                f"{unknown[0]} is not listed in {folder / INDEX_FILE}: give shards "
+                "that `vitkit data pack` wrote, with their index"
+            )
         splits["train"] = [Shard(p, counts[p]) for p in given]
     missing = [s.path for shards in splits.values() for s in shards if not Path(s.path).is_file()]
     if missing:
-        raise ValueError(f"{len(missing)} shard(s) listed in {folder / INDEX_FILE} are missing, "
-                         f"e.g. {missing[0]}")  # fmt: skip
+        raise ValueError(
+            f"{len(missing)} shard(s) listed in {folder / INDEX_FILE} are missing, "
+            f"e.g. {missing[0]}"
+        )
     return ShardIndex(classes, channels, splits, bool(index.get("held_out_test", False)))
 
 
@@ -310,7 +343,11 @@ class ShardStream(IterableDataset):
             batch = list(islice(stream, self.batch_size))
             if not batch and not skipped:
                 return
-            images = torch.from_numpy(np.stack([b[0] for b in batch])) if batch else torch.empty(0, self.channels, *self.view.size, dtype=torch.uint8)  # fmt: skip
+            images = (
+                torch.from_numpy(np.stack([b[0] for b in batch]))
+                if batch
+                else torch.empty(0, self.channels, *self.view.size, dtype=torch.uint8)
+            )
             yield images, torch.tensor([b[1] for b in batch], dtype=torch.int64), skipped[:]
             skipped.clear()
 
@@ -353,10 +390,16 @@ class ShardSource:
     """A ``DataSource`` over WebDataset shards (module docstring)."""
 
     def __init__(
-        self, shards: list[Shard], classes: list[str], channels: int, *,
-        augment: AugmentConfig | None = None, num_workers: int | None = None,
-        skipped: SkipLog | None = None, max_unreadable_fraction: float = MAX_UNREADABLE_FRACTION,
-    ) -> None:  # fmt: skip
+        self,
+        shards: list[Shard],
+        classes: list[str],
+        channels: int,
+        *,
+        augment: AugmentConfig | None = None,
+        num_workers: int | None = None,
+        skipped: SkipLog | None = None,
+        max_unreadable_fraction: float = MAX_UNREADABLE_FRACTION,
+    ) -> None:
         self.shards, self.classes, self.channels = shards, classes, channels
         self.augment = augment or AugmentConfig()
         self.num_workers = default_workers() if num_workers is None else num_workers
@@ -382,8 +425,7 @@ class ShardSource:
         self, shards: list[Shard], batch_size: int, view: View, **stream: Any
     ) -> Iterator[tuple]:
         workers = min(self.num_workers, len(shards))
-        dataset = ShardStream(shards, view, self.channels, len(self.classes), batch_size,
-                              **stream)  # fmt: skip
+        dataset = ShardStream(shards, view, self.channels, len(self.classes), batch_size, **stream)
         for images, labels, skipped in make_loader(dataset, None, workers):
             self.skipped.add(skipped)
             if len(labels):
@@ -400,9 +442,15 @@ class ShardSource:
         return dataclasses.replace(view, channels=self.channels)
 
     def train_batches(
-        self, batch_size: int, *, seed: int, epoch: int, start: int = 0, rank: int = 0,
+        self,
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int,
+        start: int = 0,
+        rank: int = 0,
         world_size: int = 1,
-    ) -> Iterator[Batch]:  # fmt: skip
+    ) -> Iterator[Batch]:
         if len(self.shards) < world_size:
             raise ValueError(
                 f"{len(self.shards)} training shard(s) cannot feed {world_size} processes: "
@@ -411,16 +459,32 @@ class ShardSource:
         order = epoch_permutation(len(self.shards), seed, epoch)
         mine = [self.shards[i] for i in order[rank::world_size].tolist()]
         total = len(self) // world_size // batch_size
-        batches = self._read(mine, batch_size, self._view(True), seed=seed, epoch=epoch,
-                             rank=rank, start=start, train=True)  # fmt: skip
+        batches = self._read(
+            mine,
+            batch_size,
+            self._view(True),
+            seed=seed,
+            epoch=epoch,
+            rank=rank,
+            start=start,
+            train=True,
+        )
         for images, labels in islice(batches, max(total - start, 0)):
             yield Batch(images, labels, cropped=True)
 
     def eval_batches(
         self, batch_size: int, *, rank: int = 0, world_size: int = 1
     ) -> Iterator[Batch]:
-        batches = self._read(self.shards[rank::world_size], batch_size, self._view(False),
-                             seed=0, epoch=0, rank=rank, start=0, train=False)  # fmt: skip
+        batches = self._read(
+            self.shards[rank::world_size],
+            batch_size,
+            self._view(False),
+            seed=0,
+            epoch=0,
+            rank=rank,
+            start=0,
+            train=False,
+        )
         for images, labels in batches:
             yield Batch(images, labels, cropped=True)  # the evaluation geometry, in the workers
 

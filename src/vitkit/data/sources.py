@@ -101,13 +101,26 @@ class InMemorySource:
         """Nothing to do: the batch transform resizes (or crops) the stored images."""
 
     def train_batches(
-        self, batch_size: int, *, seed: int, epoch: int, start: int = 0, rank: int = 0,
+        self,
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int,
+        start: int = 0,
+        rank: int = 0,
         world_size: int = 1,
-    ) -> Iterator[Batch]:  # fmt: skip
+    ) -> Iterator[Batch]:
         batches = iterate_batches(
-            self.dataset, batch_size, shuffle=True, seed=seed, epoch=epoch, rank=rank,
-            world_size=world_size, drop_last=True, start=start,
-        )  # fmt: skip
+            self.dataset,
+            batch_size,
+            shuffle=True,
+            seed=seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=world_size,
+            drop_last=True,
+            start=start,
+        )
         for images, labels in batches:
             yield Batch(images, labels if self.labelled else None)
 

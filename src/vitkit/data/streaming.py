@@ -96,7 +96,12 @@ def random_box(
         aspect = math.exp(rng.uniform(*log_ratio))
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
-            return float(rng.integers(0, width - w + 1)), float(rng.integers(0, height - h + 1)), w, h  # fmt: skip
+            return (
+                float(rng.integers(0, width - w + 1)),
+                float(rng.integers(0, height - h + 1)),
+                w,
+                h,
+            )
     aspect = min(max(width / height, view.ratio[0]), view.ratio[1])
     box_w, box_h = (
         (float(width), width / aspect)
@@ -198,7 +203,11 @@ class FolderBatches:
                         f"{self.root}: {MAX_SUBSTITUTES} files in a row could not be decoded "
                         f"({'; '.join(skipped[-3:])}): is this an image folder?"
                     )
-        stacked = torch.from_numpy(np.stack(images)) if images else torch.empty(0, 3, *self.view.size, dtype=torch.uint8)  # fmt: skip
+        stacked = (
+            torch.from_numpy(np.stack(images))
+            if images
+            else torch.empty(0, 3, *self.view.size, dtype=torch.uint8)
+        )
         return stacked, torch.tensor(labels, dtype=torch.int64), names, skipped
 
 
@@ -210,10 +219,15 @@ class StreamingFolderSource:
     """
 
     def __init__(
-        self, listing: FolderListing, *, augment: AugmentConfig | None = None,
-        num_workers: int | None = None, indices: torch.Tensor | None = None,
-        skipped: SkipLog | None = None, max_unreadable_fraction: float = MAX_UNREADABLE_FRACTION,
-    ) -> None:  # fmt: skip
+        self,
+        listing: FolderListing,
+        *,
+        augment: AugmentConfig | None = None,
+        num_workers: int | None = None,
+        indices: torch.Tensor | None = None,
+        skipped: SkipLog | None = None,
+        max_unreadable_fraction: float = MAX_UNREADABLE_FRACTION,
+    ) -> None:
         self.listing = listing
         all_labels = torch.tensor(listing.labels, dtype=torch.int64)
         indices = torch.arange(len(all_labels)) if indices is None else indices
@@ -244,9 +258,12 @@ class StreamingFolderSource:
     def subset(self, part: torch.Tensor) -> StreamingFolderSource:
         """The images at positions ``part`` of this source (sharing its skip record)."""
         subset = StreamingFolderSource(
-            self.listing, augment=self.augment, num_workers=self.num_workers,
-            indices=self.indices[part], skipped=self.skipped,
-        )  # fmt: skip
+            self.listing,
+            augment=self.augment,
+            num_workers=self.num_workers,
+            indices=self.indices[part],
+            skipped=self.skipped,
+        )
         if self.size is not None:
             subset.set_image_size(self.size, self.preprocessing)
         return subset
@@ -275,8 +292,9 @@ class StreamingFolderSource:
     def _batches(
         self, plan: Iterator[torch.Tensor], view: View, seed: int, epoch: int, train: bool
     ) -> Iterator[Batch]:
-        dataset = FolderBatches(str(self.listing.root), self.files, self.labels, view, seed,
-                                epoch, substitute=train)  # fmt: skip
+        dataset = FolderBatches(
+            str(self.listing.root), self.files, self.labels, view, seed, epoch, substitute=train
+        )
         root = self.listing.root
         for images, labels, names, skipped in make_loader(dataset, list(plan), self.num_workers):
             self.skipped.add(skipped)
@@ -292,13 +310,26 @@ class StreamingFolderSource:
         return self.size
 
     def train_batches(
-        self, batch_size: int, *, seed: int, epoch: int, start: int = 0, rank: int = 0,
+        self,
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int,
+        start: int = 0,
+        rank: int = 0,
         world_size: int = 1,
-    ) -> Iterator[Batch]:  # fmt: skip
+    ) -> Iterator[Batch]:
         plan = batch_indices(
-            len(self), batch_size, shuffle=True, seed=seed, epoch=epoch, rank=rank,
-            world_size=world_size, drop_last=True, start=start,
-        )  # fmt: skip
+            len(self),
+            batch_size,
+            shuffle=True,
+            seed=seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=world_size,
+            drop_last=True,
+            start=start,
+        )
         view = View.training(self._size(), self.augment, self.preprocessing)
         return self._batches(plan, view, seed, epoch, train=True)
 

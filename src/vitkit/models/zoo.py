@@ -49,20 +49,51 @@ for _classifier, _suffix in (("token", ""), ("gap", "_gap")):
     )
 # Small models for laptops, tests and the shipped digits.
 register("vit_micro", img_size=32, patch_size=4, width=64, depth=2, num_heads=4, mlp_dim=256)
-register("vit_digits", img_size=8, patch_size=2, in_chans=1, num_classes=10, width=64, depth=4,
-         num_heads=4, mlp_dim=128)  # fmt: skip
+register(
+    "vit_digits",
+    img_size=8,
+    patch_size=2,
+    in_chans=1,
+    num_classes=10,
+    width=64,
+    depth=4,
+    num_heads=4,
+    mlp_dim=128,
+)
 # The training recipes of benchmarks/recipes/: MNIST (7x7 patches) and CIFAR-10 (4x4 patches).
-register("vit_mnist", img_size=28, patch_size=7, in_chans=1, num_classes=10, width=128, depth=6,
-         num_heads=4, mlp_dim=256)  # fmt: skip
-register("vit_cifar", img_size=32, patch_size=4, num_classes=10, width=192, depth=6, num_heads=3,
-         mlp_dim=384)  # fmt: skip
+register(
+    "vit_mnist",
+    img_size=28,
+    patch_size=7,
+    in_chans=1,
+    num_classes=10,
+    width=128,
+    depth=6,
+    num_heads=4,
+    mlp_dim=256,
+)
+register(
+    "vit_cifar",
+    img_size=32,
+    patch_size=4,
+    num_classes=10,
+    width=192,
+    depth=6,
+    num_heads=3,
+    mlp_dim=384,
+)
 # The same encoder behind a miniature of the paper's hybrid: the ResNet stem and one stage of two
 # bottleneck units (width 64) give an 8x8 feature map, cut into 1x1 patches, as many tokens as
 # vit_cifar's 4x4 patches. On CIFAR-10 it learns much faster per image for 10-20% more time a step.
 _CIFAR_HYBRID: dict[str, Any] = dict(
-    img_size=32, patch_size=1, resnet_layers=(2,), num_classes=10, width=192, num_heads=3,
+    img_size=32,
+    patch_size=1,
+    resnet_layers=(2,),
+    num_classes=10,
+    width=192,
+    num_heads=3,
     mlp_dim=384,
-)  # fmt: skip
+)
 register("vit_cifar_hybrid", depth=6, **_CIFAR_HYBRID)
 # Two encoder blocks fewer: 1.4x the steps in the same minutes, which on CIFAR-10 within an hour
 # is worth more than the depth (after 6 minutes: 58.6% validation accuracy against 54.4%).
