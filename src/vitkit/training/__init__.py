@@ -1,15 +1,16 @@
 """Training, fine-tuning and masked-patch pre-training: the paper's recipes, run folders,
 resume and DDP."""
 
+from typing import Any
+
 from vitkit.training import mpp_task  # noqa: F401  (registers the "mpp" task)
-from vitkit.training.config import FINETUNE_DEFAULTS, PRETRAIN_DEFAULTS, TrainConfig
+from vitkit.training import recipes  # noqa: F401  (registers the "bit" preset's resolver)
+from vitkit.training.config import TrainConfig, resolve_config
 from vitkit.training.evaluate import Evaluation, evaluate, predict
 from vitkit.training.loop import LoopState, TrainingDiverged, TrainingInterrupted, train
 from vitkit.training.run import RunFolder
 
 __all__ = [
-    "FINETUNE_DEFAULTS",
-    "PRETRAIN_DEFAULTS",
     "Evaluation",
     "LoopState",
     "RunFolder",
@@ -18,5 +19,16 @@ __all__ = [
     "TrainingInterrupted",
     "evaluate",
     "predict",
+    "resolve_config",
     "train",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``FINETUNE_DEFAULTS`` and ``PRETRAIN_DEFAULTS`` of the previous version (deprecated:
+    the presets ``finetune`` and ``pretrain``)."""
+    if name in ("FINETUNE_DEFAULTS", "PRETRAIN_DEFAULTS"):
+        from vitkit.training import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
