@@ -27,7 +27,6 @@ from vitkit.data import load_dataset
 from vitkit.data.sources import open_splits
 from vitkit.models import VisionTransformer, create_model
 from vitkit.training import TrainConfig, TrainingDiverged, TrainingInterrupted, train
-from vitkit.training.config import read_toml
 from vitkit.training.optim import decayed_parameter_names, lr_factor
 
 # A few epochs on 256 images learn something only without the main job's random crops.
@@ -460,18 +459,6 @@ def test_torchrun_two_processes_match_one(tiny_data: Path, tmp_path: Path) -> No
     summaries = [json.loads((tmp_path / r / "summary.json").read_text()) for r in ("ddp", "single")]
     assert summaries[0]["processes"] == 2
     assert summaries[0]["confusion_matrix"] == summaries[1]["confusion_matrix"]
-
-
-def test_benchmark_recipes_are_valid_configs() -> None:
-    recipes = sorted((Path(__file__).parents[1] / "benchmarks" / "recipes").glob("*.toml"))
-    assert {p.stem for p in recipes} >= {"digits", "mnist", "cifar10"}
-    for path in recipes:
-        TrainConfig.from_dict(read_toml(path))
-    # The digits recipe spells out the main job: `vitkit train` with no options (whose model,
-    # unnamed, is chosen for the digits: vit_digits).
-    assert TrainConfig.from_dict(
-        read_toml(recipes[[p.stem for p in recipes].index("digits")])
-    ) == TrainConfig(model="vit_digits")
 
 
 def test_single_split_source_holds_out_a_test_set(

@@ -43,11 +43,13 @@ from vitkit.checkpoints import read_checkpoint
 from vitkit.data.sources import Batch, open_splits
 from vitkit.models import flops_per_image
 from vitkit.training import RunFolder, TrainConfig, train
+from vitkit.training.config import explicit_names, nest_flat_keys, read_config_file
 from vitkit.training.distributed import choose_device
 from vitkit.training.evaluate import autocast
 from vitkit.training.loop import Progress
 from vitkit.training.optim import build_optimizer
 from vitkit.training.tasks import build_task
+from vitkit.utils.config import merge_tables
 from vitkit.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -95,7 +97,7 @@ class ScalingExperiment:
             raise ValueError(f"--fractions must lie in (0, 1], got {list(self.fractions)}")
         if not self.models:
             raise ValueError("--models names no model: give one or more (see `vitkit models`)")
-        clashing = sorted(set(self.base) & set(EXPERIMENT_KEYS))
+        clashing = sorted(explicit_names(nest_flat_keys(self.base)[0]) & set(EXPERIMENT_KEYS))
         if clashing:
             raise ValueError(
                 f"the experiment sets {', '.join(clashing)} itself: remove them from the config"
@@ -106,13 +108,19 @@ class ScalingExperiment:
 
     def config(self, model: str, fraction: float) -> TrainConfig:
         """The run's config; under a budget its ``steps`` are still 0 (see the module doc)."""
-        values = dict(self.base, model=model, data=self.data, train_fraction=fraction,
-                      out=str(self.folder(model, fraction)))  # fmt: skip
-        if self.epochs is not None:
-            values["epochs"] = self.epochs
-        else:
-            values["max_minutes"] = self.budget_minutes
-        return TrainConfig.from_dict(values)
+        length = (
+            {"epochs": self.epochs}
+            if self.epochs is not None
+            else {"max_minutes": self.budget_minutes}
+        )
+        values = {
+            "model": {"name": model},
+            "data": {"source": self.data, "train_fraction": fraction},
+            "schedule": length,
+            "run": {"out": str(self.folder(model, fraction))},
+        }
+        base = nest_flat_keys(self.base)[0]
+        return TrainConfig.from_nested(merge_tables(TrainConfig, base, values))
 
 
 def run_scaling(
@@ -129,7 +137,9 @@ def run_scaling(
     rows: list[dict[str, Any]] = []
     for (model, fraction), cfg in configs.items():
         run = RunFolder(experiment.folder(model, fraction))
-        check_same_settings(run, cfg, ignore={"steps"} if experiment.budget_minutes else set())
+        check_same_settings(
+            run, cfg, ignore={"schedule.steps"} if experiment.budget_minutes else set()
+        )
         if run.summary.is_file():
             logger.info("%s is finished: reading its summary", run.path)
         else:
@@ -142,8 +152,8 @@ def run_scaling(
                         if model not in speeds:
                             speeds[model] = measure_train_speed(cfg)
                         seconds = 60 * experiment.budget_minutes
-                        steps = max(1, int(seconds * speeds[model] / cfg.batch_size))
-                        cfg = cfg.replace(steps=steps)
+                        steps = max(1, int(seconds * speeds[model] / cfg.optim.batch_size))
+                        cfg = cfg.replace(schedule={"steps": steps})
                     logger.info("training %s on %g of %s in %s", model, fraction,
                                 experiment.data, run.path)  # fmt: skip
                     train(cfg, progress=callback)
@@ -156,9 +166,10 @@ def check_same_settings(run: RunFolder, cfg: TrainConfig, ignore: set[str]) -> N
     """Refuse to reuse a run folder trained with other settings than the experiment's now."""
     if not run.holds_run():
         return
-    saved = json.loads(run.config.read_text())
-    wanted = json.loads(json.dumps(cfg.to_dict()))
-    differing = sorted(k for k in wanted.keys() - ignore - {"out"} if saved.get(k) != wanted[k])
+    saved = dotted(read_config_file(run.config, json.loads(run.config.read_text())))
+    wanted = dotted(json.loads(json.dumps(cfg.to_dict())))
+    ignored = {*ignore, "run.out"}
+    differing = sorted(k for k in wanted.keys() - ignored if saved.get(k) != wanted[k])
     if differing:
         shown = "; ".join(f"{k}: {saved.get(k)!r} there, {wanted[k]!r} now" for k in differing)
         raise ValueError(
@@ -167,39 +178,54 @@ def check_same_settings(run: RunFolder, cfg: TrainConfig, ignore: set[str]) -> N
         )
 
 
+def dotted(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config's values by dotted path (``optim.lr``)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def measure_train_speed(cfg: TrainConfig, steps: int = 3) -> float:
     """Training images per second of ``cfg`` (its task, model, batch, precision and data
     augmentation) over ``steps`` optimizer steps after an untimed one; single process."""
-    device = choose_device(cfg.device)
+    device = choose_device(cfg.run.device)
     task = build_task(cfg)
     source = open_splits(
-        cfg.data, cfg.val_fraction, cfg.seed, cfg.data_options, train_fraction=cfg.train_fraction
+        cfg.data.source,
+        cfg.data.val_fraction,
+        cfg.run.seed,
+        cfg.data_options,
+        train_fraction=cfg.data.train_fraction,
     ).train
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.run.seed)
     model = task.build_model(source.info).to(device)
     task.setup(model)
     net = task.trainable(model).train()
     optimizer = build_optimizer(net, cfg)
     batches = itertools.chain.from_iterable(
-        source.train_batches(cfg.micro_batch_size, seed=cfg.seed, epoch=epoch)
+        source.train_batches(cfg.optim.micro_batch_size, seed=cfg.run.seed, epoch=epoch)
         for epoch in itertools.count()
     )
     started = time.perf_counter()
     for step in range(steps + 1):
         if step == 1:
             started = time.perf_counter()
-        for _ in range(cfg.accum_steps):
+        for _ in range(cfg.optim.accum_steps):
             batch = next(batches)
             inputs, targets = task.prepare(Batch(batch.images.to(device), batch.labels), step)
-            with autocast(device, cfg.precision):
+            with autocast(device, cfg.run.precision):
                 result = task.step(net, inputs, targets)
-            (result.loss / cfg.accum_steps).backward()
+            (result.loss / cfg.optim.accum_steps).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    speed = steps * cfg.batch_size / (time.perf_counter() - started)
-    logger.info("%s trains at %.0f images/s here", cfg.model, speed)
+    speed = steps * cfg.optim.batch_size / (time.perf_counter() - started)
+    logger.info("%s trains at %.0f images/s here", cfg.model.name, speed)
     return speed
 
 

@@ -3,8 +3,10 @@ resume and DDP."""
 
 from typing import Any
 
-from vitkit.training import mpp_task  # noqa: F401  (registers the "mpp" task)
-from vitkit.training import recipes  # noqa: F401  (registers the "bit" preset's resolver)
+from vitkit.training import (
+    mpp_task,  # noqa: F401  (registers the "mpp" task)
+    recipes,  # noqa: F401  (registers the "bit" preset's resolver)
+)
 from vitkit.training.config import TrainConfig, resolve_config
 from vitkit.training.evaluate import Evaluation, evaluate, predict
 from vitkit.training.loop import LoopState, TrainingDiverged, TrainingInterrupted, train

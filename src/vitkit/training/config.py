@@ -46,15 +46,15 @@ from vitkit.utils.config import ConfigMixin, checked_values, choice_problems, me
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "bf16"]
-Device = Literal["auto", "cpu", "cuda"]
-# The choices of the options other commands share with training (``vitkit eval``'s).
-PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
-DEVICES: tuple[str, ...] = typing.get_args(Device)
 
-
-def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
-           flat: str | None = None, factory: Callable[[], Any] | None = None) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    flat: str | None = None,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
     """A config field with its help text and, where it differs from the field's name, its flag
     (without ``--``) and its flat key of the previous version (default: the flag's)."""
     metadata: dict[str, Any] = {"help": help}
@@ -62,8 +62,6 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | No
         metadata["flag"] = flag
     if flat is not None:
         metadata["flat"] = flat
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -112,9 +110,10 @@ class PluggableSection(Section):
                 f"unknown keys {[prefix + k for k in unknown]}; known keys are "
                 f"{cls.own_fields()} and a table for each of {sorted(registry)}"
             )
-        tables = {k: registry[k].from_table(v, f"{prefix}{k}.") for k, v in values.items()
-                  if k not in own}
-        return cls(**checked_values(cls, own, prefix), tables=tables)
+        tables = {
+            k: registry[k].from_table(v, f"{prefix}{k}.") for k, v in values.items() if k not in own
+        }
+        return cls(**checked_values(cls, own, prefix), tables=tables)  # type: ignore[call-arg]
 
     @classmethod
     def merge_table(cls, values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -140,18 +139,27 @@ class PluggableSection(Section):
         return registry[name]()
 
     def with_active_tables(self, names: Collection[str]) -> None:
-        """Fill in the default options of the active plugins, so ``config.json`` shows them."""
+        """Keep the tables of the active plugins ``names`` (their defaults filled in, so that
+        ``config.json`` shows them) and of the others only where they differ from their
+        defaults."""
+        registry = self.registry()
+        self.tables = {
+            name: options
+            for name, options in self.tables.items()
+            if name in names or options != registry[name]()
+        }
         for name in names:
-            if name in self.registry() and name not in self.tables:
-                self.tables[name] = self.registry()[name]()
+            if name in registry and name not in self.tables:
+                self.tables[name] = registry[name]()
 
 
 TASK_OPTIONS: dict[str, type[ConfigMixin]] = {}
 EVALUATOR_OPTIONS: dict[str, type[ConfigMixin]] = {}
 
 
-def _register(registry: dict[str, type[ConfigMixin]], kind: str, name: str,
-              options: type[ConfigMixin]) -> None:
+def _register(
+    registry: dict[str, type[ConfigMixin]], kind: str, name: str, options: type[ConfigMixin]
+) -> None:
     if registry.get(name, options) is not options:
         raise ValueError(f"{kind} {name!r} registers two different options classes")
     registry[name] = options
@@ -218,8 +226,9 @@ class ModelConfig(Section):
         problems = []
         if self.init_from is None:
             if self.name is not None and self.name not in list_models():
-                problems.append(f"model {self.name!r} is not registered: choose one of "
-                                "`vitkit models`")
+                problems.append(
+                    f"model {self.name!r} is not registered: choose one of `vitkit models`"
+                )
         elif not Path(self.init_from).exists():
             problems.append(f"init_from {self.init_from} does not exist")
         if self.img_size is not None and self.img_size <= 0:
@@ -275,8 +284,10 @@ class DataConfig(Section):
             message
             for ok, message in (
                 (self.num_workers is None or self.num_workers >= 0, "num_workers must be >= 0"),
-                (0.0 <= self.max_unreadable_fraction <= 1.0,
-                 "max_unreadable_fraction must be in [0, 1]"),
+                (
+                    0.0 <= self.max_unreadable_fraction <= 1.0,
+                    "max_unreadable_fraction must be in [0, 1]",
+                ),
                 (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
                 (0.0 < self.train_fraction <= 1.0, "train_fraction must be in (0, 1]"),
             )
@@ -332,8 +343,9 @@ class OptimConfig(Section):
         if self.accum_steps < 1:
             problems.append("accum_steps must be at least 1")
         elif self.batch_size % self.accum_steps:
-            problems.append(f"batch_size {self.batch_size} must be divisible by accum_steps "
-                            f"{self.accum_steps}")
+            problems.append(
+                f"batch_size {self.batch_size} must be divisible by accum_steps {self.accum_steps}"
+            )
         return problems
 
 
@@ -364,10 +376,12 @@ class ScheduleConfig(Section):
     warmup_steps: int | None = option(
         None, "the warm-up in optimizer steps, overriding warmup_epochs"
     )
-    lr_drops: list[int] = option(
-        help="schedule 'bit': the optimizer steps from which the learning rate is divided by 10 "
-        "once more (BiT-HyperRule: 3 drops)",
-        factory=list,
+    lr_drops: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "schedule 'bit': the optimizer steps from which the learning rate "
+            "is divided by 10 once more (BiT-HyperRule: 3 drops)"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -404,11 +418,14 @@ class EvaluatorsConfig(PluggableSection):
     """``[evaluators]``: what the run measures while it trains, and which of it picks the
     best checkpoint."""
 
-    names: list[str] = option(
-        help="evaluators to run during training ('val': the task's metrics on the validation "
-        "split, when there is one; 'fewshot': few-shot linear accuracy of the frozen features)",
-        flag="evaluators",
-        factory=lambda: ["val"],
+    names: list[str] = field(
+        default_factory=lambda: ["val"],
+        metadata={
+            "help": "evaluators to run during training ('val': the task's metrics on the "
+            "validation split, when there is one; 'fewshot': few-shot linear accuracy of "
+            "the frozen features)",
+            "flag": "evaluators",
+        },
     )
     best: str = option(
         "val",
@@ -419,9 +436,7 @@ class EvaluatorsConfig(PluggableSection):
     every: int = option(
         0, "optimizer steps between evaluations; 0 = at the end of every epoch", flag="eval-every"
     )
-    batch_size: int = option(
-        512, "batch size per process for evaluation", flag="eval-batch-size"
-    )
+    batch_size: int = option(512, "batch size per process for evaluation", flag="eval-batch-size")
     tables: dict[str, Any] = field(default_factory=dict, metadata={"flag": None})
 
     @classmethod
@@ -446,10 +461,10 @@ class RunConfig(Section):
     """``[run]``: how the run executes, what it does on trouble, and where it writes."""
 
     seed: int = option(0, "seeds the initialisation, data order, augmentation and dropout")
-    precision: Precision = option(
+    precision: Literal["fp32", "bf16"] = option(
         "fp32", "'bf16' runs forward and backward under bfloat16 autocast"
     )
-    device: Device = option("auto", "'auto' takes a GPU if there is one")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "'auto' takes a GPU if there is one")
     parallel: Literal["ddp", "fsdp"] = option(
         "ddp",
         "under torchrun: 'ddp' (every process holds the whole model) or 'fsdp' (FSDP2: "
@@ -514,8 +529,9 @@ class TrainConfig(ConfigMixin):
     augment: AugmentConfig = field(default_factory=_train_augment)
     evaluators: EvaluatorsConfig = field(default_factory=EvaluatorsConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    presets: list[str] = option(
-        help="named presets applied before the config files (see `resolve_config`)", factory=list
+    presets: list[str] = field(
+        default_factory=list,
+        metadata={"help": "named presets applied before the config files (`resolve_config`)"},
     )
 
     config_name: ClassVar[str] = "training config"
@@ -529,8 +545,9 @@ class TrainConfig(ConfigMixin):
     @property
     def data_options(self) -> DataOptions:
         data = self.data
-        return DataOptions(data.in_memory, data.num_workers, self.augment,
-                           data.max_unreadable_fraction)
+        return DataOptions(
+            data.in_memory, data.num_workers, self.augment, data.max_unreadable_fraction
+        )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Self:
@@ -564,8 +581,11 @@ class TrainConfig(ConfigMixin):
             warnings.warn(deprecation_note([name], "attribute"), DeprecationWarning, stacklevel=2)
             value: Any = self
             for part in path:
-                value = value.options(part) if isinstance(value, PluggableSection) and part in (
-                    value.registry()) else getattr(value, part)
+                value = (
+                    value.options(part)
+                    if isinstance(value, PluggableSection) and part in (value.registry())
+                    else getattr(value, part)
+                )
             return value
 
 
@@ -650,11 +670,13 @@ def _merge_into(values: dict[str, Any], path: tuple[str, ...], value: Any) -> No
 
 
 def deprecation_note(flat: Collection[str], where: str) -> str:
+    """One line: ``where`` used flat keys, and where the first few of them moved."""
     mapping = flat_keys()
-    moved = ", ".join(f"{key} -> {'.'.join(mapping[key])}" for key in flat)
+    shown = [f"{key} -> {'.'.join(mapping[key])}" for key in list(flat)[:4]]
+    more = f" and {len(flat) - len(shown)} more" if len(flat) > len(shown) else ""
     return (
-        f"{where}: flat training config keys are deprecated, use their sections ({moved}); "
-        "see docs/configuration.md"
+        f"{where}: flat training config keys are deprecated, write them in their sections "
+        f"({', '.join(shown)}{more}; see docs/configuration.md)"
     )
 
 
@@ -680,8 +702,7 @@ def read_config_file(path: str | Path, values: Mapping[str, Any] | None = None) 
 def preset_names() -> list[str]:
     """The presets shipped in ``vitkit/training/presets``."""
     files = resources.files("vitkit.training") / "presets"
-    return sorted(p.name.removesuffix(".toml") for p in files.iterdir()
-                  if p.name.endswith(".toml"))
+    return sorted(p.name.removesuffix(".toml") for p in files.iterdir() if p.name.endswith(".toml"))
 
 
 def read_preset(name: str) -> dict[str, Any]:
@@ -731,13 +752,13 @@ def resolve_config(
     names = [*presets]
     for values in [*file_values, flag_values]:
         names += [p for p in values.pop("presets", []) if p not in names]
-    values: dict[str, Any] = {"presets": names}
+    layered: dict[str, Any] = {"presets": names}
     for name in names:
-        values = merge_tables(TrainConfig, values, read_preset(name))
+        layered = merge_tables(TrainConfig, layered, read_preset(name))
     explicit: dict[str, Any] = {}
     for given in [*file_values, flag_values]:
         explicit = merge_tables(TrainConfig, explicit, given)
-    cfg = TrainConfig.from_nested(merge_tables(TrainConfig, values, explicit))
+    cfg = TrainConfig.from_nested(merge_tables(TrainConfig, layered, explicit))
     if files and "source" not in explicit.get("data", {}):
         # The default data (the shipped digits) is for the bare `vitkit train`: a recipe is
         # written for a dataset, and training it on another one would go unnoticed.
@@ -765,6 +786,14 @@ def __getattr__(name: str) -> Any:
     preset = {"FINETUNE_DEFAULTS": "finetune", "PRETRAIN_DEFAULTS": "pretrain"}.get(name)
     if preset is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    warnings.warn(f"{name} is deprecated: use the preset {preset!r} (resolve_config(presets="
-                  f"[{preset!r}]))", DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        f"{name} is deprecated: use the preset {preset!r} (resolve_config(presets=[{preset!r}]))",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return _flat_preset(preset)
+
+
+# The choices of the options other commands share with training (``vitkit eval``'s).
+PRECISIONS: tuple[str, ...] = typing.get_args(typing.get_type_hints(RunConfig)["precision"])
+DEVICES: tuple[str, ...] = typing.get_args(typing.get_type_hints(RunConfig)["device"])

@@ -143,9 +143,11 @@ class FewShotOptions(ConfigMixin):
 
     data: str | None = field(
         default=None,
-        metadata={"help": "labelled data of the 'fewshot' evaluator (its train split is "
-                  "fitted on, its test split scored); default: the run's own data, when it has "
-                  "labels"},
+        metadata={
+            "help": "labelled data of the 'fewshot' evaluator (its train split is "
+            "fitted on, its test split scored); default: the run's own data, when it has "
+            "labels"
+        },
     )
     shots: list[int] = field(
         default_factory=lambda: [10, 25],

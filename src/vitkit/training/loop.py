@@ -207,7 +207,11 @@ def _train(
 ) -> dict[str, Any]:
     # ---- data, model, task and evaluators, checked before anything is trained or written
     splits = open_splits(
-        cfg.data.source, cfg.data.val_fraction, cfg.run.seed, cfg.data_options, train_fraction=cfg.data.train_fraction
+        cfg.data.source,
+        cfg.data.val_fraction,
+        cfg.run.seed,
+        cfg.data_options,
+        train_fraction=cfg.data.train_fraction,
     )
     if cfg.model.name is None and cfg.model.init_from is None:
         cfg = with_chosen_model(cfg, splits, process)
@@ -310,7 +314,9 @@ class Session:
         net = parallel.wrap(trainable, cfg, process)
         optimizer = build_optimizer(trainable, cfg)
         warmup_steps = warmup_length(cfg, steps_per_epoch, total_steps)
-        scheduler = build_schedule(optimizer, warmup_steps, total_steps, cfg.schedule.name, cfg.schedule.lr_drops)
+        scheduler = build_schedule(
+            optimizer, warmup_steps, total_steps, cfg.schedule.name, cfg.schedule.lr_drops
+        )
         session = cls(
             cfg,
             process,
@@ -392,7 +398,11 @@ class Session:
                 eval_due = (
                     stop
                     or state.step == self.total_steps
-                    or (state.step % cfg.evaluators.every == 0 if cfg.evaluators.every else epoch_done)
+                    or (
+                        state.step % cfg.evaluators.every == 0
+                        if cfg.evaluators.every
+                        else epoch_done
+                    )
                 )
                 checkpoint_due = (
                     eval_due or epoch_done
@@ -536,7 +546,9 @@ class Session:
         if not self.cfg.schedule.max_minutes:
             return False
         spent = self.spent_seconds(this_segment)
-        return bool(distributed.broadcast_object(spent >= 60 * self.cfg.schedule.max_minutes, self.process))
+        return bool(
+            distributed.broadcast_object(spent >= 60 * self.cfg.schedule.max_minutes, self.process)
+        )
 
     def fit_to_budget(self) -> bool:
         """With ``max_minutes``, after each step: refit the schedule to the steps that fit in

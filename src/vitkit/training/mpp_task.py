@@ -43,8 +43,10 @@ class MPPOptions(ConfigMixin):
 
     target: MPPTarget = field(
         default="mean_colour",
-        metadata={"help": "what a corrupted patch predicts: its 3-bit mean colour, its 4x4 "
-                  "downsized 3-bit colours, or its normalised pixels (L2)"},
+        metadata={
+            "help": "what a corrupted patch predicts: its 3-bit mean colour, its 4x4 "
+            "downsized 3-bit colours, or its normalised pixels (L2)"
+        },
     )
     rate: float = field(
         default=0.5,

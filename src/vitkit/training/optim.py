@@ -33,7 +33,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     decayed = decayed_parameter_names(model)
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     groups = [
-        {"params": [p for name, p in params if name in decayed], "weight_decay": cfg.optim.weight_decay},
+        {
+            "params": [p for name, p in params if name in decayed],
+            "weight_decay": cfg.optim.weight_decay,
+        },
         {"params": [p for name, p in params if name not in decayed], "weight_decay": 0.0},
     ]
     if cfg.optim.name == "adam":

@@ -48,7 +48,6 @@ MEDIUM_DATASET = 500_000
 SMALL_IMAGE_AREA = 96 * 96
 
 
-
 @dataclass(frozen=True)
 class HyperRule:
     """BiT-HyperRule's data-dependent settings (steps at batch 512)."""
@@ -91,7 +90,10 @@ def bit_config(cfg: TrainConfig, keep: Collection[str] = ()) -> TrainConfig:
     to it."""
     data = cfg.data
     train = open_splits(
-        data.source, data.val_fraction, cfg.run.seed, cfg.data_options,
+        data.source,
+        data.val_fraction,
+        cfg.run.seed,
+        cfg.data_options,
         train_fraction=data.train_fraction,
     ).train
     image_size = tuple(next(train.eval_batches(1)).images.shape[-2:])

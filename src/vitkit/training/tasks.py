@@ -25,9 +25,9 @@ from vitkit.models import create_model, model_config
 from vitkit.models.preprocessing import RECORD_KEY, EvalPreprocessing
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.training.config import TrainConfig, register_task_options
-from vitkit.utils.config import ConfigMixin
 from vitkit.training.distributed import Process
 from vitkit.training.evaluate import evaluate
+from vitkit.utils.config import ConfigMixin
 
 
 @dataclass

@@ -160,8 +160,10 @@ def choice_problems(config: Any) -> list[str]:
     for f in dataclasses.fields(config):
         choices = literal_choices(hints[f.name])
         value = getattr(config, f.name)
-        if choices is not None and value not in choices and not (
-            value is None and fits(None, hints[f.name])
+        if (
+            choices is not None
+            and value not in choices
+            and not (value is None and fits(None, hints[f.name]))
         ):
             problems.append(f"{f.name} must be one of {choices}, not {value!r}")
     return problems
