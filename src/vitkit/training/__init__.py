@@ -7,7 +7,12 @@ from vitkit.training import (
     mpp_task,  # noqa: F401  (registers the "mpp" task)
     recipes,  # noqa: F401  (registers the "bit" preset's resolver)
 )
-from vitkit.training.config import TrainConfig, resolve_config
+from vitkit.training.config import (
+    DEPRECATED_PRESETS,
+    TrainConfig,
+    deprecated_preset,
+    resolve_config,
+)
 from vitkit.training.evaluate import Evaluation, evaluate, predict
 from vitkit.training.loop import LoopState, TrainingDiverged, TrainingInterrupted, train
 from vitkit.training.run import RunFolder
@@ -29,8 +34,6 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     """``FINETUNE_DEFAULTS`` and ``PRETRAIN_DEFAULTS`` of the previous version (deprecated:
     the presets ``finetune`` and ``pretrain``)."""
-    if name in ("FINETUNE_DEFAULTS", "PRETRAIN_DEFAULTS"):
-        from vitkit.training import config
-
-        return getattr(config, name)
+    if name in DEPRECATED_PRESETS:
+        return deprecated_preset(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -780,18 +780,25 @@ def _flat_preset(name: str) -> dict[str, Any]:
     return flat
 
 
-def __getattr__(name: str) -> Any:
-    """``FINETUNE_DEFAULTS`` and ``PRETRAIN_DEFAULTS`` of the previous version: the presets
-    ``finetune`` and ``pretrain`` as flat dicts (deprecated)."""
-    preset = {"FINETUNE_DEFAULTS": "finetune", "PRETRAIN_DEFAULTS": "pretrain"}.get(name)
-    if preset is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+DEPRECATED_PRESETS = {"FINETUNE_DEFAULTS": "finetune", "PRETRAIN_DEFAULTS": "pretrain"}
+
+
+def deprecated_preset(name: str) -> dict[str, Any]:
+    """``FINETUNE_DEFAULTS`` or ``PRETRAIN_DEFAULTS`` of the previous version: the preset as a
+    flat dict, with a ``DeprecationWarning`` on the caller's caller (the module attribute)."""
+    preset = DEPRECATED_PRESETS[name]
     warnings.warn(
-        f"{name} is deprecated: use the preset {preset!r} (resolve_config(presets=[{preset!r}]))",
+        f"{name} is deprecated: use the preset {preset!r} (resolve_config([{preset!r}]))",
         DeprecationWarning,
-        stacklevel=2,
+        stacklevel=3,
     )
     return _flat_preset(preset)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in DEPRECATED_PRESETS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return deprecated_preset(name)
 
 
 # The choices of the options other commands share with training (``vitkit eval``'s).
