@@ -149,7 +149,7 @@ def test_run_folder_holds_what_a_person_reads(trained_run: Path) -> None:
     assert summary["images_per_second"] > 0
     val = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["split"] == "val" for r in val) == 12
-    assert json.loads((trained_run / "config.json").read_text())["epochs"] == 12
+    assert json.loads((trained_run / "config.json").read_text())["schedule"]["epochs"] == 12
     with Image.open(trained_run / "curves.png") as png:
         assert png.size[0] > 100
     # Both checkpoints load with the ordinary loader; best is the best validation epoch.
@@ -318,7 +318,8 @@ def test_finetune_at_a_higher_resolution_with_new_classes(
     assert model.cfg.img_size == (16, 16) and model.cfg.num_classes == 5
     assert model.pos_embed.weight.shape[1] == 1 + 8 * 8
     cfg = json.loads((tmp_path / "ft/config.json").read_text())
-    assert cfg["optimizer"] == "sgd" and cfg["grad_clip"] == 1.0 and cfg["weight_decay"] == 0
+    optim = cfg["optim"]
+    assert optim["name"] == "sgd" and optim["grad_clip"] == 1.0 and optim["weight_decay"] == 0
     # The encoder started from the checkpoint: its first block moved only a little.
     start = load_pretrained(trained_run / "best.safetensors")
     moved = (model.blocks[0].attn.qkv.weight - start.blocks[0].attn.qkv.weight).norm()

@@ -23,7 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vitkit.cli import is_main_rank
 from vitkit.training import TrainConfig, TrainingDiverged, TrainingInterrupted, train
-from vitkit.training.config import SECTIONS, read_preset, resolve_config, settings
+from vitkit.training.config import SECTIONS, flat_keys, read_preset, resolve_config, settings
 from vitkit.training.loop import RESUME_OPTIONS, Progress
 from vitkit.utils.config import merge_tables
 
@@ -197,12 +197,10 @@ def run_train(args: argparse.Namespace) -> int:
     given = flag_values(args)
     resume_options = {k: v for k, v in given.get("run", {}).items() if k in RESUME_OPTIONS}
     if resume is not None:
-        flags = {".".join(path): "--" + flag for path, _, flag in settings()}
-        others = sorted(
-            [flags[dest] for dest in vars(args) if dest in flags]
-            + (["--config"] if args.config else [])
-        )
-        others = [o for o in others if o[2:].replace("-", "_") not in RESUME_OPTIONS]
+        flat = {path: key for key, path in flat_keys().items()}
+        names = {".".join(path): flat.get(path, path[-1]) for path, _, _ in settings()}
+        named = [names[dest] for dest in vars(args) if dest in names]
+        others = sorted({*named, *(["config"] if args.config else [])} - set(RESUME_OPTIONS))
         if others:
             raise ValueError(
                 "--resume continues a run with the settings of its config.json; drop the "

@@ -561,6 +561,13 @@ class TrainConfig(ConfigMixin):
     @classmethod
     def from_nested(cls, values: dict[str, Any]) -> Self:
         """``from_dict`` for values in the nested form only."""
+        unknown = unknown_keys(values)
+        if unknown:
+            raise ValueError(
+                f"unknown training config keys {unknown}; the sections are {list(SECTIONS)} "
+                "(their keys: docs/configuration.md, `vitkit train --help` or any run's "
+                "config.json)"
+            )
         merged = merge_tables(cls, cls().to_dict(), values)
         return cls(**checked_values(cls, merged, ""))
 
@@ -609,6 +616,24 @@ def _init(self: TrainConfig, **values: Any) -> None:
 
 
 setattr(TrainConfig, "__init__", _init)  # noqa: B010  (mypy keeps the dataclass signature)
+
+
+def unknown_keys(values: Mapping[str, Any]) -> list[str]:
+    """The keys of nested ``values`` that name no setting, by dotted path (all of them, where
+    building the config would stop at the first table)."""
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = []
+    for key, value in values.items():
+        if key not in SECTIONS:
+            unknown += [] if key == "presets" else [key]
+            continue
+        section = hints[key]
+        known = {f.name for f in dataclasses.fields(section) if f.name != "tables"}
+        if issubclass(section, PluggableSection):
+            known |= set(section.registry())
+        if isinstance(value, Mapping):
+            unknown += [f"{key}.{name}" for name in value if name not in known]
+    return unknown
 
 
 def _section_fields() -> Iterator[tuple[tuple[str, ...], dataclasses.Field, str]]:

@@ -157,6 +157,7 @@ class FewShotOptions(ConfigMixin):
         default=3, metadata={"help": "draws of the few-shot images (seeds 0..N-1), averaged"}
     )
 
+    config_name = "[evaluators.fewshot] options"
     check_types = True
 
     def __post_init__(self) -> None:

@@ -53,6 +53,7 @@ class MPPOptions(ConfigMixin):
         metadata={"help": "fraction of the patches corrupted (the paper: 0.5; also 0.15)"},
     )
 
+    config_name = "[task.mpp] options"
     check_types = True
 
     def __post_init__(self) -> None:
