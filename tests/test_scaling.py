@@ -85,14 +85,21 @@ def test_bit_config_on_digits_scales_lr_with_the_batch_and_keeps_explicit_settin
     base = TrainConfig(batch_size=128)
     cfg = bit_config(base)
     # 1,438 training digits of 8x8: the small-data rule; lr 0.003 at batch 512, linearly.
-    assert (cfg.schedule, cfg.steps, cfg.warmup_steps) == ("bit", 500, 100)
-    assert cfg.lr_drops == [200, 300, 400]
-    assert cfg.lr == pytest.approx(0.003 * 128 / 512)
+    schedule = cfg.schedule
+    assert (schedule.name, schedule.steps, schedule.warmup_steps) == ("bit", 500, 100)
+    assert schedule.lr_drops == [200, 300, 400]
+    assert cfg.optim.lr == pytest.approx(0.003 * 128 / 512)
     assert cfg.augment.mixup == 0.0 and cfg.augment.hflip
     assert cfg.augment.crop_scale == pytest.approx((0.64, 0.64))  # (128 / 160)^2
-    kept = bit_config(base.replace(lr=0.5, steps=50), keep={"lr", "steps"})
+    kept = bit_config(base.replace(optim={"lr": 0.5}, schedule={"steps": 50}), keep={"lr", "steps"})
     # The recipe's shape at an explicit length: everything scaled by 50 / 500.
-    assert (kept.lr, kept.steps, kept.warmup_steps, kept.lr_drops) == (0.5, 50, 10, [20, 30, 40])
+    schedule = kept.schedule
+    assert (kept.optim.lr, schedule.steps, schedule.warmup_steps, schedule.lr_drops) == (
+        0.5,
+        50,
+        10,
+        [20, 30, 40],
+    )
 
 
 def test_finetune_recipe_bit_trains_with_the_resolved_rule(tmp_path: Path) -> None:
@@ -102,12 +109,13 @@ def test_finetune_recipe_bit_trains_with_the_resolved_rule(tmp_path: Path) -> No
                  "--batch-size", "64", "--steps", "5", "--log-every", "1", "--out", str(out)])  # fmt: skip
     assert code == 0
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["optimizer"], cfg["momentum"], cfg["weight_decay"], cfg["grad_clip"]) == (
+    optim, schedule = cfg["optim"], cfg["schedule"]
+    assert (optim["name"], optim["momentum"], optim["weight_decay"], optim["grad_clip"]) == (
         "sgd", 0.9, 0.0, 0.0,
     )  # fmt: skip
-    assert (cfg["schedule"], cfg["steps"], cfg["warmup_steps"], cfg["lr_drops"]) == (
-        "bit", 5, 1, [2, 3, 4],
-    )  # fmt: skip
+    assert (schedule["name"], schedule["steps"], schedule["warmup_steps"]) == ("bit", 5, 1)
+    assert schedule["lr_drops"] == [2, 3, 4]
+    assert cfg["presets"] == ["finetune", "bit"]
     lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()
            if json.loads(line)["split"] == "train"]  # fmt: skip
     peak = 0.003 * 64 / 512
@@ -166,7 +174,7 @@ def test_scaling_experiment_killed_then_rerun(
 
     def killed_in_the_second_run(cfg: TrainConfig | None = None, resume: Any = None,
                                  progress: Any = None) -> dict[str, Any]:  # fmt: skip
-        calls.append((cfg.model if cfg else None, resume))
+        calls.append((cfg.model.name if cfg else None, resume))
 
         def kill(step: int, total: int, record: Any) -> None:
             if len(calls) == 2 and step == 3:
@@ -183,7 +191,7 @@ def test_scaling_experiment_killed_then_rerun(
 
     calls.clear()
     monkeypatch.setattr(scaling, "train", lambda cfg=None, resume=None, progress=None: (
-        calls.append((cfg.model if cfg else None, resume)), train(cfg, resume, progress))[1])  # fmt: skip
+        calls.append((cfg.model.name if cfg else None, resume)), train(cfg, resume, progress))[1])  # fmt: skip
     argv = ["experiment", "scaling", "--data", "digits", "--fractions", "0.1", "0.2", "--models",
             "vit_digits", "resnetv2_digits", "--epochs", "1", "--config",
             str(tmp_path / "quick.toml"), "--out", str(out)]  # fmt: skip
@@ -231,7 +239,7 @@ def test_scaling_under_a_time_budget_sizes_the_schedule_and_reruns_nothing(
     monkeypatch.setattr(scaling, "measure_train_speed", lambda cfg: 32 * 2.5 / 0.3)  # 2.5 steps
     (row,) = run_scaling(experiment())
     cfg = json.loads((tmp_path / "runs/vit_digits-f0.1/config.json").read_text())
-    assert (cfg["max_minutes"], cfg["steps"]) == (0.005, 2)
+    assert (cfg["schedule"]["max_minutes"], cfg["schedule"]["steps"]) == (0.005, 2)
     assert 1 <= row["steps"] <= 2
     monkeypatch.setattr(scaling, "measure_train_speed", lambda cfg: 1e9)  # a rerun: no new steps
     monkeypatch.setattr(scaling, "train", lambda *a, **k: pytest.fail("a finished run retrained"))

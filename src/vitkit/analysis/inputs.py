@@ -34,6 +34,12 @@ class RunFiles:
     summary: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
+    def setting(self, section: str, key: str) -> Any:
+        """A setting of the run's config.json: ``[section] key`` of the nested config, or the
+        flat key named like the section in earlier versions' (``model``, ``data``)."""
+        value = self.config.get(section)
+        return value.get(key) if isinstance(value, dict) else value
+
 
 @dataclass
 class Samples:

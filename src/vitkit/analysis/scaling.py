@@ -43,7 +43,7 @@ from vitkit.checkpoints import read_checkpoint
 from vitkit.data.sources import Batch, open_splits
 from vitkit.models import flops_per_image
 from vitkit.training import RunFolder, TrainConfig, train
-from vitkit.training.config import explicit_names, nest_flat_keys, read_config_file
+from vitkit.training.config import explicit_names, nest_flat_keys, read_run_config
 from vitkit.training.distributed import choose_device
 from vitkit.training.evaluate import autocast
 from vitkit.training.loop import Progress
@@ -166,7 +166,7 @@ def check_same_settings(run: RunFolder, cfg: TrainConfig, ignore: set[str]) -> N
     """Refuse to reuse a run folder trained with other settings than the experiment's now."""
     if not run.holds_run():
         return
-    saved = dotted(read_config_file(run.config, json.loads(run.config.read_text())))
+    saved = dotted(read_run_config(run.config).to_dict())
     wanted = dotted(json.loads(json.dumps(cfg.to_dict())))
     ignored = {*ignore, "run.out"}
     differing = sorted(k for k in wanted.keys() - ignored if saved.get(k) != wanted[k])
@@ -232,7 +232,7 @@ def measure_train_speed(cfg: TrainConfig, steps: int = 3) -> float:
 def result_row(run: RunFolder, fraction: float) -> dict[str, Any]:
     """One row of the table from a finished run folder."""
     summary = json.loads(run.summary.read_text())
-    cfg = json.loads(run.config.read_text())
+    batch_size = read_run_config(run.config).optim.batch_size
     flops = flops_per_image(read_checkpoint(run.best).config)
     return dict(
         model=summary["model"],
@@ -242,7 +242,7 @@ def result_row(run: RunFolder, fraction: float) -> dict[str, Any]:
         gflops_per_image=flops / 1e9,
         train_images_per_s=summary["images_per_second"],
         steps=summary["steps"],
-        train_flops=3 * flops * summary["steps"] * cfg["batch_size"],
+        train_flops=3 * flops * summary["steps"] * batch_size,
         minutes=summary["train_seconds"] / 60,
         test_accuracy=summary["test_accuracy"],
     )

@@ -8,6 +8,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vitkit.analysis.inputs import locate_checkpoint
 from vitkit.checkpoints import load_pretrained
@@ -27,7 +28,7 @@ from vitkit.data.streaming import StreamingFolderSource
 from vitkit.deploy import OnnxClassifier, is_deployed, load_deployed
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.training import Evaluation, evaluate
-from vitkit.training.config import DEVICES, PRECISIONS, TrainConfig, read_config_file
+from vitkit.training.config import DEVICES, PRECISIONS, read_config_file
 from vitkit.training.distributed import choose_device
 from vitkit.training.evaluate import class_names
 from vitkit.utils.files import atomic_write
@@ -112,23 +113,22 @@ class RunSplits:
     seed: int  # the run's: which images it held out
 
 
-def run_config(run_folder: Path | None) -> TrainConfig | None:
-    """The training config of a run folder (None for none, or a run without config.json);
-    a config.json of an earlier version (flat keys) is read too."""
+def run_config(run_folder: Path | None) -> dict[str, Any]:
+    """The training config of a run folder, nested (the flat keys of earlier versions mapped);
+    {} for none, or a run without config.json."""
     if run_folder is not None and RunLayout(run_folder).config.is_file():
         path = RunLayout(run_folder).config
-        return TrainConfig.from_nested(read_config_file(path, json.loads(path.read_text())))
-    return None
+        return read_config_file(path, json.loads(path.read_text()))
+    return {}
 
 
 def run_data_options(run_folder: Path | None) -> DataOptions:
     """How the run read its data (in memory or streamed, loader workers); defaults without."""
-    config = run_config(run_folder)
-    if config is None:
-        return DataOptions("auto", None, max_unreadable_fraction=MAX_UNREADABLE_FRACTION)
-    data = config.data
+    data = run_config(run_folder).get("data", {})
     return DataOptions(
-        data.in_memory, data.num_workers, max_unreadable_fraction=data.max_unreadable_fraction
+        data.get("in_memory", "auto"),
+        data.get("num_workers"),
+        max_unreadable_fraction=data.get("max_unreadable_fraction", MAX_UNREADABLE_FRACTION),
     )
 
 
@@ -137,11 +137,12 @@ def run_splits(data: str, run_folder: Path | None) -> RunSplits | None:
     on (``open_splits`` with its seed and validation fraction: a single-split source gives
     the very images the run held out as its test split); None otherwise."""
     config = run_config(run_folder)
-    if config is None or config.data.source != data:
+    if config.get("data", {}).get("source") != data:
         return None
-    seed = config.run.seed
+    seed = int(config.get("run", {}).get("seed", 0))
     options = run_data_options(run_folder)
-    return RunSplits(open_splits(data, config.data.val_fraction, seed, options), seed)
+    val_fraction = config["data"].get("val_fraction", 0.0)
+    return RunSplits(open_splits(data, val_fraction, seed, options), seed)
 
 
 def evaluation_data(data: str, split: str, run_folder: Path | None) -> tuple[DataSource, str]:

@@ -28,6 +28,7 @@ lr=...)``, ``cfg.lr``) still work: each maps to its section through the flag nam
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import tomllib
 import typing
@@ -722,6 +723,16 @@ def read_config_file(path: str | Path, values: Mapping[str, Any] | None = None) 
     if flat:
         logger.warning(deprecation_note(flat, str(path)))
     return nested
+
+
+def read_run_config(path: str | Path) -> TrainConfig:
+    """The ``TrainConfig`` a run folder's ``config.json`` at ``path`` holds, nested or (written
+    by an earlier version) flat."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    return TrainConfig.from_nested(read_config_file(path, values))
 
 
 def preset_names() -> list[str]:

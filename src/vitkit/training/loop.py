@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import math
 import time
@@ -34,7 +33,7 @@ from vitkit.data.sources import Batch, DataSource, Splits, open_splits
 from vitkit.models.preprocessing import EvalPreprocessing
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.training import distributed, parallel
-from vitkit.training.config import TrainConfig, read_config_file
+from vitkit.training.config import TrainConfig, read_run_config
 from vitkit.training.distributed import Process
 from vitkit.training.evaluate import autocast
 from vitkit.training.evaluators import EvalContext, Evaluator, build_evaluators
@@ -191,11 +190,7 @@ def resumable_config(folder: Path) -> TrainConfig:
             "last.safetensors from a copy, or start a new run (`vitkit finetune --from "
             f"{run.best}` continues from the best model)"
         )
-    try:
-        values = read_config_file(run.config, json.loads(run.config.read_text()))
-        return TrainConfig.from_nested(values)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{run.config} is not valid JSON ({err})") from None
+    return read_run_config(run.config)
 
 
 def _train(
