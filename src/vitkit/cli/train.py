@@ -23,7 +23,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vitkit.cli import is_main_rank
 from vitkit.training import TrainConfig, TrainingDiverged, TrainingInterrupted, train
-from vitkit.training.config import SECTIONS, flat_keys, read_preset, resolve_config, settings
+from vitkit.training.config import (
+    EVALUATOR_OPTIONS,
+    SECTIONS,
+    TASK_OPTIONS,
+    flat_keys,
+    read_preset,
+    resolve_config,
+    settings,
+)
 from vitkit.training.loop import RESUME_OPTIONS, Progress
 from vitkit.utils.config import merge_tables
 
@@ -116,8 +124,6 @@ def add_config_flags(
 
 def _owner(path: tuple[str, ...]) -> type:
     """The dataclass that holds the setting at ``path``."""
-    from vitkit.training.config import EVALUATOR_OPTIONS, TASK_OPTIONS
-
     if len(path) == 3:
         return (TASK_OPTIONS if path[0] == "task" else EVALUATOR_OPTIONS)[path[1]]
     return typing.get_type_hints(TrainConfig)[path[0]]

@@ -75,6 +75,7 @@ def flag_name(f: dataclasses.Field, prefix: str = "") -> str:
 class Section(ConfigMixin):
     """A section of ``TrainConfig``: values checked from TOML and flags, choices always."""
 
+    config_name = "training config"
     check_types = True
 
     def __post_init__(self) -> None:
@@ -639,7 +640,8 @@ def unknown_keys(values: Mapping[str, Any]) -> list[str]:
 
 def _section_fields() -> Iterator[tuple[tuple[str, ...], dataclasses.Field, str]]:
     """(path, field, flag) of every setting: the sections' fields, then the registered tasks'
-    and evaluators' options (flag ``<name>-<field>``)."""
+    and evaluators' options (flag ``<name>-<field>``). Read at each call: plugins register
+    options after this module is imported."""
     hints = typing.get_type_hints(TrainConfig)
     for section in SECTIONS:
         cls = hints[section]
@@ -798,7 +800,7 @@ def resolve_config(
     if files and "source" not in explicit.get("data", {}):
         # The default data (the shipped digits) is for the bare `vitkit train`: a recipe is
         # written for a dataset, and training it on another one would go unnoticed.
-        raise ValueError(f"the config {', '.join(map(str, files))} names no data: pass --data")
+        raise ValueError(f"the recipe {', '.join(map(str, files))} names no data: pass --data")
     for name in names:
         if name in PRESET_RESOLVERS:
             cfg = PRESET_RESOLVERS[name](cfg, explicit_names(explicit))

@@ -93,7 +93,7 @@ def checked_values(cls: type[ConfigMixin], values: dict[str, Any], prefix: str) 
             built[name] = nested.from_table(value, f"{prefix}{name}.")
             continue
         if cls.check_types and nested is None and not fits(value, hints[name]):
-            wrong.append(f"{prefix}{name} must be {describe(hints[name])}, not {value!r}")
+            wrong.append(f"{prefix}{name} must be {expectation(hints[name])}, not {value!r}")
         built[name] = value
     if wrong:
         raise ValueError(f"invalid {cls.describe_name()}: " + "; ".join(wrong))
@@ -144,6 +144,13 @@ def fits(value: Any, hint: Any) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)
+
+
+def expectation(hint: Any) -> str:
+    """What a value of the annotation ``hint`` must be, as an error message says it."""
+    if typing.get_origin(hint) is typing.Literal:
+        return f"one of {typing.get_args(hint)}"
+    return describe(hint)
 
 
 def describe(hint: Any) -> str:
