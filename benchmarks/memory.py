@@ -108,15 +108,23 @@ def local_numel(tensor: torch.Tensor) -> int:
 
 def worker(args: argparse.Namespace) -> None:
     """One process of a job: build, wrap, step, report to ``args.result``-RANK.json."""
-    cfg = TrainConfig(model=args.models[0], parallel=args.parallel, device=args.device,
-                      activation_checkpointing=args.activation_checkpointing)  # fmt: skip
-    process = distributed.start(cfg.device, sharded=cfg.parallel == "fsdp")
+    cfg = TrainConfig.from_dict(
+        {
+            "model": {"name": args.models[0]},
+            "run": {
+                "parallel": args.parallel,
+                "device": args.device,
+                "activation_checkpointing": args.activation_checkpointing,
+            },
+        }
+    )
+    process = distributed.start(cfg.run.device, sharded=cfg.run.parallel == "fsdp")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         device = process.device
         torch.manual_seed(0)
-        model = create_model(cfg.model, img_size=args.img_size).to(device)
+        model = create_model(cfg.model.name, img_size=args.img_size).to(device)
         net = parallel.wrap(model, cfg, process)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = torch.randn(args.batch, model.cfg.in_chans, args.img_size, args.img_size, device=device)

@@ -31,12 +31,13 @@ from typing import Any
 import torch
 from _common import cpu_name
 
-from vitkit.training import FINETUNE_DEFAULTS, TrainConfig, train
-from vitkit.training.config import merge, read_toml
+from vitkit.training import TrainConfig, resolve_config, train
+from vitkit.training.config import read_config_file
+from vitkit.utils.config import merge_tables
 
 RECIPES = Path(__file__).with_name("recipes")
 # Every recipe file names its model; cifar10_scaling.toml holds an experiment's shared settings.
-FROM_SCRATCH = sorted(p.stem for p in RECIPES.glob("*.toml") if "model" in read_toml(p))
+FROM_SCRATCH = sorted(p.stem for p in RECIPES.glob("*.toml") if "model" in read_config_file(p))
 
 
 def data_folder(recipe: str) -> str | None:
@@ -61,18 +62,23 @@ def hardware() -> str:
 
 def run(values: dict[str, Any], out: Path) -> dict[str, Any]:
     started = time.perf_counter()
-    summary = train(TrainConfig.from_dict({**values, "out": str(out)}))
+    presets = values.pop("presets", [])
+    flags = merge_tables(TrainConfig, values, {"run": {"out": str(out)}})
+    summary = train(resolve_config(presets, flags=flags))
     return {**summary, "wall_seconds": time.perf_counter() - started}
 
 
 def recipe_values(name: str, seed: int, epochs: int | None) -> dict[str, Any]:
-    values = merge(read_toml(RECIPES / f"{name}.toml"), {"seed": seed})
+    values = merge_tables(
+        TrainConfig, read_config_file(RECIPES / f"{name}.toml"), {"run": {"seed": seed}}
+    )
     folder = data_folder(name)
     if folder is not None:
-        values["data"] = data_path(folder)
+        values = merge_tables(TrainConfig, values, {"data": {"source": data_path(folder)}})
     if epochs is not None:
-        values["epochs"] = epochs
-        values["warmup_epochs"] = min(values.get("warmup_epochs", 3.0), epochs / 2)
+        warmup = min(values.get("schedule", {}).get("warmup_epochs", 3.0), epochs / 2)
+        schedule = {"epochs": epochs, "warmup_epochs": warmup}
+        values = merge_tables(TrainConfig, values, {"schedule": schedule})
     return values
 
 
@@ -103,14 +109,28 @@ def finetune(seeds: list[int], epochs: int | None, out: Path) -> list[list[str]]
     pre_epochs, tune_epochs = epochs or 3, epochs or 40
     for seed in seeds:
         pre_dir = out / f"pretrain-seed{seed}"
-        pre = run(dict(model="vit_digits", data=data_path("mnist"), epochs=pre_epochs,
-                       warmup_epochs=pre_epochs / 4, batch_size=256, val_fraction=0.05,
-                       seed=seed), pre_dir)  # fmt: skip
-        digits_16 = dict(data="digits", img_size=16, epochs=tune_epochs, seed=seed)
-        tuned = run({**FINETUNE_DEFAULTS, **digits_16, "lr": 0.03, "warmup_epochs":
-                     tune_epochs / 20, "init_from": str(pre_dir / "best.safetensors")},
-                    out / f"finetune-seed{seed}")  # fmt: skip
-        scratch = run({**digits_16, "warmup_epochs": tune_epochs / 20}, out / f"scratch-seed{seed}")
+        pre = run(
+            {
+                "model": {"name": "vit_digits"},
+                "data": {"source": data_path("mnist"), "val_fraction": 0.05},
+                "optim": {"batch_size": 256},
+                "schedule": {"epochs": pre_epochs, "warmup_epochs": pre_epochs / 4},
+                "run": {"seed": seed},
+            },
+            pre_dir,
+        )
+        schedule_16 = {"epochs": tune_epochs, "warmup_epochs": tune_epochs / 20}
+        digits_16 = {"data": {"source": "digits"}, "schedule": schedule_16, "run": {"seed": seed}}
+        tuned = run(
+            {
+                **digits_16,
+                "presets": ["finetune"],
+                "optim": {"lr": 0.03},
+                "model": {"img_size": 16, "init_from": str(pre_dir / "best.safetensors")},
+            },
+            out / f"finetune-seed{seed}",
+        )
+        scratch = run({**digits_16, "model": {"img_size": 16}}, out / f"scratch-seed{seed}")
         for label, s in (("pre-train: MNIST 8x8", pre), ("fine-tune: digits 16x16", tuned),
                          ("scratch: digits 16x16", scratch)):  # fmt: skip
             rows.append([label, str(seed), f"{s['test_accuracy']:.2%}",

@@ -75,7 +75,8 @@ class MeanColour(Task):
     needs_labels = False
 
     def build_model(self, info: SourceInfo) -> nn.Module:
-        return create_model(self.cfg.model, num_classes=info.channels, in_chans=info.channels)
+        model = self.cfg.model.name
+        return create_model(model, num_classes=info.channels, in_chans=info.channels)
 
     def prepare(self, batch: Batch, seed: int) -> tuple[torch.Tensor, Any]:
         inputs = to_model_input(batch.images)

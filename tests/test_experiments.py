@@ -35,12 +35,14 @@ def test_a_label_fraction_takes_the_same_number_of_each_class() -> None:
 
 
 def test_a_time_boxed_run_is_stopped_by_the_loops_budget(tmp_path: Path) -> None:
-    values = time_boxed(dict(model="vit_digits", data="digits", batch_size=4096), 0.002, 100)
-    assert values["batch_size"] == 100  # cut to the data
-    summary = train(TrainConfig.from_dict(dict(values, log_every=1, out=str(tmp_path / "run"))))
-    config = json.loads((tmp_path / "run/config.json").read_text())
-    assert (config["max_minutes"], config["steps"]) == (0.002, 0)
-    assert summary["budget_spent"] and summary["epochs"] < config["epochs"]
+    given = {"model": {"name": "vit_digits"}, "optim": {"batch_size": 4096}}
+    values = time_boxed(given, 0.002, 100)
+    assert values["optim"]["batch_size"] == 100  # cut to the data
+    run = {"log_every": 1, "out": str(tmp_path / "run")}
+    summary = train(TrainConfig.from_nested({**values, "run": run}))
+    schedule = json.loads((tmp_path / "run/config.json").read_text())["schedule"]
+    assert (schedule["max_minutes"], schedule["steps"]) == (0.002, 0)
+    assert summary["budget_spent"] and summary["epochs"] < schedule["epochs"]
 
 
 def test_the_figure_is_a_figure_of_its_own() -> None:

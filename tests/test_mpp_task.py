@@ -224,8 +224,8 @@ def test_classification_refuses_an_unlabelled_folder(
 @pytest.mark.parametrize(
     "values, message",
     [
-        (dict(mpp_rate=0.0), "mpp_rate must be in"),
-        (dict(mpp_target="colour"), "mpp_target must be"),
+        (dict(mpp_rate=0.0), "rate must be in"),
+        (dict(mpp_target="colour"), "target must be"),
         (dict(augment=dict(mixup=0.2)), "set mixup to 0"),
         (dict(model="resnetv2_digits"), "not a ViT"),
     ],

@@ -301,7 +301,7 @@ def test_slow_sharded_checkpoints_resume_in_any_number_of_processes(
         monkeypatch.delenv(name)
     assert main(["train", "--resume", str(tmp_path / "ddp"), "--parallel", "ddp"]) == 0
     assert_same_weights(tmp_path / "ddp/last.safetensors", fsdp_run / "last.safetensors", 1e-5)
-    assert json.loads((tmp_path / "ddp/config.json").read_text())["parallel"] == "ddp"
+    assert json.loads((tmp_path / "ddp/config.json").read_text())["run"]["parallel"] == "ddp"
 
 
 def test_ddp_checkpoint_resumes_under_fsdp(

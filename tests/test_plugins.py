@@ -150,8 +150,9 @@ print(len(open_splits("alias:digits", 0.0, 0).train))
 def test_built_in_tasks_register_on_lookup_whatever_was_imported() -> None:
     script = """
 import sys
-from vitkit.training import tasks
+from vitkit.training import config, tasks
 tasks.TASKS.pop("mpp")
+config.TASK_OPTIONS.pop("mpp")
 del sys.modules["vitkit.training.mpp_task"]
 assert "mpp" in tasks.registered_tasks()
 print("ok")

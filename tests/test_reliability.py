@@ -38,7 +38,7 @@ def test_finetune_from_a_pretrain_run_folder(
     short = ["--data", data, "--steps", "2", "--batch-size", "16", "--eval-every", "2"]
     assert main(["pretrain", *short, "--out", str(pre)]) == 0
     assert main(["finetune", "--from", str(pre), *short, "--out", str(fine)]) == 0
-    assert json.loads((fine / "config.json").read_text())["init_from"] == str(pre)
+    assert json.loads((fine / "config.json").read_text())["model"]["init_from"] == str(pre)
     assert load_pretrained(pre).cfg.num_classes != 10  # the pre-training head (MPP)...
     assert load_pretrained(fine).cfg.num_classes == 10  # ...replaced by the digits' classes
 

@@ -86,14 +86,21 @@ def test_bit_config_on_digits_scales_lr_with_the_batch_and_keeps_explicit_settin
     base = TrainConfig(batch_size=128)
     cfg = bit_config(base)
     # 1,438 training digits of 8x8: the small-data rule; lr 0.003 at batch 512, linearly.
-    assert (cfg.schedule, cfg.steps, cfg.warmup_steps) == ("bit", 500, 100)
-    assert cfg.lr_drops == [200, 300, 400]
-    assert cfg.lr == pytest.approx(0.003 * 128 / 512)
+    schedule = cfg.schedule
+    assert (schedule.name, schedule.steps, schedule.warmup_steps) == ("bit", 500, 100)
+    assert schedule.lr_drops == [200, 300, 400]
+    assert cfg.optim.lr == pytest.approx(0.003 * 128 / 512)
     assert cfg.augment.mixup == 0.0 and cfg.augment.hflip
     assert cfg.augment.crop_scale == pytest.approx((0.64, 0.64))  # (128 / 160)^2
-    kept = bit_config(base.replace(lr=0.5, steps=50), keep={"lr", "steps"})
+    kept = bit_config(base.replace(optim={"lr": 0.5}, schedule={"steps": 50}), keep={"lr", "steps"})
     # The recipe's shape at an explicit length: everything scaled by 50 / 500.
-    assert (kept.lr, kept.steps, kept.warmup_steps, kept.lr_drops) == (0.5, 50, 10, [20, 30, 40])
+    schedule = kept.schedule
+    assert (kept.optim.lr, schedule.steps, schedule.warmup_steps, schedule.lr_drops) == (
+        0.5,
+        50,
+        10,
+        [20, 30, 40],
+    )
 
 
 def test_finetune_recipe_bit_trains_with_the_resolved_rule(tmp_path: Path) -> None:
@@ -103,12 +110,13 @@ def test_finetune_recipe_bit_trains_with_the_resolved_rule(tmp_path: Path) -> No
                  "--batch-size", "64", "--steps", "5", "--log-every", "1", "--out", str(out)])  # fmt: skip
     assert code == 0
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["optimizer"], cfg["momentum"], cfg["weight_decay"], cfg["grad_clip"]) == (
+    optim, schedule = cfg["optim"], cfg["schedule"]
+    assert (optim["name"], optim["momentum"], optim["weight_decay"], optim["grad_clip"]) == (
         "sgd", 0.9, 0.0, 0.0,
     )  # fmt: skip
-    assert (cfg["schedule"], cfg["steps"], cfg["warmup_steps"], cfg["lr_drops"]) == (
-        "bit", 5, 1, [2, 3, 4],
-    )  # fmt: skip
+    assert (schedule["name"], schedule["steps"], schedule["warmup_steps"]) == ("bit", 5, 1)
+    assert schedule["lr_drops"] == [2, 3, 4]
+    assert cfg["presets"] == ["finetune", "bit"]
     lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()
            if json.loads(line)["split"] == "train"]  # fmt: skip
     peak = 0.003 * 64 / 512
@@ -167,7 +175,7 @@ def test_scaling_experiment_killed_then_rerun(
 
     def killed_in_the_second_run(cfg: TrainConfig | None = None, resume: Any = None,
                                  progress: Any = None) -> dict[str, Any]:  # fmt: skip
-        calls.append((cfg.model if cfg else None, resume))
+        calls.append((cfg.model.name if cfg else None, resume))
 
         def kill(step: int, total: int, record: Any) -> None:
             if len(calls) == 2 and step == 3:
@@ -184,7 +192,7 @@ def test_scaling_experiment_killed_then_rerun(
 
     calls.clear()
     monkeypatch.setattr(scaling, "train", lambda cfg=None, resume=None, progress=None: (
-        calls.append((cfg.model if cfg else None, resume)), train(cfg, resume, progress))[1])  # fmt: skip
+        calls.append((cfg.model.name if cfg else None, resume)), train(cfg, resume, progress))[1])  # fmt: skip
     argv = ["experiment", "scaling", "--data", "digits", "--fractions", "0.1", "0.2", "--models",
             "vit_digits", "resnetv2_digits", "--epochs", "1", "--config",
             str(tmp_path / "quick.toml"), "--out", str(out)]  # fmt: skip
@@ -234,7 +242,7 @@ def test_scaling_under_a_time_budget_is_time_boxed_by_the_loop_and_reruns_nothin
     run = tmp_path / "runs/vit_digits-f0.1"
     cfg = json.loads((run / "config.json").read_text())
     # The budget goes to the run itself, which sizes its schedule as it trains.
-    assert (cfg["max_minutes"], cfg["steps"]) == (0.005, 0)
+    assert (cfg["schedule"]["max_minutes"], cfg["schedule"]["steps"]) == (0.005, 0)
     summary = json.loads((run / "summary.json").read_text())
     configured = 150 * (digits_examples(0.1) // 32)  # the default epochs bound the length
     assert summary["budget_spent"] and 1 <= row["steps"] < configured

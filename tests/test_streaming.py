@@ -250,7 +250,7 @@ def test_small_uniform_folders_stay_in_memory_others_stream(
     assert isinstance(source, InMemorySource) and "skipped cat/empty.jpg" in caplog.text
     assert source.skipped is not None and len(source.skipped.skipped) == 2 * BROKEN_PER_CLASS
     assert isinstance(open_source("digits", "train", DataOptions("no")), InMemorySource)
-    with pytest.raises(ValueError, match="data_in_memory must be one of"):
+    with pytest.raises(ValueError, match="in_memory must be one of"):
         TrainConfig(data_in_memory="maybe")
 
 

@@ -346,7 +346,7 @@ def test_photos_train_a_photo_model_and_the_log_says_why(
         )
     assert code == 0
     cfg = json.loads((tmp_path / "run/config.json").read_text())
-    assert (cfg["model"], cfg["img_size"]) == ("vit_ti16", 96)
+    assert (cfg["model"]["name"], cfg["model"]["img_size"]) == ("vit_ti16", 96)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("no --model")]
     assert said == [
         "no --model given: vit_ti16 at 96 px for 8 colour images of about 90 px: photos, for "
@@ -372,7 +372,8 @@ def test_photos_train_a_photo_model_and_the_log_says_why(
         )
         == 0
     )
-    assert json.loads((tmp_path / "named/config.json").read_text())["model"] == "vit_micro"
+    saved = json.loads((tmp_path / "named/config.json").read_text())
+    assert saved["model"]["name"] == "vit_micro"
 
 
 def test_shards_without_a_model_are_refused_with_the_choices(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from vitkit.data import EvalPreprocessing, preprocess, preprocess_file
 from vitkit.data.sources import DataOptions, open_source
-from vitkit.utils.runlayout import RunLayout
+from vitkit.utils.runlayout import RunLayout, run_setting
 from vitkit.utils.runlayout import locate_checkpoint as locate_checkpoint  # its home was here
 
 STREAMED = DataOptions(in_memory="no")  # image folders: never decoded whole
@@ -34,6 +34,11 @@ class RunFiles:
     config: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    def setting(self, section: str, key: str) -> Any:
+        """A setting of the run's config.json: ``[section] key`` of the nested config, or the
+        flat key named like the section in earlier versions' (``model``, ``data``)."""
+        return run_setting(self.config, section, key)
 
 
 @dataclass

@@ -178,9 +178,9 @@ def _model_section(
         rows.append(("classes", f"{len(classes)}: {listed}"))
     note = "" if run is not None else "Not a run folder: no training curves or test results."
     if run is not None:
-        for key in ("model", "data"):
-            if key in run.config:
-                rows.append((f"run {key}", str(run.config[key])))
+        for section, key in (("model", "name"), ("data", "source")):
+            if section in run.config:
+                rows.append((f"run {section}", str(run.setting(section, key))))
         rows += summary_rows(run.summary)
         note = "; ".join(run.notes)
     return Section("Model", table=rows, note=note)
@@ -195,7 +195,7 @@ def _pick_images(
 ) -> Samples:
     if images:
         return load_images(images, model.cfg)
-    source = data or (run.config.get("data") if run is not None else None)
+    source = data or (run.setting("data", "source") if run is not None else None)
     if not isinstance(source, str) or not source:
         raise ValueError(
             "no images to analyse: pass --images FILE..., or --data SOURCE (e.g. 'digits' or "

@@ -28,7 +28,7 @@ from vitkit.analysis.report import Section, render_report
 from vitkit.checkpoints import read_checkpoint
 from vitkit.models import flops_per_image
 from vitkit.utils.files import atomic_write
-from vitkit.utils.runlayout import RunLayout
+from vitkit.utils.runlayout import RunLayout, run_setting
 
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
@@ -48,7 +48,9 @@ HEADERS = (
 def result_row(run: RunLayout, fraction: float) -> dict[str, Any]:
     """One row of the table from a finished run folder."""
     summary = json.loads(run.summary.read_text())
-    cfg = json.loads(run.config.read_text())
+    batch_size = run_setting(
+        json.loads(run.config.read_text()), "optim", "batch_size", "batch_size"
+    )
     flops = flops_per_image(read_checkpoint(run.best).config)
     return dict(
         model=summary["model"],
@@ -58,7 +60,7 @@ def result_row(run: RunLayout, fraction: float) -> dict[str, Any]:
         gflops_per_image=flops / 1e9,
         train_images_per_s=summary["images_per_second"],
         steps=summary["steps"],
-        train_flops=3 * flops * summary["steps"] * cfg["batch_size"],
+        train_flops=3 * flops * summary["steps"] * batch_size,
         minutes=summary["train_seconds"] / 60,
         test_accuracy=summary["test_accuracy"],
     )

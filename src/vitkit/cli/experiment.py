@@ -14,7 +14,7 @@ from vitkit.analysis.scaling import (
 )
 from vitkit.cli.train import progress_bar
 from vitkit.experiments.scaling import ScalingExperiment, run_scaling
-from vitkit.training.config import read_toml
+from vitkit.training.config import read_config_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -74,7 +74,7 @@ def run_experiment(args: argparse.Namespace) -> int:
         out=args.out or Path("runs") / f"scaling-{name}",
         epochs=args.epochs,
         budget_minutes=args.budget_minutes,
-        base=read_toml(args.config) if args.config is not None else {},
+        base=read_config_file(args.config) if args.config is not None else {},
     )
     rows = run_scaling(experiment, progress=progress_bar)
     print(markdown_table(rows), end="")

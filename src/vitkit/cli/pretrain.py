@@ -1,7 +1,7 @@
 """``vitkit pretrain``: self-supervised pre-training through the training loop.
 
 ``--objective mpp`` is the paper's masked patch prediction (Section 4.6) with its recipe
-(Adam 2e-4, a warm-up, cosine decay: ``PRETRAIN_DEFAULTS``). Every other option is ``vitkit
+(Adam 2e-4, a warm-up, cosine decay: the preset ``pretrain``). Every other option is ``vitkit
 train``'s, generated from the same config, and the run folder is a training run's: resume it
 with ``vitkit train --resume DIR`` and fine-tune its checkpoint with ``vitkit finetune --from
 DIR/best.safetensors`` (the prediction head stays behind in the training state).
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 
 from vitkit.cli.train import add_config_flags, run_train
-from vitkit.training import PRETRAIN_DEFAULTS
 
 OBJECTIVES = ("mpp",)
 
@@ -29,8 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "warm-up, cosine decay; resume with `vitkit train --resume DIR`.",
     )
     parser.add_argument(
-        "--objective", dest="task", choices=OBJECTIVES, default=argparse.SUPPRESS,
+        "--objective", dest="task.name", choices=OBJECTIVES, default=argparse.SUPPRESS,
         help="the self-supervised task: 'mpp', masked patch prediction (default: mpp)",
     )  # fmt: skip
-    add_config_flags(parser, PRETRAIN_DEFAULTS, hidden=frozenset({"task"}))
-    parser.set_defaults(func=run_train, preset=PRETRAIN_DEFAULTS)
+    add_config_flags(parser, ("pretrain",), hidden=frozenset({"task"}))
+    parser.set_defaults(func=run_train, presets=("pretrain",))

@@ -1,7 +1,9 @@
 """``vitkit train`` and ``finetune``.
 
-The options of ``train`` and ``finetune`` are generated from ``TrainConfig``'s fields (and
-``AugmentConfig``'s), so every setting is a flag, a TOML key and a line of ``--help``.
+The options of ``train`` and ``finetune`` are generated from ``TrainConfig``'s sections (and
+the registered tasks' and evaluators' options), so every setting is a flag, a TOML key and a
+line of ``--help``; ``resolve_config`` turns presets, config files and flags into the run's
+config.
 """
 
 from __future__ import annotations
@@ -20,33 +22,34 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vitkit.cli import is_main_rank
-from vitkit.data import AugmentConfig
-from vitkit.training import (
-    FINETUNE_DEFAULTS,
-    TrainConfig,
-    TrainingDiverged,
-    TrainingInterrupted,
-    train,
+from vitkit.training import TrainConfig, TrainingDiverged, TrainingInterrupted, train
+from vitkit.training.config import (
+    EVALUATOR_OPTIONS,
+    SECTIONS,
+    TASK_OPTIONS,
+    flat_keys,
+    read_preset,
+    resolve_config,
+    settings,
 )
-from vitkit.training.config import DEFAULT_AUGMENT, merge, read_toml
 from vitkit.training.loop import RESUME_OPTIONS, Progress
-from vitkit.training.recipes import BIT_FIXED, bit_config
+from vitkit.utils.config import merge_tables
 
-AUGMENT_HELP = {
-    "random_resized_crop": "random-resized (Inception) crop instead of a plain resize",
-    "crop_scale": "MIN MAX area fraction of the random-resized crop",
-    "crop_ratio": "MIN MAX aspect ratio (width / height) of the random-resized crop",
-    "hflip": "random horizontal flips",
-    "randaugment": "RandAugment NUM_OPS MAGNITUDE (magnitude on kornia's 0..30 scale)",
-    "mixup": "mixup's Beta alpha (0 = off)",
-    "cutmix": "cutmix's Beta alpha (0 = off)",
-    "label_smoothing": "label smoothing of the targets",
-}
 PAIR_METAVARS = {
     "betas": ("BETA1", "BETA2"),
     "crop_scale": ("MIN", "MAX"),
     "crop_ratio": ("MIN", "MAX"),
     "randaugment": ("NUM_OPS", "MAGNITUDE"),
+}
+SECTION_TITLES = {
+    "task": "task options ([task] and [task.<name>] in a config file)",
+    "model": "model options ([model])",
+    "data": "data options ([data])",
+    "optim": "optimizer options ([optim])",
+    "schedule": "schedule options ([schedule])",
+    "augment": "augmentation options ([augment])",
+    "evaluators": "evaluation options ([evaluators] and [evaluators.<name>])",
+    "run": "run options ([run])",
 }
 
 
@@ -58,14 +61,15 @@ def _parse_optional(kind: type) -> Any:
     return parse
 
 
-def _add_field(group: argparse._ArgumentGroup, field: dataclasses.Field, hint: Any,
-               help: str, default: Any) -> None:  # fmt: skip
+def _add_field(
+    group: argparse._ArgumentGroup, flag: str, dest: str, hint: Any, help: str, default: Any
+) -> None:
     """One flag for one config field, typed from its annotation."""
-    flag = "--" + field.name.replace("_", "-")
+    flag = "--" + flag
     args = typing.get_args(hint)
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
     base = next(a for a in args if a is not type(None)) if optional else hint
-    kwargs: dict[str, Any] = dict(dest=field.name, default=argparse.SUPPRESS)
+    kwargs: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS)
     if "default" not in help:
         help = f"{help} (default: {default})"
     if base is bool:
@@ -75,43 +79,60 @@ def _add_field(group: argparse._ArgumentGroup, field: dataclasses.Field, hint: A
         group.add_argument(flag, nargs="*", type=item, help=help, **kwargs)
     elif typing.get_origin(base) is tuple:
         item = typing.get_args(base)[0]
-        group.add_argument(flag, nargs=2, type=item, metavar=PAIR_METAVARS.get(field.name),
-                           help=help, **kwargs)  # fmt: skip
+        metavar = PAIR_METAVARS.get(dest.rsplit(".", 1)[-1])
+        group.add_argument(flag, nargs=2, type=item, metavar=metavar, help=help, **kwargs)
     elif typing.get_origin(base) is typing.Literal:
         group.add_argument(flag, choices=typing.get_args(base), help=help, **kwargs)
     else:
         kind = _parse_optional(base) if optional else base
-        group.add_argument(flag, type=kind, help=help + (" ('none' to unset)" if optional else ""),
-                           **kwargs)  # fmt: skip
+        suffix = " ('none' to unset)" if optional else ""
+        group.add_argument(flag, type=kind, help=help + suffix, **kwargs)
+
+
+def _lookup(values: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for part in path:
+        values = values.get(part, {}) if isinstance(values, dict) else {}
+    return values
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser,
+    presets: tuple[str, ...] = (),
+    hidden: frozenset[str] = frozenset(),
+) -> None:
+    """A flag for each setting but ``init_from`` and the flags in ``hidden`` (which the
+    command sets another way); the defaults shown are those after ``presets``."""
+    parser.add_argument(
+        "--config", type=Path, action="append", metavar="FILE",
+        help="TOML file of settings, in sections ([optim], [schedule], ...; see "
+        "docs/configuration.md or any run's config.json); may be given more than once, later "
+        "files win; flags override them",
+    )  # fmt: skip
+    defaults = TrainConfig().to_dict()
+    for name in presets:
+        defaults = merge_tables(TrainConfig, defaults, read_preset(name))
+    groups = {section: parser.add_argument_group(SECTION_TITLES[section]) for section in SECTIONS}
+    for path, field, flag in settings():
+        if flag in hidden or flag == "from":
+            continue
+        hint = typing.get_type_hints(_owner(path))[field.name]
+        default = _lookup(defaults, path)
+        if default == {}:  # a plugin's options not in the default config: its own default
+            default = _field_default(field)
+        _add_field(groups[path[0]], flag, ".".join(path), hint, field.metadata["help"], default)
+
+
+def _owner(path: tuple[str, ...]) -> type:
+    """The dataclass that holds the setting at ``path``."""
+    if len(path) == 3:
+        return (TASK_OPTIONS if path[0] == "task" else EVALUATOR_OPTIONS)[path[1]]
+    return typing.get_type_hints(TrainConfig)[path[0]]
 
 
 def _field_default(field: dataclasses.Field) -> Any:
     if field.default_factory is not dataclasses.MISSING:
         return field.default_factory()
     return field.default
-
-
-def add_config_flags(
-    parser: argparse.ArgumentParser, defaults: dict[str, Any], hidden: frozenset[str] = frozenset()
-) -> None:
-    """A flag for each config field but ``init_from`` and those in ``hidden`` (which the
-    command sets another way)."""
-    parser.add_argument(
-        "--config", type=Path, help="TOML file of settings (flags override it; augmentations "
-        "under [augment]); see the resolved config.json of any run for every key",
-    )  # fmt: skip
-    for cls, title, skip in (
-        (TrainConfig, "training options", {"augment", "init_from", *hidden}),
-        (AugmentConfig, "augmentation options ([augment] in the TOML file)", set()),
-    ):
-        group = parser.add_argument_group(title)
-        hints = typing.get_type_hints(cls)
-        for field in dataclasses.fields(cls):
-            if field.name in skip:
-                continue
-            help = field.metadata.get("help") or AUGMENT_HELP.get(field.name, field.name)
-            default = {**DEFAULT_AUGMENT, **defaults}.get(field.name, _field_default(field))
-            _add_field(group, field, hints[field.name], help, default)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -126,62 +147,66 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train_parser.add_argument(
         "--resume", type=Path, metavar="DIR",
         help="continue the run in DIR (training or fine-tuning) from its last checkpoint, "
-        "with its own config.json; takes no other option but --parallel, "
-        "--activation-checkpointing and --compile (how it runs, not what it learns)",
+        "with its own config.json; takes no other option but "
+        + ", ".join("--" + k.replace("_", "-") for k in RESUME_OPTIONS)
+        + " (how it runs, not what it learns)",
     )  # fmt: skip
-    add_config_flags(train_parser, {})
-    train_parser.set_defaults(func=run_train, preset={})
+    add_config_flags(train_parser)
+    train_parser.set_defaults(func=run_train, presets=())
 
     finetune_parser = subparsers.add_parser(
         "finetune",
         help="fine-tune a checkpoint on new data (new head, optionally a higher resolution)",
-        description="Fine-tune any checkpoint load_pretrained reads, with the paper's recipe: "
-        "a new zero-initialised head, SGD with momentum 0.9, gradient clipping at global norm "
-        "1, cosine decay after a warm-up. --img-size above the checkpoint's resizes the "
-        "position embeddings. --recipe bit uses BiT-HyperRule instead. Resume with `vitkit "
-        "train --resume DIR`.",
+        description="Fine-tune any checkpoint load_pretrained reads, with the paper's recipe "
+        "(the preset 'finetune'): a new zero-initialised head, SGD with momentum 0.9, gradient "
+        "clipping at global norm 1, cosine decay after a warm-up. --img-size above the "
+        "checkpoint's resizes the position embeddings. --recipe bit uses BiT-HyperRule "
+        "instead. Resume with `vitkit train --resume DIR`.",
     )
     finetune_parser.add_argument(
-        "--from", dest="init_from", required=True, metavar="CKPT",
+        "--from", dest="model.init_from", required=True, metavar="CKPT",
         help="the checkpoint to start from (vitkit, official .npz, ...)",
     )  # fmt: skip
     finetune_parser.add_argument(
         "--recipe", choices=("bit",),
-        help="'bit': BiT-HyperRule (SGD, lr 0.003 x batch / 512, staircase schedule, length, "
-        "mixup and crop by the training set's size and image area, computed and logged when "
-        "the run starts); the config file and flags override any of it",
+        help="'bit': BiT-HyperRule (the preset 'bit': SGD, lr 0.003 x batch / 512, staircase "
+        "schedule, length, mixup and crop by the training set's size and image area, "
+        "computed and logged when the run starts); the config files and flags override any "
+        "of it",
     )  # fmt: skip
-    add_config_flags(finetune_parser, FINETUNE_DEFAULTS)
-    finetune_parser.set_defaults(func=run_train, preset=FINETUNE_DEFAULTS)
+    add_config_flags(finetune_parser, ("finetune",))
+    finetune_parser.set_defaults(func=run_train, presets=("finetune",))
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags, nested (their ``dest`` is the setting's dotted path)."""
+    values: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if dest.split(".")[0] not in SECTIONS or "." not in dest:
+            continue
+        *parents, last = dest.split(".")
+        table = values
+        for part in parents:
+            table = table.setdefault(part, {})
+        table[last] = value
+    return values
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults of the subcommand, then the TOML file, then the flags."""
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    augment_fields = {f.name for f in dataclasses.fields(AugmentConfig)}
-    given = vars(args)
-    flags = {k: v for k, v in given.items() if k in train_fields}
-    flags["augment"] = {k: v for k, v in given.items() if k in augment_fields}
-    bit = getattr(args, "recipe", None) == "bit"
-    values = merge(args.preset, BIT_FIXED) if bit else dict(args.preset)
-    recipe = read_toml(args.config) if args.config is not None else None
-    cfg = TrainConfig.from_dict(merge(merge(values, recipe or {}), flags))
-    if recipe is not None and "data" not in recipe and "data" not in flags:
-        # The default data (the shipped digits) is for the bare `vitkit train`: a recipe is
-        # written for a dataset, and training it on another one would go unnoticed.
-        raise ValueError(f"the recipe {args.config} names no data: pass --data")
-    if bit:  # the data-dependent part, unless the file or a flag set it
-        explicit = merge(recipe or {}, flags)
-        cfg = bit_config(cfg, keep={*explicit, *explicit["augment"]} - {"augment"})
-    return cfg
+    """The command's presets, then the config files, then the flags."""
+    presets = [*args.presets, *(["bit"] if getattr(args, "recipe", None) == "bit" else [])]
+    return resolve_config(presets, args.config or [], flag_values(args))
 
 
 def run_train(args: argparse.Namespace) -> int:
     resume = getattr(args, "resume", None)
-    resume_options = {k: getattr(args, k) for k in RESUME_OPTIONS if hasattr(args, k)}
+    given = flag_values(args)
+    resume_options = {k: v for k, v in given.get("run", {}).items() if k in RESUME_OPTIONS}
     if resume is not None:
-        given = {k for k, v in vars(args).items() if v is not None}
-        others = sorted(given - {"resume", "func", "preset", "command", *RESUME_OPTIONS})
+        flat = {path: key for key, path in flat_keys().items()}
+        names = {".".join(path): flat.get(path, path[-1]) for path, _, _ in settings()}
+        named = [names[dest] for dest in vars(args) if dest in names]
+        others = sorted({*named, *(["config"] if args.config else [])} - set(RESUME_OPTIONS))
         if others:
             raise ValueError(
                 "--resume continues a run with the settings of its config.json; drop the "

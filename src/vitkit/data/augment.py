@@ -18,7 +18,8 @@ the same augmented batches and the training loop's random state is untouched.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import kornia.augmentation as K
 import torch
@@ -29,20 +30,37 @@ from torch import nn
 
 from vitkit.data.images import check_batch, match_channels, preprocess, resize, to_model_input
 from vitkit.models.preprocessing import EvalPreprocessing
+from vitkit.utils.config import ConfigMixin
+
+
+def _augmentation(default: object, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
-class AugmentConfig:
-    """Training augmentations; all off by default."""
+class AugmentConfig(ConfigMixin):
+    """Training augmentations; all off by default (a training run's own default, the
+    ``[augment]`` of ``TrainConfig``, turns a mild crop on)."""
 
-    random_resized_crop: bool = False
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # area fraction range (Inception crop)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio (width / height) range
-    hflip: bool = False
-    randaugment: tuple[int, int] | None = None  # (num_ops, magnitude on kornia's 0..30 scale)
-    mixup: float = 0.0  # Beta(alpha, alpha) for mixup's lam; 0 = off
-    cutmix: float = 0.0  # Beta(alpha, alpha) for cutmix's lam; 0 = off
-    label_smoothing: float = 0.0
+    random_resized_crop: bool = _augmentation(
+        False, "random-resized (Inception) crop instead of a plain resize"
+    )
+    crop_scale: tuple[float, float] = _augmentation(
+        (0.08, 1.0), "MIN MAX area fraction of the random-resized crop"
+    )
+    crop_ratio: tuple[float, float] = _augmentation(
+        (3 / 4, 4 / 3), "MIN MAX aspect ratio (width / height) of the random-resized crop"
+    )
+    hflip: bool = _augmentation(False, "random horizontal flips")
+    randaugment: tuple[int, int] | None = _augmentation(
+        None, "RandAugment NUM_OPS MAGNITUDE (magnitude on kornia's 0..30 scale)"
+    )
+    mixup: float = _augmentation(0.0, "mixup's Beta alpha (0 = off)")
+    cutmix: float = _augmentation(0.0, "cutmix's Beta alpha (0 = off)")
+    label_smoothing: float = _augmentation(0.0, "label smoothing of the targets")
+
+    config_name: ClassVar[str] = "augment"
+    check_types: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self.crop_scale = (float(self.crop_scale[0]), float(self.crop_scale[1]))

@@ -32,7 +32,7 @@ from vitkit.data.sources import (
 )
 from vitkit.data.streaming import StreamingFolderSource
 from vitkit.evaluation.features import source_features
-from vitkit.utils.runlayout import RunLayout
+from vitkit.utils.runlayout import RunLayout, run_setting
 
 # A class needs this many readable images for the held-out split to give it a test image
 # (round(HELD_OUT_TEST * count) >= 1) and keep a training image.
@@ -59,9 +59,15 @@ def run_data_options(run_folder: Path | None) -> DataOptions:
     """How the run read its data (in memory or streamed, loader workers); defaults without."""
     config = run_config(run_folder)
     return DataOptions(
-        config.get("data_in_memory", "auto"),
-        config.get("num_workers"),
-        max_unreadable_fraction=config.get("max_unreadable_fraction", MAX_UNREADABLE_FRACTION),
+        run_setting(config, "data", "in_memory", "data_in_memory", "auto"),
+        run_setting(config, "data", "num_workers", "num_workers"),
+        max_unreadable_fraction=run_setting(
+            config,
+            "data",
+            "max_unreadable_fraction",
+            "max_unreadable_fraction",
+            MAX_UNREADABLE_FRACTION,
+        ),
     )
 
 
@@ -70,11 +76,11 @@ def run_splits(data: str, run_folder: Path | None) -> RunSplits | None:
     on (``open_splits`` with its seed and validation fraction: a single-split source gives
     the very images the run held out as its test split); None otherwise."""
     config = run_config(run_folder)
-    if config.get("data") != data:
+    if run_setting(config, "data", "source") != data:
         return None
-    seed = int(config.get("seed", 0))
-    options = run_data_options(run_folder)
-    return RunSplits(open_splits(data, config.get("val_fraction", 0.0), seed, options), seed)
+    seed = int(run_setting(config, "run", "seed", "seed", 0))
+    val_fraction = run_setting(config, "data", "val_fraction", "val_fraction", 0.0)
+    return RunSplits(open_splits(data, val_fraction, seed, run_data_options(run_folder)), seed)
 
 
 def evaluation_data(data: str, split: str, run_folder: Path | None) -> tuple[DataSource, str]:

@@ -34,22 +34,28 @@ from vitkit.checkpoints import load_pretrained
 from vitkit.data import ImageDataset, load_dataset
 from vitkit.evaluation import extract_features, fewshot_indices, fewshot_protocol
 from vitkit.models import create_model
-from vitkit.training import FINETUNE_DEFAULTS, PRETRAIN_DEFAULTS, TrainConfig, train
+from vitkit.training import TrainConfig, resolve_config, train
+from vitkit.utils.config import merge_tables
 from vitkit.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
 # The supervised recipe of benchmarks/recipes/cifar10.toml, without its data and epochs.
-SUPERVISED = dict(
-    batch_size=128,
-    lr=1e-3,
-    augment=dict(random_resized_crop=True, crop_scale=(0.5, 1.0), hflip=True, label_smoothing=0.1),
-)
-PRETRAIN = dict(
-    PRETRAIN_DEFAULTS,
-    batch_size=128,
-    augment=dict(random_resized_crop=True, crop_scale=(0.5, 1.0), hflip=True),
-)
+SUPERVISED: dict[str, Any] = {
+    "optim": {"batch_size": 128, "lr": 1e-3},
+    "augment": {
+        "random_resized_crop": True,
+        "crop_scale": (0.5, 1.0),
+        "hflip": True,
+        "label_smoothing": 0.1,
+    },
+}
+# The pre-training runs: the `pretrain` preset (the paper's MPP recipe) with these settings.
+PRETRAIN: dict[str, Any] = {
+    "presets": ["pretrain"],
+    "optim": {"batch_size": 128},
+    "augment": {"random_resized_crop": True, "crop_scale": (0.5, 1.0), "hflip": True},
+}
 LABEL_FRACTIONS = (0.01, 0.1, 1.0)
 SHOTS = (10, 25)
 # The length a time-boxed run is configured with: beyond what any budget here fits, so that the
@@ -88,16 +94,19 @@ class MppTransferStudy:
 
 
 def time_boxed(values: dict[str, Any], minutes: float, train_size: int) -> dict[str, Any]:
-    """``values`` trained for ``minutes`` in training steps (``max_minutes``), with the batch
-    size cut to the data when it is smaller."""
-    batch = min(values.get("batch_size", 64), train_size)
-    return {
-        **values,
-        "batch_size": batch,
+    """``values`` (nested) trained for ``minutes`` in training steps (``max_minutes``), with the
+    batch size cut to the data when it is smaller."""
+    batch = values.get("optim", {}).get("batch_size", TrainConfig().optim.batch_size)
+    length = {
         "max_minutes": minutes,
         "epochs": TIME_BOXED_EPOCHS,
         "warmup_epochs": TIME_BOXED_EPOCHS / 10,
     }
+    return merge_tables(
+        TrainConfig,
+        values,
+        {"optim": {"batch_size": min(batch, train_size)}, "schedule": length},
+    )
 
 
 def labelled_subset(train_set: ImageDataset, fraction: float, seed: int) -> ImageDataset:
@@ -124,9 +133,11 @@ def save_npz(path: Path, train_set: ImageDataset, test_set: ImageDataset) -> str
 
 
 def run(values: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Train one run into ``out``; its summary, with the wall-clock minutes it took."""
+    """Train one run (nested ``values``, their ``presets`` under them) into ``out``; its
+    summary, with the wall-clock minutes it took."""
     started = time.perf_counter()
-    summary = train(TrainConfig.from_dict({**values, "out": str(out)}))
+    values = merge_tables(TrainConfig, values, {"run": {"out": str(out)}})
+    summary = train(resolve_config(flags=values))
     return {**summary, "minutes": (time.perf_counter() - started) / 60}
 
 
@@ -152,13 +163,16 @@ def run_mpp_transfer(study: MppTransferStudy) -> dict[str, Any]:
         train_set = train_set.subset(picked[: study.subset])
         test_set = test_set.subset(torch.arange(min(study.subset, len(test_set))))
     data = save_npz(out / "data.npz", train_set, test_set)
-    base = dict(model=study.model, data=data, seed=study.seed)
+    base = {"model": {"name": study.model}, "data": {"source": data}, "run": {"seed": study.seed}}
     n = len(train_set)
 
     # 1. Pre-training without labels, and the supervised reference for the same minutes.
     logger.info("pre-training %s by masked patch prediction for %g min", study.model, study.minutes)
-    mpp = run(time_boxed({**PRETRAIN, **base}, study.minutes, n), out / "mpp")
-    supervised = run(time_boxed({**SUPERVISED, **base}, study.minutes, n), out / "supervised")
+    mpp = run(time_boxed(merge_tables(TrainConfig, PRETRAIN, base), study.minutes, n), out / "mpp")
+    supervised = run(
+        time_boxed(merge_tables(TrainConfig, SUPERVISED, base), study.minutes, n),
+        out / "supervised",
+    )
 
     # 2. Few-shot accuracy of the frozen features.
     torch.manual_seed(study.seed)
@@ -174,16 +188,18 @@ def run_mpp_transfer(study: MppTransferStudy) -> dict[str, Any]:
     for fraction in LABEL_FRACTIONS:
         subset = labelled_subset(train_set, fraction, study.seed)
         tag = f"{fraction:g}"
-        labelled = dict(base, data=save_npz(out / f"labels-{tag}.npz", subset, test_set))
-        tuned = {
-            **FINETUNE_DEFAULTS,
-            **labelled,
-            "model": None,
-            "lr": study.finetune_lr,
-            "init_from": str(out / "mpp/best.safetensors"),
-            "batch_size": 128,
-        }
-        scratch = {**SUPERVISED, **labelled}
+        labelled_data = save_npz(out / f"labels-{tag}.npz", subset, test_set)
+        labelled = merge_tables(TrainConfig, base, {"data": {"source": labelled_data}})
+        tuned = merge_tables(
+            TrainConfig,
+            labelled,
+            {
+                "presets": ["finetune"],
+                "model": {"name": None, "init_from": str(out / "mpp/best.safetensors")},
+                "optim": {"lr": study.finetune_lr, "batch_size": 128},
+            },
+        )
+        scratch = merge_tables(TrainConfig, SUPERVISED, labelled)
         total = study.minutes + study.finetune_minutes
         tuned_run = run(
             time_boxed(tuned, study.finetune_minutes, len(subset)), out / f"finetune-{tag}"

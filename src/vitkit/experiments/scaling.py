@@ -28,19 +28,21 @@ from typing import Any
 
 from vitkit.analysis.scaling import result_row, write_results
 from vitkit.training import RunFolder, TrainConfig, train
+from vitkit.training.config import explicit_names, nest_flat_keys, read_run_config
 from vitkit.training.loop import Progress
+from vitkit.utils.config import merge_tables
 
 logger = logging.getLogger(__name__)
 
-# The keys the experiment sets in each run's config; a base config may not set them.
+# The settings the experiment sets in each run's config (by flag name); a base config may not.
 EXPERIMENT_KEYS = ("model", "data", "train_fraction", "out", "max_minutes", "steps")
 
 
 @dataclass
 class ScalingExperiment:
     """What to train: ``models`` x ``fractions`` of ``data``'s training split, each for
-    ``epochs`` or ``budget_minutes`` (exactly one), with ``base`` (TrainConfig values, e.g.
-    from a TOML file) for everything else."""
+    ``epochs`` or ``budget_minutes`` (exactly one), with ``base`` (TrainConfig values, nested
+    or flat, e.g. from a TOML file) for everything else."""
 
     data: str
     fractions: Sequence[float]
@@ -62,7 +64,7 @@ class ScalingExperiment:
             raise ValueError(f"--fractions must lie in (0, 1], got {list(self.fractions)}")
         if not self.models:
             raise ValueError("--models names no model: give one or more (see `vitkit models`)")
-        clashing = sorted(set(self.base) & set(EXPERIMENT_KEYS))
+        clashing = sorted(explicit_names(nest_flat_keys(self.base)[0]) & set(EXPERIMENT_KEYS))
         if clashing:
             raise ValueError(
                 f"the experiment sets {', '.join(clashing)} itself: remove them from the config"
@@ -73,18 +75,19 @@ class ScalingExperiment:
 
     def config(self, model: str, fraction: float) -> TrainConfig:
         """The run's config: its length is ``epochs``, or ``max_minutes`` (see the module doc)."""
-        values = dict(
-            self.base,
-            model=model,
-            data=self.data,
-            train_fraction=fraction,
-            out=str(self.folder(model, fraction)),
+        length = (
+            {"epochs": self.epochs}
+            if self.epochs is not None
+            else {"max_minutes": self.budget_minutes}
         )
-        if self.epochs is not None:
-            values["epochs"] = self.epochs
-        else:
-            values["max_minutes"] = self.budget_minutes
-        return TrainConfig.from_dict(values)
+        values = {
+            "model": {"name": model},
+            "data": {"source": self.data, "train_fraction": fraction},
+            "schedule": length,
+            "run": {"out": str(self.folder(model, fraction))},
+        }
+        base = nest_flat_keys(self.base)[0]
+        return TrainConfig.from_nested(merge_tables(TrainConfig, base, values))
 
 
 def run_scaling(
@@ -102,7 +105,9 @@ def run_scaling(
     for (model, fraction), cfg in configs.items():
         run = RunFolder(experiment.folder(model, fraction))
         # Under a budget, a run folder of an earlier version holds the steps it calibrated.
-        check_same_settings(run, cfg, ignore={"steps"} if experiment.budget_minutes else set())
+        check_same_settings(
+            run, cfg, ignore={"schedule.steps"} if experiment.budget_minutes else set()
+        )
         if run.summary.is_file():
             logger.info("%s is finished: reading its summary", run.path)
         else:
@@ -124,12 +129,24 @@ def check_same_settings(run: RunFolder, cfg: TrainConfig, ignore: set[str]) -> N
     """Refuse to reuse a run folder trained with other settings than the experiment's now."""
     if not run.holds_run():
         return
-    saved = json.loads(run.config.read_text())
-    wanted = json.loads(json.dumps(cfg.to_dict()))
-    differing = sorted(k for k in wanted.keys() - ignore - {"out"} if saved.get(k) != wanted[k])
+    saved = dotted(read_run_config(run.config).to_dict())
+    wanted = dotted(json.loads(json.dumps(cfg.to_dict())))
+    ignored = {*ignore, "run.out"}
+    differing = sorted(k for k in wanted.keys() - ignored if saved.get(k) != wanted[k])
     if differing:
         shown = "; ".join(f"{k}: {saved.get(k)!r} there, {wanted[k]!r} now" for k in differing)
         raise ValueError(
             f"{run.path} holds a run with other settings ({shown}): give another --out, or "
             "delete that folder to train it again"
         )
+
+
+def dotted(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config's values by dotted path (``optim.lr``)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat

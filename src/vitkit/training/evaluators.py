@@ -1,19 +1,21 @@
 """Evaluators: what a run measures while it trains, chosen by name in its config.
 
-``TrainConfig.evaluators`` lists names of ``EVALUATORS``; each factory gets the run's context
+``[evaluators] names`` lists names of ``EVALUATORS``; each factory gets the run's context
 and returns an ``Evaluator`` (or None when it does not apply, e.g. no validation split). The
-loop runs them every ``eval_every`` optimizer steps (0: at the end of each epoch) and at the
-end, logs each result to ``metrics.jsonl`` as ``{"split": <name>, ...}`` (so ``curves.png``
-draws it) and picks the best checkpoint from the ``val`` evaluator's task metric. A new
-evaluator is a new factory here or registered from its own module. Here: "val" (the task's
-own metrics on the validation split) and "fewshot" (few-shot linear accuracy of the frozen
-features on a labelled source, for any task).
+loop runs them every ``[evaluators] every`` optimizer steps (0: at the end of each epoch) and
+at the end, logs each result to ``metrics.jsonl`` as ``{"split": <name>, ...}`` (so
+``curves.png`` draws it) and picks the best checkpoint from the metric of the evaluator named
+by ``[evaluators] best`` (default "val"). A new evaluator is a factory registered with
+``register_evaluator``, with its options dataclass (``[evaluators.<name>]``, flags
+``--<name>-<field>``) if it has settings. Here: "val" (the task's own metrics on the
+validation split) and "fewshot" (few-shot linear accuracy of the frozen features on a
+labelled source, for any task).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -23,13 +25,18 @@ from torch import nn
 from vitkit.data.sources import DataSource, Splits, open_splits
 from vitkit.evaluation import extract_features, fewshot_indices, fewshot_protocol
 from vitkit.models.pretrained import PretrainedModel
-from vitkit.training.config import TrainConfig
+from vitkit.training.config import TrainConfig, register_evaluator_options
 from vitkit.training.distributed import Process
 from vitkit.training.tasks import Task
+from vitkit.utils.config import ConfigMixin
 from vitkit.utils.plugins import ensure_loaded
 
 
 class Evaluator(Protocol):
+    """What the loop runs. To pick the best checkpoint (``[evaluators] best``), an evaluator
+    may name its metric and direction (``best_metric``, ``best_mode``: "max" or "min");
+    otherwise the task's are used."""
+
     name: str
 
     def run(self, model: PretrainedModel, process: Process) -> dict[str, Any]:
@@ -48,9 +55,15 @@ EvaluatorFactory = Callable[[EvalContext], Evaluator | None]
 EVALUATORS: dict[str, EvaluatorFactory] = {}
 
 
-def register_evaluator(name: str, factory: EvaluatorFactory) -> None:
+def register_evaluator(
+    name: str, factory: EvaluatorFactory, options: type[ConfigMixin] | None = None
+) -> None:
+    """Make ``name`` usable in ``[evaluators] names``; ``options`` (a config dataclass) are its
+    settings, ``[evaluators.<name>]``, read by the factory as ``cfg.evaluators.options(name)``."""
     if name in EVALUATORS and EVALUATORS[name] is not factory:
         raise ValueError(f"evaluator {name!r} is registered twice")
+    if options is not None:
+        register_evaluator_options(name, options)
     EVALUATORS[name] = factory
 
 
@@ -108,6 +121,11 @@ class FewShotEvaluator:
     shots: list[int]
     seeds: int
     batch_size: int
+    best_mode = "max"
+
+    @property
+    def best_metric(self) -> str:
+        return f"{self.shots[0]}shot"
 
     def run(self, model: nn.Module, process: Process) -> dict[str, Any]:
         picked = extract_features(model, self.pool_images, self.batch_size)
@@ -119,13 +137,49 @@ class FewShotEvaluator:
         return {f"{shots}shot": result["mean"] for shots, result in results.items()}
 
 
+@dataclass
+class FewShotOptions(ConfigMixin):
+    """``[evaluators.fewshot]`` (flags ``--fewshot-data``, ``--fewshot-shots``,
+    ``--fewshot-seeds``)."""
+
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "labelled data of the 'fewshot' evaluator (its train split is "
+            "fitted on, its test split scored); default: the run's own data, when it has "
+            "labels"
+        },
+    )
+    shots: list[int] = field(
+        default_factory=lambda: [10, 25],
+        metadata={"help": "training images per class of the 'fewshot' evaluator"},
+    )
+    seeds: int = field(
+        default=3, metadata={"help": "draws of the few-shot images (seeds 0..N-1), averaged"}
+    )
+
+    config_name = "[evaluators.fewshot] options"
+    check_types = True
+
+    def __post_init__(self) -> None:
+        self.shots = list(self.shots)
+        problems = []
+        if not (self.shots and all(n >= 1 for n in self.shots)):
+            problems.append("fewshot_shots must be one or more positive counts")
+        if self.seeds < 1:
+            problems.append("fewshot_seeds must be at least 1")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+
+
 def _fewshot(context: EvalContext) -> Evaluator:
     cfg = context.cfg
-    if cfg.fewshot_data is not None:
-        splits = open_splits(cfg.fewshot_data, 0.0, cfg.seed)
-        data = cfg.fewshot_data
+    options: FewShotOptions = cfg.evaluators.options("fewshot")
+    if options.data is not None:
+        splits = open_splits(options.data, 0.0, cfg.run.seed)
+        data = options.data
     else:
-        splits, data = context.splits, cfg.data
+        splits, data = context.splits, cfg.data.source
     classes = splits.train.info.classes
     if classes is None:
         raise ValueError(
@@ -133,17 +187,17 @@ def _fewshot(context: EvalContext) -> Evaluator:
             "source with --fewshot-data"
         )
     images, labels = _all_images(splits.train)
-    drawn = [fewshot_indices(labels, max(cfg.fewshot_shots), s, len(classes))
-             for s in range(cfg.fewshot_seeds)]  # fmt: skip
+    drawn = [fewshot_indices(labels, max(options.shots), s, len(classes))
+             for s in range(options.seeds)]  # fmt: skip
     pool = torch.from_numpy(np.unique(np.concatenate(drawn)))
     test_images, test_labels = _all_images(splits.test)
     return FewShotEvaluator(
         "fewshot", len(labels), pool, images[pool], labels, test_images, test_labels,
-        len(classes), list(cfg.fewshot_shots), cfg.fewshot_seeds, cfg.eval_batch_size,
+        len(classes), list(options.shots), options.seeds, cfg.evaluators.batch_size,
     )  # fmt: skip
 
 
-register_evaluator("fewshot", _fewshot)
+register_evaluator("fewshot", _fewshot, FewShotOptions)
 
 
 def registered_evaluators() -> dict[str, EvaluatorFactory]:
@@ -153,8 +207,16 @@ def registered_evaluators() -> dict[str, EvaluatorFactory]:
 
 
 def build_evaluators(context: EvalContext) -> list[Evaluator]:
-    unknown = sorted(set(context.cfg.evaluators) - set(registered_evaluators()))
+    """The evaluators the run names, after checking every name (``best`` included)."""
+    chosen = context.cfg.evaluators
+    evaluators = registered_evaluators()
+    unknown = sorted(set(chosen.names) - set(evaluators))
     if unknown:
-        raise ValueError(f"unknown evaluators {unknown}: choose from {sorted(EVALUATORS)}")
-    built = (EVALUATORS[name](context) for name in context.cfg.evaluators)
+        raise ValueError(f"unknown evaluators {unknown}: choose from {sorted(evaluators)}")
+    if chosen.best not in evaluators:
+        raise ValueError(
+            f"unknown best evaluator {chosen.best!r} (--best-evaluator): choose from "
+            f"{sorted(evaluators)}"
+        )
+    built = (evaluators[name](context) for name in chosen.names)
     return [evaluator for evaluator in built if evaluator is not None]

@@ -1,5 +1,5 @@
 """The training loop, top to bottom: ``train(cfg)`` runs (or resumes) a run and returns its
-summary. Fine-tuning is the same loop starting from a checkpoint (``cfg.init_from``).
+summary. Fine-tuning is the same loop starting from a checkpoint (``cfg.model.init_from``).
 
 What is learnt is the task's business (``tasks.py``), what is measured the evaluators'
 (``evaluators.py``) and where the images come from the data source's (``data/sources.py``);
@@ -95,7 +95,7 @@ and the learning rate moves on: ``step`` counts the optimizer steps taken, this 
 its own: checkpoints do not save it, so a resumed run starts it again."""
 
 # Settings a resumed run may change: how it runs (and what it does about a non-finite loss),
-# not what it learns.
+# not what it learns; all of them in the config's [run] section.
 RESUME_OPTIONS = (
     "parallel",
     "activation_checkpointing",
@@ -124,9 +124,9 @@ def train(
     ValueError, before any training, for a bad config or data. ``step_hooks`` are called
     after every optimizer step (``StepHook``).
 
-    Workers that torchrun restarted (``--max-restarts``) continue the run in ``cfg.out``
+    Workers that torchrun restarted (``--max-restarts``) continue the run in ``cfg.run.out``
     from its last checkpoint, without being told to."""
-    out = cfg.out if cfg is not None else None
+    out = cfg.run.out if cfg is not None else None
     if resume is None and out and distributed.restarted() and RunFolder(out).holds_run():
         logger.warning("restarted by torchrun: resuming the run in %s", out)
         resume = out
@@ -135,9 +135,9 @@ def train(
         unknown = sorted(set(resume_options or {}) - set(RESUME_OPTIONS))
         if unknown:
             raise ValueError(f"a resumed run can only change {RESUME_OPTIONS}, not {unknown}")
-        cfg = cfg.replace(**(resume_options or {}))
+        cfg = cfg.replace(run=resume_options or {})  # every RESUME_OPTION is in [run]
     cfg = cfg or TrainConfig()
-    process = distributed.start(cfg.device, sharded=cfg.parallel == "fsdp")
+    process = distributed.start(cfg.run.device, sharded=cfg.run.parallel == "fsdp")
     try:
         folder = Path(resume) if resume is not None else None
         return _train(cfg, folder, process, progress, resume_options, step_hooks or [])
@@ -155,31 +155,35 @@ def _train(
 ) -> dict[str, Any]:
     # ---- data, model, task and evaluators, checked before anything is trained or written
     splits = open_splits(
-        cfg.data, cfg.val_fraction, cfg.seed, cfg.data_options, train_fraction=cfg.train_fraction
+        cfg.data.source,
+        cfg.data.val_fraction,
+        cfg.run.seed,
+        cfg.data_options,
+        train_fraction=cfg.data.train_fraction,
     )
-    if cfg.model is None and cfg.init_from is None:
+    if cfg.model.name is None and cfg.model.init_from is None:
         cfg = with_chosen_model(cfg, splits, process)
     task = build_task(cfg)
     if task.needs_labels and splits.train.info.classes is None:
         raise ValueError(
-            f"{cfg.data} has no labels (its images are not in class folders): the {cfg.task} "
+            f"{cfg.data.source} has no labels (its images are not in class folders): the {cfg.task.name} "
             f"task needs them. Put each class's images in a folder of its own "
-            f"({cfg.data}/<class>/<image>), or pre-train on it: `vitkit pretrain --data {cfg.data}`"
+            f"({cfg.data.source}/<class>/<image>), or pre-train on it: `vitkit pretrain --data {cfg.data.source}`"
         )
     check_batch_sizes(cfg, splits.train, process)
     on_gpu = process.device.type == "cuda"
-    if cfg.precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
+    if cfg.run.precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
         raise ValueError("this GPU has no bfloat16: use --precision fp32")
-    if cfg.compile:
+    if cfg.run.compile:
         parallel.check_compiler(process.device)
     evaluators = build_evaluators(EvalContext(cfg, task, splits))
     if resume is not None:
         run = RunFolder(resume, process.is_main)
     else:
-        if cfg.out and Path(cfg.out).is_file():  # before building the model: fail fast
-            raise ValueError(f"--out {cfg.out} is a file: give a folder for the run")
+        if cfg.run.out and Path(cfg.run.out).is_file():  # before building the model: fail fast
+            raise ValueError(f"--out {cfg.run.out} is a file: give a folder for the run")
         run = open_run_folder(cfg, process)
-        cfg = cfg.replace(out=str(run.path))
+        cfg = cfg.replace(run={"out": str(run.path)})
 
     # ---- model, optimizer, schedule; restored from the last checkpoint when resuming
     session = Session.build(cfg, process, run, task, splits, evaluators, resume is not None)
@@ -197,7 +201,7 @@ def _train(
     if resume is None or resume_options:  # a resumed run's, with the RESUME_OPTIONS it changed
         run.write_json(run.config, cfg.to_dict())
     session.log_start()
-    if cfg.init_from is not None and cfg.img_size is None and process.is_main:
+    if cfg.model.init_from is not None and cfg.model.img_size is None and process.is_main:
         logger.info(finetune_resolution_note(session.model.cfg.img_size, splits.train))
 
     # ---- the loop: one optimizer step per ``accum_steps`` micro-batches
@@ -244,9 +248,9 @@ class Session:
     ) -> Session:  # fmt: skip
         """The model, optimizer and schedule, restored from the run's latest checkpoint when
         ``resuming``."""
-        steps_per_epoch = len(splits.train) // cfg.batch_size
-        total_steps = cfg.steps or cfg.epochs * steps_per_epoch
-        torch.manual_seed(cfg.seed)
+        steps_per_epoch = len(splits.train) // cfg.optim.batch_size
+        total_steps = cfg.schedule.steps or cfg.schedule.epochs * steps_per_epoch
+        torch.manual_seed(cfg.run.seed)
         model = task.build_model(splits.train.info).to(process.device)
         splits.set_image_size(model.cfg.img_size, EvalPreprocessing.of(model.cfg))
         task.setup(model)
@@ -260,7 +264,9 @@ class Session:
         net = parallel.wrap(trainable, cfg, process)
         optimizer = build_optimizer(trainable, cfg)
         warmup_steps = warmup_length(cfg, steps_per_epoch, total_steps)
-        scheduler = build_schedule(optimizer, warmup_steps, total_steps, cfg.schedule, cfg.lr_drops)
+        scheduler = build_schedule(
+            optimizer, warmup_steps, total_steps, cfg.schedule.name, cfg.schedule.lr_drops
+        )
         session = cls(
             cfg,
             process,
@@ -311,10 +317,10 @@ class Session:
             logger.info(
                 "training %s-parameter %s (%s) on %s: %s, %.4g epochs of %d steps, %d "
                 "process(es) on %s (%s%s); run folder %s", f"{num_parameters(self.model):,}",
-                cfg.model or cfg.init_from, cfg.task, cfg.data, describe_splits(self.splits),
+                cfg.model.name or cfg.model.init_from, cfg.task.name, cfg.data.source, describe_splits(self.splits),
                 self.total_steps / self.steps_per_epoch, self.steps_per_epoch,
-                process.world_size, process.device.type, cfg.parallel,
-                ", activation checkpointing" if cfg.activation_checkpointing else "",
+                process.world_size, process.device.type, cfg.run.parallel,
+                ", activation checkpointing" if cfg.run.activation_checkpointing else "",
                 self.run.path,
             )  # fmt: skip
 
@@ -328,8 +334,8 @@ class Session:
             epoch, offset = divmod(state.step, self.steps_per_epoch)
             epoch_end = (epoch + 1) * self.steps_per_epoch
             batches = self.splits.train.train_batches(
-                cfg.micro_batch_size // self.process.world_size, seed=cfg.seed, epoch=epoch,
-                start=offset * cfg.accum_steps, rank=self.process.rank,
+                cfg.optim.micro_batch_size // self.process.world_size, seed=cfg.run.seed, epoch=epoch,
+                start=offset * cfg.optim.accum_steps, rank=self.process.rank,
                 world_size=self.process.world_size,
             )  # fmt: skip
             self.trainable.train()
@@ -342,14 +348,18 @@ class Session:
                 eval_due = (
                     stop
                     or state.step == self.total_steps
-                    or (state.step % cfg.eval_every == 0 if cfg.eval_every else epoch_done)
+                    or (
+                        state.step % cfg.evaluators.every == 0
+                        if cfg.evaluators.every
+                        else epoch_done
+                    )
                 )
                 checkpoint_due = (
                     eval_due or epoch_done
-                    or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)
+                    or (cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0)
                 )  # fmt: skip
                 record = None
-                if state.step % cfg.log_every == 0 or checkpoint_due:
+                if state.step % cfg.run.log_every == 0 or checkpoint_due:
                     # Also before each checkpoint, so a resumed run logs the same lines.
                     record = self.log(epoch)
                 if progress is not None:
@@ -361,18 +371,19 @@ class Session:
                     with parallel.whole(self.trainable):
                         is_best = run_evaluators(
                             self.evaluators, self.task, self.model, self.run, self.process,
-                            state, self.steps_per_epoch,
+                            state, self.steps_per_epoch, cfg.evaluators.best,
                         )  # fmt: skip
-                self.checkpoint(is_best or not any(e.name == "val" for e in self.evaluators))
+                picks = any(e.name == cfg.evaluators.best for e in self.evaluators)
+                self.checkpoint(is_best or not picks)
                 self.segment_start = time.perf_counter()
                 if stop:
                     logger.info("the %g-minute budget is spent after step %d of %d: testing",
-                                cfg.max_minutes, state.step, self.total_steps)  # fmt: skip
+                                cfg.schedule.max_minutes, state.step, self.total_steps)  # fmt: skip
                     return
         if self.plan.history and self.process.is_main:
             logger.info(
                 "the %g-minute budget fitted the schedule to %d steps (of %d configured)",
-                cfg.max_minutes,
+                cfg.schedule.max_minutes,
                 state.step,
                 self.plan.configured_steps,
             )
@@ -382,16 +393,16 @@ class Session:
         when a non-finite loss rolled the run back to its last checkpoint."""
         cfg, state, device = self.cfg, self.state, self.process.device
         sums: dict[str, torch.Tensor] = {}
-        for micro in range(cfg.accum_steps):
+        for micro in range(cfg.optim.accum_steps):
             batch = next(batches)
-            seed = derived_seed(cfg.seed, state.step, micro, self.process.rank)
+            seed = derived_seed(cfg.run.seed, state.step, micro, self.process.rank)
             torch.manual_seed(seed)  # dropout and stochastic depth
             batch = type(batch)(batch.images.to(device), batch.labels)
             inputs, targets = self.task.prepare(batch, derived_seed(seed, 1))
-            with parallel.gradient_sync(self.net, micro == cfg.accum_steps - 1):
-                with autocast(device, cfg.precision):
+            with parallel.gradient_sync(self.net, micro == cfg.optim.accum_steps - 1):
+                with autocast(device, cfg.run.precision):
                     result = self.task.step(self.net, inputs, targets)
-                (result.loss / cfg.accum_steps).backward()
+                (result.loss / cfg.optim.accum_steps).backward()
             for name, value in result.sums.items():
                 sums[name] = sums.get(name, 0) + value.detach().double()
             sums["count"] = sums.get("count", 0) + torch.tensor(
@@ -399,7 +410,7 @@ class Session:
             )
         # The norm of the gradients every process holds after DDP averaged them (or FSDP's
         # global norm): every process takes the same decision.
-        grad_norm = clip_gradients(self.trainable, cfg.grad_clip)
+        grad_norm = clip_gradients(self.trainable, cfg.optim.grad_clip)
         if torch.isfinite(grad_norm):
             self.optimizer.step()
             for hook in self.step_hooks:
@@ -410,7 +421,7 @@ class Session:
             return False
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.train_images += cfg.batch_size
+        state.train_images += cfg.optim.batch_size
         self.time_up = self.fit_to_budget()  # before the schedule steps: the next LR follows it
         self.scheduler.step()
         return True
@@ -421,15 +432,15 @@ class Session:
         cfg, state, run = self.cfg, self.state, self.run
         done = [e["action"] for e in state.nonfinite_events]
         latest, saved = None, None
-        if cfg.on_nonfinite == "rollback":
+        if cfg.run.on_nonfinite == "rollback":
             latest, saved = read_latest_checkpoint(run, self.process)
-        if cfg.on_nonfinite == "skip" and done.count("skipped") < cfg.max_skipped_steps:
+        if cfg.run.on_nonfinite == "skip" and done.count("skipped") < cfg.run.max_skipped_steps:
             action = "skipped"
-        elif latest is not None and done.count("rolled back") < cfg.max_rollbacks:
+        elif latest is not None and done.count("rolled back") < cfg.run.max_rollbacks:
             action = "rolled back"
         else:
             action = "aborted"
-        event = nonfinite_event(state.step + 1, loss, cfg.on_nonfinite, action)
+        event = nonfinite_event(state.step + 1, loss, cfg.run.on_nonfinite, action)
         if action == "rolled back":
             assert latest is not None
             self.roll_back(latest, saved, event)
@@ -441,7 +452,7 @@ class Session:
         if self.process.is_main:
             logger.warning(
                 "%s at step %d: %s (--on-nonfinite %s)%s", nonfinite_cause(loss), event["step"],
-                action, cfg.on_nonfinite,
+                action, cfg.run.on_nonfinite,
                 f"; from step {state.step} on, the learning rate is x{self.plan.lr_scale:g}"
                 if action == "rolled back" else "",
             )  # fmt: skip
@@ -484,10 +495,12 @@ class Session:
     def out_of_time(self, this_segment: bool = True) -> bool:
         """Whether ``max_minutes`` of training steps are spent (evaluating and checkpointing
         are free); the main process's clock decides, so every rank stops after one step."""
-        if not self.cfg.max_minutes:
+        if not self.cfg.schedule.max_minutes:
             return False
         spent = self.spent_seconds(this_segment)
-        return bool(distributed.broadcast_object(spent >= 60 * self.cfg.max_minutes, self.process))
+        return bool(
+            distributed.broadcast_object(spent >= 60 * self.cfg.schedule.max_minutes, self.process)
+        )
 
     def fit_to_budget(self) -> bool:
         """With ``max_minutes``, after each step: refit the schedule to the steps that fit in
@@ -496,16 +509,16 @@ class Session:
         process's clock decides, so every rank takes the same plan. Schedule 'bit' drops at
         fixed steps: it is not refitted, the budget only stops it."""
         cfg, state, plan = self.cfg, self.state, self.plan
-        if not cfg.max_minutes:
+        if not cfg.schedule.max_minutes:
             return False
         spent = distributed.broadcast_object(self.spent_seconds(), self.process)
-        left = 60 * cfg.max_minutes - spent
+        left = 60 * cfg.schedule.max_minutes - spent
         if left <= 0:
             return True
         if self.first_step is None:
             self.first_step = (state.step, spent)
         measured = state.step - self.first_step[0]
-        if cfg.schedule == "bit" or measured < 2:
+        if cfg.schedule.name == "bit" or measured < 2:
             return False
         per_step = (spent - self.first_step[1]) / measured
         fitting = min(plan.configured_steps, state.step + max(int(left / per_step), 1))
@@ -524,7 +537,7 @@ class Session:
                 logger.info(
                     "%.3g s a step: %d steps fit in the %g-minute budget; the schedule "
                     "(warm-up %d steps) is fitted to them and refitted as the speed is "
-                    "re-measured", per_step, fitting, cfg.max_minutes, plan.warmup_steps,
+                    "re-measured", per_step, fitting, cfg.schedule.max_minutes, plan.warmup_steps,
                 )  # fmt: skip
         return False
 
@@ -567,20 +580,20 @@ class Session:
             steps=state.step,
             budget_spent=state.step < self.plan.configured_steps,  # cut by max_minutes
             schedule=self.plan.describe(),
-            on_nonfinite=cfg.on_nonfinite,
+            on_nonfinite=cfg.run.on_nonfinite,
             nonfinite_events=state.nonfinite_events,
             train_examples=len(self.splits.train),
             wall_seconds=time.perf_counter() - self.started,
             train_seconds=state.train_seconds,
             images_per_second=state.train_images / max(state.train_seconds, 1e-9),
             processes=process.world_size,
-            parallel=cfg.parallel,
+            parallel=cfg.run.parallel,
             device=process.device.type,
-            precision=cfg.precision,
-            task=cfg.task,
-            model=cfg.model,
-            init_from=cfg.init_from,
-            data=cfg.data,
+            precision=cfg.run.precision,
+            task=cfg.task.name,
+            model=cfg.model.name,
+            init_from=cfg.model.init_from,
+            data=cfg.data.source,
             run_folder=str(run.path),
             num_parameters=num_parameters(model),
             classes=self.splits.train.info.classes,
@@ -593,8 +606,8 @@ class Session:
 
 def with_chosen_model(cfg: TrainConfig, splits: Splits, process: Process) -> TrainConfig:
     """``cfg`` with the model that fits the data (``model_choice``), said in one line."""
-    choice = choose_model(cfg.data, splits.train)
-    img_size = cfg.img_size or choice.img_size
+    choice = choose_model(cfg.data.source, splits.train)
+    img_size = cfg.model.img_size or choice.img_size
     if process.is_main:
         logger.info(
             "no --model given: %s%s for %s (--model chooses another)",
@@ -602,7 +615,7 @@ def with_chosen_model(cfg: TrainConfig, splits: Splits, process: Process) -> Tra
             f" at {img_size} px" if img_size else "",
             choice.reason,
         )
-    return cfg.replace(model=choice.model, img_size=img_size)
+    return cfg.replace(model={"name": choice.model, "img_size": img_size})
 
 
 def finetune_resolution_note(size: tuple[int, int], train: DataSource) -> str:
@@ -629,16 +642,16 @@ def describe_splits(splits: Splits) -> str:
 
 def check_batch_sizes(cfg: TrainConfig, train: DataSource, process: Process) -> int:
     """The micro-batch of one process, after checking that the sizes fit the data."""
-    rank_batch, remainder = divmod(cfg.micro_batch_size, process.world_size)
+    rank_batch, remainder = divmod(cfg.optim.micro_batch_size, process.world_size)
     if remainder:
         raise ValueError(
-            f"batch_size {cfg.batch_size} / accum_steps {cfg.accum_steps} = "
-            f"{cfg.micro_batch_size} images per micro-batch cannot be split over "
+            f"batch_size {cfg.optim.batch_size} / accum_steps {cfg.optim.accum_steps} = "
+            f"{cfg.optim.micro_batch_size} images per micro-batch cannot be split over "
             f"{process.world_size} processes: make it a multiple of {process.world_size}"
         )
-    if len(train) < cfg.batch_size:
+    if len(train) < cfg.optim.batch_size:
         raise ValueError(
-            f"batch_size {cfg.batch_size} is larger than the {len(train)} training images: "
+            f"batch_size {cfg.optim.batch_size} is larger than the {len(train)} training images: "
             "lower --batch-size"
         )
     return rank_batch
@@ -647,9 +660,9 @@ def check_batch_sizes(cfg: TrainConfig, train: DataSource, process: Process) -> 
 def warmup_length(cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> int:
     """The warm-up in steps; one as long as the run is cut to a tenth of it, with a note,
     so a short run never fails on the default warm-up."""
-    steps = cfg.warmup_steps
+    steps = cfg.schedule.warmup_steps
     if steps is None:
-        steps = round(cfg.warmup_epochs * steps_per_epoch)
+        steps = round(cfg.schedule.warmup_epochs * steps_per_epoch)
     if steps < total_steps:
         return steps
     cut = total_steps // 10
@@ -695,27 +708,30 @@ def log_training(
 
 def run_evaluators(
     evaluators: list[Evaluator], task: Task, model: PretrainedModel, run: RunFolder,
-    process: Process, state: LoopState, steps_per_epoch: int,
+    process: Process, state: LoopState, steps_per_epoch: int, best_evaluator: str = "val",
 ) -> bool:  # fmt: skip
-    """Run and log every evaluator; True if the validation metric is the best so far."""
+    """Run and log every evaluator; True if the metric of ``best_evaluator`` (its own
+    ``best_metric``, else the task's) is the best so far."""
     is_best = False
     for evaluator in evaluators:
         metrics = evaluator.run(model, process)
         scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         run.log(dict(split=evaluator.name, epoch=state.step / steps_per_epoch, step=state.step,
                      **scalars))  # fmt: skip
-        if evaluator.name != "val":
+        if evaluator.name != best_evaluator:
             continue
-        value = float(metrics[task.best_metric])
+        metric = getattr(evaluator, "best_metric", task.best_metric)
+        mode = getattr(evaluator, "best_mode", task.best_mode)
+        value = float(metrics[metric])
         best = state.best_value
-        if best is None or (value > best if task.best_mode == "max" else value < best):
+        if best is None or (value > best if mode == "max" else value < best):
             state.best_value, state.best_step = value, state.step
             state.best_epoch = round(state.step / steps_per_epoch, 3)
             is_best = True
         if process.is_main:
             logger.info(
-                "step %d (epoch %.3g): val %s %.4f (best %.4f, step %d)", state.step,
-                state.step / steps_per_epoch, task.best_metric, value, state.best_value,
+                "step %d (epoch %.3g): %s %s %.4f (best %.4f, step %d)", state.step,
+                state.step / steps_per_epoch, evaluator.name, metric, value, state.best_value,
                 state.best_step,
             )  # fmt: skip
     return is_best

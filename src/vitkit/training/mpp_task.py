@@ -15,6 +15,7 @@ run's seed at each evaluation, so every evaluation of the same weights gives the
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,15 +25,43 @@ from vitkit.data import BatchTransform, preprocess
 from vitkit.data.sources import Batch, DataSource, SourceInfo
 from vitkit.evaluation.inference import autocast
 from vitkit.models import architecture_of, create_model, model_config
-from vitkit.models.mpp import MaskedPatchPrediction
+from vitkit.models.mpp import MaskedPatchPrediction, MPPTarget
 from vitkit.models.preprocessing import EvalPreprocessing
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.models.vit import VisionTransformer, ViTConfig
 from vitkit.training.config import TrainConfig
 from vitkit.training.distributed import Process, all_reduce_sum
 from vitkit.training.tasks import StepResult, Task, fitted_overrides, register_task
+from vitkit.utils.config import ConfigMixin, choice_problems
 
 LABEL_AUGMENTATIONS = ("mixup", "cutmix", "label_smoothing")
+
+
+@dataclass
+class MPPOptions(ConfigMixin):
+    """``[task.mpp]`` (flags ``--mpp-target``, ``--mpp-rate``)."""
+
+    target: MPPTarget = field(
+        default="mean_colour",
+        metadata={
+            "help": "what a corrupted patch predicts: its 3-bit mean colour, its 4x4 "
+            "downsized 3-bit colours, or its normalised pixels (L2)"
+        },
+    )
+    rate: float = field(
+        default=0.5,
+        metadata={"help": "fraction of the patches corrupted (the paper: 0.5; also 0.15)"},
+    )
+
+    config_name = "[task.mpp] options"
+    check_types = True
+
+    def __post_init__(self) -> None:
+        problems = choice_problems(self)
+        if not 0.0 < self.rate <= 1.0:
+            problems.append("rate must be in (0, 1]")
+        if problems:
+            raise ValueError("invalid [task.mpp] options: " + "; ".join(problems))
 
 
 @register_task
@@ -41,13 +70,14 @@ class MaskedPatchPredictionTask(Task):
     corrupted patches) picks the best checkpoint."""
 
     name = "mpp"
+    Options = MPPOptions
     best_metric = "loss"
     best_mode = "min"
     needs_labels = False
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
-        if cfg.init_from is not None:
+        if cfg.model.init_from is not None:
             raise ValueError(
                 "masked patch prediction pre-trains a new model (--model); init_from is for "
                 "fine-tuning: drop it"
@@ -58,19 +88,20 @@ class MaskedPatchPredictionTask(Task):
                 f"masked patch prediction has no labels to mix or smooth and predicts each "
                 f"image's own patches: set {', '.join(mixing)} to 0"
             )
-        assert cfg.model is not None  # TrainConfig requires a registered model without init_from
-        self.model_name = cfg.model
-        config = model_config(cfg.model)
+        # TrainConfig requires a registered model without init_from
+        assert cfg.model.name is not None
+        self.model_name = cfg.model.name
+        config = model_config(cfg.model.name)
         if not isinstance(config, ViTConfig):
             raise ValueError(
-                f"masked patch prediction corrupts patch embeddings: {cfg.model} is a "
+                f"masked patch prediction corrupts patch embeddings: {cfg.model.name} is a "
                 f"{architecture_of(config).name}, not a ViT; choose a vit_* model (see "
                 "`vitkit models`; hybrids included)"
             )
         self.wrapper: MaskedPatchPrediction | None = None
 
     def build_model(self, info: SourceInfo) -> PretrainedModel:
-        cfg = self.cfg
+        cfg = self.cfg.model
         size = {"img_size": cfg.img_size} if cfg.img_size else {}
         regularisation = fitted_overrides(ViTConfig, dropout=cfg.dropout, drop_path=cfg.drop_path)
         return create_model(
@@ -81,7 +112,7 @@ class MaskedPatchPredictionTask(Task):
     def trainable(self, model: nn.Module) -> nn.Module:
         assert isinstance(model, VisionTransformer)  # from ``build_model``
         device = next(model.parameters()).device
-        self.wrapper = MaskedPatchPrediction(model, self.cfg.mpp_target, self.cfg.mpp_rate)
+        self.wrapper = MaskedPatchPrediction(model, self.options.target, self.options.rate)
         return self.wrapper.to(device)
 
     def task_state(self, trainable: nn.Module) -> dict[str, torch.Tensor]:
@@ -92,7 +123,7 @@ class MaskedPatchPredictionTask(Task):
         if tensors.keys() != own.keys():
             raise ValueError(
                 f"the checkpoint's task state holds {sorted(tensors)}, masked patch prediction "
-                f"({self.cfg.mpp_target}) needs {sorted(own)}"
+                f"({self.options.target}) needs {sorted(own)}"
             )
         with torch.no_grad():
             for name, value in own.items():
@@ -123,13 +154,13 @@ class MaskedPatchPredictionTask(Task):
             raise ValueError("masked patch prediction evaluates the model it is training")
         cfg: Any = model.cfg
         device = next(model.parameters()).device
-        generator = torch.Generator().manual_seed(self.cfg.seed)
+        generator = torch.Generator().manual_seed(self.cfg.run.seed)
         was_training = wrapper.training
         wrapper.eval()
         totals: dict[str, torch.Tensor] = {}
         count = 0
         batches = source.eval_batches(
-            self.cfg.eval_batch_size, rank=process.rank, world_size=process.world_size
+            self.cfg.evaluators.batch_size, rank=process.rank, world_size=process.world_size
         )
         for batch in batches:
             inputs = preprocess(
@@ -139,7 +170,7 @@ class MaskedPatchPredictionTask(Task):
                 EvalPreprocessing.of(cfg),
                 prepared=batch.cropped,
             )
-            with autocast(device, self.cfg.precision):
+            with autocast(device, self.cfg.run.precision):
                 _, sums, n = wrapper(inputs, generator)
             for name, value in sums.items():
                 totals[name] = totals.get(name, 0) + value.double()

@@ -33,12 +33,15 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     decayed = decayed_parameter_names(model)
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     groups = [
-        {"params": [p for name, p in params if name in decayed], "weight_decay": cfg.weight_decay},
+        {
+            "params": [p for name, p in params if name in decayed],
+            "weight_decay": cfg.optim.weight_decay,
+        },
         {"params": [p for name, p in params if name not in decayed], "weight_decay": 0.0},
     ]
-    if cfg.optimizer == "adam":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optim.name == "adam":
+        return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
+    return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
 
 
 def lr_factor(

@@ -85,20 +85,20 @@ def wrap(trainable: nn.Module, cfg: TrainConfig, process: Process) -> nn.Module:
     """What the loop calls in each step: ``trainable`` under DDP, sharded by FSDP (in place:
     the module returned is ``trainable`` itself, its parameters now sharded ``DTensor``s) or
     as it is. Build the optimizer after this: FSDP replaces the parameters."""
-    needs_units = cfg.activation_checkpointing or cfg.compile or cfg.parallel == "fsdp"
+    needs_units = cfg.run.activation_checkpointing or cfg.run.compile or cfg.run.parallel == "fsdp"
     pieces = units(trainable) if needs_units else []
-    if cfg.activation_checkpointing:
+    if cfg.run.activation_checkpointing:
         for unit in pieces:
             checkpoint_activations(unit)
-    if cfg.compile:  # in place: parameter names, hence checkpoints, stay the same
+    if cfg.run.compile:  # in place: parameter names, hence checkpoints, stay the same
         for unit in pieces:
             unit.compile()
-    if cfg.parallel == "fsdp":
+    if cfg.run.parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = process.mesh
         policy = MixedPrecisionPolicy()
-        if cfg.precision == "bf16" and process.device.type == "cuda":
+        if cfg.run.precision == "bf16" and process.device.type == "cuda":
             # bf16 compute and all-gathers, fp32 gradient reduction and master weights.
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for unit in pieces:

@@ -2,11 +2,11 @@
 3.3), for ResNets and ViTs alike (``vitkit finetune --recipe bit``).
 
 BiT fine-tunes every model on every dataset with one rule instead of a search, so that a
-transfer comparison measures the models, not the tuning. The fixed part (``BIT_FIXED``): SGD
-with momentum 0.9, no weight decay, no gradient clipping, batch 512, learning rate 0.003,
-zero-initialised head (``reset_classifier``, as every fine-tuning here). The part that
-depends on the data (``bit_hyperrule``), as in google-research/big_transfer's
-``bit_hyperrule.py``:
+transfer comparison measures the models, not the tuning. The fixed part (the preset
+``presets/bit.toml``): SGD with momentum 0.9, no weight decay, no gradient clipping, batch
+512, learning rate 0.003, zero-initialised head (``reset_classifier``, as every fine-tuning
+here). The part that depends on the data (``bit_hyperrule``, applied by ``bit_config`` when
+the preset is resolved), as in google-research/big_transfer's ``bit_hyperrule.py``:
 
     training images      warm-up   lr / 10 at steps         end     mixup alpha
     < 20,000             100       200, 300, 400            500     0 (off)
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vitkit.data.sources import open_splits
-from vitkit.training.config import TrainConfig
+from vitkit.training.config import PRESET_RESOLVERS, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +46,6 @@ BIT_LR = 0.003
 SMALL_DATASET = 20_000
 MEDIUM_DATASET = 500_000
 SMALL_IMAGE_AREA = 96 * 96
-
-BIT_FIXED: dict[str, Any] = dict(
-    optimizer="sgd",
-    momentum=0.9,
-    weight_decay=0.0,
-    grad_clip=0.0,
-    batch_size=BIT_BATCH,
-)
-"""The settings BiT-HyperRule fixes whatever the data; ``bit_config`` adds the rest: the
-schedule (its drops depend on the data) and the learning rate (it follows the batch)."""
 
 
 @dataclass(frozen=True)
@@ -95,24 +85,29 @@ def bit_config(cfg: TrainConfig, keep: Collection[str] = ()) -> TrainConfig:
     """``cfg`` with BiT-HyperRule's data-dependent settings for its training images (after
     ``train_fraction`` and ``val_fraction``) and the learning rate scaled to its batch.
 
-    Settings named in ``keep`` (given explicitly: training or augmentation field names) are
-    left as they are; an explicit ``steps`` rescales the warm-up and the drops to it."""
+    Settings named in ``keep`` (given explicitly, by flag name with underscores: ``steps``,
+    ``mixup``) are left as they are; an explicit ``steps`` rescales the warm-up and the drops
+    to it."""
+    data = cfg.data
     train = open_splits(
-        cfg.data, cfg.val_fraction, cfg.seed, cfg.data_options, train_fraction=cfg.train_fraction
+        data.source,
+        data.val_fraction,
+        cfg.run.seed,
+        cfg.data_options,
+        train_fraction=data.train_fraction,
     ).train
     image_size = tuple(next(train.eval_batches(1)).images.shape[-2:])
     rule = bit_hyperrule(len(train), (int(image_size[0]), int(image_size[1])))
-    steps = cfg.steps if "steps" in keep and cfg.steps else rule.steps
+    steps = cfg.schedule.steps if "steps" in keep and cfg.schedule.steps else rule.steps
     scale = steps / rule.steps
     drops = sorted({round(d * scale) for d in rule.lr_drops} - {0})
-    values: dict[str, Any] = dict(
+    schedule: dict[str, Any] = dict(
         steps=steps,
         warmup_steps=round(rule.warmup_steps * scale),
         schedule="bit",
         lr_drops=[d for d in drops if d < steps],
-        lr=BIT_LR * cfg.batch_size / BIT_BATCH,
     )
-    if "schedule" in keep and cfg.schedule != "bit":  # another schedule, chosen explicitly
+    if "schedule" in keep and cfg.schedule.name != "bit":  # another schedule, chosen explicitly
         keep = {*keep, "lr_drops"}
     augment = dict(
         mixup=rule.mixup,
@@ -120,15 +115,21 @@ def bit_config(cfg: TrainConfig, keep: Collection[str] = ()) -> TrainConfig:
         crop_scale=(rule.crop_area, rule.crop_area),
         hflip=True,
     )
-    values = {k: v for k, v in values.items() if k not in keep}
-    values["augment"] = {k: v for k, v in augment.items() if k not in keep}
-    resolved = cfg.replace(**values)
+    schedule = {("name" if k == "schedule" else k): v for k, v in schedule.items() if k not in keep}
+    resolved = cfg.replace(
+        schedule=schedule,
+        optim={} if "lr" in keep else {"lr": BIT_LR * cfg.optim.batch_size / BIT_BATCH},
+        augment={k: v for k, v in augment.items() if k not in keep},
+    )
     logger.info(
         "BiT-HyperRule for %d training images of %dx%d: %d steps (warm-up %s, lr / 10 at %s), "
         "lr %g at batch %d, mixup %g; BiT's resolution: resize %d, crop %d (here: crops of "
         "%.2f of the area, resized to the model's input)", len(train), *image_size,
-        resolved.steps, resolved.warmup_steps, resolved.lr_drops, resolved.lr,
-        resolved.batch_size, resolved.augment.mixup, rule.resize, rule.crop,
+        resolved.schedule.steps, resolved.schedule.warmup_steps, resolved.schedule.lr_drops,
+        resolved.optim.lr, resolved.optim.batch_size, resolved.augment.mixup, rule.resize, rule.crop,
         resolved.augment.crop_scale[0],
     )  # fmt: skip
     return resolved
+
+
+PRESET_RESOLVERS["bit"] = bit_config

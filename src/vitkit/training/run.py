@@ -44,7 +44,7 @@ from vitkit.checkpoints import sharded
 from vitkit.checkpoints.native import STATE_PREFIX, load_tensors, read_metadata, save_pretrained
 from vitkit.models.registry import architecture_of
 from vitkit.training import distributed
-from vitkit.training.config import TrainConfig
+from vitkit.training.config import TrainConfig, read_run_config
 from vitkit.training.distributed import Process
 from vitkit.utils.files import atomic_write
 from vitkit.utils.runlayout import RunLayout
@@ -314,7 +314,7 @@ class RunFolder(RunLayout):
 
 
 def default_out(cfg: TrainConfig) -> Path:
-    name = "digits" if cfg.data == "digits" else Path(cfg.data).name
+    name = "digits" if cfg.data.source == "digits" else Path(cfg.data.source).name
     return Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
@@ -348,7 +348,7 @@ def open_run_folder(cfg: TrainConfig, process: Process) -> RunFolder:
     claimed: Path | str | None = None
     if process.is_main:
         try:
-            claimed = claim_run_folder(Path(cfg.out) if cfg.out else None, cfg)
+            claimed = claim_run_folder(Path(cfg.run.out) if cfg.run.out else None, cfg)
         except ValueError as err:
             claimed = str(err)
     claimed = distributed.broadcast_object(claimed, process)
@@ -371,7 +371,4 @@ def resumable_config(folder: Path) -> TrainConfig:
             "last.safetensors from a copy, or start a new run (`vitkit finetune --from "
             f"{run.best}` continues from the best model)"
         )
-    try:
-        return TrainConfig.from_dict(json.loads(run.config.read_text()))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{run.config} is not valid JSON ({err})") from None
+    return read_run_config(run.config)

@@ -25,8 +25,9 @@ from vitkit.evaluation.inference import evaluate
 from vitkit.models import create_model, model_config
 from vitkit.models.preprocessing import RECORD_KEY, EvalPreprocessing
 from vitkit.models.pretrained import PretrainedModel
-from vitkit.training.config import TrainConfig
+from vitkit.training.config import TrainConfig, register_task_options
 from vitkit.training.distributed import Process
+from vitkit.utils.config import ConfigMixin
 from vitkit.utils.plugins import ensure_loaded
 
 
@@ -40,17 +41,28 @@ class StepResult:
     count: int
 
 
+@dataclass
+class NoOptions(ConfigMixin):
+    """The options of a task that has none (an empty ``[task.<name>]`` table)."""
+
+    check_types = True
+
+
 class Task:
     """The interface the loop drives; subclasses set the class attributes and override the
-    methods that raise ``NotImplementedError``."""
+    methods that raise ``NotImplementedError``. A task's own settings are its ``Options``
+    dataclass: ``[task.<name>]`` in a config file, ``--<name>-<field>`` flags, and
+    ``self.options`` here."""
 
     name: ClassVar[str]
+    Options: ClassVar[type[ConfigMixin]] = NoOptions
     best_metric: ClassVar[str]  # the validation metric that picks best.safetensors
     best_mode: ClassVar[Literal["max", "min"]]
     needs_labels: ClassVar[bool] = True
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        self.options: Any = cfg.task.options(self.name)
 
     def build_model(self, info: SourceInfo) -> PretrainedModel:
         """The model the run saves: a new one (``cfg.model``), or the checkpoint's
@@ -98,9 +110,11 @@ TASKS: dict[str, type[Task]] = {}
 
 
 def register_task(task: type[Task]) -> type[Task]:
-    """Make ``task`` available as ``TrainConfig.task = task.name`` (usable as a decorator)."""
+    """Make ``task`` available as ``[task] name = task.name``, with its ``Options`` as
+    ``[task.<name>]`` (usable as a decorator)."""
     if task.name in TASKS and TASKS[task.name] is not task:
         raise ValueError(f"task {task.name!r} is registered twice")
+    register_task_options(task.name, task.Options)
     TASKS[task.name] = task
     return task
 
@@ -125,7 +139,7 @@ class Classification(Task):
     best_mode = "max"
 
     def build_model(self, info: SourceInfo) -> PretrainedModel:
-        cfg = self.cfg
+        cfg = self.cfg.model
         assert info.classes is not None  # the loop refuses unlabelled data (``needs_labels``)
         # The evaluation preprocessing is recorded with the model, so that the validation and
         # test accuracy of the run is what `vitkit eval` and `predict` later reproduce: a
@@ -133,17 +147,17 @@ class Classification(Task):
         extra: dict[str, Any] = {"classes": info.classes}
         if cfg.init_from is None:
             extra[RECORD_KEY] = EvalPreprocessing().to_dict()
-            assert cfg.model is not None  # TrainConfig checked it names a registered model
+            assert cfg.name is not None  # TrainConfig checked it names a registered model
             size = {"img_size": cfg.img_size} if cfg.img_size else {}
-            config_class = type(model_config(cfg.model))
+            config_class = type(model_config(cfg.name))
             regularisation = fitted_overrides(
                 config_class, dropout=cfg.dropout, drop_path=cfg.drop_path
             )
             return create_model(
-                cfg.model, num_classes=len(info.classes), in_chans=info.channels, extra=extra,
+                cfg.name, num_classes=len(info.classes), in_chans=info.channels, extra=extra,
                 **size, **regularisation,
             )  # fmt: skip
-        checkpoint = read_checkpoint(cfg.init_from, cfg.model)
+        checkpoint = read_checkpoint(cfg.init_from, cfg.name)
         extra[RECORD_KEY] = EvalPreprocessing.of(checkpoint.config).to_dict()
         regularisation = fitted_overrides(
             type(checkpoint.config), dropout=cfg.dropout, drop_path=cfg.drop_path
@@ -180,7 +194,8 @@ class Classification(Task):
     def evaluate(
         self, model: PretrainedModel, source: DataSource, process: Process
     ) -> dict[str, Any]:
-        result = evaluate(model, source, self.cfg.eval_batch_size, self.cfg.precision, process)
+        cfg = self.cfg
+        result = evaluate(model, source, cfg.evaluators.batch_size, cfg.run.precision, process)
         return {"loss": result.loss, "accuracy": result.accuracy, "confusion": result.confusion}
 
     def summary(self, test: dict[str, Any], best: float | None) -> dict[str, Any]:
@@ -204,6 +219,6 @@ def registered_tasks() -> dict[str, type[Task]]:
 
 def build_task(cfg: TrainConfig) -> Task:
     tasks = registered_tasks()
-    if cfg.task not in tasks:
-        raise ValueError(f"unknown task {cfg.task!r}: choose one of {sorted(tasks)}")
-    return tasks[cfg.task](cfg)
+    if cfg.task.name not in tasks:
+        raise ValueError(f"unknown task {cfg.task.name!r}: choose one of {sorted(tasks)}")
+    return tasks[cfg.task.name](cfg)

@@ -40,6 +40,18 @@ class ConfigMixin:
     def describe_name(cls) -> str:
         return cls.config_name or cls.__name__
 
+    @classmethod
+    def from_table(cls, values: dict[str, Any], prefix: str) -> Self:
+        """Build from the table ``values`` found under ``prefix`` in an enclosing config (a
+        class with tables beyond its fields, such as registered plugins' options, overrides
+        this, ``merge_table`` and ``to_dict``)."""
+        return cls(**checked_values(cls, values, prefix))
+
+    @classmethod
+    def merge_table(cls, values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+        """``values`` (this config's table) with ``overrides`` applied, key by key."""
+        return merge_tables(cls, values, overrides)
+
 
 def plain(value: Any) -> Any:
     """``value`` as JSON-ready plain data: configs as dicts, tuples as lists."""
@@ -78,10 +90,10 @@ def checked_values(cls: type[ConfigMixin], values: dict[str, Any], prefix: str) 
     for name, value in values.items():
         nested = nested_config_class(hints[name])
         if nested is not None and isinstance(value, dict):
-            built[name] = nested(**checked_values(nested, value, f"{prefix}{name}."))
+            built[name] = nested.from_table(value, f"{prefix}{name}.")
             continue
         if cls.check_types and nested is None and not fits(value, hints[name]):
-            wrong.append(f"{prefix}{name} must be {describe(hints[name])}, not {value!r}")
+            wrong.append(f"{prefix}{name} must be {expectation(hints[name])}, not {value!r}")
         built[name] = (
             tuple(value) if isinstance(value, list) and wants_tuple(hints[name]) else value
         )
@@ -106,7 +118,7 @@ def merge_tables(
         value = plain(value) if isinstance(value, ConfigMixin) else value
         nested = nested_config_class(hints.get(name))
         if nested is not None and isinstance(value, dict) and isinstance(merged.get(name), dict):
-            merged[name] = merge_tables(nested, merged[name], value)
+            merged[name] = nested.merge_table(merged[name], value)
         else:
             merged[name] = value
     return merged
@@ -142,10 +154,34 @@ def fits(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+def expectation(hint: Any) -> str:
+    """What a value of the annotation ``hint`` must be, as an error message says it."""
+    if typing.get_origin(hint) is typing.Literal:
+        return f"one of {typing.get_args(hint)}"
+    return describe(hint)
+
+
 def describe(hint: Any) -> str:
     """An annotation as a person reads it: ``int | none``, ``Literal['adam', 'sgd']``."""
     text = str(hint).replace("typing.", "").replace("NoneType", "none")
     return text.removeprefix("<class '").removesuffix("'>")
+
+
+def choice_problems(config: Any) -> list[str]:
+    """One message for each field of the dataclass ``config`` whose value is not among the
+    choices of its ``Literal`` annotation (for configs built directly, not from plain values)."""
+    hints = typing.get_type_hints(type(config))
+    problems = []
+    for f in dataclasses.fields(config):
+        choices = literal_choices(hints[f.name])
+        value = getattr(config, f.name)
+        if (
+            choices is not None
+            and value not in choices
+            and not (value is None and fits(None, hints[f.name]))
+        ):
+            problems.append(f"{f.name} must be one of {choices}, not {value!r}")
+    return problems
 
 
 def literal_choices(hint: Any) -> tuple[Any, ...] | None:

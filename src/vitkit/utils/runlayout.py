@@ -17,6 +17,7 @@ analysis find the files without importing the training code.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class RunLayout:
@@ -68,3 +69,16 @@ def locate_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
 
 
 __all__ = ["RunLayout", "locate_checkpoint"]
+
+
+def run_setting(
+    config: dict[str, Any], section: str, key: str, flat_key: str | None = None, default: Any = None
+) -> Any:
+    """A setting of a run's ``config.json``: ``[section] key`` of the nested config, or, in the
+    flat config of earlier versions, ``flat_key`` (default: the section's own name, which held
+    the section's main value: ``model``, ``data``). Lets the layers below training read a run's
+    settings without importing its config classes."""
+    table = config.get(section)
+    if isinstance(table, dict):
+        return table.get(key, default)
+    return config.get(flat_key or section, default)
