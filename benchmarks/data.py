@@ -85,21 +85,42 @@ def make_photos(out: Path, count: int) -> Path:
     """``count`` phone photos in ``out``; a folder already there (``--photo-cache``) is reused."""
     if out.is_dir() and any(out.iterdir()):
         return out
-    subprocess.run([sys.executable, str(photo_tool()), str(out), "--per-class", str(count // 2),
-                    "--classes", "2"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            str(photo_tool()),
+            str(out),
+            "--per-class",
+            str(count // 2),
+            "--classes",
+            "2",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return out
 
 
 def rss_case(folder: str, args: argparse.Namespace) -> None:
     """One fresh process: a 1-epoch run on ``folder``; prints its peak memory as JSON."""
     with tempfile.TemporaryDirectory() as out:
-        train_run(TrainConfig.from_dict(dict(
-            data=folder, model=args.rss_model, img_size=args.img_size, epochs=1,
-            batch_size=args.batch, warmup_epochs=0.0, data_in_memory="no", out=f"{out}/run",
-            # evaluation in training-size batches: the default (512) would make the peak grow
-            # with the test split (up to 512 images) rather than with nothing
-            eval_batch_size=args.batch,
-        )))  # fmt: skip
+        train_run(
+            TrainConfig.from_dict(
+                dict(
+                    data=folder,
+                    model=args.rss_model,
+                    img_size=args.img_size,
+                    epochs=1,
+                    batch_size=args.batch,
+                    warmup_epochs=0.0,
+                    data_in_memory="no",
+                    out=f"{out}/run",
+                    # evaluation in training-size batches: the default (512) would make the peak grow
+                    # with the test split (up to 512 images) rather than with nothing
+                    eval_batch_size=args.batch,
+                )
+            )
+        )
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({"main_mb": own, "worker_mb": workers}))
@@ -114,15 +135,22 @@ def streaming(args: argparse.Namespace, data: Path) -> int:
         imagenette = open_source(str(data / "imagenette2-224"), "train", options)
         imagenette = imagenette.subset(torch.arange(min(args.images, len(imagenette))))
         info = imagenette.info
-        write_shards({"train": imagenette}, Path(scratch, "shards"), parse_size("500MB"),
-                     classes=info.classes or [], channels=3, source="imagenette",
-                     held_out_test=False)  # fmt: skip
+        write_shards(
+            {"train": imagenette},
+            Path(scratch, "shards"),
+            parse_size("500MB"),
+            classes=info.classes or [],
+            channels=3,
+            source="imagenette",
+            held_out_test=False,
+        )
         sources = {
             f"{args.photos} phone photos": open_source(
-                str(make_photos(Path(tmp, f"photos{args.photos}"), args.photos)), "train", options),
+                str(make_photos(Path(tmp, f"photos{args.photos}"), args.photos)), "train", options
+            ),
             "Imagenette 224 px folder": imagenette,
             "Imagenette 224 px shards": open_source(str(Path(scratch, "shards")), "train", options),
-        }  # fmt: skip
+        }
         for name, source in sources.items():
             source.set_image_size(size)
             batches = min(args.stream_batches, len(source) // args.batch)
@@ -134,18 +162,27 @@ def streaming(args: argparse.Namespace, data: Path) -> int:
                     for _ in zip(range(batches), stream, strict=False):
                         pass
 
-                rows.append((f"(d) {name}, {workers} worker(s)", batches * args.batch,
-                             median_seconds(epoch, args.runs)))  # fmt: skip
+                rows.append(
+                    (
+                        f"(d) {name}, {workers} worker(s)",
+                        batches * args.batch,
+                        median_seconds(epoch, args.runs),
+                    )
+                )
         for model_name in args.step_models:
             cfg = model_config(model_name, img_size=args.img_size)
             model = create_model(model_name, img_size=args.img_size)
             x = torch.rand(32, cfg.in_chans, *size) * 2 - 1
             step = training_step(model, model, x, torch.zeros(32, dtype=torch.long), "fp32")
             step()  # warm-up
-            rows.append((f"(e) {model_name} training step, batch 32", 32,
-                         median_seconds(step, args.runs)))  # fmt: skip
-        print_table(rows, f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-                    f"{args.img_size} px, batch {args.batch}, median of {args.runs} runs")  # fmt: skip
+            rows.append(
+                (f"(e) {model_name} training step, batch 32", 32, median_seconds(step, args.runs))
+            )
+        print_table(
+            rows,
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"{args.img_size} px, batch {args.batch}, median of {args.runs} runs",
+        )
         peak_memory(args, Path(tmp))
     return 0
 
@@ -156,10 +193,22 @@ def peak_memory(args: argparse.Namespace, tmp: Path) -> None:
     for count in args.rss_photos:
         folder = make_photos(tmp / f"photos{count}", count)
         done = subprocess.run(
-            [sys.executable, __file__, "--rss-case", str(folder), "--rss-model",
-             args.rss_model, "--img-size", str(args.img_size), "--batch", str(args.batch)],
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                __file__,
+                "--rss-case",
+                str(folder),
+                "--rss-model",
+                args.rss_model,
+                "--img-size",
+                str(args.img_size),
+                "--batch",
+                str(args.batch),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         peak = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"| {count} | {peak['main_mb']:.0f} | {peak['worker_mb']:.0f} |")
 
@@ -224,8 +273,13 @@ def main() -> int:
             for _, (images, labels) in zip(range(steps), batches, strict=False):
                 transform(images, labels, train=train)
 
-        rows.append((f"(b) batches + BatchTransform, {name}", batch * steps,
-                     median_seconds(transform_batches, args.runs)))  # fmt: skip
+        rows.append(
+            (
+                f"(b) batches + BatchTransform, {name}",
+                batch * steps,
+                median_seconds(transform_batches, args.runs),
+            )
+        )
 
     model = create_model("vit_micro", num_classes=10)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -240,11 +294,19 @@ def main() -> int:
             optimizer.step()
 
     train_steps()  # warm-up
-    rows.append(("(c) vit_micro training step (fwd + bwd + AdamW)", batch * steps,
-                 median_seconds(train_steps, args.runs)))  # fmt: skip
+    rows.append(
+        (
+            "(c) vit_micro training step (fwd + bwd + AdamW)",
+            batch * steps,
+            median_seconds(train_steps, args.runs),
+        )
+    )
 
-    print_table(rows, f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch "
-                f"{batch}, median of {args.runs} runs")  # fmt: skip
+    print_table(
+        rows,
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch "
+        f"{batch}, median of {args.runs} runs",
+    )
     return 0
 
 

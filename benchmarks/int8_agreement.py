@@ -67,8 +67,10 @@ def main() -> int:
                 correct[key] += int((predictions[key] == labels).sum())
             agree += int((predictions["fp32"] == predictions["int8"]).sum())
     n = len(dataset)
-    print(f"{args.checkpoint} on {data} ({args.split}, {n} images); {cpu_name()}, "
-          f"{args.threads} threads; torch {torch.__version__}")  # fmt: skip
+    print(
+        f"{args.checkpoint} on {data} ({args.split}, {n} images); {cpu_name()}, "
+        f"{args.threads} threads; torch {torch.__version__}"
+    )
     rows = [[key, f"{correct[key] / n:.4f}", f"{n / seconds[key]:.1f}"] for key in models]
     print(markdown_table(["weights", "accuracy", "images/s"], rows))
     verdict = "meets" if agree / n >= BAR else "misses"

@@ -159,24 +159,55 @@ def worker(args: argparse.Namespace) -> None:
         loss.backward()
         optimizer.zero_grad(set_to_none=True)
         state = 4 * 4 * sum(local_numel(p) for p in model.parameters())  # weights, grads, 2 moments
-        result = dict(state=state, peak=peak, step_memory=max(window - before, 0),
-                      activations=max(held, 0), seconds=statistics.median(times),
-                      device=device.type)  # fmt: skip
+        result = dict(
+            state=state,
+            peak=peak,
+            step_memory=max(window - before, 0),
+            activations=max(held, 0),
+            seconds=statistics.median(times),
+            device=device.type,
+        )
         Path(f"{args.result}-{process.rank}.json").write_text(json.dumps(result))
     finally:
         distributed.stop(process)
 
 
-def job(model: str, processes: int, mode: str, checkpointing: bool, args: argparse.Namespace,
-        folder: Path) -> dict[str, float | str]:  # fmt: skip
+def job(
+    model: str,
+    processes: int,
+    mode: str,
+    checkpointing: bool,
+    args: argparse.Namespace,
+    folder: Path,
+) -> dict[str, float | str]:
     """One torchrun job; the worst of its processes."""
     result = folder / f"{model}-{processes}-{mode}-{int(checkpointing)}"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-        str(processes), __file__, "--worker", "--result", str(result), "--models", model,
-        "--parallel", mode, "--img-size", str(args.img_size), "--batch", str(args.batch),
-        "--steps", str(args.steps), "--device", args.device, "--threads", str(args.threads),
-    ] + (["--activation-checkpointing"] if checkpointing else [])  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(processes),
+        __file__,
+        "--worker",
+        "--result",
+        str(result),
+        "--models",
+        model,
+        "--parallel",
+        mode,
+        "--img-size",
+        str(args.img_size),
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+    ] + (["--activation-checkpointing"] if checkpointing else [])
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-5000:]}")
@@ -195,9 +226,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="per process (0: vitkit's split)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument(
-        "--only", nargs="+", metavar="SETTING", choices=LABELS,
+        "--only",
+        nargs="+",
+        metavar="SETTING",
+        choices=LABELS,
         help=f"measure only these settings ({', '.join(LABELS)}); default: all",
-    )  # fmt: skip
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--parallel", default="ddp", help=argparse.SUPPRESS)
@@ -216,32 +250,55 @@ def main() -> None:
                         continue
                     r = job(model, processes, mode, checkpointing, args, Path(folder))
                     measured[model, processes, mode, checkpointing] = r
-                    rows.append([
-                        model, f"{mode} x{processes}" if processes > 1 else "1 process",
-                        "yes" if checkpointing else "no", f"{r['state'] / MIB:,.0f}",
-                        f"{r['peak'] / MIB:,.0f}", f"{r['step_memory'] / MIB:,.0f}",
-                        f"{r['activations'] / MIB:,.0f}", f"{r['seconds']:.2f}",
-                    ])  # fmt: skip
+                    rows.append(
+                        [
+                            model,
+                            f"{mode} x{processes}" if processes > 1 else "1 process",
+                            "yes" if checkpointing else "no",
+                            f"{r['state'] / MIB:,.0f}",
+                            f"{r['peak'] / MIB:,.0f}",
+                            f"{r['step_memory'] / MIB:,.0f}",
+                            f"{r['activations'] / MIB:,.0f}",
+                            f"{r['seconds']:.2f}",
+                        ]
+                    )
                     print(rows[-1], file=sys.stderr, flush=True)
     device = measured[next(iter(measured))]["device"]
     where = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     peak = "peak CUDA MiB" if device == "cuda" else "peak RSS MiB"
-    print(f"Training step memory per process, {args.img_size} px, batch {args.batch} per "
-          f"process, fp32, AdamW; {where}; torch {torch.__version__}\n")  # fmt: skip
-    print(markdown_table(["model", "processes", "act. ckpt", "param+grad+optim MiB", peak,
-                          "step adds MiB", "activations MiB", "step s"], rows))  # fmt: skip
+    print(
+        f"Training step memory per process, {args.img_size} px, batch {args.batch} per "
+        f"process, fp32, AdamW; {where}; torch {torch.__version__}\n"
+    )
+    print(
+        markdown_table(
+            [
+                "model",
+                "processes",
+                "act. ckpt",
+                "param+grad+optim MiB",
+                peak,
+                "step adds MiB",
+                "activations MiB",
+                "step s",
+            ],
+            rows,
+        )
+    )
     print()
     for model in args.models:
         if args.only:  # the goals compare settings that may not all have been measured
             break
         ddp, fsdp = measured[model, 2, "ddp", False], measured[model, 2, "fsdp", False]
         plain, ckpt = measured[model, 1, "ddp", False], measured[model, 1, "ddp", True]
-        print(f"{model}: FSDP x2 holds {fsdp['state'] / ddp['state']:.0%} of DDP x2's parameter "
-              f"+ gradient + optimizer bytes (goal <= 55%); activation checkpointing holds "
-              f"{plain['activations'] / max(ckpt['activations'], 1):.1f}x less activation "
-              f"memory (goal >= 3x; a whole step adds "
-              f"{plain['step_memory'] / max(ckpt['step_memory'], 1):.1f}x less) for "
-              f"{ckpt['seconds'] / plain['seconds'] - 1:+.0%} step time (goal <= +40%)")  # fmt: skip
+        print(
+            f"{model}: FSDP x2 holds {fsdp['state'] / ddp['state']:.0%} of DDP x2's parameter "
+            f"+ gradient + optimizer bytes (goal <= 55%); activation checkpointing holds "
+            f"{plain['activations'] / max(ckpt['activations'], 1):.1f}x less activation "
+            f"memory (goal >= 3x; a whole step adds "
+            f"{plain['step_memory'] / max(ckpt['step_memory'], 1):.1f}x less) for "
+            f"{ckpt['seconds'] / plain['seconds'] - 1:+.0%} step time (goal <= +40%)"
+        )
 
 
 if __name__ == "__main__":

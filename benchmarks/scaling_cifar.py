@@ -55,11 +55,16 @@ def models_table(rows: list[dict[str, Any]], out: Path, fractions: list[float]) 
         largest = mine[max(mine)]
         speed = inference_speed(out / "runs" / f"{model}-f{max(mine):g}" / "best.safetensors")
         train_speeds = sorted(r["train_images_per_s"] for r in mine.values())
-        lines.append([
-            model, f"{largest['params']:,}", f"{largest['gflops_per_image']:.3f}",
-            f"{train_speeds[len(train_speeds) // 2]:,.0f}", f"{speed:,.0f}",
-            *(f"{mine[f]['test_accuracy']:.1%}" if f in mine else "" for f in fractions),
-        ])  # fmt: skip
+        lines.append(
+            [
+                model,
+                f"{largest['params']:,}",
+                f"{largest['gflops_per_image']:.3f}",
+                f"{train_speeds[len(train_speeds) // 2]:,.0f}",
+                f"{speed:,.0f}",
+                *(f"{mine[f]['test_accuracy']:.1%}" if f in mine else "" for f in fractions),
+            ]
+        )
     return markdown_table(header, lines)
 
 
@@ -87,9 +92,14 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     base = read_toml(RECIPE)
     experiment = ScalingExperiment(
-        data, args.fractions, args.models, args.out, epochs=args.epochs,
-        budget_minutes=None if args.epochs is not None else budget, base=base,
-    )  # fmt: skip
+        data,
+        args.fractions,
+        args.models,
+        args.out,
+        epochs=args.epochs,
+        budget_minutes=None if args.epochs is not None else budget,
+        base=base,
+    )
     rows = run_scaling(experiment)
     length_text = f"{args.epochs} epochs" if args.epochs else f"{budget:g} minutes of training"
     print(f"\n{cpu_name()}, {torch.get_num_threads()} threads; {length_text} per run\n")

@@ -86,8 +86,15 @@ def from_scratch(name: str, seeds: list[int], epochs: int | None, out: Path) -> 
     rows = []
     for seed in seeds:
         summary = run(recipe_values(name, seed, epochs), out / f"{name}-seed{seed}")
-        rows.append([name, str(seed), f"{summary['test_accuracy']:.2%}",
-                     f"{summary['wall_seconds'] / 60:.1f}", f"{summary['images_per_second']:.0f}"])  # fmt: skip
+        rows.append(
+            [
+                name,
+                str(seed),
+                f"{summary['test_accuracy']:.2%}",
+                f"{summary['wall_seconds'] / 60:.1f}",
+                f"{summary['images_per_second']:.0f}",
+            ]
+        )
         if name.startswith("cifar10"):
             print_curve(out / f"{name}-seed{seed}")
     return rows
@@ -131,10 +138,20 @@ def finetune(seeds: list[int], epochs: int | None, out: Path) -> list[list[str]]
             out / f"finetune-seed{seed}",
         )
         scratch = run({**digits_16, "model": {"img_size": 16}}, out / f"scratch-seed{seed}")
-        for label, s in (("pre-train: MNIST 8x8", pre), ("fine-tune: digits 16x16", tuned),
-                         ("scratch: digits 16x16", scratch)):  # fmt: skip
-            rows.append([label, str(seed), f"{s['test_accuracy']:.2%}",
-                         f"{s['wall_seconds'] / 60:.1f}", f"{s['images_per_second']:.0f}"])  # fmt: skip
+        for label, s in (
+            ("pre-train: MNIST 8x8", pre),
+            ("fine-tune: digits 16x16", tuned),
+            ("scratch: digits 16x16", scratch),
+        ):
+            rows.append(
+                [
+                    label,
+                    str(seed),
+                    f"{s['test_accuracy']:.2%}",
+                    f"{s['wall_seconds'] / 60:.1f}",
+                    f"{s['images_per_second']:.0f}",
+                ]
+            )
     return rows
 
 
@@ -161,8 +178,9 @@ def main() -> None:
     print_table(rows)
     if len(args.seeds) > 1 and args.recipe != "finetune":
         accuracies = [float(r[2].rstrip("%")) for r in rows]
-        print(f"median test accuracy {statistics.median(accuracies):.2f}%, "
-              f"min {min(accuracies):.2f}%")  # fmt: skip
+        print(
+            f"median test accuracy {statistics.median(accuracies):.2f}%, min {min(accuracies):.2f}%"
+        )
 
 
 if __name__ == "__main__":

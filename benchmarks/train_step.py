@@ -132,17 +132,26 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="timed steps per candidate")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per candidate first")
     parser.add_argument(
-        "--attn", nargs="+", choices=("auto", "sdpa", "eager"), default=["auto"],
+        "--attn",
+        nargs="+",
+        choices=("auto", "sdpa", "eager"),
+        default=["auto"],
         help="vitkit attention paths to time; the first one is the ratio's numerator",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--hf-attn", nargs="+", choices=("sdpa", "eager"), default=["sdpa", "eager"],
+        "--hf-attn",
+        nargs="+",
+        choices=("sdpa", "eager"),
+        default=["sdpa", "eager"],
         help="Hugging Face attention paths; the faster one is the ratio's baseline",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--variants", nargs="*", choices=("compile", "foreach", "fused", "channels-last"),
-        default=[], help="changes to vitkit's step, each timed beside it (see above)",
-    )  # fmt: skip
+        "--variants",
+        nargs="*",
+        choices=("compile", "foreach", "fused", "channels-last"),
+        default=[],
+        help="changes to vitkit's step, each timed beside it (see above)",
+    )
     parser.add_argument("--batch", type=int, help="one batch size for every model")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(

@@ -61,9 +61,13 @@ def tiny_digits(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int, int]
         if (train, test) not in made:
             train_set, test_set = load_dataset("digits", "train"), load_dataset("digits", "test")
             path = tmp_path_factory.mktemp("digits") / f"digits_{train}_{test}.npz"
-            np.savez(path, x_train=train_set.images[:train].numpy(),
-                     y_train=train_set.labels[:train].numpy(),
-                     x_test=test_set.images[:test].numpy(), y_test=test_set.labels[:test].numpy())  # fmt: skip
+            np.savez(
+                path,
+                x_train=train_set.images[:train].numpy(),
+                y_train=train_set.labels[:train].numpy(),
+                x_test=test_set.images[:test].numpy(),
+                y_test=test_set.labels[:test].numpy(),
+            )
             made[train, test] = path
         return made[train, test]
 
@@ -77,12 +81,12 @@ def wait_for(path: Path, proc: subprocess.Popen) -> None:
         time.sleep(0.01)
 
 
-def sigkill_after_checkpoint(command: list[str], out: Path, env: dict[str, str],
-                             settle: float) -> None:  # fmt: skip
+def sigkill_after_checkpoint(
+    command: list[str], out: Path, env: dict[str, str], settle: float
+) -> None:
     """Run ``command`` (a training run writing to ``out``) and SIGKILL it ``settle`` seconds
     after its first checkpoint: somewhere in a later epoch, or while a checkpoint is written."""
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(out / "last.safetensors", proc)
     time.sleep(settle)
     proc.kill()

@@ -157,8 +157,12 @@ def test_writers_round_trip_exactly(tmp_path: Path, name: str) -> None:
 def test_detectors_keep_to_their_own_files(tmp_path: Path) -> None:
     assert not bit.detect_bit(BUNDLED_VIT_NPZ) and official.detect(BUNDLED_VIT_NPZ)
     vit_path = tmp_path / "vit.safetensors"
-    timm.write(VisionTransformer(ViTConfig(img_size=16, patch_size=8, width=32, depth=1,
-                                           num_heads=2, mlp_dim=64)), vit_path)  # fmt: skip
+    timm.write(
+        VisionTransformer(
+            ViTConfig(img_size=16, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64)
+        ),
+        vit_path,
+    )
     assert timm.detect(vit_path) and not bit.detect_timm(vit_path)
 
 

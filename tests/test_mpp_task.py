@@ -81,8 +81,21 @@ def test_the_checkpoint_fine_tunes_without_the_prediction_head(
     backbone = load_pretrained(best)
     assert backbone.cfg.num_classes == 0 and backbone.cfg.representation_size is None
     out = tmp_path / "ft"
-    code = main(["finetune", "--from", str(best), "--data", "digits", "--epochs", "2",
-                 "--lr", "0.03", "--out", str(out)])  # fmt: skip
+    code = main(
+        [
+            "finetune",
+            "--from",
+            str(best),
+            "--data",
+            "digits",
+            "--epochs",
+            "2",
+            "--lr",
+            "0.03",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     model = load_pretrained(out / "best.safetensors")
     assert model.cfg.num_classes == 10 and not any(
@@ -101,9 +114,18 @@ def test_the_checkpoint_fine_tunes_without_the_prediction_head(
 def test_resume_mid_epoch_is_bit_identical_with_the_mask_token_and_head(
     tiny_data: Path, tmp_path: Path
 ) -> None:
-    settings = dict(data=str(tiny_data), epochs=2, batch_size=32, lr=1e-3, warmup_epochs=0.5,
-                    checkpoint_every=3, dropout=0.1, drop_path=0.1, val_fraction=0.25,
-                    augment=dict(random_resized_crop=True, crop_scale=(0.5, 1.0), hflip=True))  # fmt: skip
+    settings = dict(
+        data=str(tiny_data),
+        epochs=2,
+        batch_size=32,
+        lr=1e-3,
+        warmup_epochs=0.5,
+        checkpoint_every=3,
+        dropout=0.1,
+        drop_path=0.1,
+        val_fraction=0.25,
+        augment=dict(random_resized_crop=True, crop_scale=(0.5, 1.0), hflip=True),
+    )
     train(pretrain_config(out=str(tmp_path / "whole"), **settings))
 
     with (
@@ -136,9 +158,18 @@ def test_the_fewshot_evaluator_logs_what_the_protocol_gives(
     tiny_data: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "fewshot"
-    train(pretrain_config(out=str(out), data=str(tiny_data), epochs=2, batch_size=32,
-                          evaluators=["val", "fewshot"], fewshot_shots=[1, 5],
-                          fewshot_seeds=2, val_fraction=0.25))  # fmt: skip
+    train(
+        pretrain_config(
+            out=str(out),
+            data=str(tiny_data),
+            epochs=2,
+            batch_size=32,
+            evaluators=["val", "fewshot"],
+            fewshot_shots=[1, 5],
+            fewshot_seeds=2,
+            val_fraction=0.25,
+        )
+    )
     logged = records(out, "fewshot")
     assert [r["step"] for r in logged] == [6, 12]
     assert all(r.keys() >= {"1shot", "5shot"} for r in logged)
@@ -147,9 +178,15 @@ def test_the_fewshot_evaluator_logs_what_the_protocol_gives(
     model = load_pretrained(out / "last.safetensors")
     train_set, _ = load_dataset(str(tiny_data), "train").split(0.25, 0)
     test_set = load_dataset(str(tiny_data), "test")
-    expected = fewshot_protocol(extract_features(model, train_set), train_set.labels,
-                                extract_features(model, test_set), test_set.labels,
-                                shots=[1, 5], seeds=[0, 1], num_classes=10)  # fmt: skip
+    expected = fewshot_protocol(
+        extract_features(model, train_set),
+        train_set.labels,
+        extract_features(model, test_set),
+        test_set.labels,
+        shots=[1, 5],
+        seeds=[0, 1],
+        num_classes=10,
+    )
     assert logged[-1]["1shot"] == pytest.approx(expected[1]["mean"], abs=1e-9)
     assert logged[-1]["5shot"] == pytest.approx(expected[5]["mean"], abs=1e-9)
     assert (out / "curves.png").stat().st_size > 10_000
@@ -161,11 +198,22 @@ def test_the_hybrid_pretrains_on_its_1x1_patches(tmp_path: Path) -> None:
     square: 1 (less the 1e-6 of the normalisation)."""
     rng = np.random.default_rng(0)
     data = tmp_path / "rgb.npz"
-    np.savez(data, images=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
-             labels=np.zeros(20, dtype=np.int64))  # fmt: skip
+    np.savez(
+        data,
+        images=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
+        labels=np.zeros(20, dtype=np.int64),
+    )
     out = tmp_path / "hybrid"
-    train(pretrain_config(model="vit_cifar_hybrid", data=str(data), epochs=1, batch_size=8,
-                          mpp_target="pixels", out=str(out)))  # fmt: skip
+    train(
+        pretrain_config(
+            model="vit_cifar_hybrid",
+            data=str(data),
+            epochs=1,
+            batch_size=8,
+            mpp_target="pixels",
+            out=str(out),
+        )
+    )
     first = records(out, "train")[0]
     assert first["loss"] == pytest.approx(1.0, abs=1e-4)
     assert "accuracy" not in first  # a regression has none
@@ -196,17 +244,35 @@ def test_an_unlabelled_folder_pretrains(
     expected = load_dataset("digits", "train").images[:160]
     assert torch.equal(images, expected)  # the root's images first, then the sub-folders'
     out = tmp_path / "run"
-    assert main(["pretrain", "--data", str(unlabelled_folder), "--epochs", "1",
-                 "--batch-size", "32", "--val-fraction", "0.25", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(unlabelled_folder),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "32",
+                "--val-fraction",
+                "0.25",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["classes"] is None and summary["steps"] == 3  # 128 - 32 = 96 images
     assert load_pretrained(out / "best.safetensors").cfg.in_chans == 1
 
 
 def test_classification_refuses_an_unlabelled_folder(
-    unlabelled_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    unlabelled_folder: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     monkeypatch.setenv("VITKIT_CACHE", "off")
     out = tmp_path / "refused"
     assert main(["train", "--data", str(unlabelled_folder), "--out", str(out)]) == 2

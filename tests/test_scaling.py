@@ -22,8 +22,13 @@ from vitkit.training import TrainConfig, TrainingInterrupted, train
 from vitkit.training.optim import build_schedule, lr_factor
 from vitkit.training.recipes import HyperRule, bit_config, bit_hyperrule
 
-QUICK = dict(batch_size=32, log_every=1, checkpoint_every=2, warmup_epochs=0.0,
-             augment=dict(random_resized_crop=False))  # fmt: skip
+QUICK = dict(
+    batch_size=32,
+    log_every=1,
+    checkpoint_every=2,
+    warmup_epochs=0.0,
+    augment=dict(random_resized_crop=False),
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,19 +111,42 @@ def test_bit_config_on_digits_scales_lr_with_the_batch_and_keeps_explicit_settin
 def test_finetune_recipe_bit_trains_with_the_resolved_rule(tmp_path: Path) -> None:
     checkpoint = create_model("vit_digits").save_pretrained(tmp_path / "pre.safetensors")
     out = tmp_path / "bit"
-    code = main(["finetune", "--from", str(checkpoint), "--recipe", "bit", "--data", "digits",
-                 "--batch-size", "64", "--steps", "5", "--log-every", "1", "--out", str(out)])  # fmt: skip
+    code = main(
+        [
+            "finetune",
+            "--from",
+            str(checkpoint),
+            "--recipe",
+            "bit",
+            "--data",
+            "digits",
+            "--batch-size",
+            "64",
+            "--steps",
+            "5",
+            "--log-every",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     cfg = json.loads((out / "config.json").read_text())
     optim, schedule = cfg["optim"], cfg["schedule"]
     assert (optim["name"], optim["momentum"], optim["weight_decay"], optim["grad_clip"]) == (
-        "sgd", 0.9, 0.0, 0.0,
-    )  # fmt: skip
+        "sgd",
+        0.9,
+        0.0,
+        0.0,
+    )
     assert (schedule["name"], schedule["steps"], schedule["warmup_steps"]) == ("bit", 5, 1)
     assert schedule["lr_drops"] == [2, 3, 4]
     assert cfg["presets"] == ["finetune", "bit"]
-    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()
-           if json.loads(line)["split"] == "train"]  # fmt: skip
+    lrs = [
+        json.loads(line)["lr"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["split"] == "train"
+    ]
     peak = 0.003 * 64 / 512
     # After steps 1..5 the next step's rate: the peak, then a tenth at each of 2, 3, 4.
     assert lrs == pytest.approx([peak, peak / 10, peak / 100, peak / 1000, peak / 1000])
@@ -168,13 +196,18 @@ def test_scaling_experiment_killed_then_rerun(
         "[augment]\nrandom_resized_crop = false\n"
     )
     experiment = ScalingExperiment(
-        "digits", [0.2, 0.1], ["vit_digits", "resnetv2_digits"], out, epochs=1,
+        "digits",
+        [0.2, 0.1],
+        ["vit_digits", "resnetv2_digits"],
+        out,
+        epochs=1,
         base={k: v for k, v in QUICK.items()},
-    )  # fmt: skip
+    )
     calls: list[tuple[str | None, Any]] = []
 
-    def killed_in_the_second_run(cfg: TrainConfig | None = None, resume: Any = None,
-                                 progress: Any = None) -> dict[str, Any]:  # fmt: skip
+    def killed_in_the_second_run(
+        cfg: TrainConfig | None = None, resume: Any = None, progress: Any = None
+    ) -> dict[str, Any]:
         calls.append((cfg.model.name if cfg else None, resume))
 
         def kill(step: int, total: int, record: Any) -> None:
@@ -191,11 +224,32 @@ def test_scaling_experiment_killed_then_rerun(
     assert (out / "results.csv").is_file()  # written after every finished run
 
     calls.clear()
-    monkeypatch.setattr(scaling, "train", lambda cfg=None, resume=None, progress=None: (
-        calls.append((cfg.model.name if cfg else None, resume)), train(cfg, resume, progress))[1])  # fmt: skip
-    argv = ["experiment", "scaling", "--data", "digits", "--fractions", "0.1", "0.2", "--models",
-            "vit_digits", "resnetv2_digits", "--epochs", "1", "--config",
-            str(tmp_path / "quick.toml"), "--out", str(out)]  # fmt: skip
+    monkeypatch.setattr(
+        scaling,
+        "train",
+        lambda cfg=None, resume=None, progress=None: (
+            calls.append((cfg.model.name if cfg else None, resume)),
+            train(cfg, resume, progress),
+        )[1],
+    )
+    argv = [
+        "experiment",
+        "scaling",
+        "--data",
+        "digits",
+        "--fractions",
+        "0.1",
+        "0.2",
+        "--models",
+        "vit_digits",
+        "resnetv2_digits",
+        "--epochs",
+        "1",
+        "--config",
+        str(tmp_path / "quick.toml"),
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     # The finished run is read back, the killed one resumed, the others trained.
     assert calls == [(None, second), ("resnetv2_digits", None), ("resnetv2_digits", None)]
@@ -226,8 +280,9 @@ def test_scaling_experiment_killed_then_rerun(
         assert figure in report
 
     with pytest.raises(ValueError, match=r"other settings .*epochs: 1 there, 2 now"):
-        run_scaling(ScalingExperiment("digits", [0.1], ["vit_digits"], out, epochs=2,
-                                      base=dict(QUICK)))  # fmt: skip
+        run_scaling(
+            ScalingExperiment("digits", [0.1], ["vit_digits"], out, epochs=2, base=dict(QUICK))
+        )
 
 
 def test_scaling_under_a_time_budget_is_time_boxed_by_the_loop_and_reruns_nothing(
@@ -268,8 +323,9 @@ def test_experiment_refuses_bad_plans() -> None:
     with pytest.raises(ValueError, match=r"--fractions must lie in \(0, 1\]"):
         ScalingExperiment("digits", [0.0, 0.5], ["vit_digits"], Path("x"), epochs=1)
     with pytest.raises(ValueError, match="sets model itself"):
-        ScalingExperiment("digits", [0.5], ["vit_digits"], Path("x"), epochs=1,
-                          base={"model": "vit_cifar"})  # fmt: skip
+        ScalingExperiment(
+            "digits", [0.5], ["vit_digits"], Path("x"), epochs=1, base={"model": "vit_cifar"}
+        )
 
 
 def test_the_old_home_of_the_experiment_says_where_it_went() -> None:

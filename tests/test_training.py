@@ -295,11 +295,25 @@ def test_finetune_at_a_higher_resolution_with_new_classes(
     keep = torch.nonzero(digits.labels < 5).flatten()[:200]
     data = tmp_path / "five.npz"
     np.savez(data, images=digits.images[keep].numpy(), labels=digits.labels[keep].numpy())
-    code = main([
-        "finetune", "--from", str(trained_run / "best.safetensors"), "--data", str(data),
-        "--img-size", "16", "--epochs", "2", "--batch-size", "32", "--val-fraction", "0",
-        "--out", str(tmp_path / "ft"),
-    ])  # fmt: skip
+    code = main(
+        [
+            "finetune",
+            "--from",
+            str(trained_run / "best.safetensors"),
+            "--data",
+            str(data),
+            "--img-size",
+            "16",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--val-fraction",
+            "0",
+            "--out",
+            str(tmp_path / "ft"),
+        ]
+    )
     assert code == 0
     model = load_pretrained(tmp_path / "ft/last.safetensors")
     assert model.cfg.img_size == (16, 16) and model.cfg.num_classes == 5
@@ -432,12 +446,31 @@ def test_inference_errors(trained_run: Path, tmp_path: Path, capsys: pytest.Capt
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tiny_data: Path, tmp_path: Path) -> None:
     """gloo, 2 processes x 16 images = 1 process x 32 images, step for step."""
-    args = ["train", "--data", str(tiny_data), "--epochs", "2", "--batch-size", "32",
-            "--warmup-epochs", "1", "--optimizer", "sgd", "--lr", "0.05",
-            "--no-random-resized-crop"]  # fmt: skip
+    args = [
+        "train",
+        "--data",
+        str(tiny_data),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--warmup-epochs",
+        "1",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--no-random-resized-crop",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node", "2"]  # fmt: skip
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
     run_ok([*torchrun, "-m", "vitkit", *args, "--out", str(tmp_path / "ddp")], env)
     assert main([*args, "--out", str(tmp_path / "single")]) == 0
     ddp, single = (

@@ -36,13 +36,29 @@ SIZE_FIGURE = "accuracy_vs_examples.png"
 COMPUTE_FIGURE = "accuracy_vs_compute.png"
 REPORT_FILE = "report.html"
 COLUMNS = (
-    "model", "fraction", "examples", "params", "gflops_per_image", "train_images_per_s",
-    "steps", "train_flops", "minutes", "test_accuracy",
-)  # fmt: skip
+    "model",
+    "fraction",
+    "examples",
+    "params",
+    "gflops_per_image",
+    "train_images_per_s",
+    "steps",
+    "train_flops",
+    "minutes",
+    "test_accuracy",
+)
 HEADERS = (
-    "model", "fraction", "examples", "params", "GFLOPs/image", "train img/s", "steps",
-    "train FLOPs", "minutes", "test accuracy",
-)  # fmt: skip
+    "model",
+    "fraction",
+    "examples",
+    "params",
+    "GFLOPs/image",
+    "train img/s",
+    "steps",
+    "train FLOPs",
+    "minutes",
+    "test accuracy",
+)
 
 
 def result_row(run: RunLayout, fraction: float) -> dict[str, Any]:
@@ -69,11 +85,17 @@ def result_row(run: RunLayout, fraction: float) -> dict[str, Any]:
 def formatted(row: dict[str, Any]) -> list[str]:
     """A row as people read it (the CSV keeps full precision)."""
     return [
-        row["model"], f"{row['fraction']:g}", f"{row['examples']:,}", f"{row['params']:,}",
-        f"{row['gflops_per_image']:.3g}", f"{row['train_images_per_s']:,.0f}",
-        f"{row['steps']:,}", f"{row['train_flops']:.3g}", f"{row['minutes']:.2f}",
+        row["model"],
+        f"{row['fraction']:g}",
+        f"{row['examples']:,}",
+        f"{row['params']:,}",
+        f"{row['gflops_per_image']:.3g}",
+        f"{row['train_images_per_s']:,.0f}",
+        f"{row['steps']:,}",
+        f"{row['train_flops']:.3g}",
+        f"{row['minutes']:.2f}",
         f"{row['test_accuracy']:.2%}",
-    ]  # fmt: skip
+    ]
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -94,11 +116,15 @@ def write_results(rows: Sequence[dict[str, Any]], out: Path) -> None:
         accuracy_figure(rows, "train_flops", "training compute (FLOPs)"), out / COMPUTE_FIGURE
     )
     sections = [
-        Section("Results", note="minutes: time in training steps; train FLOPs: 3 x forward "
-                "FLOPs per image x images trained on", rows=[list(HEADERS), *map(formatted, rows)]),
+        Section(
+            "Results",
+            note="minutes: time in training steps; train FLOPs: 3 x forward "
+            "FLOPs per image x images trained on",
+            rows=[list(HEADERS), *map(formatted, rows)],
+        ),
         Section("Accuracy against training-set size", SIZE_CAPTION, [SIZE_FIGURE]),
         Section("Accuracy against training compute", COMPUTE_CAPTION, [COMPUTE_FIGURE]),
-    ]  # fmt: skip
+    ]
     page = render_report("Scaling: ViT against ResNets", sections)
     atomic_write(out / REPORT_FILE, lambda tmp: tmp.write_text(page))
 
@@ -121,8 +147,7 @@ def accuracy_figure(rows: Sequence[dict[str, Any]], x: str, label: str) -> Figur
     ax = fig.subplots()
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r[x])
-        ax.plot([r[x] for r in mine], [100 * r["test_accuracy"] for r in mine], "o-",
-                label=model)  # fmt: skip
+        ax.plot([r[x] for r in mine], [100 * r["test_accuracy"] for r in mine], "o-", label=model)
     ax.set_xscale("log")
     ax.set_xlabel(label)
     ax.set_ylabel("test accuracy (%)")

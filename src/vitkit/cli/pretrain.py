@@ -28,8 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "warm-up, cosine decay; resume with `vitkit train --resume DIR`.",
     )
     parser.add_argument(
-        "--objective", dest="task.name", choices=OBJECTIVES, default=argparse.SUPPRESS,
+        "--objective",
+        dest="task.name",
+        choices=OBJECTIVES,
+        default=argparse.SUPPRESS,
         help="the self-supervised task: 'mpp', masked patch prediction (default: mpp)",
-    )  # fmt: skip
+    )
     add_config_flags(parser, ("pretrain",), hidden=frozenset({"task"}))
     parser.set_defaults(func=run_train, presets=("pretrain",))

@@ -103,11 +103,14 @@ def add_config_flags(
     """A flag for each setting but ``init_from`` and the flags in ``hidden`` (which the
     command sets another way); the defaults shown are those after ``presets``."""
     parser.add_argument(
-        "--config", type=Path, action="append", metavar="FILE",
+        "--config",
+        type=Path,
+        action="append",
+        metavar="FILE",
         help="TOML file of settings, in sections ([optim], [schedule], ...; see "
         "docs/configuration.md or any run's config.json); may be given more than once, later "
         "files win; flags override them",
-    )  # fmt: skip
+    )
     defaults = TrainConfig().to_dict()
     for name in presets:
         defaults = merge_tables(TrainConfig, defaults, read_preset(name))
@@ -145,12 +148,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with --parallel fsdp, FSDP (sharded model, gradients and optimizer state).",
     )
     train_parser.add_argument(
-        "--resume", type=Path, metavar="DIR",
+        "--resume",
+        type=Path,
+        metavar="DIR",
         help="continue the run in DIR (training or fine-tuning) from its last checkpoint, "
         "with its own config.json; takes no other option but "
         + ", ".join("--" + k.replace("_", "-") for k in RESUME_OPTIONS)
         + " (how it runs, not what it learns)",
-    )  # fmt: skip
+    )
     add_config_flags(train_parser)
     train_parser.set_defaults(func=run_train, presets=())
 
@@ -164,16 +169,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "instead. Resume with `vitkit train --resume DIR`.",
     )
     finetune_parser.add_argument(
-        "--from", dest="model.init_from", required=True, metavar="CKPT",
+        "--from",
+        dest="model.init_from",
+        required=True,
+        metavar="CKPT",
         help="the checkpoint to start from (vitkit, official .npz, ...)",
-    )  # fmt: skip
+    )
     finetune_parser.add_argument(
-        "--recipe", choices=("bit",),
+        "--recipe",
+        choices=("bit",),
         help="'bit': BiT-HyperRule (the preset 'bit': SGD, lr 0.003 x batch / 512, staircase "
         "schedule, length, mixup and crop by the training set's size and image area, "
         "computed and logged when the run starts); the config files and flags override any "
         "of it",
-    )  # fmt: skip
+    )
     add_config_flags(finetune_parser, ("finetune",))
     finetune_parser.set_defaults(func=run_train, presets=("finetune",))
 
@@ -216,8 +225,12 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = None if resume is not None else config_from_args(args)
     try:
         with progress_bar() as progress:
-            summary = train(cfg, resume=resume, progress=progress,
-                            resume_options=resume_options if resume is not None else None)  # fmt: skip
+            summary = train(
+                cfg,
+                resume=resume,
+                progress=progress,
+                resume_options=resume_options if resume is not None else None,
+            )
     except (TrainingDiverged, TrainingInterrupted) as err:
         if is_main_rank():
             print(f"vitkit {args.command}: {err}", file=sys.stderr)
@@ -259,8 +272,12 @@ def progress_bar() -> Iterator[Progress]:
         bar.update(step - bar.n)
         if record is not None:
             shown: dict[str, Any] = {k: record[k] for k in ("loss", "accuracy") if k in record}
-            bar.set_postfix({**{k: f"{v:.3f}" for k, v in shown.items()},
-                             "img/s": f"{record['images_per_second']:.0f}"})  # fmt: skip
+            bar.set_postfix(
+                {
+                    **{k: f"{v:.3f}" for k, v in shown.items()},
+                    "img/s": f"{record['images_per_second']:.0f}",
+                }
+            )
 
     with logging_redirect_tqdm():
         try:

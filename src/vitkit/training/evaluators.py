@@ -132,8 +132,15 @@ class FewShotEvaluator:
         features = torch.zeros(self.pool_size, picked.shape[1])
         features[self.pool_indices] = picked
         test = extract_features(model, self.test_images, self.batch_size)
-        results = fewshot_protocol(features, self.pool_labels, test, self.test_labels,
-                                   self.shots, range(self.seeds), num_classes=self.num_classes)  # fmt: skip
+        results = fewshot_protocol(
+            features,
+            self.pool_labels,
+            test,
+            self.test_labels,
+            self.shots,
+            range(self.seeds),
+            num_classes=self.num_classes,
+        )
         return {f"{shots}shot": result["mean"] for shots, result in results.items()}
 
 
@@ -187,14 +194,24 @@ def _fewshot(context: EvalContext) -> Evaluator:
             "source with --fewshot-data"
         )
     images, labels = _all_images(splits.train)
-    drawn = [fewshot_indices(labels, max(options.shots), s, len(classes))
-             for s in range(options.seeds)]  # fmt: skip
+    drawn = [
+        fewshot_indices(labels, max(options.shots), s, len(classes)) for s in range(options.seeds)
+    ]
     pool = torch.from_numpy(np.unique(np.concatenate(drawn)))
     test_images, test_labels = _all_images(splits.test)
     return FewShotEvaluator(
-        "fewshot", len(labels), pool, images[pool], labels, test_images, test_labels,
-        len(classes), list(options.shots), options.seeds, cfg.evaluators.batch_size,
-    )  # fmt: skip
+        "fewshot",
+        len(labels),
+        pool,
+        images[pool],
+        labels,
+        test_images,
+        test_labels,
+        len(classes),
+        list(options.shots),
+        options.seeds,
+        cfg.evaluators.batch_size,
+    )
 
 
 register_evaluator("fewshot", _fewshot, FewShotOptions)

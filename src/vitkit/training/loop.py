@@ -243,9 +243,15 @@ class Session:
 
     @classmethod
     def build(
-        cls, cfg: TrainConfig, process: Process, run: RunFolder, task: Task, splits: Splits,
-        evaluators: list[Evaluator], resuming: bool,
-    ) -> Session:  # fmt: skip
+        cls,
+        cfg: TrainConfig,
+        process: Process,
+        run: RunFolder,
+        task: Task,
+        splits: Splits,
+        evaluators: list[Evaluator],
+        resuming: bool,
+    ) -> Session:
         """The model, optimizer and schedule, restored from the run's latest checkpoint when
         ``resuming``."""
         steps_per_epoch = len(splits.train) // cfg.optim.batch_size
@@ -316,13 +322,20 @@ class Session:
         if process.is_main:
             logger.info(
                 "training %s-parameter %s (%s) on %s: %s, %.4g epochs of %d steps, %d "
-                "process(es) on %s (%s%s); run folder %s", f"{num_parameters(self.model):,}",
-                cfg.model.name or cfg.model.init_from, cfg.task.name, cfg.data.source, describe_splits(self.splits),
-                self.total_steps / self.steps_per_epoch, self.steps_per_epoch,
-                process.world_size, process.device.type, cfg.run.parallel,
+                "process(es) on %s (%s%s); run folder %s",
+                f"{num_parameters(self.model):,}",
+                cfg.model.name or cfg.model.init_from,
+                cfg.task.name,
+                cfg.data.source,
+                describe_splits(self.splits),
+                self.total_steps / self.steps_per_epoch,
+                self.steps_per_epoch,
+                process.world_size,
+                process.device.type,
+                cfg.run.parallel,
                 ", activation checkpointing" if cfg.run.activation_checkpointing else "",
                 self.run.path,
-            )  # fmt: skip
+            )
 
     def train(self, progress: Progress | None) -> None:
         """Step until the run's end (or its time budget), logging, evaluating and
@@ -334,10 +347,13 @@ class Session:
             epoch, offset = divmod(state.step, self.steps_per_epoch)
             epoch_end = (epoch + 1) * self.steps_per_epoch
             batches = self.splits.train.train_batches(
-                cfg.optim.micro_batch_size // self.process.world_size, seed=cfg.run.seed, epoch=epoch,
-                start=offset * cfg.optim.accum_steps, rank=self.process.rank,
+                cfg.optim.micro_batch_size // self.process.world_size,
+                seed=cfg.run.seed,
+                epoch=epoch,
+                start=offset * cfg.optim.accum_steps,
+                rank=self.process.rank,
                 world_size=self.process.world_size,
-            )  # fmt: skip
+            )
             self.trainable.train()
             while state.step < min(epoch_end, self.total_steps):
                 if not self.step(batches):
@@ -355,9 +371,10 @@ class Session:
                     )
                 )
                 checkpoint_due = (
-                    eval_due or epoch_done
+                    eval_due
+                    or epoch_done
                     or (cfg.run.checkpoint_every and state.step % cfg.run.checkpoint_every == 0)
-                )  # fmt: skip
+                )
                 record = None
                 if state.step % cfg.run.log_every == 0 or checkpoint_due:
                     # Also before each checkpoint, so a resumed run logs the same lines.
@@ -370,15 +387,25 @@ class Session:
                 if eval_due:
                     with parallel.whole(self.trainable):
                         is_best = run_evaluators(
-                            self.evaluators, self.task, self.model, self.run, self.process,
-                            state, self.steps_per_epoch, cfg.evaluators.best,
-                        )  # fmt: skip
+                            self.evaluators,
+                            self.task,
+                            self.model,
+                            self.run,
+                            self.process,
+                            state,
+                            self.steps_per_epoch,
+                            cfg.evaluators.best,
+                        )
                 picks = any(e.name == cfg.evaluators.best for e in self.evaluators)
                 self.checkpoint(is_best or not picks)
                 self.segment_start = time.perf_counter()
                 if stop:
-                    logger.info("the %g-minute budget is spent after step %d of %d: testing",
-                                cfg.schedule.max_minutes, state.step, self.total_steps)  # fmt: skip
+                    logger.info(
+                        "the %g-minute budget is spent after step %d of %d: testing",
+                        cfg.schedule.max_minutes,
+                        state.step,
+                        self.total_steps,
+                    )
                     return
         if self.plan.history and self.process.is_main:
             logger.info(
@@ -451,11 +478,15 @@ class Session:
             raise TrainingDiverged(diverged_message(run, state, loss))
         if self.process.is_main:
             logger.warning(
-                "%s at step %d: %s (--on-nonfinite %s)%s", nonfinite_cause(loss), event["step"],
-                action, cfg.run.on_nonfinite,
+                "%s at step %d: %s (--on-nonfinite %s)%s",
+                nonfinite_cause(loss),
+                event["step"],
+                action,
+                cfg.run.on_nonfinite,
                 f"; from step {state.step} on, the learning rate is x{self.plan.lr_scale:g}"
-                if action == "rolled back" else "",
-            )  # fmt: skip
+                if action == "rolled back"
+                else "",
+            )
         return action
 
     def roll_back(self, latest: Path, saved: SavedTraining | None, event: dict[str, Any]) -> None:
@@ -481,8 +512,15 @@ class Session:
         """A line of metrics.jsonl from the sums since the last one."""
         self.state.train_seconds += time.perf_counter() - self.segment_start
         self.segment_start = time.perf_counter()
-        record = log_training(self.run, self.process, self.state, self.logged, self.scheduler,
-                              epoch, self.steps_per_epoch)  # fmt: skip
+        record = log_training(
+            self.run,
+            self.process,
+            self.state,
+            self.logged,
+            self.scheduler,
+            epoch,
+            self.steps_per_epoch,
+        )
         self.logged = {}
         return record
 
@@ -537,8 +575,12 @@ class Session:
                 logger.info(
                     "%.3g s a step: %d steps fit in the %g-minute budget; the schedule "
                     "(warm-up %d steps) is fitted to them and refitted as the speed is "
-                    "re-measured", per_step, fitting, cfg.schedule.max_minutes, plan.warmup_steps,
-                )  # fmt: skip
+                    "re-measured",
+                    per_step,
+                    fitting,
+                    cfg.schedule.max_minutes,
+                    plan.warmup_steps,
+                )
         return False
 
     def checkpoint(self, is_best: bool) -> None:
@@ -546,12 +588,23 @@ class Session:
         state.wall_seconds = time.perf_counter() - self.started
         self.splits.report(run.skipped if run.writer else None, final=False)
         if not parallel.sharded(self.net):
-            run.save_checkpoint(self.model, self.optimizer, self.scheduler,
-                                dataclasses.asdict(state), is_best,
-                                self.task.task_state(self.trainable))  # fmt: skip
+            run.save_checkpoint(
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                dataclasses.asdict(state),
+                is_best,
+                self.task.task_state(self.trainable),
+            )
             return
-        run.save_sharded_checkpoint(self.trainable, self.model, self.optimizer, self.scheduler,
-                                    dataclasses.asdict(state), self.process)  # fmt: skip
+        run.save_sharded_checkpoint(
+            self.trainable,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            dataclasses.asdict(state),
+            self.process,
+        )
         if is_best:  # gathered whole, for everything that reads a model
             run.save_model(self.model, run.best, parallel.full_weights(self.model))
 
@@ -668,9 +721,11 @@ def warmup_length(cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> i
     cut = total_steps // 10
     logger.warning(
         "the warm-up (%d steps) is as long as the run (%d steps): warming up for a tenth of "
-        "the run instead (%d steps); set --warmup-epochs or --warmup-steps to choose", steps,
-        total_steps, cut,
-    )  # fmt: skip
+        "the run instead (%d steps); set --warmup-epochs or --warmup-steps to choose",
+        steps,
+        total_steps,
+        cut,
+    )
     return cut
 
 
@@ -686,9 +741,14 @@ def clip_gradients(trainable: nn.Module, max_norm: float) -> torch.Tensor:
 
 
 def log_training(
-    run: RunFolder, process: Process, state: LoopState, logged: dict[str, torch.Tensor],
-    scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, steps_per_epoch: int,
-) -> dict[str, Any]:  # fmt: skip
+    run: RunFolder,
+    process: Process,
+    state: LoopState,
+    logged: dict[str, torch.Tensor],
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    steps_per_epoch: int,
+) -> dict[str, Any]:
     """Average the metric sums over processes and steps since the last line; log them."""
     names = sorted(logged)  # none when every step since the last line was skipped (nan)
     totals: dict[str, float] = {}
@@ -697,27 +757,38 @@ def log_training(
         totals = dict(zip(names, sums.tolist(), strict=True))
     count = max(totals.pop("count", 0.0), 1.0)
     record = dict(
-        split="train", epoch=epoch + 1, step=state.step,
+        split="train",
+        epoch=epoch + 1,
+        step=state.step,
         **{name: value / count for name, value in totals.items()},
         lr=scheduler.get_last_lr()[0],
         images_per_second=state.train_images / max(state.train_seconds, 1e-9),
-    )  # fmt: skip
+    )
     run.log(record)
     return record
 
 
 def run_evaluators(
-    evaluators: list[Evaluator], task: Task, model: PretrainedModel, run: RunFolder,
-    process: Process, state: LoopState, steps_per_epoch: int, best_evaluator: str = "val",
-) -> bool:  # fmt: skip
+    evaluators: list[Evaluator],
+    task: Task,
+    model: PretrainedModel,
+    run: RunFolder,
+    process: Process,
+    state: LoopState,
+    steps_per_epoch: int,
+    best_evaluator: str = "val",
+) -> bool:
     """Run and log every evaluator; True if the metric of ``best_evaluator`` (its own
     ``best_metric``, else the task's) is the best so far."""
     is_best = False
     for evaluator in evaluators:
         metrics = evaluator.run(model, process)
         scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-        run.log(dict(split=evaluator.name, epoch=state.step / steps_per_epoch, step=state.step,
-                     **scalars))  # fmt: skip
+        run.log(
+            dict(
+                split=evaluator.name, epoch=state.step / steps_per_epoch, step=state.step, **scalars
+            )
+        )
         if evaluator.name != best_evaluator:
             continue
         metric = getattr(evaluator, "best_metric", task.best_metric)
@@ -730,10 +801,15 @@ def run_evaluators(
             is_best = True
         if process.is_main:
             logger.info(
-                "step %d (epoch %.3g): %s %s %.4f (best %.4f, step %d)", state.step,
-                state.step / steps_per_epoch, evaluator.name, metric, value, state.best_value,
+                "step %d (epoch %.3g): %s %s %.4f (best %.4f, step %d)",
+                state.step,
+                state.step / steps_per_epoch,
+                evaluator.name,
+                metric,
+                value,
+                state.best_value,
                 state.best_step,
-            )  # fmt: skip
+            )
     return is_best
 
 

@@ -105,9 +105,13 @@ class MaskedPatchPredictionTask(Task):
         size = {"img_size": cfg.img_size} if cfg.img_size else {}
         regularisation = fitted_overrides(ViTConfig, dropout=cfg.dropout, drop_path=cfg.drop_path)
         return create_model(
-            self.model_name, num_classes=0, representation_size=None, in_chans=info.channels,
-            **size, **regularisation,
-        )  # fmt: skip
+            self.model_name,
+            num_classes=0,
+            representation_size=None,
+            in_chans=info.channels,
+            **size,
+            **regularisation,
+        )
 
     def trainable(self, model: nn.Module) -> nn.Module:
         assert isinstance(model, VisionTransformer)  # from ``build_model``
@@ -178,6 +182,8 @@ class MaskedPatchPredictionTask(Task):
         wrapper.train(was_training)
         names = sorted(totals)
         counts = torch.tensor([float(count)], dtype=torch.float64, device=device)
-        summed = all_reduce_sum(torch.cat([torch.stack([totals[n] for n in names]), counts])
-                                if names else counts, process)  # fmt: skip
+        summed = all_reduce_sum(
+            torch.cat([torch.stack([totals[n] for n in names]), counts]) if names else counts,
+            process,
+        )
         return {name: float(summed[i] / summed[-1]) for i, name in enumerate(names)}

@@ -143,9 +143,12 @@ def decayed(progress: float, schedule: str) -> float:
 
 
 def build_schedule(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, schedule: str,
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: str,
     drops: Sequence[int] = (),
-) -> torch.optim.lr_scheduler.LambdaLR:  # fmt: skip
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` whose factor is a ``SchedulePlan`` (``schedule_plan`` finds it)."""
     plan = SchedulePlan(warmup_steps, total_steps, schedule, drops)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, plan)

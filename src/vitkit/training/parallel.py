@@ -46,8 +46,9 @@ def units(module: nn.Module) -> list[nn.Module]:
     if not found:
         logger.warning(
             "%s declares no units (PretrainedModel.units): FSDP shards it as one piece and "
-            "activation checkpointing does nothing", type(module).__name__,
-        )  # fmt: skip
+            "activation checkpointing does nothing",
+            type(module).__name__,
+        )
     return found
 
 
@@ -203,8 +204,9 @@ def load_optimizer_state(
     order = [names[p] for group in optimizer.param_groups for p in group["params"]]
     by_name = {
         "state": {order[int(i)]: buffers for i, buffers in state["state"].items()},
-        "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]}
-                         for g in state["param_groups"]],
-    }  # fmt: skip
+        "param_groups": [
+            {**g, "params": [order[int(i)] for i in g["params"]]} for g in state["param_groups"]
+        ],
+    }
     options = StateDictOptions(full_state_dict=True)
     set_optimizer_state_dict(trainable, optimizer, cast(Any, by_name), options=options)

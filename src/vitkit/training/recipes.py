@@ -124,11 +124,19 @@ def bit_config(cfg: TrainConfig, keep: Collection[str] = ()) -> TrainConfig:
     logger.info(
         "BiT-HyperRule for %d training images of %dx%d: %d steps (warm-up %s, lr / 10 at %s), "
         "lr %g at batch %d, mixup %g; BiT's resolution: resize %d, crop %d (here: crops of "
-        "%.2f of the area, resized to the model's input)", len(train), *image_size,
-        resolved.schedule.steps, resolved.schedule.warmup_steps, resolved.schedule.lr_drops,
-        resolved.optim.lr, resolved.optim.batch_size, resolved.augment.mixup, rule.resize, rule.crop,
+        "%.2f of the area, resized to the model's input)",
+        len(train),
+        *image_size,
+        resolved.schedule.steps,
+        resolved.schedule.warmup_steps,
+        resolved.schedule.lr_drops,
+        resolved.optim.lr,
+        resolved.optim.batch_size,
+        resolved.augment.mixup,
+        rule.resize,
+        rule.crop,
         resolved.augment.crop_scale[0],
-    )  # fmt: skip
+    )
     return resolved
 
 

@@ -178,15 +178,21 @@ class RunFolder(RunLayout):
         if self.writer and temporary.exists():  # left by a run killed while saving
             shutil.rmtree(temporary)
         distributed.barrier(process)
-        dcp.save({sharded.MODEL_KEY: model_state, sharded.OPTIMIZER_KEY: optimizer_state},
-                 checkpoint_id=str(temporary))  # fmt: skip
+        dcp.save(
+            {sharded.MODEL_KEY: model_state, sharded.OPTIMIZER_KEY: optimizer_state},
+            checkpoint_id=str(temporary),
+        )
         if self.writer:
             prefix = next(name for name, m in trainable.named_modules() if m is model)
             state = dict(
-                architecture=architecture_of(model).name, config=cast(Any, model).cfg.to_dict(),
-                model_prefix=f"{prefix}." if prefix else "", parallel="fsdp",
-                world_size=process.world_size, loop=loop_state, scheduler=scheduler.state_dict(),
-            )  # fmt: skip
+                architecture=architecture_of(model).name,
+                config=cast(Any, model).cfg.to_dict(),
+                model_prefix=f"{prefix}." if prefix else "",
+                parallel="fsdp",
+                world_size=process.world_size,
+                loop=loop_state,
+                scheduler=scheduler.state_dict(),
+            )
             (temporary / sharded.STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
             # A directory cannot be renamed over another: move the old one aside first. A
             # kill between the two renames leaves last.dcp.old, which resuming falls back to.
@@ -221,8 +227,12 @@ class RunFolder(RunLayout):
                 f"{path} (saved by {saved.get('world_size')} {saved.get('parallel')} "
                 f"process(es)) does not fit this run's model and optimizer: {reason or err}"
             ) from None
-        set_state_dict(trainable, optimizer, model_state_dict=cast(Any, state[sharded.MODEL_KEY]),
-                       optim_state_dict=cast(Any, state[sharded.OPTIMIZER_KEY]))  # fmt: skip
+        set_state_dict(
+            trainable,
+            optimizer,
+            model_state_dict=cast(Any, state[sharded.MODEL_KEY]),
+            optim_state_dict=cast(Any, state[sharded.OPTIMIZER_KEY]),
+        )
         return saved["scheduler"], saved["loop"]
 
     def save_model(self, model: nn.Module, path: Path, weights: dict[str, torch.Tensor]) -> None:
@@ -234,8 +244,9 @@ class RunFolder(RunLayout):
     def load_task_tensors(self, path: Path) -> dict[str, torch.Tensor]:
         """The task's own parameters saved in ``path`` (none in a model-only file)."""
         prefix = STATE_PREFIX + TASK_PREFIX
-        return {k.removeprefix(prefix): v for k, v in load_tensors(path).items()
-                if k.startswith(prefix)}  # fmt: skip
+        return {
+            k.removeprefix(prefix): v for k, v in load_tensors(path).items() if k.startswith(prefix)
+        }
 
     def load_weights(self, path: Path) -> dict[str, torch.Tensor]:
         """The model's state dict in ``path``, with or without training state."""
@@ -270,10 +281,14 @@ class RunFolder(RunLayout):
         state = json.loads(read_metadata(path)[STATE_KEY])
         tensors = load_tensors(path)
         weights = {k: v for k, v in tensors.items() if not k.startswith(STATE_PREFIX)}
-        saved = {k.removeprefix(STATE_PREFIX): v for k, v in tensors.items()
-                 if k.startswith(STATE_PREFIX)}  # fmt: skip
-        task = {k.removeprefix(TASK_PREFIX): v for k, v in saved.items()
-                if k.startswith(TASK_PREFIX)}  # fmt: skip
+        saved = {
+            k.removeprefix(STATE_PREFIX): v
+            for k, v in tensors.items()
+            if k.startswith(STATE_PREFIX)
+        }
+        task = {
+            k.removeprefix(TASK_PREFIX): v for k, v in saved.items() if k.startswith(TASK_PREFIX)
+        }
         optimizer_tensors = {k: v for k, v in saved.items() if not k.startswith(TASK_PREFIX)}
         optimizer_state = optimizer_from_tensors(optimizer_tensors, state.pop("optimizer"))
         scheduler_state = state.pop("scheduler")
@@ -289,8 +304,14 @@ class RunFolder(RunLayout):
 
         records = self.read_metrics()
         not_metrics = {"split", "epoch", "step", "lr", "images_per_second"}
-        names = sorted({k for r in records for k, v in r.items()
-                        if k not in not_metrics and isinstance(v, int | float)})  # fmt: skip
+        names = sorted(
+            {
+                k
+                for r in records
+                for k, v in r.items()
+                if k not in not_metrics and isinstance(v, int | float)
+            }
+        )
         names = sorted(names, key=lambda n: (n != "loss", n))  # the loss first
         panels = max(len(names), 1)
         fig = Figure(figsize=(5.5 * panels, 4))
@@ -301,8 +322,13 @@ class RunFolder(RunLayout):
                 rows = [r for r in records if r["split"] == split and name in r]
                 if rows:
                     style = "-" if split == "train" else "o-"
-                    ax.plot([r["step"] for r in rows], [r[name] for r in rows], style,
-                            label=split, markersize=3)  # fmt: skip
+                    ax.plot(
+                        [r["step"] for r in rows],
+                        [r[name] for r in rows],
+                        style,
+                        label=split,
+                        markersize=3,
+                    )
             ax.set_xlabel("optimizer step")
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)

@@ -154,9 +154,13 @@ class Classification(Task):
                 config_class, dropout=cfg.dropout, drop_path=cfg.drop_path
             )
             return create_model(
-                cfg.name, num_classes=len(info.classes), in_chans=info.channels, extra=extra,
-                **size, **regularisation,
-            )  # fmt: skip
+                cfg.name,
+                num_classes=len(info.classes),
+                in_chans=info.channels,
+                extra=extra,
+                **size,
+                **regularisation,
+            )
         checkpoint = read_checkpoint(cfg.init_from, cfg.name)
         extra[RECORD_KEY] = EvalPreprocessing.of(checkpoint.config).to_dict()
         regularisation = fitted_overrides(
@@ -188,8 +192,9 @@ class Classification(Task):
         logits = net(inputs).float()
         loss = F.cross_entropy(logits, soft_targets)
         correct = (logits.argmax(-1) == labels).sum()
-        return StepResult(loss, {"loss": loss.detach() * len(labels), "accuracy": correct},
-                          len(labels))  # fmt: skip
+        return StepResult(
+            loss, {"loss": loss.detach() * len(labels), "accuracy": correct}, len(labels)
+        )
 
     def evaluate(
         self, model: PretrainedModel, source: DataSource, process: Process
