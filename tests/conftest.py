@@ -96,12 +96,15 @@ def sigkill_after_checkpoint(
 def train_config(
     settings: Mapping[str, object], data: Path, out: Path, **overrides: object
 ) -> TrainConfig:
-    """A ``TrainConfig`` of a test file's tiny ``settings`` (keys as a config file has them) on
-    ``data``, written to ``out``; ``overrides`` replace settings. A test file binds its own
-    settings once: ``config = functools.partial(train_config, TINY)``."""
+    """A ``TrainConfig`` of a test file's tiny ``settings`` on ``data``, written to ``out``;
+    ``overrides`` replace settings. Settings are named by their flags (``lr``, ``steps``), as
+    the shorthand of a test, and placed in their sections. A test file binds its own settings
+    once: ``config = functools.partial(train_config, TINY)``."""
     from vitkit.training import TrainConfig
+    from vitkit.training.config import nest_flat_keys
 
-    return TrainConfig.from_dict({**settings, "data": str(data), "out": str(out), **overrides})
+    flat = {**settings, "data": str(data), "out": str(out), **overrides}
+    return TrainConfig.from_nested(nest_flat_keys(flat)[0])
 
 
 def run_records(run: Path, split: str = "train") -> list[dict[str, Any]]:

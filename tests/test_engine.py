@@ -211,6 +211,8 @@ def test_resume_from_a_mid_epoch_checkpoint_is_bit_identical(
         assert whole == cut, split
 
 
+# slow: a real SIGKILL; a mid-epoch resume: test_resume_from_a_mid_epoch_checkpoint_is_bit_identical
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_data: Path, tmp_path: Path) -> None:
     """The CLI killed with SIGKILL at a random moment (checkpoints every 2 steps, 8 steps an
     epoch, so most likely mid-epoch), resumed, against the same run never interrupted."""

@@ -367,6 +367,8 @@ def test_disk_full_during_training_keeps_the_last_checkpoint(
     assert sorted(p.name for p in out.iterdir() if "tmp" in p.name) == []
 
 
+# slow: torchrun; the one-line error: the single-process error tests
+@pytest.mark.slow
 def test_an_error_under_torchrun_is_printed_once(tmp_path: Path) -> None:
     """Both ranks meet the same bad option: one line from vitkit, no Python traceback."""
     command = [

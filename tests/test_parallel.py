@@ -148,6 +148,8 @@ def fsdp_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+# slow: two torchrun jobs; FSDP resuming a DDP checkpoint: test_ddp_checkpoint_resumes_under_fsdp
+@pytest.mark.slow
 def test_fsdp_matches_ddp(data: Path, fsdp_run: Path, tmp_path: Path) -> None:
     """Same losses at every one of 24 steps and the same weights, with gradient accumulation
     and clipping (the global norm over the shards), evaluation and summary alike."""
@@ -227,6 +229,8 @@ os.write(1, f"gloo threads left: {left}\n".encode())  # one write: ranks share s
 """
 
 
+# slow: two torchrun jobs that check the threads left at exit
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_stopping_a_run_ends_gloo_threads(parallel: str, tmp_path: Path) -> None:

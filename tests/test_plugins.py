@@ -57,6 +57,8 @@ def deit_site(tmp_path: Path) -> Path:
     return site
 
 
+# slow: the plugin's model through the Python API: test_the_plugins_model_is_a_distilled_vit_through_the_python_api; a plugin's registrations: test_a_plugin_registers_tasks_evaluators_and_sources
+@pytest.mark.slow
 def test_the_example_plugin_works_in_every_command(deit_site: Path, tmp_path: Path) -> None:
     listed = vitkit(deit_site, "models", "--filter", "deit", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr

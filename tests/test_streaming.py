@@ -505,6 +505,8 @@ distributed.stop(process)
 """
 
 
+# slow: two torchrun processes; one process's part of an epoch: the sharding tests above
+@pytest.mark.slow
 def test_two_processes_read_disjoint_parts_of_each_epoch(
     id_folder: Path, id_shards: Path, messy: Path, tmp_path: Path
 ) -> None:

@@ -437,6 +437,8 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+# slow: torchrun; the rollback itself: test_rollback_reloads_the_last_checkpoint_at_half_the_learning_rate
+@pytest.mark.slow
 def test_under_torchrun_every_rank_rolls_back_and_rank_0_logs_once(
     tiny_data: Path, tmp_path: Path
 ) -> None:
