@@ -54,7 +54,6 @@ def option(
     *,
     flag: str | None = None,
     flat: str | None = None,
-    factory: Callable[[], Any] | None = None,
 ) -> Any:
     """A config field with its help text and, where it differs from the field's name, its flag
     (without ``--``) and its flat key of the previous version (default: the flag's)."""
