@@ -31,19 +31,22 @@ def install(site: Path, distribution: str, entry_points: dict[str, str]) -> None
     (info / "entry_points.txt").write_text("[vitkit.plugins]\n" + lines)
 
 
-def run(site: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run(site: Path, *args: str, cwd: Path, **environment: str) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(site)]),
         "OMP_NUM_THREADS": "1",
+        **environment,
     }
     return subprocess.run(
         args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False
     )
 
 
-def vitkit(site: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return run(site, sys.executable, "-m", "vitkit", *args, cwd=cwd)
+def vitkit(
+    site: Path, *args: str, cwd: Path, **environment: str
+) -> subprocess.CompletedProcess[str]:
+    return run(site, sys.executable, "-m", "vitkit", *args, cwd=cwd, **environment)
 
 
 @pytest.fixture
@@ -92,6 +95,17 @@ def test_the_example_plugin_works_in_every_command(deit_site: Path, tmp_path: Pa
     assert predicted.stdout.startswith("digit.png: ")
 
 
+def test_a_broken_plugin_costs_one_warning_line_once_under_torchrun(
+    deit_site: Path, tmp_path: Path
+) -> None:
+    for rank, expected in (("0", 1), ("1", 0)):  # torchrun's other ranks stay quiet
+        listed = vitkit(deit_site, "models", "--filter", "deit", cwd=tmp_path, RANK=rank)
+        assert listed.returncode == 0 and "deit_tiny_digits" in listed.stdout, listed.stderr
+        warnings = [line for line in listed.stderr.splitlines() if line.strip()]
+        assert len(warnings) == expected, listed.stderr
+        assert all("broken" in w and "needs a GPU it cannot find" in w for w in warnings)
+
+
 def test_the_plugins_model_is_a_distilled_vit_through_the_python_api(deit_site: Path) -> None:
     """Loaded by the registry's first lookup, without being imported by name."""
     script = """
@@ -129,6 +143,12 @@ class Quiet(Classification):
     name = "quiet"
 
 
+@register_task
+class Unlabelled(Classification):
+    name = "unlabelled"
+    needs_labels = False
+
+
 register_evaluator("nothing", lambda context: None)
 register_source(in_memory("alias", lambda data: data == "alias:digits",
                           lambda data, split, **kw: load_dataset("digits", split, **kw)))
@@ -147,6 +167,9 @@ print(len(open_splits("alias:digits", 0.0, 0).train))
     done = run(site, sys.executable, "-c", script, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) == len(load_dataset("digits", "train"))
+    # A task that learns without labels is a `vitkit pretrain --objective`; one with labels not.
+    helped = run(site, sys.executable, "-m", "vitkit", "pretrain", "--help", cwd=tmp_path)
+    assert "--objective {mpp,unlabelled}" in " ".join(helped.stdout.split()), helped.stdout
 
 
 def test_built_in_tasks_register_on_lookup_whatever_was_imported() -> None:

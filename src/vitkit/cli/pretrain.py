@@ -12,8 +12,12 @@ from __future__ import annotations
 import argparse
 
 from vitkit.cli.train import add_config_flags, run_train
+from vitkit.training.tasks import registered_tasks
 
-OBJECTIVES = ("mpp",)
+
+def objectives() -> list[str]:
+    """The registered tasks that learn without labels (a plugin's included)."""
+    return sorted(name for name, task in registered_tasks().items() if not task.needs_labels)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,9 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--objective",
         dest="task.name",
-        choices=OBJECTIVES,
+        choices=objectives(),
         default=argparse.SUPPRESS,
-        help="the self-supervised task: 'mpp', masked patch prediction (default: mpp)",
+        help="the self-supervised task: 'mpp', masked patch prediction, or a plugin's task "
+        "that needs no labels (default: mpp)",
     )
     add_config_flags(parser, ("pretrain",), hidden=frozenset({"task"}))
     parser.set_defaults(func=run_train, presets=("pretrain",))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from importlib.metadata import entry_points
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,10 @@ def load_plugins() -> dict[str, str | None]:
             _loaded[point.name] = None
         except Exception as err:  # a broken plugin must not take the command down with it
             _loaded[point.name] = f"{type(err).__name__}: {err}"
-            logger.warning(
+            # Under torchrun every process loads the plugins: the first one says it, once.
+            level = logging.WARNING if os.environ.get("RANK", "0") == "0" else logging.DEBUG
+            logger.log(
+                level,
                 "vitkit plugin %r (%s) failed to load and is skipped: %s",
                 point.name,
                 point.value,
