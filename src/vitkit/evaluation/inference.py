@@ -96,9 +96,10 @@ def evaluation_inputs(
 
 
 def autocast(device: torch.device, precision: str) -> AbstractContextManager:
-    """bfloat16 autocast for ``precision == "bf16"``, else nothing."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    """bfloat16 autocast for ``precision == "bf16"``, float16 for ``"fp16"``, else nothing."""
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype)
     return nullcontext()
 
 

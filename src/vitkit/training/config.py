@@ -318,6 +318,18 @@ class OptimConfig(Section):
     accum_steps: int = option(
         1, "gradient accumulation: micro-batches per optimizer step (same global batch)"
     )
+    layer_decay: float | None = option(
+        None,
+        "layer-wise learning-rate decay (BEiT, MAE): block i of a depth-d ViT learns at "
+        "RATE**(d-i) times the learning rate, the embeddings at RATE**(d+1), the final norm "
+        "and head at 1; None or 1 = off",
+    )
+    freeze: str | None = option(
+        None,
+        "train only part of the model: 'backbone' (all but the head and pre-logits) or a "
+        "number N (the embeddings and the first N blocks of a ViT); frozen weights get no "
+        "gradients and no optimizer state",
+    )
 
     def __post_init__(self) -> None:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
@@ -346,6 +358,14 @@ class OptimConfig(Section):
         elif self.batch_size % self.accum_steps:
             problems.append(
                 f"batch_size {self.batch_size} must be divisible by accum_steps {self.accum_steps}"
+            )
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            problems.append("layer_decay must be in (0, 1] (1 = off)")
+        if self.freeze is not None and not (
+            self.freeze == "backbone" or (self.freeze.isdigit() and int(self.freeze) > 0)
+        ):
+            problems.append(
+                f"freeze must be 'backbone' or a number of blocks >= 1, not {self.freeze!r}"
             )
         return problems
 
@@ -462,8 +482,10 @@ class RunConfig(Section):
     """``[run]``: how the run executes, what it does on trouble, and where it writes."""
 
     seed: int = option(0, "seeds the initialisation, data order, augmentation and dropout")
-    precision: Literal["fp32", "bf16"] = option(
-        "fp32", "'bf16' runs forward and backward under bfloat16 autocast"
+    precision: Literal["fp32", "bf16", "fp16"] = option(
+        "fp32",
+        "'bf16' runs forward and backward under bfloat16 autocast; 'fp16' under float16 "
+        "autocast with a gradient scaler (CUDA only)",
     )
     device: Literal["auto", "cpu", "cuda"] = option("auto", "'auto' takes a GPU if there is one")
     parallel: Literal["ddp", "fsdp"] = option(

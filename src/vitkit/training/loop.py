@@ -41,6 +41,8 @@ from vitkit.training.optim import (
     apply_schedule,
     build_optimizer,
     build_schedule,
+    describe_layer_decay,
+    freeze_parameters,
     schedule_plan,
 )
 from vitkit.training.run import (  # the run-folder functions' home was here
@@ -106,6 +108,10 @@ RESUME_OPTIONS = (
 )
 # --on-nonfinite rollback multiplies the learning rate by this at each rollback.
 ROLLBACK_LR_FACTOR = 0.5
+# --precision fp16: a non-finite gradient is an overflow for the gradient scaler to skip (and
+# halve its scale) while its scale is at least this; below it, no scale makes the gradients
+# finite (the loss itself is not): --on-nonfinite decides.
+MIN_LOSS_SCALE = 1.0
 
 
 def derived_seed(*parts: int) -> int:
@@ -174,6 +180,10 @@ def _train(
     on_gpu = process.device.type == "cuda"
     if cfg.run.precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
         raise ValueError("this GPU has no bfloat16: use --precision fp32")
+    if cfg.run.precision == "fp16" and not on_gpu:
+        raise ValueError("fp16 needs a CUDA GPU: use --precision bf16 on CPU")
+    if cfg.run.precision == "fp16" and cfg.run.parallel == "fsdp":
+        raise ValueError("--precision fp16 does not work with --parallel fsdp: use bf16")
     if cfg.run.compile:
         parallel.check_compiler(process.device)
     evaluators = build_evaluators(EvalContext(cfg, task, splits))
@@ -240,6 +250,11 @@ class Session:
     # starting, lazy initialisation) says little about the speed of the others.
     first_step: tuple[int, float] | None = None
     step_hooks: list[StepHook] = field(default_factory=list)  # after each optimizer step
+    # --precision fp16's loss scaling; disabled (every call passes through) otherwise.
+    scaler: torch.amp.GradScaler = field(
+        default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False)
+    )
+    frozen: str = ""  # what --freeze froze, for the log
 
     @classmethod
     def build(
@@ -261,6 +276,7 @@ class Session:
         splits.set_image_size(model.cfg.img_size, EvalPreprocessing.of(model.cfg))
         task.setup(model)
         trainable = task.trainable(model)
+        frozen = freeze_parameters(trainable, cfg.optim.freeze) if cfg.optim.freeze else ""
         # The main process picks the checkpoint (other nodes may not see its disk) and reads
         # a whole one (last.safetensors) before the model is spread over the processes.
         latest, saved = read_latest_checkpoint(run, process) if resuming else (None, None)
@@ -287,6 +303,8 @@ class Session:
             scheduler,
             LoopState(),
             steps_per_epoch,
+            scaler=torch.amp.GradScaler(process.device.type, enabled=cfg.run.precision == "fp16"),
+            frozen=frozen,
         )
         if latest is not None:
             session.restore(latest, saved)
@@ -313,6 +331,8 @@ class Session:
                 latest, self.trainable, self.optimizer
             )
         self.scheduler.load_state_dict(scheduler_state)
+        if "grad_scaler" in loop_state:
+            self.scaler.load_state_dict(loop_state["grad_scaler"])
         restored = LoopState.from_dict(loop_state)
         for name in (f.name for f in dataclasses.fields(LoopState)):
             setattr(self.state, name, getattr(restored, name))
@@ -336,6 +356,10 @@ class Session:
                 ", activation checkpointing" if cfg.run.activation_checkpointing else "",
                 self.run.path,
             )
+            if cfg.optim.layer_decay not in (None, 1.0):
+                logger.info(describe_layer_decay(self.trainable, cfg.optim.layer_decay))
+            if self.frozen:
+                logger.info(self.frozen)
 
     def train(self, progress: Progress | None) -> None:
         """Step until the run's end (or its time budget), logging, evaluating and
@@ -429,7 +453,7 @@ class Session:
             with parallel.gradient_sync(self.net, micro == cfg.optim.accum_steps - 1):
                 with autocast(device, cfg.run.precision):
                     result = self.task.step(self.net, inputs, targets)
-                (result.loss / cfg.optim.accum_steps).backward()
+                self.scaler.scale(result.loss / cfg.optim.accum_steps).backward()
             for name, value in result.sums.items():
                 sums[name] = sums.get(name, 0) + value.detach().double()
             sums["count"] = sums.get("count", 0) + torch.tensor(
@@ -437,14 +461,19 @@ class Session:
             )
         # The norm of the gradients every process holds after DDP averaged them (or FSDP's
         # global norm): every process takes the same decision.
+        self.scaler.unscale_(self.optimizer)  # fp16: the true gradients, to clip
         grad_norm = clip_gradients(self.trainable, cfg.optim.grad_clip)
-        if torch.isfinite(grad_norm):
-            self.optimizer.step()
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            self.scaler.step(self.optimizer)
             for hook in self.step_hooks:
                 hook(state.step + 1, self.model, self.optimizer)
             for name, value in sums.items():
                 self.logged[name] = self.logged.get(name, 0) + value
-        elif self.on_nonfinite(result.loss.item()) == "rolled back":
+        scaled = self.scaler.is_enabled()
+        overflow = not finite and scaled and self.scaler.get_scale() >= MIN_LOSS_SCALE
+        self.scaler.update()  # after an overflow, a smaller scale
+        if not (finite or overflow) and self.on_nonfinite(result.loss.item()) == "rolled back":
             return False
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
@@ -592,7 +621,7 @@ class Session:
                 self.model,
                 self.optimizer,
                 self.scheduler,
-                dataclasses.asdict(state),
+                self.saved_state(),
                 is_best,
                 self.task.task_state(self.trainable),
             )
@@ -602,11 +631,16 @@ class Session:
             self.model,
             self.optimizer,
             self.scheduler,
-            dataclasses.asdict(state),
+            self.saved_state(),
             self.process,
         )
         if is_best:  # gathered whole, for everything that reads a model
             run.save_model(self.model, run.best, parallel.full_weights(self.model))
+
+    def saved_state(self) -> dict[str, Any]:
+        """The counters a checkpoint saves, with fp16's gradient scaler (``restore``)."""
+        scaler = {"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}
+        return dataclasses.asdict(self.state) | scaler
 
     def finish(self) -> dict[str, Any]:
         """Test the best checkpoint; write and return the summary."""

@@ -6,6 +6,11 @@ warm-up; or BiT's staircase (``"bit"``: the learning rate divided by 10 at a few
 the schedule of BiT-HyperRule, ``training/recipes.py``). Weight decay applies to weight matrices and convolution kernels only, as the
 official code's default (``.*/kernel``), not to biases, norms, position embeddings or the
 class token.
+
+Fine-tuning options: layer-wise learning-rate decay (``--layer-decay``, BEiT's and MAE's, as
+timm numbers a ViT's layers: the embeddings are layer 0, block i is layer i + 1, the final
+norm and the head the last, and layer l learns at ``RATE ** (last - l)`` times the scheduled
+rate) and frozen parameters (``--freeze``: no gradient, no optimizer state).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from vitkit.models import VisionTransformer
+from vitkit.models.pretrained import PretrainedModel
 from vitkit.training.config import TrainConfig
 
 
@@ -30,18 +37,113 @@ def decayed_parameter_names(model: nn.Module) -> set[str]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of the parameters of ``model`` that require gradients: one group per
+    learning-rate scale (``lr_scales``; the largest first, so the first group's rate is the
+    scheduled one) and per weight decay (decayed kernels first). Without layer decay, the
+    two groups of the weight decay split."""
     decayed = decayed_parameter_names(model)
-    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    scales = lr_scales(model, cfg.optim.layer_decay)
+    grouped: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            grouped.setdefault((-scales.get(name, 1.0), name not in decayed), []).append(p)
     groups = [
         {
-            "params": [p for name, p in params if name in decayed],
-            "weight_decay": cfg.optim.weight_decay,
-        },
-        {"params": [p for name, p in params if name not in decayed], "weight_decay": 0.0},
+            "params": params,
+            "weight_decay": 0.0 if undecayed else cfg.optim.weight_decay,
+            "lr": -negative_scale * cfg.optim.lr,
+        }
+        for (negative_scale, undecayed), params in sorted(grouped.items(), key=lambda kv: kv[0])
     ]
     if cfg.optim.name == "adam":
         return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
     return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+
+
+def find_model(module: nn.Module) -> tuple[str, PretrainedModel]:
+    """The vitkit model inside ``module`` (a task may wrap it, ``Task.trainable``) and the
+    prefix of its parameters' names there."""
+    for name, inner in module.named_modules():
+        if isinstance(inner, PretrainedModel):
+            return (f"{name}." if name else ""), inner
+    raise ValueError(f"{type(module).__name__} holds no vitkit model")
+
+
+def layer_ids(model: PretrainedModel) -> dict[str, int]:
+    """The layer of each parameter of ``model`` (by its name there), as timm's ViT
+    ``group_matcher`` numbers them: 0 the embeddings (patch embedding, a hybrid's ResNet,
+    class token, position embedding), i + 1 block i, depth + 1 the rest (final norm,
+    pre-logits, head). Only a ViT has blocks to number."""
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(
+            f"--layer-decay and --freeze N number the blocks of a ViT (or hybrid); "
+            f"{type(model).__name__} has none: train it without them (--freeze backbone works)"
+        )
+    last = len(model.blocks) + 1
+    ids = {}
+    for name, _ in model.named_parameters():
+        if name.startswith("blocks."):
+            ids[name] = int(name.split(".")[1]) + 1
+        elif name.startswith(("patch_embed.", "cls_token", "pos_embed.")):
+            ids[name] = 0
+        else:
+            ids[name] = last
+    return ids
+
+
+def lr_scales(module: nn.Module, rate: float | None) -> dict[str, float]:
+    """The learning-rate factor of each parameter of the model inside ``module`` under layer
+    decay ``rate`` (the module docstring); empty without it, and parameters of a task's own
+    (outside the model) learn at the scheduled rate."""
+    if rate is None or rate == 1.0:
+        return {}
+    prefix, model = find_model(module)
+    ids = layer_ids(model)
+    last = max(ids.values())
+    return {prefix + name: rate ** (last - layer) for name, layer in ids.items()}
+
+
+def describe_layer_decay(module: nn.Module, rate: float) -> str:
+    """One line for the log: the factor of each layer of the model inside ``module``."""
+    _, model = find_model(module)
+    last = max(layer_ids(model).values())
+    names = ["embeddings", *(f"block {i}" for i in range(last - 1)), "head"]
+    return f"layer decay {rate:g}: " + ", ".join(
+        f"{name} x{rate ** (last - layer):.3g}" for layer, name in enumerate(names)
+    )
+
+
+def frozen_names(model: PretrainedModel, freeze: str) -> set[str]:
+    """The parameters of ``model`` that ``--freeze`` keeps as they are: all but the head and
+    pre-logits (``"backbone"``), or the embeddings and the first N blocks (``"N"``)."""
+    if freeze == "backbone":
+        heads = ("head.", "pre_logits.")
+        return {name for name, _ in model.named_parameters() if not name.startswith(heads)}
+    blocks, ids = int(freeze), layer_ids(model)
+    depth = max(ids.values()) - 1
+    if blocks > depth:
+        raise ValueError(
+            f"--freeze {blocks}: the model has {depth} blocks; freeze at most {depth}, or "
+            "--freeze backbone"
+        )
+    return {name for name, layer in ids.items() if layer <= blocks}
+
+
+def freeze_parameters(module: nn.Module, freeze: str) -> str:
+    """Stop the gradients of the parameters ``frozen_names`` picks in the model inside
+    ``module`` (call before DDP or FSDP wrap it, and before ``build_optimizer``, which then
+    leaves them out); returns a line for the log."""
+    _, model = find_model(module)
+    frozen = frozen_names(model, freeze)
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    if not any(p.requires_grad for p in module.parameters()):
+        raise ValueError(f"--freeze {freeze} leaves nothing to train: the model has no head")
+    count = sum(p.numel() for name, p in model.named_parameters() if name in frozen)
+    blocks = "block" if freeze == "1" else "blocks"
+    what = "all but the head" if freeze == "backbone" else f"the embeddings and {freeze} {blocks}"
+    return f"frozen: {what} ({count:,} parameters)"
 
 
 def lr_factor(
