@@ -433,15 +433,16 @@ class Session:
                 self.checkpoint(is_best or not picks)
                 self.segment_start = time.perf_counter()
                 if state.stopped_early:
-                    logger.info(
-                        "no better %s in %d evaluations (the best at step %d): stopping early "
-                        "at step %d of %d, testing",
-                        cfg.evaluators.best,
-                        patience,
-                        state.best_step,
-                        state.step,
-                        self.total_steps,
-                    )
+                    if self.process.is_main:
+                        logger.info(
+                            "no better %s in %d evaluations (the best at step %d): stopping "
+                            "early at step %d of %d, testing",
+                            cfg.evaluators.best,
+                            patience,
+                            state.best_step,
+                            state.step,
+                            self.total_steps,
+                        )
                     return
                 if stop:
                     logger.info(
