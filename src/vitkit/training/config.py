@@ -312,6 +312,12 @@ class OptimConfig(Section):
         0.1, "decoupled weight decay (times the learning rate), on weight matrices only"
     )
     grad_clip: float = option(1.0, "clip gradients at this global norm; 0 = off")
+    ema: float = option(
+        0.0,
+        "keep an exponential moving average of the weights with this decay (e.g. 0.9998, "
+        "warmed up as timm's), evaluated beside them (split '<evaluator>_ema'); "
+        "best.safetensors holds whichever scores better; 0 = off",
+    )
     batch_size: int = option(
         64, "global batch size (all processes, all accumulation steps together)"
     )
@@ -351,6 +357,8 @@ class OptimConfig(Section):
             problems.append("weight_decay must be >= 0")
         if self.grad_clip < 0:
             problems.append("grad_clip must be >= 0 (0 = off)")
+        if not 0.0 <= self.ema < 1.0:
+            problems.append("ema must be in [0, 1) (0 = off; e.g. 0.9998)")
         if self.batch_size < 1:
             problems.append("batch_size must be at least 1")
         if self.accum_steps < 1:
@@ -458,6 +466,21 @@ class EvaluatorsConfig(PluggableSection):
         0, "optimizer steps between evaluations; 0 = at the end of every epoch", flag="eval-every"
     )
     batch_size: int = option(512, "batch size per process for evaluation", flag="eval-batch-size")
+    monitor: str | None = option(
+        None,
+        "the metric of the best evaluator that picks best.safetensors and that patience "
+        "watches; default: the evaluator's own (the task's: accuracy, or mpp's loss)",
+    )
+    monitor_mode: Literal["max", "min"] | None = option(
+        None,
+        "whether a higher or a lower monitored value is better; needed with a --monitor "
+        "other than the evaluator's own metric",
+    )
+    patience: int = option(
+        0,
+        "stop early after this many evaluations without a better monitored value (the best "
+        "checkpoint kept, the test split scored with it); 0 = off",
+    )
     tables: dict[str, Any] = field(default_factory=dict, metadata={"flag": None})
 
     @classmethod
@@ -474,6 +497,8 @@ class EvaluatorsConfig(PluggableSection):
             problems.append("eval_batch_size must be at least 1")
         if self.every < 0:
             problems.append("eval_every must be >= 0 (0 = every epoch)")
+        if self.patience < 0:
+            problems.append("patience must be >= 0 (0 = off)")
         return problems
 
 

@@ -5,7 +5,8 @@ and returns an ``Evaluator`` (or None when it does not apply, e.g. no validation
 loop runs them every ``[evaluators] every`` optimizer steps (0: at the end of each epoch) and
 at the end, logs each result to ``metrics.jsonl`` as ``{"split": <name>, ...}`` (so
 ``curves.png`` draws it) and picks the best checkpoint from the metric of the evaluator named
-by ``[evaluators] best`` (default "val"). A new evaluator is a factory registered with
+by ``[evaluators] best`` (default "val"): its own metric, or the one ``[evaluators] monitor``
+names, which ``[evaluators] patience`` also watches. A new evaluator is a factory registered with
 ``register_evaluator``, with its options dataclass (``[evaluators.<name>]``, flags
 ``--<name>-<field>``) if it has settings. Here: "val" (the task's own metrics on the
 validation split) and "fewshot" (few-shot linear accuracy of the frozen features on a
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 from vitkit.data.sources import DataSource, Splits, open_splits
 from vitkit.evaluation import extract_features, fewshot_indices, fewshot_protocol
 from vitkit.models.pretrained import PretrainedModel
-from vitkit.training.config import TrainConfig, register_evaluator_options
+from vitkit.training.config import EvaluatorsConfig, TrainConfig, register_evaluator_options
 from vitkit.training.distributed import Process
 from vitkit.training.tasks import Task
 from vitkit.utils.config import ConfigMixin
@@ -223,8 +224,28 @@ def registered_evaluators() -> dict[str, EvaluatorFactory]:
     return EVALUATORS
 
 
+def monitored_metric(
+    evaluator: Evaluator, task: Task, chosen: EvaluatorsConfig
+) -> tuple[str, Literal["max", "min"]]:
+    """The metric of the best evaluator that picks the best checkpoint (and that --patience
+    watches), and whether higher ("max") or lower ("min") is better: ``chosen.monitor``, else
+    the evaluator's own ``best_metric``, else the task's."""
+    own = getattr(evaluator, "best_metric", task.best_metric)
+    own_mode = getattr(evaluator, "best_mode", task.best_mode)
+    metric = chosen.monitor or own
+    if metric == own:
+        return metric, chosen.monitor_mode or own_mode
+    if chosen.monitor_mode is None:
+        raise ValueError(
+            f"--monitor {metric}: say whether a higher or a lower value is better with "
+            f"--monitor-mode max or min (the {evaluator.name} evaluator's own metric is {own})"
+        )
+    return metric, chosen.monitor_mode
+
+
 def build_evaluators(context: EvalContext) -> list[Evaluator]:
-    """The evaluators the run names, after checking every name (``best`` included)."""
+    """The evaluators the run names, after checking every name (``best`` included) and the
+    monitored metric."""
     chosen = context.cfg.evaluators
     evaluators = registered_evaluators()
     unknown = sorted(set(chosen.names) - set(evaluators))
@@ -236,4 +257,8 @@ def build_evaluators(context: EvalContext) -> list[Evaluator]:
             f"{sorted(evaluators)}"
         )
     built = (evaluators[name](context) for name in chosen.names)
-    return [evaluator for evaluator in built if evaluator is not None]
+    kept = [evaluator for evaluator in built if evaluator is not None]
+    for evaluator in kept:
+        if evaluator.name == chosen.best:
+            monitored_metric(evaluator, context.task, chosen)
+    return kept

@@ -32,9 +32,15 @@ from vitkit.evaluation.inference import autocast
 from vitkit.models.preprocessing import EvalPreprocessing
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.training import distributed, parallel
-from vitkit.training.config import TrainConfig
+from vitkit.training.config import EvaluatorsConfig, TrainConfig
 from vitkit.training.distributed import Process
-from vitkit.training.evaluators import EvalContext, Evaluator, build_evaluators
+from vitkit.training.ema import WeightAverage
+from vitkit.training.evaluators import (
+    EvalContext,
+    Evaluator,
+    build_evaluators,
+    monitored_metric,
+)
 from vitkit.training.model_choice import choose_model, image_side
 from vitkit.training.optim import (
     SchedulePlan,
@@ -80,6 +86,9 @@ class LoopState:
     wall_seconds: float = 0.0
     # What the --on-nonfinite policy did: one dict per non-finite step (``nonfinite_event``).
     nonfinite_events: list[dict[str, Any]] = field(default_factory=list)
+    best_weights: str = "raw"  # what best.safetensors holds: "raw", or "ema" (--ema's average)
+    evals_without_improvement: int = 0  # of the best evaluator, for --patience
+    stopped_early: bool = False  # by --patience
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LoopState:
@@ -186,7 +195,15 @@ def _train(
         raise ValueError("--precision fp16 does not work with --parallel fsdp: use bf16")
     if cfg.run.compile:
         parallel.check_compiler(process.device)
+    if cfg.optim.ema and cfg.run.parallel == "fsdp":
+        raise ValueError("--ema keeps a whole copy of the weights: use --parallel ddp, not fsdp")
     evaluators = build_evaluators(EvalContext(cfg, task, splits))
+    if cfg.evaluators.patience and not any(e.name == cfg.evaluators.best for e in evaluators):
+        raise ValueError(
+            f"--patience watches the {cfg.evaluators.best!r} evaluator, which does not run in "
+            "this run: give a validation split (--val-fraction 0.1) or name a running one "
+            "with --best-evaluator"
+        )
     if resume is not None:
         run = RunFolder(resume, process.is_main)
     else:
@@ -197,7 +214,7 @@ def _train(
 
     # ---- model, optimizer, schedule; restored from the last checkpoint when resuming
     session = Session.build(cfg, process, run, task, splits, evaluators, resume is not None)
-    session.step_hooks = step_hooks
+    session.step_hooks.extend(step_hooks)  # after the loop's own (--ema)
     if resume is not None:  # from step 0 if the run was stopped before its first checkpoint
         run.cut_metrics(session.state.step)
         if process.is_main:
@@ -255,6 +272,7 @@ class Session:
         default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False)
     )
     frozen: str = ""  # what --freeze froze, for the log
+    averaged: WeightAverage | None = None  # --ema's average of the weights
 
     @classmethod
     def build(
@@ -306,6 +324,9 @@ class Session:
             scaler=torch.amp.GradScaler(process.device.type, enabled=cfg.run.precision == "fp16"),
             frozen=frozen,
         )
+        if cfg.optim.ema:
+            session.averaged = WeightAverage(model, cfg.optim.ema)
+            session.step_hooks.append(session.averaged)
         if latest is not None:
             session.restore(latest, saved)
         session.started -= session.state.wall_seconds
@@ -326,6 +347,8 @@ class Session:
         if saved is not None:
             parallel.load_optimizer_state(self.optimizer, self.trainable, saved.optimizer)
             scheduler_state, loop_state = saved.scheduler, saved.loop_state
+            if self.averaged is not None:
+                self.averaged.load_state_dict(saved.ema)
         else:  # last.dcp: every process reads its own part
             scheduler_state, loop_state = self.run.load_sharded_checkpoint(
                 latest, self.trainable, self.optimizer
@@ -367,7 +390,11 @@ class Session:
         cfg, state = self.cfg, self.state
         # A budget is checked after each step; here only what earlier sessions spent counts,
         # so a run always takes at least one step.
-        while state.step < self.total_steps and not self.out_of_time(this_segment=False):
+        while (
+            not state.stopped_early
+            and state.step < self.total_steps
+            and not self.out_of_time(this_segment=False)
+        ):
             epoch, offset = divmod(state.step, self.steps_per_epoch)
             epoch_end = (epoch + 1) * self.steps_per_epoch
             batches = self.splits.train.train_batches(
@@ -419,10 +446,28 @@ class Session:
                             state,
                             self.steps_per_epoch,
                             cfg.evaluators.best,
+                            self.averaged.model if self.averaged is not None else None,
+                            cfg.evaluators,
                         )
                 picks = any(e.name == cfg.evaluators.best for e in self.evaluators)
+                if not picks:  # best = last: with --ema, its average
+                    state.best_weights = "raw" if self.averaged is None else "ema"
+                patience = cfg.evaluators.patience
+                state.stopped_early = bool(patience) and state.evals_without_improvement >= patience
                 self.checkpoint(is_best or not picks)
                 self.segment_start = time.perf_counter()
+                if state.stopped_early:
+                    if self.process.is_main:
+                        logger.info(
+                            "no better %s in %d evaluations (the best at step %d): stopping "
+                            "early at step %d of %d, testing",
+                            cfg.evaluators.best,
+                            patience,
+                            state.best_step,
+                            state.step,
+                            self.total_steps,
+                        )
+                    return
                 if stop:
                     logger.info(
                         "the %g-minute budget is spent after step %d of %d: testing",
@@ -617,6 +662,7 @@ class Session:
         state.wall_seconds = time.perf_counter() - self.started
         self.splits.report(run.skipped if run.writer else None, final=False)
         if not parallel.sharded(self.net):
+            averaged = self.averaged
             run.save_checkpoint(
                 self.model,
                 self.optimizer,
@@ -624,6 +670,8 @@ class Session:
                 self.saved_state(),
                 is_best,
                 self.task.task_state(self.trainable),
+                averaged.state_dict() if averaged is not None else None,
+                averaged.model if averaged and state.best_weights == "ema" else None,
             )
             return
         run.save_sharded_checkpoint(
@@ -665,7 +713,10 @@ class Session:
             best_step=state.best_step or state.step,
             epochs=epochs_done,
             steps=state.step,
-            budget_spent=state.step < self.plan.configured_steps,  # cut by max_minutes
+            budget_spent=state.step < self.plan.configured_steps and not state.stopped_early,
+            stopped_early=state.stopped_early,  # by --patience, after ``steps``
+            ema=cfg.optim.ema,
+            best_weights=state.best_weights,  # what best.safetensors holds, and the test scored
             schedule=self.plan.describe(),
             on_nonfinite=cfg.run.on_nonfinite,
             nonfinite_events=state.nonfinite_events,
@@ -811,40 +862,66 @@ def run_evaluators(
     state: LoopState,
     steps_per_epoch: int,
     best_evaluator: str = "val",
+    averaged: PretrainedModel | None = None,
+    chosen: EvaluatorsConfig | None = None,
 ) -> bool:
-    """Run and log every evaluator; True if the metric of ``best_evaluator`` (its own
-    ``best_metric``, else the task's) is the best so far."""
+    """Run and log every evaluator on ``model`` and, with --ema, on its ``averaged`` copy
+    (logged as split "<name>_ema"); True if the monitored metric of ``best_evaluator``
+    (``monitored_metric`` of the ``chosen`` settings) is the best so far, with
+    ``state.best_weights`` saying which weights scored it (the average on a tie). Counts the
+    evaluations without improvement for --patience."""
+    chosen = chosen or EvaluatorsConfig(best=best_evaluator)
+    models = {"raw": model} if averaged is None else {"raw": model, "ema": averaged}
     is_best = False
     for evaluator in evaluators:
-        metrics = evaluator.run(model, process)
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-        run.log(
-            dict(
-                split=evaluator.name, epoch=state.step / steps_per_epoch, step=state.step, **scalars
+        picks = evaluator.name == best_evaluator
+        metric, mode = monitored_metric(evaluator, task, chosen) if picks else ("", "max")
+        scores: dict[str, float] = {}
+        for weights, evaluated in models.items():
+            metrics = evaluator.run(evaluated, process)
+            scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+            split = evaluator.name if weights == "raw" else f"{evaluator.name}_{weights}"
+            run.log(
+                dict(split=split, epoch=state.step / steps_per_epoch, step=state.step, **scalars)
             )
-        )
-        if evaluator.name != best_evaluator:
+            if picks:
+                if metric not in scalars:
+                    raise ValueError(
+                        f"--monitor {metric}: the {evaluator.name} evaluator gives "
+                        f"{sorted(scalars)}"
+                    )
+                scores[weights] = float(scalars[metric])
+        if not picks:
             continue
-        metric = getattr(evaluator, "best_metric", task.best_metric)
-        mode = getattr(evaluator, "best_mode", task.best_mode)
-        value = float(metrics[metric])
-        best = state.best_value
-        if best is None or (value > best if mode == "max" else value < best):
+        weights = (
+            "ema" if "ema" in scores and not improves(scores["raw"], scores["ema"], mode) else "raw"
+        )
+        value, best = scores[weights], state.best_value
+        if best is None or improves(value, best, mode):
             state.best_value, state.best_step = value, state.step
             state.best_epoch = round(state.step / steps_per_epoch, 3)
+            state.best_weights, state.evals_without_improvement = weights, 0
             is_best = True
+        else:
+            state.evals_without_improvement += 1
         if process.is_main:
             logger.info(
-                "step %d (epoch %.3g): %s %s %.4f (best %.4f, step %d)",
+                "step %d (epoch %.3g): %s %s %.4f%s (best %.4f, step %d)",
                 state.step,
                 state.step / steps_per_epoch,
                 evaluator.name,
                 metric,
-                value,
+                scores["raw"],
+                f", of the average {scores['ema']:.4f}" if "ema" in scores else "",
                 state.best_value,
                 state.best_step,
             )
     return is_best
+
+
+def improves(value: float, than: float, mode: str) -> bool:
+    """Whether ``value`` is strictly better than ``than`` ("max": higher is better)."""
+    return value > than if mode == "max" else value < than
 
 
 def read_latest_checkpoint(

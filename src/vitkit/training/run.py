@@ -3,9 +3,11 @@
     config.json        the resolved ``TrainConfig``
     metrics.jsonl      one JSON line per logged training step and per evaluation
     last.safetensors   the model at the latest checkpoint, plus the training state to resume
+                       (with --ema, the averaged weights too, under ``state/ema/``)
     best.safetensors   the model alone (and a task's own head), at the evaluation with the best
                        validation metric: for use, not to resume (runs written before this
-                       version also kept the training state there; they still load)
+                       version also kept the training state there; they still load); with
+                       --ema, the averaged weights when they scored that best
     events.jsonl       what the --on-nonfinite policy did, one line an event
     last.dcp/          an FSDP run's checkpoint instead, sharded (``vitkit.checkpoints.sharded``);
                        its best.safetensors, and last.safetensors at the end, hold the model
@@ -32,7 +34,7 @@ import itertools
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
@@ -52,6 +54,7 @@ from vitkit.utils.runlayout import RunLayout
 STATE_KEY = "vitkit_state"
 OPTIMIZER_PREFIX = "optimizer/"
 TASK_PREFIX = "task/"
+EMA_PREFIX = "ema/"
 
 
 @dataclass
@@ -63,6 +66,7 @@ class SavedTraining:
     scheduler: dict[str, Any]  # for ``scheduler.load_state_dict``
     loop_state: dict[str, Any]  # the loop's counters
     task: dict[str, torch.Tensor]  # the task's own parameters
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)  # --ema's averaged weights
 
 
 def optimizer_to_tensors(
@@ -143,20 +147,25 @@ class RunFolder(RunLayout):
         loop_state: dict[str, Any],
         is_best: bool,
         task_tensors: dict[str, torch.Tensor] | None = None,
+        ema_tensors: dict[str, torch.Tensor] | None = None,
+        best_model: nn.Module | None = None,
     ) -> None:
-        """Write ``last.safetensors`` and, if ``is_best``, copy it to ``best.safetensors``.
+        """Write ``last.safetensors`` and, if ``is_best``, ``best.safetensors``: ``best_model``
+        (default ``model``) without the training state.
 
         ``loop_state`` is the loop's counters (JSON); ``task_tensors`` the task's own
-        parameters (a prediction head, say), kept under ``state/task/``."""
+        parameters (a prediction head, say), kept under ``state/task/``; ``ema_tensors`` the
+        averaged weights of --ema, under ``state/ema/``."""
         if not self.writer:
             return
         tensors, optimizer_json = optimizer_to_tensors(optimizer.state_dict())
         tensors |= {TASK_PREFIX + k: v for k, v in (task_tensors or {}).items()}
+        tensors |= {EMA_PREFIX + k: v for k, v in (ema_tensors or {}).items()}
         state = {**loop_state, "optimizer": optimizer_json, "scheduler": scheduler.state_dict()}
         save_pretrained(model, self.last, tensors, {STATE_KEY: json.dumps(state)})
         if is_best:  # the model for use: no optimizer state (two thirds of last's bytes)
             task = {TASK_PREFIX + k: v for k, v in (task_tensors or {}).items()}
-            save_pretrained(model, self.best, task)
+            save_pretrained(best_model or model, self.best, task)
 
     def save_sharded_checkpoint(
         self,
@@ -286,13 +295,16 @@ class RunFolder(RunLayout):
             for k, v in tensors.items()
             if k.startswith(STATE_PREFIX)
         }
-        task = {
-            k.removeprefix(TASK_PREFIX): v for k, v in saved.items() if k.startswith(TASK_PREFIX)
+        task, ema = (
+            {k.removeprefix(prefix): v for k, v in saved.items() if k.startswith(prefix)}
+            for prefix in (TASK_PREFIX, EMA_PREFIX)
+        )
+        optimizer_tensors = {
+            k: v for k, v in saved.items() if not k.startswith((TASK_PREFIX, EMA_PREFIX))
         }
-        optimizer_tensors = {k: v for k, v in saved.items() if not k.startswith(TASK_PREFIX)}
         optimizer_state = optimizer_from_tensors(optimizer_tensors, state.pop("optimizer"))
         scheduler_state = state.pop("scheduler")
-        return SavedTraining(weights, optimizer_state, scheduler_state, state, task)
+        return SavedTraining(weights, optimizer_state, scheduler_state, state, task, ema)
 
     def plot_curves(self) -> None:
         """Every logged metric against the optimizer step: one panel per metric, one line per
