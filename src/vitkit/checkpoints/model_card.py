@@ -84,6 +84,12 @@ def yaml_block(metadata: dict[str, Any], indent: str = "") -> list[str]:
     return lines
 
 
+def model_name(cfg: Any, config: dict[str, Any]) -> str:
+    """The run's registered model name (``vit_digits``), else the architecture's (``vit``)."""
+    name = run_setting(config, "model", "name", "model")
+    return str(name) if isinstance(name, str) else architecture_of(cfg).name
+
+
 def card_metadata(
     cfg: Any, library: str, config: dict[str, Any], summary: dict[str, Any]
 ) -> dict[str, Any]:
@@ -110,11 +116,15 @@ def card_metadata(
     if isinstance(accuracy, int | float) and source is not None:
         metadata["model-index"] = [
             {
-                "name": architecture_of(cfg).name,
+                "name": model_name(cfg, config),
                 "results": [
                     {
                         "task": {"type": "image-classification"},
-                        "dataset": {"name": str(source), "type": dataset or str(source)},
+                        "dataset": {
+                            "name": str(source),
+                            "type": dataset or str(source),
+                            "split": "test",
+                        },
                         "metrics": [
                             {"type": "accuracy", "value": accuracy, "name": "test accuracy"}
                         ],
@@ -145,7 +155,7 @@ def model_card(cfg: Any, library: str, run: Path | None = None, repo: str | None
         *yaml_block(metadata),
         "---",
         "",
-        f"# {repo or architecture_of(cfg).name}",
+        f"# {repo or model_name(cfg, config)}",
         "",
         f"A Vision Transformer ([Dosovitskiy et al., ICLR 2021]({PAPER})) written by "
         f"vitkit for {library}.",
