@@ -275,6 +275,8 @@ class FakeHub(BaseHTTPRequestHandler):
             self.reply(200, {"url": f"{here}/{request['organization']}/{request['name']}"})
         elif self.path == "/api/validate-yaml":
             self.reply(200, {"errors": [], "warnings": []})
+        elif "/branch/" in self.path:
+            self.reply(200, {})
         elif "/preupload/" in self.path:
             files = json.loads(body)["files"]
             modes = [
@@ -350,6 +352,25 @@ def test_push_public_timm(fake_hub: list, tmp_path: Path) -> None:
     files = committed_files(fake_hub, "/api/models/org/name/commit/main")
     assert set(files) == {"config.json", "model.safetensors", "README.md"}
     assert json.loads(files["config.json"])["architecture"] == "vit_base_patch16_224"
+
+
+def test_push_vitkit_format_to_a_branch(fake_hub: list, tmp_path: Path) -> None:
+    save_pretrained(micro_classifier(EvalPreprocessing()), tmp_path / "model")
+    argv = ["push", str(tmp_path / "model"), "org/name", "--format", "vitkit", "--revision", "dev"]
+    assert main(argv) == 0
+    assert any(url == "/api/models/org/name/branch/dev" for _, url, _ in fake_hub)
+    files = committed_files(fake_hub, "/api/models/org/name/commit/dev")
+    assert {"config.json", "model.safetensors", "README.md"} <= set(files)
+    assert b'library_name: "vitkit"' in files["README.md"]
+
+
+def test_a_vitkit_folder_with_a_card_still_loads(tmp_path: Path) -> None:
+    model = micro_classifier(EvalPreprocessing())
+    export(model, tmp_path / "folder", "vitkit", card=True)
+    assert (tmp_path / "folder" / "README.md").is_file()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(tmp_path / "folder")(x), model(x))
 
 
 def test_push_refuses_a_repo_without_owner(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
