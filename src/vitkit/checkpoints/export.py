@@ -17,6 +17,7 @@ from torch import nn
 
 from vitkit.checkpoints import bit, hf, official, timm
 from vitkit.checkpoints.core import CheckpointError
+from vitkit.checkpoints.model_card import CARD_FILE, model_card
 from vitkit.checkpoints.native import save_pretrained
 from vitkit.models.registry import architecture_of
 from vitkit.utils.files import (
@@ -37,9 +38,13 @@ WRITERS: dict[str, dict[str, Writer]] = {
     "hf": {"vit": hf.write},  # a folder
 }
 EXPORT_FORMATS = tuple(WRITERS)
+# The folder formats that are Hub repos, and the library that loads each: they get a model card.
+HUB_LIBRARIES = {"hf": "transformers", "timm": "timm"}
 
 
 def writes_folder(path: Path, to: str) -> bool:
+    if to == "timm":  # a state-dict file, else timm's hub folder
+        return path.suffix not in timm.SUFFIXES
     return to == "hf" or (to == "vitkit" and path.suffix != ".safetensors")
 
 
@@ -75,11 +80,22 @@ def atomic_dir(path: Path, write: Callable[[Path], object]) -> None:
         raise
 
 
-def export(model: nn.Module, path: str | Path, to: str) -> Path:
+def export(
+    model: nn.Module,
+    path: str | Path,
+    to: str,
+    run: str | Path | None = None,
+    card: bool | None = None,
+    repo: str | None = None,
+) -> Path:
     """Write ``model`` at ``path`` in format ``to`` (one of ``EXPORT_FORMATS``).
 
     vitkit's format takes a model of any registered architecture, the others the
-    architectures listed for them in ``WRITERS``.
+    architectures listed for them in ``WRITERS``. A folder gets a model card (``README.md``,
+    ``vitkit.checkpoints.model_card``) when ``card`` is true; by default (None) the Hub's
+    folder formats do (``--to hf``, and ``--to timm`` to a folder). ``run`` is the run folder
+    the model comes from: its test accuracy and training config go into the card; ``repo``
+    (``ORG/NAME``) the Hub repo it is written for, named in the card's usage snippet.
     """
     path = Path(path)
     if to not in WRITERS:
@@ -93,7 +109,16 @@ def export(model: nn.Module, path: str | Path, to: str) -> Path:
             "model: write it with --to vitkit"
         )
     if writes_folder(path, to):
-        atomic_dir(path, lambda tmp: write(model, tmp))
+        library = HUB_LIBRARIES.get(to, "vitkit")
+        with_card = to in HUB_LIBRARIES if card is None else card
+
+        def write_folder(tmp: Path) -> None:
+            write(model, tmp)
+            if with_card:
+                text = model_card(model.cfg, library, Path(run) if run else None, repo)
+                (tmp / CARD_FILE).write_text(text)
+
+        atomic_dir(path, write_folder)
     else:
         write(model, path)
     return path

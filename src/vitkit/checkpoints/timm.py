@@ -8,6 +8,15 @@ the model's config in the safetensors metadata (``vitkit_export_config``; timm i
 A ``.pth``/``.pt``/``.bin`` file has no such place (a non-tensor entry would break timm's
 loading), so it reads back with timm's numerics and without class names: ``write`` says so.
 
+``write`` to a path without one of those suffixes writes timm's hub folder instead (what
+``timm.create_model("local-dir:DIR", pretrained=True)`` and ``hf-hub:`` read, as timm's
+``push_to_hf_hub`` writes it): ``model.safetensors`` (the state dict above, with the config in
+its metadata) and ``config.json`` with ``architecture`` (timm's model name, e.g.
+``vit_base_patch16_224``), ``model_args`` (the keyword arguments that make timm's model of
+that name this one: sizes, pooling, GELU; only those that differ) and ``pretrained_cfg`` (the
+input size, mean, std, interpolation, ``crop_pct`` and ``crop_mode`` of the model's
+``EvalPreprocessing``, the number of classes and their names).
+
 Pickle files are loaded with ``torch.load(weights_only=True)``: tensors only, never code.
 Not supported, with a message saying so: timm's hybrid (ResNet) naming (read the official
 ``.npz`` instead), and timm-only extensions such as ``fc_norm``, layer scale or registers.
@@ -41,6 +50,7 @@ from vitkit.checkpoints.mapping import (
     state_dict_keys,
 )
 from vitkit.checkpoints.native import load_tensors, read_metadata, save_safetensors
+from vitkit.models.preprocessing import EvalPreprocessing
 from vitkit.models.vit import ClassifierKind, VisionTransformer, ViTConfig
 from vitkit.utils.files import atomic_write
 
@@ -60,6 +70,19 @@ UNSUPPORTED = {
 RESNETV2_STEM = "stem.conv.weight"
 # Hugging Face's names, to say so when someone passes its weights file instead of its folder.
 HF_MARKER = "embeddings.patch_embeddings.projection.weight"
+HUB_CONFIG_FILE, HUB_WEIGHTS_FILE = "config.json", "model.safetensors"
+# timm's registered ViTs of the paper's sizes: (width, depth, heads) -> the name's size word,
+# and for each the (patch, image size) pairs timm registers.
+TIMM_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base"}
+TIMM_SIZES |= {(1024, 24, 16): "large", (1280, 32, 16): "huge"}
+TIMM_VARIANTS = {
+    "tiny": {(16, 224), (16, 384)},
+    "small": {(32, 224), (32, 384), (16, 224), (16, 384), (8, 224)},
+    "base": {(32, 224), (32, 384), (16, 224), (16, 384), (8, 224)},
+    "large": {(32, 224), (32, 384), (16, 224), (16, 384), (14, 224)},
+    "huge": {(14, 224)},
+}
+TIMM_EPS = 1e-6  # the LayerNorm epsilon of timm's ViTs; config.json cannot set another
 
 logger = logging.getLogger(__name__)
 
@@ -177,11 +200,13 @@ def read(path: Path, spec: ModelSpec) -> Checkpoint:
 
 
 def write(model: VisionTransformer, path: Path) -> None:
-    """Write ``model`` as a timm state dict (atomically); the suffix picks the file type."""
+    """Write ``model`` as a timm state dict (atomically); the suffix picks the file type.
+    A path without one of ``SUFFIXES`` is a folder: timm's hub folder (``write_hub_folder``)."""
+    if path.suffix not in SUFFIXES:
+        write_hub_folder(model, path)
+        return
     cfg = model.cfg
     problems = []
-    if path.suffix not in SUFFIXES:
-        problems.append(f"the file name must end in one of {SUFFIXES}, not {path.name!r}")
     if cfg.pos_embed != "learned":
         problems.append(f"timm's ViT has the learned 1-D position embedding, not {cfg.pos_embed!r}")
     if cfg.resnet_layers is not None:
@@ -220,6 +245,95 @@ def config_not_kept(cfg: ViTConfig, sd: dict[str, torch.Tensor]) -> list[str]:
         for key, value in cfg.to_dict().items()
         if inferred[key] != value
     ]
+
+
+def timm_architecture(cfg: ViTConfig) -> tuple[str, dict[str, object]]:
+    """timm's model name for ``cfg`` and the ``model_args`` that make that model this one:
+    none when timm registers a ViT of exactly these sizes, else the sizes on top of the
+    registered name closest in spirit (``vit_base_patch16_224``)."""
+    size = TIMM_SIZES.get((cfg.width, cfg.depth, cfg.num_heads))
+    patch, height = cfg.patch_size[0], cfg.img_size[0]
+    square = cfg.patch_size[0] == cfg.patch_size[1] and cfg.img_size[0] == cfg.img_size[1]
+    named = (
+        size is not None
+        and square
+        and (patch, height) in TIMM_VARIANTS[size]
+        and cfg.mlp_dim == 4 * cfg.width
+        and cfg.in_chans == 3
+    )
+    name = f"vit_{size}_patch{patch}_{height}" if named else "vit_base_patch16_224"
+    args: dict[str, object] = {}
+    if not named:
+        args |= dict(
+            img_size=list(cfg.img_size),
+            patch_size=list(cfg.patch_size),
+            embed_dim=cfg.width,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            mlp_ratio=cfg.mlp_dim / cfg.width,
+        )
+    if not cfg.qkv_bias:
+        args["qkv_bias"] = False
+    if cfg.classifier == "gap":  # vitkit normalises every token, then averages: no fc_norm
+        args |= dict(class_token=False, global_pool="avg", fc_norm=False)
+    if cfg.gelu == "tanh":
+        args["act_layer"] = "gelu_tanh"
+    return name, args
+
+
+def hub_config(cfg: ViTConfig) -> dict[str, object]:
+    """timm's ``config.json`` for ``cfg``, as ``save_config_for_hf`` lays it out."""
+    name, model_args = timm_architecture(cfg)
+    preprocessing = EvalPreprocessing.of(cfg)
+    crop = preprocessing.resize == "crop"
+    pretrained_cfg: dict[str, object] = {
+        "input_size": [cfg.in_chans, *cfg.img_size],
+        "fixed_input_size": not cfg.dynamic_img_size,
+        "interpolation": preprocessing.interpolation,
+        # "squash" resizes to the input size, then takes all of it (crop_pct 1)
+        "crop_pct": preprocessing.crop_pct if crop else 1.0,
+        "crop_mode": "center" if crop else "squash",
+        "mean": [preprocessing.mean] * cfg.in_chans,
+        "std": [preprocessing.std] * cfg.in_chans,
+        "num_classes": cfg.num_classes,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    }
+    config: dict[str, object] = {
+        "architecture": name,
+        "num_classes": cfg.num_classes,
+        "num_features": cfg.width,
+        "global_pool": "avg" if cfg.classifier == "gap" else "token",
+    }
+    classes = cfg.extra.get("classes")
+    if isinstance(classes, list) and len(classes) == cfg.num_classes and classes:
+        config["label_names"] = pretrained_cfg["label_names"] = [str(c) for c in classes]
+    if model_args:
+        config["model_args"] = model_args
+    config["pretrained_cfg"] = pretrained_cfg
+    return config
+
+
+def write_hub_folder(model: VisionTransformer, folder: Path) -> None:
+    """Write ``model`` as timm's hub folder: ``model.safetensors`` and ``config.json``."""
+    cfg = model.cfg
+    if cfg.representation_size and cfg.num_classes:
+        raise CheckpointError(
+            "cannot write a timm hub folder: timm's ViT has no representation layer before its "
+            "head (drop it with num_classes= / reset_classifier first)"
+        )
+    if cfg.eps != TIMM_EPS:
+        logger.warning(
+            "%s: timm computes this model with LayerNorm eps %g, not its %g (config.json "
+            "cannot set it): outputs will differ slightly",
+            folder,
+            TIMM_EPS,
+            cfg.eps,
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    write(model, folder / HUB_WEIGHTS_FILE)
+    text = json.dumps(hub_config(cfg), indent=2)
+    atomic_write(folder / HUB_CONFIG_FILE, lambda tmp: tmp.write_text(text))
 
 
 FORMAT = CheckpointFormat("timm", detect, read)

@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "evaluate",
     "predict",
     "export",
+    "push",
     "fewshot",
     "probe",
     "experiment",

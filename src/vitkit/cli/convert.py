@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vitkit.checkpoints import EXPORT_FORMATS, build_model, export, read_checkpoint
 from vitkit.checkpoints.core import Checkpoint, check_named_model
+from vitkit.utils.runlayout import locate_checkpoint
 
 SHOWN_DROPPED = 3
 
@@ -17,9 +18,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "convert",
         help="convert a checkpoint to vitkit, timm, official .npz or Hugging Face format",
         description="Read SRC in any format vitkit knows (recognised by itself) and write it "
-        "to DST (a model of any registered architecture to vitkit's format, ViTs to all). DST is a folder for --to hf and for --to vitkit (unless it ends in "
-        ".safetensors), a .safetensors/.pth/.pt/.bin file for --to timm, an .npz file for "
-        "--to official. DST is written under a temporary name and renamed when complete. "
+        "to DST (a model of any registered architecture to vitkit's format, ViTs to all). DST "
+        "is a folder for --to hf (config.json with id2label, model.safetensors, "
+        "preprocessor_config.json for transformers.pipeline, and a model card README.md) and "
+        "for --to vitkit (unless it ends in .safetensors); for --to timm a "
+        ".safetensors/.pth/.pt/.bin state-dict file, or any other name: timm's hub folder "
+        "(config.json with architecture and pretrained_cfg, model.safetensors, README.md) for "
+        "timm.create_model('local-dir:DST', pretrained=True); an .npz file for --to official. "
+        "When SRC is a run folder or a checkpoint in one, the model card carries the run's "
+        "test accuracy and training config. DST is written under a temporary name and renamed when complete. "
         "Only the model is converted: what SRC holds besides (a training checkpoint's "
         "optimizer and scheduler state, ...) is listed on stderr, and SRC itself is never "
         "replaced by a copy without it.",
@@ -67,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
             "write to another path"
         )
     model = build_model(ckpt, **overrides)
-    export(model, dst, args.to)
+    run_folder = locate_checkpoint(args.src)[1] if Path(args.src).exists() else None
+    export(model, dst, args.to, run=run_folder)
     print(f"{args.src} ({ckpt.format}) -> {dst} ({args.to}): {model.num_parameters():,} parameters")
     if ckpt.dropped:
         print(
