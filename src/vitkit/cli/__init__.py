@@ -18,6 +18,7 @@ from importlib.metadata import version
 
 from vitkit.deploy import MissingDependency
 from vitkit.utils.plugins import load_plugins
+from vitkit.utils.remote import SHOW_PROGRESS
 
 COMMAND_MODULES: tuple[str, ...] = (
     "models",
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if is_main_rank() else logging.ERROR, format="%(message)s"
     )
+    SHOW_PROGRESS.set(is_main_rank())  # a download of weights by name draws its progress
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows up here rather than at exit
