@@ -25,7 +25,7 @@ from vitkit.checkpoints.mapping import from_vitkit
 from vitkit.checkpoints.native import save_safetensors
 from vitkit.checkpoints.timm import timm_rules
 from vitkit.cli import main
-from vitkit.models.preprocessing import EvalPreprocessing
+from vitkit.models.preprocessing import RECORD_KEY, EvalPreprocessing
 from vitkit.models.vit import VisionTransformer, ViTConfig
 from vitkit.training.config import ModelConfig
 from vitkit.utils import remote
@@ -33,6 +33,7 @@ from vitkit.utils.remote import DownloadError, PretrainedWeights
 
 CLASSES = ["cat", "dog", "fox"]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+SQUASH = EvalPreprocessing(mean=0.45, std=0.25)  # a preprocessing other than the default
 
 
 def tiny_vit(**changes: object) -> VisionTransformer:
@@ -111,7 +112,7 @@ REPO_FORMATS = ["hf", "vitkit", "timm-hub", "timm-hub-bin"]
 def publish_model(
     repo_format: str, publish: Callable[[str, Path, str], None], tmp_path: Path
 ) -> tuple[VisionTransformer, str]:
-    model = tiny_vit()
+    model = tiny_vit(extra={"classes": CLASSES, RECORD_KEY: SQUASH.to_dict()})
     folder = tmp_path / "written" / repo_format
     if repo_format in ("hf", "vitkit"):
         export(model, folder, repo_format)
@@ -131,8 +132,10 @@ def test_each_repository_format_loads_by_its_hub_name(
     loaded = load_pretrained(f"hf-hub:{repo_id}")
     torch.testing.assert_close(outputs(loaded), outputs(original))
     assert loaded.cfg.extra["classes"] == CLASSES
-    if repo_format.startswith("timm-hub"):  # timm's evaluation crop, from its pretrained_cfg
-        assert EvalPreprocessing.of(loaded.cfg) == EvalPreprocessing("crop", 0.9)
+    # the preprocessing of the repository: preprocessor_config.json, timm's pretrained_cfg
+    timm = repo_format.startswith("timm-hub")
+    expected = EvalPreprocessing("crop", 0.9) if timm else SQUASH
+    assert EvalPreprocessing.of(loaded.cfg) == expected
     if repo_format == "vitkit":
         torch.testing.assert_close(
             outputs(vitkit.from_pretrained(f"hf-hub:{repo_id}")), outputs(original)
@@ -180,6 +183,25 @@ def test_a_hub_name_not_in_the_offline_cache_is_one_line_naming_cache_and_variab
     assert main(["inspect", "hf-hub:someone/absent"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "HF_HUB_OFFLINE" in lines[0]
+
+
+def test_finetune_starts_from_a_hub_name(
+    hub: Callable[[str, Path, str], None], tmp_path: Path
+) -> None:
+    from vitkit.data.base import SourceInfo
+    from vitkit.training import TrainConfig
+    from vitkit.training.tasks import build_task
+
+    original, repo_id = publish_model("timm-hub", hub, tmp_path)
+    cfg = TrainConfig.from_nested(
+        {"model": {"init_from": f"hf-hub:{repo_id}"}, "data": {"source": "x"}}
+    )
+    fine_tuned = build_task(cfg).build_model(SourceInfo(["a", "b"], 3, 10))
+    assert fine_tuned.cfg.extra["classes"] == ["a", "b"]  # a new head for the data's classes
+    assert EvalPreprocessing.of(fine_tuned.cfg) == EvalPreprocessing("crop", 0.9)
+    for name, weight in original.state_dict().items():
+        if not name.startswith("head."):
+            torch.testing.assert_close(fine_tuned.state_dict()[name], weight)
 
 
 def test_finetune_from_takes_a_name_that_is_not_a_file() -> None:

@@ -22,7 +22,9 @@ nothing of the formats: what it returns is read by ``vitkit.checkpoints``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
 import logging
 import re
 import urllib.error
@@ -216,26 +218,14 @@ def download(url: str, sha256: str | None = None) -> Path:
     def fetch(tmp: Path) -> None:
         try:
             with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
-                expected = response.headers.get("Content-Length")
-                total = int(expected) if expected and expected.isdigit() else None
-                received = 0
-                with (
-                    open(tmp, "wb") as out,
-                    tqdm(
-                        total=total,
-                        unit="B",
-                        unit_scale=True,
-                        desc=path.name,
-                        disable=not SHOW_PROGRESS.get(),
-                    ) as bar,
-                ):
-                    while chunk := response.read(CHUNK):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        received += len(chunk)
-                        bar.update(len(chunk))
+                length = response.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+                received = copy_response(response, tmp, digest, total, path.name)
         except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-            reason = getattr(err, "reason", None) or err
+            if isinstance(err, urllib.error.HTTPError):
+                reason: object = f"the server answered HTTP {err.code} {err.reason}"
+            else:
+                reason = getattr(err, "reason", None) or err
             raise DownloadError(
                 f"could not download {url} ({reason}); nothing is cached at {path}: connect "
                 f"to the network, or set {CACHE_VARIABLE} to the cache folder that holds it "
@@ -256,6 +246,30 @@ def download(url: str, sha256: str | None = None) -> Path:
     line = f"{digest.hexdigest()}  {path.name}\n"
     atomic_write(checksum_file, lambda tmp: tmp.write_text(line))
     return path
+
+
+def copy_response(
+    response: Any, out: Path, digest: Any, total: int | None, description: str
+) -> int:
+    """Copy ``response``'s body into ``out``, feeding ``digest``; the number of bytes copied.
+
+    A connection closed early ends the copy short (the caller compares the count with the
+    ``Content-Length``); the progress bar is drawn only where ``SHOW_PROGRESS`` asks."""
+    received = 0
+    bar = tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc=description,
+        disable=not SHOW_PROGRESS.get(),
+    )
+    with open(out, "wb") as file, bar, contextlib.suppress(http.client.IncompleteRead):
+        while chunk := response.read(CHUNK):
+            file.write(chunk)
+            digest.update(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+    return received
 
 
 __all__ = [
