@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import logging
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -291,6 +292,38 @@ def test_a_url_is_downloaded_once_then_read_from_the_cache_with_the_server_stopp
     server.stop()  # stop the server: the cached copy needs no network
     torch.testing.assert_close(outputs(load_pretrained(url)), outputs(model))
     assert server.handler.requests == ["/ViT-Tiny.npz"]
+
+
+def test_the_command_line_draws_the_download_and_the_library_logs_it(
+    server: LocalServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, body = official_npz(tmp_path)
+    url = server.serve("drawn.npz", body)
+    assert main(["inspect", url]) == 0
+    assert "drawn.npz: 100%" in capsys.readouterr().err
+    url = server.serve("logged.npz", body)
+    with caplog.at_level(logging.INFO, logger="vitkit.utils.remote"):
+        load_pretrained(url)
+    assert capsys.readouterr().err == ""  # no bar outside the command line
+    assert f"downloading {url}" in caplog.text
+
+
+def test_models_pretrained_lists_the_papers_names_with_their_official_urls(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    assert main(["models", "--pretrained"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    # the URLs of google-research/vision_transformer's README
+    bucket = "https://storage.googleapis.com/vit_models"
+    assert rows["imagenet21k/ViT-B_16"][1] == "ViT-B_16"  # the bare name is its alias
+    assert rows["imagenet21k/ViT-B_16"][-1] == f"{bucket}/imagenet21k/ViT-B_16.npz"
+    assert rows["imagenet21k+imagenet2012/ViT-L_16-224"][-1] == (
+        f"{bucket}/imagenet21k%2Bimagenet2012/ViT-L_16-224.npz"
+    )
+    assert {"imagenet21k/ViT-H_14", "imagenet21k/R50+ViT-B_16"} <= set(rows)
 
 
 def test_a_table_name_downloads_its_url_and_checks_its_checksum(

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if is_main_rank() else logging.ERROR, format="%(message)s"
     )
-    SHOW_PROGRESS.set(is_main_rank())  # a download of weights by name draws its progress
+    progress = SHOW_PROGRESS.set(is_main_rank())  # a download of weights draws its progress
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows up here rather than at exit
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         report(f"vitkit {args.command}: error: {describe_os_error(err)}")
         return 1
+    finally:
+        SHOW_PROGRESS.reset(progress)  # main() called from Python leaves the library quiet
 
 
 def is_main_rank() -> bool:
