@@ -21,7 +21,7 @@ from PIL import Image
 
 import vitkit
 from tests.conftest import perturbed
-from vitkit.checkpoints import export, load_pretrained, read_checkpoint
+from vitkit.checkpoints import CheckpointError, export, load_pretrained, read_checkpoint
 from vitkit.checkpoints.mapping import from_vitkit
 from vitkit.checkpoints.native import save_safetensors
 from vitkit.checkpoints.timm import timm_rules
@@ -141,6 +141,18 @@ def test_each_repository_format_loads_by_its_hub_name(
         torch.testing.assert_close(
             outputs(vitkit.from_pretrained(f"hf-hub:{repo_id}")), outputs(original)
         )
+
+
+def test_a_timm_hub_folder_of_a_size_its_name_does_not_give_needs_model(tmp_path: Path) -> None:
+    model = tiny_vit()
+    folder = tmp_path / "custom"
+    write_timm_hub(model, folder, "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architecture": "vit_custom"}))
+    with pytest.raises(CheckpointError, match="number of attention heads"):
+        load_pretrained(folder)
+    named = ViTConfig(width=192, num_heads=3, depth=1, mlp_dim=64, gelu="none", eps=1e-6)
+    torch.testing.assert_close(outputs(load_pretrained(folder, named)), outputs(model))
 
 
 def test_a_revision_names_its_ref(hub: Callable[[str, Path, str], None], tmp_path: Path) -> None:

@@ -247,6 +247,11 @@ def detect(path: Path) -> bool:
 
 def read(path: Path, spec: ModelSpec) -> Checkpoint:
     hf = read_json(path / CONFIG_FILE)
+    if hf.get("model_type") == "vit-hybrid":
+        raise CheckpointError(
+            f"{path / CONFIG_FILE}: vitkit does not read Hugging Face's vit-hybrid (its BiT "
+            "stem's naming); the paper's hybrid is R50+ViT-B_16 (vitkit models --pretrained)"
+        )
     if hf.get("model_type") != "vit":
         raise CheckpointError(
             f"{path / CONFIG_FILE} has model_type {hf.get('model_type')!r}; vitkit reads "

@@ -283,17 +283,12 @@ def read_hub(path: Path, spec: ModelSpec) -> Checkpoint:
     weights = next((path / name for name in HUB_WEIGHTS if (path / name).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{path} is a timm Hub folder without {' or '.join(HUB_WEIGHTS)}")
-    architecture = str(config["architecture"])
     vit_spec = resolve_vit_spec(spec)
-    size = TIMM_VIT_NAME.match(architecture)
-    if vit_spec is None and (size is None or size[1] not in TIMM_HEADS):
-        raise CheckpointError(
-            f"{path}: timm architecture {architecture!r} is not a ViT of a size vitkit knows "
-            f"({', '.join(TIMM_HEADS)}); pass model= (--model) for the number of heads"
-        )
+    size = TIMM_VIT_NAME.match(str(config["architecture"]))
+    # model= wins; without it, a model of unknown size needs it (read_state_dict says so)
+    num_heads = TIMM_HEADS.get(size[1]) if vit_spec is None and size is not None else None
     metadata = read_metadata(weights) if weights.suffix == ".safetensors" else {}
     sd = load_tensors(weights) if weights.suffix == ".safetensors" else load_pickle(weights)
-    num_heads = TIMM_HEADS[size[1]] if vit_spec is None and size is not None else None
     checkpoint = read_state_dict(weights, sd, metadata, vit_spec, num_heads)
     cfg = checkpoint.config
     extra = dict(cfg.extra)
