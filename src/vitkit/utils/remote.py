@@ -132,7 +132,7 @@ def parse_hub_name(spec: str) -> tuple[str, str | None]:
     repo_id, _, revision = spec.removeprefix(HF_HUB_PREFIX).partition("@")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise DownloadError(
-            f"{spec!r} is not a Hub name: write hf-hub:ORG/NAME or ORG/NAME@REVISION"
+            f"{spec!r} is not a Hub name: write hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION"
         )
     return repo_id, revision or None
 
@@ -162,11 +162,13 @@ def hub_snapshot(spec: str) -> Path:
         ) from None
     except errors.RevisionNotFoundError:
         raise DownloadError(f"{spec}: the repository has no revision {revision!r}") from None
-    except (OSError, ValueError) as err:  # not cached and not reachable; a malformed name
+    except errors.HFValidationError as err:
+        raise DownloadError(f"{spec} is not a valid Hub name ({first_line(err)})") from None
+    except OSError as err:  # neither cached nor reachable
         reason = (
             "HF_HUB_OFFLINE is set"
             if constants.HF_HUB_OFFLINE
-            else f"the Hub could not be reached ({first_line(err)})"
+            else f"the Hub could not be reached ({first_line(err.__cause__ or err)})"
         )
         raise DownloadError(
             f"{spec}: tried the Hugging Face cache {constants.HF_HUB_CACHE}, which does not hold "
@@ -212,7 +214,6 @@ def download(url: str, sha256: str | None = None) -> Path:
         recorded = checksum_file.read_text().split()[0]
         if sha256 is None or recorded == sha256:
             return path
-    logger.info("downloading %s to %s", url, path)
     digest = hashlib.sha256()
 
     def fetch(tmp: Path) -> None:
@@ -220,6 +221,7 @@ def download(url: str, sha256: str | None = None) -> Path:
             with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
+                logger.info("downloading %s to %s", url, path)
                 received = copy_response(response, tmp, digest, total, path.name)
         except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
             if isinstance(err, urllib.error.HTTPError):
