@@ -144,7 +144,9 @@ def hub_snapshot(spec: str) -> Path:
         import huggingface_hub
         from huggingface_hub import constants, errors
     except ImportError:
-        raise DownloadError(f"{spec} needs huggingface_hub: pip install huggingface_hub") from None
+        raise DownloadError(
+            f"{spec} needs huggingface_hub: pip install 'vitkit[hub]' (or huggingface_hub)"
+        ) from None
     try:
         folder = Path(
             huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES)
