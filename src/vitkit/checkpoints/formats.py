@@ -27,11 +27,13 @@ from vitkit.checkpoints.core import (
 )
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.utils.plugins import ensure_loaded
+from vitkit.utils.remote import resolve_checkpoint
 from vitkit.utils.runlayout import RunLayout
 
 FORMATS: list[CheckpointFormat] = [
     native.FORMAT,
     sharded.FORMAT,  # a torch.distributed.checkpoint folder with vitkit.json
+    timm.HUB_FORMAT,  # before Hugging Face's folders: its config.json names a timm architecture
     hf.FORMAT,
     official.FORMAT,
     bigvision.FORMAT,
@@ -55,10 +57,12 @@ def read_checkpoint(path: str | Path, model: ModelSpec = None) -> Checkpoint:
 
     A run folder (``vitkit train`` / ``finetune`` / ``pretrain --out``) stands for its best
     checkpoint, else its last: pre-training and then fine-tuning takes the run folder as it is.
+    ``path`` may also name weights to fetch (``hf-hub:ORG/NAME``, a URL, a name of
+    ``vitkit.utils.remote.PRETRAINED``): they are read from the cache they are fetched into.
 
     ``model`` (a registered name or a config) fills in what the format does not record (the
     number of heads of a timm state dict, the image size of a fixed position embedding)."""
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     run = RunLayout(path)

@@ -19,7 +19,8 @@ freshly initialised one when transformers loads it (its ``last_hidden_state`` is
 (H, W), bilinear, rescale 1/255, normalise), as a ``ConvNextImageProcessor`` for "crop"
 (shortest edge to ``size / crop_pct``, centre crop: timm's crop for a square size under 384
 pixels; other crop models get no processor file, with a warning). Read back, a
-``ConvNextImageProcessor`` gives "crop"; any other folder the default, "squash".
+``ConvNextImageProcessor`` gives "crop", a ``ViTImageProcessor`` "squash" with its mean and
+std (one value for every channel); any other folder the default.
 """
 
 from __future__ import annotations
@@ -220,20 +221,24 @@ def processor_config(cfg: ViTConfig) -> dict[str, Any] | None:
 
 
 def preprocessing_from_hf(folder: Path) -> EvalPreprocessing | None:
-    """The crop a ``ConvNextImageProcessor`` in ``folder`` describes; None (the default) for
-    any other processor or none."""
+    """The crop a ``ConvNextImageProcessor`` in ``folder`` describes, or the squash of a
+    ``ViTImageProcessor`` with other statistics than the default; None (the default) for any
+    other processor or none."""
     path = folder / PROCESSOR_FILE
     if not path.is_file():
         return None
     processor = read_json(path)
-    if processor.get("image_processor_type") != "ConvNextImageProcessor":
+    kind = processor.get("image_processor_type")
+    if kind not in ("ConvNextImageProcessor", "ViTImageProcessor"):
         return None
     means, stds = set(processor.get("image_mean", [0.5])), set(processor.get("image_std", [0.5]))
     if len(means) != 1 or len(stds) != 1:
         return None  # per-channel statistics: not a contract vitkit applies
-    return EvalPreprocessing(
-        "crop", float(processor.get("crop_pct", 0.875)), mean=means.pop(), std=stds.pop()
-    )
+    mean, std = float(means.pop()), float(stds.pop())
+    if kind == "ViTImageProcessor":
+        squash = EvalPreprocessing(mean=mean, std=std)
+        return None if squash == EvalPreprocessing() else squash
+    return EvalPreprocessing("crop", float(processor.get("crop_pct", 0.875)), mean=mean, std=std)
 
 
 def detect(path: Path) -> bool:
@@ -242,6 +247,11 @@ def detect(path: Path) -> bool:
 
 def read(path: Path, spec: ModelSpec) -> Checkpoint:
     hf = read_json(path / CONFIG_FILE)
+    if hf.get("model_type") == "vit-hybrid":
+        raise CheckpointError(
+            f"{path / CONFIG_FILE}: vitkit does not read Hugging Face's vit-hybrid (its BiT "
+            "stem's naming); the paper's hybrid is R50+ViT-B_16 (vitkit models --pretrained)"
+        )
     if hf.get("model_type") != "vit":
         raise CheckpointError(
             f"{path / CONFIG_FILE} has model_type {hf.get('model_type')!r}; vitkit reads "

@@ -33,6 +33,7 @@ from vitkit.models.pretrained import (
     save_safetensors,
 )
 from vitkit.models.registry import get_architecture
+from vitkit.utils.remote import resolve_checkpoint
 
 DEFAULT_ARCHITECTURE = "vit"  # what files written before architectures were recorded hold
 
@@ -88,8 +89,9 @@ def read(path: Path, spec: ModelSpec = None) -> Checkpoint:
 
 
 def from_pretrained(path: str | Path) -> PretrainedModel:
-    """Read back what ``save_pretrained`` wrote, bit-exactly."""
-    return build_model(read(Path(path)))
+    """Read back what ``save_pretrained`` wrote, bit-exactly (from a Hub repository too:
+    ``hf-hub:ORG/NAME``)."""
+    return build_model(read(resolve_checkpoint(path)))
 
 
 FORMAT = CheckpointFormat("vitkit", detect, read)

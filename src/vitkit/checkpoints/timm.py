@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ from vitkit.checkpoints.mapping import (
     state_dict_keys,
 )
 from vitkit.checkpoints.native import load_tensors, read_metadata, save_safetensors
-from vitkit.models.preprocessing import EvalPreprocessing
+from vitkit.models.preprocessing import RECORD_KEY, EvalPreprocessing
 from vitkit.models.vit import ClassifierKind, VisionTransformer, ViTConfig
 from vitkit.utils.files import atomic_write
 
@@ -129,7 +130,9 @@ def load_pickle(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     return obj
 
 
-def infer_config(sd: dict[str, torch.Tensor], spec: ViTConfig | None) -> ViTConfig:
+def infer_config(
+    sd: dict[str, torch.Tensor], spec: ViTConfig | None, num_heads: int | None = None
+) -> ViTConfig:
     proj = sd["patch_embed.proj.weight"]
     width, in_chans = int(proj.shape[0]), int(proj.shape[1])
     patch = (int(proj.shape[2]), int(proj.shape[3]))
@@ -142,7 +145,7 @@ def infer_config(sd: dict[str, torch.Tensor], spec: ViTConfig | None) -> ViTConf
         num_classes=int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0,
         width=width,
         depth=count_indexed(sd, "blocks.{}.", 0),
-        num_heads=heads_from_spec(spec, width, "timm", "vit_b16"),
+        num_heads=num_heads or heads_from_spec(spec, width, "timm", "vit_b16"),
         mlp_dim=int(sd["blocks.0.mlp.fc1.weight"].shape[0]),
         qkv_bias="blocks.0.attn.qkv.bias" in sd,
         eps=1e-6,
@@ -177,6 +180,18 @@ def read(path: Path, spec: ModelSpec) -> Checkpoint:
         sd = load_tensors(path)
     else:
         sd = load_pickle(path)
+    return read_state_dict(path, sd, metadata, resolve_vit_spec(spec))
+
+
+def read_state_dict(
+    path: Path,
+    sd: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    spec: ViTConfig | None,
+    num_heads: int | None = None,
+) -> Checkpoint:
+    """The checkpoint of the timm state dict ``sd`` read from ``path``; ``num_heads``, when
+    known otherwise, spares ``spec``."""
     if any(k.endswith(HF_MARKER) for k in sd):
         raise CheckpointError(
             f"{path} holds Hugging Face ViT weights: pass the folder that holds it and its "
@@ -191,7 +206,7 @@ def read(path: Path, spec: ModelSpec) -> Checkpoint:
         if EXPORT_CONFIG_KEY in metadata:  # written by vitkit: the exact config
             cfg = ViTConfig.from_dict(json.loads(metadata[EXPORT_CONFIG_KEY]))
         else:
-            cfg = infer_config(sd, resolve_vit_spec(spec))
+            cfg = infer_config(sd, spec, num_heads)
     except KeyError as err:
         raise CheckpointError(f"{path}: timm ViT state dict is missing the key {err}") from None
     except (TypeError, ValueError) as err:  # json.JSONDecodeError and CheckpointError included
@@ -337,3 +352,93 @@ def write_hub_folder(model: VisionTransformer, folder: Path) -> None:
 
 
 FORMAT = CheckpointFormat("timm", detect, read)
+
+
+# ------------------------------------------------------------------ timm's Hub repositories
+# A folder of timm's Hub layout: config.json with the model's ``architecture`` (a timm model
+# name such as ``vit_base_patch16_224.augreg2_in21k_ft_in1k``), its ``num_classes``, the class
+# names (``label_names``) and ``pretrained_cfg`` (mean, std, crop_pct, input_size), beside
+# model.safetensors or pytorch_model.bin. The number of heads, which the weights do not record,
+# follows from the model's size in its name (timm's ViTs: vit_base_... has 12).
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+TIMM_HEADS = {
+    "tiny": 3,
+    "small": 6,
+    "medium": 8,
+    "base": 12,
+    "large": 16,
+    "huge": 16,
+    "giant": 16,
+    "gigantic": 16,
+}
+TIMM_VIT_NAME = re.compile(r"vit_([a-z]+)_patch")
+
+
+def read_hub_config(path: Path) -> dict | None:
+    """timm's config.json in the folder ``path``, or None when it is not a timm Hub folder."""
+    config_file = path / "config.json"
+    if not (path.is_dir() and config_file.is_file()):
+        return None
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return config if isinstance(config, dict) and "architecture" in config else None
+
+
+def detect_hub(path: Path) -> bool:
+    return read_hub_config(path) is not None
+
+
+def read_hub(path: Path, spec: ModelSpec) -> Checkpoint:
+    config = read_hub_config(path)
+    assert config is not None  # detect_hub said so
+    weights = next((path / name for name in HUB_WEIGHTS if (path / name).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{path} is a timm Hub folder without {' or '.join(HUB_WEIGHTS)}")
+    vit_spec = resolve_vit_spec(spec)
+    size = TIMM_VIT_NAME.match(str(config["architecture"]))
+    # model= wins; without it, a model of unknown size needs it (read_state_dict says so)
+    # The heads: ``model_args`` (`convert --to timm` writes them for sizes timm has no name
+    # for), else the size in the name.
+    named_heads = TIMM_HEADS.get(size[1]) if size is not None else None
+    given_heads = (config.get("model_args") or {}).get("num_heads", named_heads)
+    num_heads = given_heads if vit_spec is None else None
+    metadata = read_metadata(weights) if weights.suffix == ".safetensors" else {}
+    sd = load_tensors(weights) if weights.suffix == ".safetensors" else load_pickle(weights)
+    checkpoint = read_state_dict(weights, sd, metadata, vit_spec, num_heads)
+    cfg = checkpoint.config
+    extra = dict(cfg.extra)
+    pretrained = config.get("pretrained_cfg") or {}
+    names = config.get("label_names") or pretrained.get("label_names")
+    if isinstance(names, list) and len(names) == cfg.num_classes > 0:
+        extra["classes"] = [str(n) for n in names]
+    preprocessing = preprocessing_from_timm(path, pretrained)
+    if preprocessing is not None:
+        extra[RECORD_KEY] = preprocessing.to_dict()
+    checkpoint.config = cfg.replace(extra=extra)
+    checkpoint.format = "timm-hub"
+    return checkpoint
+
+
+def preprocessing_from_timm(path: Path, pretrained: dict) -> EvalPreprocessing | None:
+    """timm's evaluation crop (``crop_pct`` of the shorter side, centre) with its mean and std,
+    where they are one value for every channel; None (the default) otherwise, with a warning."""
+    means, stds = set(pretrained.get("mean", [0.5])), set(pretrained.get("std", [0.5]))
+    if len(means) != 1 or len(stds) != 1:
+        logger.warning(
+            "%s: per-channel mean %s and std %s are not a preprocessing vitkit applies; "
+            "predict and eval use the default (docs/preprocessing.md)",
+            path,
+            pretrained.get("mean"),
+            pretrained.get("std"),
+        )
+        return None
+    mean, std = float(means.pop()), float(stds.pop())
+    if pretrained.get("crop_mode") == "squash":  # as `vitkit convert --to timm` writes it
+        return EvalPreprocessing("squash", mean=mean, std=std)
+    crop_pct = float(pretrained.get("crop_pct", 0.875))
+    return EvalPreprocessing("crop", crop_pct, mean=mean, std=std)
+
+
+HUB_FORMAT = CheckpointFormat("timm-hub", detect_hub, read_hub)

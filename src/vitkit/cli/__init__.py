@@ -18,6 +18,7 @@ from importlib.metadata import version
 
 from vitkit.deploy import MissingDependency
 from vitkit.utils.plugins import load_plugins
+from vitkit.utils.remote import SHOW_PROGRESS
 
 COMMAND_MODULES: tuple[str, ...] = (
     "models",
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if is_main_rank() else logging.ERROR, format="%(message)s"
     )
+    progress = SHOW_PROGRESS.set(is_main_rank())  # a download of weights draws its progress
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows up here rather than at exit
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         report(f"vitkit {args.command}: error: {describe_os_error(err)}")
         return 1
+    finally:
+        SHOW_PROGRESS.reset(progress)  # main() called from Python leaves the library quiet
 
 
 def is_main_rank() -> bool:

@@ -30,7 +30,7 @@ from vitkit.data.base import (
 )
 from vitkit.data.datasets import ImageDataset
 from vitkit.data.images import read_image
-from vitkit.utils.files import atomic_write
+from vitkit.utils.files import atomic_write, cache_folder
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = frozenset(
@@ -99,14 +99,14 @@ def list_image_folder(path: Path, split: str) -> FolderListing:
 def _cache_file(root: Path, files: list[str]) -> Path | None:
     """Where the decoded ``root`` is cached (``$VITKIT_CACHE``, default ``~/.cache/vitkit``),
     keyed by every file's path, size and mtime; None when ``VITKIT_CACHE=off``."""
-    cache_dir = os.environ.get("VITKIT_CACHE", "~/.cache/vitkit")
-    if cache_dir.lower() in ("", "0", "off", "none"):
+    cache_dir = cache_folder()
+    if cache_dir is None:
         return None
     key = hashlib.sha256(f"{CACHE_FORMAT_VERSION}\0{root.resolve()}\n".encode())
     for name in files:
         stat = os.stat(f"{root}/{name}")
         key.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return Path(cache_dir).expanduser() / f"imagefolder-{key.hexdigest()[:32]}.npz"
+    return cache_dir / f"imagefolder-{key.hexdigest()[:32]}.npz"
 
 
 def _stack(pixels: list[np.ndarray], root: Path) -> np.ndarray:

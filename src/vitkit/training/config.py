@@ -44,6 +44,7 @@ from vitkit.data.base import MAX_UNREADABLE_FRACTION
 from vitkit.data.sources import DataOptions
 from vitkit.models import list_models
 from vitkit.utils.config import ConfigMixin, checked_values, choice_problems, merge_tables, plain
+from vitkit.utils.remote import is_remote
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +214,8 @@ class ModelConfig(Section):
     )
     init_from: str | None = option(
         None,
-        "checkpoint to fine-tune (any format load_pretrained reads); its head is replaced",
+        "checkpoint to fine-tune (any format load_pretrained reads, or a name: hf-hub:ORG/NAME, "
+        "a URL, one of `vitkit models --pretrained`); its head is replaced",
         flag="from",
         flat="init_from",
     )
@@ -230,7 +232,7 @@ class ModelConfig(Section):
                 problems.append(
                     f"model {self.name!r} is not registered: choose one of `vitkit models`"
                 )
-        elif not Path(self.init_from).exists():
+        elif not is_remote(self.init_from) and not Path(self.init_from).exists():
             problems.append(f"init_from {self.init_from} does not exist")
         if self.img_size is not None and self.img_size <= 0:
             problems.append("img_size must be positive")

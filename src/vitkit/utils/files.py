@@ -26,6 +26,18 @@ _OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
 _STARTED = time.time()  # temporary files last touched before this are not this process's
 
 
+CACHE_VARIABLE = "VITKIT_CACHE"  # vitkit's cache folder; "off" turns the caches off
+
+
+def cache_folder() -> Path | None:
+    """vitkit's cache folder (``$VITKIT_CACHE``, default ``~/.cache/vitkit``), shared by the
+    decoded image folders and the downloaded weights; None when ``VITKIT_CACHE=off``."""
+    folder = os.environ.get(CACHE_VARIABLE, "~/.cache/vitkit")
+    if folder.lower() in ("", "0", "off", "none"):
+        return None
+    return Path(folder).expanduser()
+
+
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -19,6 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vitkit.utils.remote import resolve_checkpoint
+
 
 class RunLayout:
     """The paths of one run folder's files (nothing is read or written here)."""
@@ -48,9 +50,10 @@ def locate_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     """The checkpoint to load and the run folder it belongs to (None for a lone checkpoint).
 
     ``path`` may be a run folder (its best checkpoint is used, else its last), a checkpoint
-    inside a run folder, or any checkpoint ``load_pretrained`` reads.
+    inside a run folder, or any checkpoint ``load_pretrained`` reads, by name too
+    (``hf-hub:ORG/NAME``, a URL: fetched first, see ``vitkit.utils.remote``).
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint or run folder {path} does not exist")
     if path.is_dir():
