@@ -67,12 +67,16 @@ class DataOptions:
     folders streamed), ``yes`` or ``no`` (image folders only: array formats and the digits
     are always in memory, shards always streamed); loader ``num_workers`` per process for
     streamed data (None: ``min(4, CPUs)``); ``augment`` for the crops of streamed images;
-    ``max_unreadable_fraction`` of a split that may be skipped as unreadable (``SkipLog``)."""
+    ``max_unreadable_fraction`` of a split that may be skipped as unreadable (``SkipLog``);
+    ``image_column`` / ``label_column`` of a Hugging Face dataset (None: found from its
+    features, ``hf_datasets``)."""
 
     in_memory: Literal["auto", "yes", "no"] = "auto"
     num_workers: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     max_unreadable_fraction: float = MAX_UNREADABLE_FRACTION
+    image_column: str | None = None
+    label_column: str | None = None
 
 
 class InMemorySource:
