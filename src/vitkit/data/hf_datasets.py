@@ -322,7 +322,7 @@ class StreamingRowSource(StreamingFolderSource):
         """Each image's stored bytes with its format's extension (no re-encoding)."""
         for row, label in zip(self.indices.tolist(), self.labels.tolist(), strict=True):
             file = self.rows.open(row)
-            data = file.read() if isinstance(file, io.BytesIO) else Path(file).read_bytes()
+            data = Path(file).read_bytes() if isinstance(file, str) else file.read()
             try:
                 with open_image(io.BytesIO(data), self.rows.row_name(row)) as image:
                     ext = (image.format or "png").lower().replace("jpeg", "jpg")
