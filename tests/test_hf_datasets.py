@@ -222,3 +222,34 @@ def test_train_streams_a_saved_dataset_by_row(saved: Path, tmp_path: Path) -> No
     assert main([*argv, *flags, "--out", str(run), "--device", "cpu"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["classes"] == NAMES
+
+
+def test_data_pack_copies_the_stored_images_into_shards(
+    saved: Path, tmp_path: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> None:
+    assert main(["data", "pack", str(saved), str(tmp_path / "shards")]) == 0
+    shards = open_source(str(tmp_path / "shards"), "test", DataOptions(num_workers=0))
+    shards.set_image_size((8, 8))
+    images = torch.cat([batch.images for batch in shards.eval_batches(64)])
+    assert sorted(images[:, 0].flatten(1).tolist()) == sorted(
+        arrays["test"][0].reshape(len(images), -1).tolist()
+    )
+
+
+def test_eval_of_a_run_reads_the_label_column_it_trained_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    images, labels = digit_arrays(0, 24)
+    rows = {"image": list(images), "digit": labels.tolist(), "parity": (labels % 2).tolist()}
+    features = {"image": datasets.Image()} | {
+        c: datasets.Value("int64") for c in rows if c != "image"
+    }
+    dataset = datasets.Dataset.from_dict(rows, features=datasets.Features(features))
+    dataset.save_to_disk(str(tmp_path / "d"))
+    run, data = tmp_path / "run", str(tmp_path / "d")
+    argv = ["train", "--data", data, "--label-column", "parity", "--model", "vit_micro"]
+    assert main([*argv, "--steps", "2", "--batch-size", "8", "--out", str(run)]) == 0
+    capsys.readouterr()
+    # without the run's label column, two integer columns would be a question
+    assert main(["eval", str(run), "--data", data, "--device", "cpu"]) == 0
+    assert "(test): accuracy" in capsys.readouterr().out
