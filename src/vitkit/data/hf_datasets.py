@@ -129,15 +129,14 @@ def load_splits(data: str) -> dict[str, Any]:
     return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
 
 
-def pick_split(data: str, splits: dict[str, Any], split: str) -> Any:
-    """The Hugging Face split that stands for vitkit's ``split`` (train / val / test); val
-    and test stand in for each other, as in shards."""
-    for wanted in (split, {"val": "test", "test": "val"}.get(split)):
+def pick_split(data: str, splits: dict[str, Any], split: str) -> str:
+    """The name of the Hugging Face split that stands for vitkit's ``split`` (train / val /
+    test): val and test stand in for each other, as in shards, and without either the train
+    split is every split (a single-split source, ``open_splits``)."""
+    for wanted in (split, {"val": "test", "test": "val"}.get(split), "train"):
         for name in SPLIT_NAMES.get(wanted or "", ()):
             if name in splits:
-                return splits[name]
-    if split == "test" and len(splits) == 1:
-        return next(iter(splits.values()))  # a single split is every split (open_splits)
+                return name
     raise ValueError(f"{data} has no {split!r} split: it has {sorted(splits)}")
 
 
@@ -272,7 +271,6 @@ def decode_rows(
     rows: Rows, labels: torch.Tensor, classes: list[str], skipped: SkipLog
 ) -> ImageDataset:
     """Every image of a split decoded into memory; unreadable ones skipped and counted."""
-    skipped.total = len(rows)
     pixels, kept = [], []
     for row in range(len(rows)):
         try:
@@ -341,7 +339,7 @@ class HFData:
     def __init__(self, data: str, options: DataOptions) -> None:
         self.data, self.options = data, options
         self.splits = load_splits(data)
-        first = pick_split(data, self.splits, "train")
+        first = self.splits[pick_split(data, self.splits, "train")]
         self.image_column = image_column(data, first, options.image_column)
         self.label_column = label_column(data, first, options.label_column)
         self.classes = class_names(data, self.splits, self.label_column)
@@ -349,9 +347,14 @@ class HFData:
     def has(self, split: str) -> bool:
         return any(name in self.splits for name in SPLIT_NAMES[split])
 
+    @property
+    def single_split(self) -> bool:
+        """Only a train split: the test split is held out of it."""
+        return not self.has("test") and not self.has("val")
+
     def rows(self, split: str) -> tuple[Rows, torch.Tensor]:
-        dataset = pick_split(self.data, self.splits, split)
-        name = next(n for n, d in self.splits.items() if d is dataset)
+        name = pick_split(self.data, self.splits, split)
+        dataset = self.splits[name]
         for column in (self.image_column, self.label_column):
             if column not in dataset.features:
                 raise ValueError(f"{self.data}: split {name!r} has no column {column!r}")
@@ -380,7 +383,7 @@ class HFData:
             self.classes,
             [rows.row_name(row) for row in range(len(rows))],
             labels.tolist(),
-            single_split=len(self.splits) == 1,
+            single_split=self.single_split,
         )
         return StreamingRowSource(
             rows,
@@ -410,7 +413,7 @@ def open_hf_splits(
     has_test = hf.has("test")
     given_val = val_fraction > 0 and hf.has("val") and has_test
     train, test = hf.open("train", streamed), hf.open("test", streamed)
-    single_split = not has_test and not hf.has("val")
+    single_split = hf.single_split
     if not streamed:
         assert isinstance(train, InMemorySource) and isinstance(test, InMemorySource)
         splits = _in_memory_splits(
