@@ -253,3 +253,20 @@ def test_eval_of_a_run_reads_the_label_column_it_trained_on(
     # without the run's label column, two integer columns would be a question
     assert main(["eval", str(run), "--data", data, "--device", "cpu"]) == 0
     assert "(test): accuracy" in capsys.readouterr().out
+
+
+def test_a_single_split_holds_out_the_same_test_rows_streamed_or_in_memory(
+    tmp_path: Path, arrays: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> None:
+    as_dataset(*arrays["train"]).save_to_disk(str(tmp_path / "one"))  # a Dataset: one split
+    memory, streamed = (
+        open_splits(str(tmp_path / "one"), 0.0, 3, DataOptions(in_memory=m, num_workers=0))
+        for m in ("yes", "no")
+    )
+    assert memory.held_out_test and streamed.held_out_test
+    for splits in (memory, streamed):
+        splits.set_image_size((8, 8))
+    held_out = [
+        torch.cat([b.images[:, :1] for b in s.test.eval_batches(64)]) for s in (memory, streamed)
+    ]
+    assert len(held_out[0]) == 6 and torch.equal(held_out[0], held_out[1])

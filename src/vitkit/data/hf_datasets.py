@@ -34,7 +34,6 @@ from vitkit.data.datasets import ImageDataset
 from vitkit.data.folders import FolderListing, _stack
 from vitkit.data.images import UnreadableImage, open_image, upright, upright_size
 from vitkit.data.sources import (
-    HELD_OUT_TEST,
     IN_MEMORY_BYTES,
     IN_MEMORY_MAX_SIDE,
     SAMPLED_HEADERS,
@@ -44,6 +43,7 @@ from vitkit.data.sources import (
     Splits,
     _in_memory_splits,
     register_source,
+    streamed_splits,
 )
 from vitkit.data.streaming import FolderBatches, StreamingFolderSource, View
 
@@ -410,36 +410,28 @@ def open_hf_splits(
         sorted(hf.splits),
         "streamed by row" if streamed else "decoded into memory",
     )
-    has_test = hf.has("test")
-    given_val = val_fraction > 0 and hf.has("val") and has_test
-    train, test = hf.open("train", streamed), hf.open("test", streamed)
-    single_split = hf.single_split
-    if not streamed:
-        assert isinstance(train, InMemorySource) and isinstance(test, InMemorySource)
+    given_val = val_fraction > 0 and hf.has("val") and hf.has("test")
+    train = hf.open("train", streamed)
+    test = None if hf.single_split else hf.open("test", streamed)
+    own_val_fraction = 0.0 if given_val else val_fraction
+    if streamed:
+        assert isinstance(train, StreamingFolderSource)
+        splits = streamed_splits(data, train, test, own_val_fraction, seed, train_fraction)
+    else:
+        assert isinstance(train, InMemorySource) and isinstance(test, InMemorySource | None)
+        assert train.skipped is not None
+        # one split: the same images, of which ``_in_memory_splits`` holds a test split out
+        held_out = train if test is None else test
+        assert held_out.skipped is not None
         splits = _in_memory_splits(
             data,
-            0.0 if given_val else val_fraction,
+            own_val_fraction,
             seed,
             train_fraction,
             train.dataset,
-            test.dataset,
-            (train.skipped or SkipLog(data), test.skipped or SkipLog(data)),
+            held_out.dataset,
+            (train.skipped, held_out.skipped),
         )
-    else:
-        assert isinstance(train, StreamingFolderSource)
-        if single_split:
-            logger.warning(
-                "%s has no separate test split: holding out %.0f%% of it",
-                data,
-                100 * HELD_OUT_TEST,
-            )
-            train, test = train.split(HELD_OUT_TEST, seed)
-        if train_fraction < 1.0:
-            train = train.split(train_fraction, seed)[1]
-        val = None
-        if val_fraction > 0 and not given_val:
-            train, val = train.split(val_fraction, seed)
-        splits = Splits(train, val, test, held_out_test=single_split)
     if given_val:
         splits.val = hf.open("val", streamed)
     return splits
