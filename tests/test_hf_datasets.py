@@ -193,7 +193,7 @@ def hub_cache(cache: Path, repo: str, parquet: Path) -> None:
         arrow.rename(target / arrow.name.replace("parquet-", f"{name}-", 1))
 
 
-def test_train_eval_and_fewshot_read_a_hub_dataset_from_the_cache(
+def test_train_eval_fewshot_and_probe_read_a_hub_dataset_from_the_cache(
     tmp_path: Path,
     datasets_cache: Path,
     arrays: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -213,6 +213,9 @@ def test_train_eval_and_fewshot_read_a_hub_dataset_from_the_cache(
     fewshot = ["fewshot", str(run), "--data", data, "--shots", "2", "--seeds", "1", "--json"]
     assert main([*fewshot, "--device", "cpu"]) == 0
     assert "2" in json.loads(capsys.readouterr().out)["shots"]
+    probe = ["probe", str(run), "--data", data, "--method", "knn", "--json", "--device", "cpu"]
+    assert main(probe) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "knn"
 
 
 def test_train_streams_a_saved_dataset_by_row(saved: Path, tmp_path: Path) -> None:
