@@ -18,6 +18,7 @@ from vitkit.cli import main
 from vitkit.data import load_dataset
 from vitkit.data.hf_datasets import hub_name, is_hf_data
 from vitkit.data.sources import DataOptions, InMemorySource, open_source, open_splits
+from vitkit.models.vit import VisionTransformer
 
 datasets = pytest.importorskip("datasets")
 
@@ -193,7 +194,7 @@ def hub_cache(cache: Path, repo: str, parquet: Path) -> None:
         arrow.rename(target / arrow.name.replace("parquet-", f"{name}-", 1))
 
 
-def test_train_eval_fewshot_and_probe_read_a_hub_dataset_from_the_cache(
+def test_train_and_eval_read_a_hub_dataset_from_the_cache(
     tmp_path: Path,
     datasets_cache: Path,
     arrays: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -201,8 +202,8 @@ def test_train_eval_fewshot_and_probe_read_a_hub_dataset_from_the_cache(
 ) -> None:
     hub_cache(datasets_cache, "vitkit-test/digits", write_parquet(tmp_path / "pq", arrays))
     data, run = "hf:vitkit-test/digits", tmp_path / "run"
-    argv = ["train", "--data", data, "--model", "vit_micro", "--steps", "3", "--out", str(run)]
-    assert main([*argv, "--batch-size", "8", "--device", "cpu"]) == 0
+    argv = ["train", "--data", data, "--model", "vit_micro", "--img-size", "8", "--steps", "3"]
+    assert main([*argv, "--batch-size", "8", "--out", str(run), "--device", "cpu"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["classes"] == NAMES
     capsys.readouterr()
@@ -210,12 +211,22 @@ def test_train_eval_fewshot_and_probe_read_a_hub_dataset_from_the_cache(
     evaluated = capsys.readouterr().out
     assert re.search(r"accuracy [\d.]+ \(\d+/12\)", evaluated)  # the 12 test rows
     assert "zero  one  two" in evaluated  # the confusion matrix names the classes
-    fewshot = ["fewshot", str(run), "--data", data, "--shots", "2", "--seeds", "1", "--json"]
-    assert main([*fewshot, "--device", "cpu"]) == 0
-    assert "2" in json.loads(capsys.readouterr().out)["shots"]
-    probe = ["probe", str(run), "--data", data, "--method", "knn", "--json", "--device", "cpu"]
-    assert main(probe) == 0
-    assert json.loads(capsys.readouterr().out)["method"] == "knn"
+
+
+@pytest.mark.parametrize("command", [["fewshot", "--shots", "2", "--seeds", "1"], ["probe"]])
+def test_fewshot_and_probe_fit_on_train_and_score_on_test(
+    saved: Path, tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        img_size=8, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32, in_chans=1
+    )
+    checkpoint = model.save_pretrained(tmp_path / "random_vit")
+    name, *flags = command
+    argv = [name, str(checkpoint), "--data", str(saved), *flags, "--json", "--device", "cpu"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["train_images"] == 30 and out["test_images"] == 12  # the dataset's own splits
 
 
 def test_train_streams_a_saved_dataset_by_row(saved: Path, tmp_path: Path) -> None:
