@@ -29,7 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "by --seed), as training would hold it out; --val-fraction holds out validation "
         "shards too. Every shard is written under a temporary name and renamed.",
     )
-    pack.add_argument("src", help="'digits', an image folder, idx / CIFAR folder, .npz or shards")
+    pack.add_argument(
+        "src",
+        help="'digits', an image folder, idx / CIFAR folder, .npz, shards or a Hugging Face dataset",
+    )
     pack.add_argument("out", type=Path, help="a new (or empty) folder for the shards")
     pack.add_argument(
         "--shard-size", default="500MB", help="largest shard, e.g. 500MB, 2GB (default: 500MB)"

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help="'digits' (shipped) or a path: image folder, idx / CIFAR folder or .npz",
+        help="'digits' (shipped) or a path: image folder, idx / CIFAR folder, .npz or a Hugging Face dataset (docs/data.md)",
     )
     p.add_argument(
         "--split", default="test", choices=("train", "val", "test"), help="(default: test)"

@@ -27,7 +27,7 @@ def add_feature_flags(parser: argparse.ArgumentParser) -> None:
         "--data",
         required=True,
         help="'digits' (shipped) or a path: image folder, shards, "
-        "idx / CIFAR folder or .npz; its train split is fitted on, its test split scored (a "
+        "idx / CIFAR folder, .npz or a Hugging Face dataset; its train split is fitted on, its test split scored (a "
         "source with one split: 20%% of it is held out as the test split, or the run's own "
         "test images when it is the checkpoint's run's data)",
     )

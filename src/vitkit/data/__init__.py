@@ -2,6 +2,7 @@
 (``preprocess`` for tensors, ``preprocess_file`` for files, both by the model's
 ``EvalPreprocessing``) and batched augmentation."""
 
+from vitkit.data import hf_datasets  # registers the Hugging Face datasets source
 from vitkit.data.augment import AugmentConfig, BatchTransform
 from vitkit.data.datasets import ImageDataset, iterate_batches
 from vitkit.data.images import load_image, preprocess, read_image, to_model_input
@@ -14,6 +15,7 @@ __all__ = [
     "BatchTransform",
     "EvalPreprocessing",
     "ImageDataset",
+    "hf_datasets",
     "iterate_batches",
     "load_dataset",
     "load_image",

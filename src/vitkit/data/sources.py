@@ -67,12 +67,16 @@ class DataOptions:
     folders streamed), ``yes`` or ``no`` (image folders only: array formats and the digits
     are always in memory, shards always streamed); loader ``num_workers`` per process for
     streamed data (None: ``min(4, CPUs)``); ``augment`` for the crops of streamed images;
-    ``max_unreadable_fraction`` of a split that may be skipped as unreadable (``SkipLog``)."""
+    ``max_unreadable_fraction`` of a split that may be skipped as unreadable (``SkipLog``);
+    ``image_column`` / ``label_column`` of a Hugging Face dataset (None: found from its
+    features, ``hf_datasets``)."""
 
     in_memory: Literal["auto", "yes", "no"] = "auto"
     num_workers: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     max_unreadable_fraction: float = MAX_UNREADABLE_FRACTION
+    image_column: str | None = None
+    label_column: str | None = None
 
 
 class InMemorySource:
@@ -433,17 +437,30 @@ def _image_folder_splits(
         )
     train = _open_image_folder(data, "train", options)
     assert isinstance(train, StreamingFolderSource)
-    test: DataSource
-    single_split = train.listing.single_split
-    if single_split:
+    test = None
+    if not train.listing.single_split:
+        test = _open_image_folder(data, "test", options)
+        if train.info.classes != test.info.classes:
+            raise ValueError(_class_mismatch(data, train.info.classes, test.info.classes))
+    return streamed_splits(data, train, test, val_fraction, seed, train_fraction)
+
+
+def streamed_splits(
+    data: str,
+    train: StreamingFolderSource,
+    test: DataSource | None,
+    val_fraction: float,
+    seed: int,
+    train_fraction: float,
+) -> Splits:
+    """The splits of a streamed source from its train and test sources (test None: a
+    single split, whose test split is held out of train), by the rules of ``open_splits``."""
+    single_split = test is None
+    if test is None:
         logger.warning(
             "%s has no separate test split: holding out %.0f%% of it", data, 100 * HELD_OUT_TEST
         )
         train, test = train.split(HELD_OUT_TEST, seed)
-    else:
-        test = _open_image_folder(data, "test", options)
-        if train.info.classes != test.info.classes:
-            raise ValueError(_class_mismatch(data, train.info.classes, test.info.classes))
     if train_fraction < 1.0:
         train = train.split(train_fraction, seed)[1]
     val = None

@@ -22,6 +22,7 @@ evaluation it is left out; either way it is counted (``SkipLog``).
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 from collections.abc import Iterator
@@ -181,6 +182,10 @@ class FolderBatches:
     epoch: int
     substitute: bool  # training: the next file takes an unreadable one's place
 
+    def open(self, chosen: int) -> str | BinaryIO:
+        """The file of image ``chosen``, for ``load_view`` (a subclass reads another store)."""
+        return f"{self.root}/{self.files[chosen].decode()}"
+
     def __getitem__(
         self, indices: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
@@ -191,7 +196,7 @@ class FolderBatches:
                 name = self.files[chosen].decode()
                 try:
                     rng = sample_rng(self.seed, self.epoch, chosen)
-                    images.append(load_view(f"{self.root}/{name}", self.view, rng, name))
+                    images.append(load_view(self.open(chosen), self.view, rng, name))
                     labels.append(int(self.labels[chosen]))
                     names.append(name)
                     break
@@ -257,15 +262,9 @@ class StreamingFolderSource:
 
     def subset(self, part: torch.Tensor) -> StreamingFolderSource:
         """The images at positions ``part`` of this source (sharing its skip record)."""
-        subset = StreamingFolderSource(
-            self.listing,
-            augment=self.augment,
-            num_workers=self.num_workers,
-            indices=self.indices[part],
-            skipped=self.skipped,
-        )
-        if self.size is not None:
-            subset.set_image_size(self.size, self.preprocessing)
+        subset = copy.copy(self)  # its settings, image size and skip record (a subclass's too)
+        subset.indices, subset.files = self.indices[part], self.files[part.numpy()]
+        subset.labels = self.labels[part]
         return subset
 
     def set_image_size(
@@ -292,9 +291,7 @@ class StreamingFolderSource:
     def _batches(
         self, plan: Iterator[torch.Tensor], view: View, seed: int, epoch: int, train: bool
     ) -> Iterator[Batch]:
-        dataset = FolderBatches(
-            str(self.listing.root), self.files, self.labels, view, seed, epoch, substitute=train
-        )
+        dataset = self._reader(view, seed, epoch, train)
         root = self.listing.root
         for images, labels, names, skipped in make_loader(dataset, list(plan), self.num_workers):
             self.skipped.add(skipped)
@@ -303,6 +300,12 @@ class StreamingFolderSource:
                 yield Batch(
                     images, labels, cropped=True, names=tuple(str(Path(root, n)) for n in names)
                 )
+
+    def _reader(self, view: View, seed: int, epoch: int, train: bool) -> FolderBatches:
+        """What the loader's workers run for these images (``FolderBatches``)."""
+        return FolderBatches(
+            str(self.listing.root), self.files, self.labels, view, seed, epoch, substitute=train
+        )
 
     def _size(self) -> tuple[int, int]:
         if self.size is None:

@@ -56,7 +56,8 @@ def run_config(run_folder: Path | None) -> dict[str, Any]:
 
 
 def run_data_options(run_folder: Path | None) -> DataOptions:
-    """How the run read its data (in memory or streamed, loader workers); defaults without."""
+    """How the run read its data (in memory or streamed, loader workers, a Hugging Face
+    dataset's columns); defaults without."""
     config = run_config(run_folder)
     return DataOptions(
         run_setting(config, "data", "in_memory", "data_in_memory", "auto"),
@@ -68,6 +69,8 @@ def run_data_options(run_folder: Path | None) -> DataOptions:
             "max_unreadable_fraction",
             MAX_UNREADABLE_FRACTION,
         ),
+        image_column=run_setting(config, "data", "image_column", "image_column"),
+        label_column=run_setting(config, "data", "label_column", "label_column"),
     )
 
 

@@ -4,7 +4,8 @@ The config is nested, one section per part of the run it configures::
 
     [task]             name; [task.<name>] the options of a registered task (``[task.mpp]``)
     [model]            name, init_from, img_size, dropout, drop_path
-    [data]             source, in_memory, num_workers, max_unreadable_fraction, fractions
+    [data]             source, in_memory, num_workers, max_unreadable_fraction, columns,
+                       fractions
     [optim]            name, lr, betas, momentum, weight_decay, grad_clip, batch_size, ...
     [schedule]         name, epochs, steps, max_minutes, warm-up, lr_drops
     [augment]          ``AugmentConfig``
@@ -249,8 +250,9 @@ class DataConfig(Section):
 
     source: str = option(
         "digits",
-        "'digits' (shipped) or a path: image folder, idx / CIFAR folder, .npz, or WebDataset "
-        "shards (a folder from `vitkit data pack`, a brace pattern or a comma-separated list)",
+        "'digits' (shipped) or a path: image folder, idx / CIFAR folder, .npz, WebDataset "
+        "shards (a folder from `vitkit data pack`, a brace pattern or a comma-separated list), "
+        "a Hugging Face dataset (save_to_disk folder, parquet files) or hf:NAME[:CONFIG]",
         flag="data",
     )
     in_memory: Literal["auto", "yes", "no"] = option(
@@ -269,6 +271,15 @@ class DataConfig(Section):
         "unreadable (corrupt, empty, truncated) images are skipped and "
         "listed in the run folder's skipped_files.txt; more than this fraction of a split "
         "stops the run with an error",
+    )
+    image_column: str | None = option(
+        None,
+        "Hugging Face datasets: the column of the images (default: the one Image feature)",
+    )
+    label_column: str | None = option(
+        None,
+        "Hugging Face datasets: the column of the labels (default: the one ClassLabel, else "
+        "the one integer column)",
     )
     val_fraction: float = option(
         0.0,
@@ -596,7 +607,12 @@ class TrainConfig(ConfigMixin):
     def data_options(self) -> DataOptions:
         data = self.data
         return DataOptions(
-            data.in_memory, data.num_workers, self.augment, data.max_unreadable_fraction
+            data.in_memory,
+            data.num_workers,
+            self.augment,
+            data.max_unreadable_fraction,
+            data.image_column,
+            data.label_column,
         )
 
     @classmethod
