@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -157,3 +158,16 @@ def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def publish_to_hub_cache(cache: Path, repo_id: str, folder: Path, ref: str = "main") -> None:
+    """Put ``folder`` into the Hugging Face cache ``cache`` (``HF_HUB_CACHE``) as repository
+    ``repo_id``'s snapshot, ``ref`` (a branch or tag) naming it: what a download would have
+    left there, so that ``hf-hub:`` names resolve with ``HF_HUB_OFFLINE=1``."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / HUB_COMMIT, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(HUB_COMMIT)

@@ -7,7 +7,6 @@ import hashlib
 import http.server
 import json
 import logging
-import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from PIL import Image
 
 import vitkit
-from tests.conftest import perturbed
+from tests.conftest import perturbed, publish_to_hub_cache
 from vitkit.checkpoints import CheckpointError, export, load_pretrained, read_checkpoint
 from vitkit.checkpoints.mapping import from_vitkit
 from vitkit.checkpoints.native import save_safetensors
@@ -33,7 +32,6 @@ from vitkit.utils import remote
 from vitkit.utils.remote import DownloadError, PretrainedWeights
 
 CLASSES = ["cat", "dog", "fox"]
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SQUASH = EvalPreprocessing(mean=0.45, std=0.25)  # a preprocessing other than the default
 
 
@@ -93,10 +91,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str, Path,
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
     def publish(repo_id: str, folder: Path, ref: str = "main") -> None:
-        repo = cache / f"models--{repo_id.replace('/', '--')}"
-        shutil.copytree(folder, repo / "snapshots" / COMMIT, dirs_exist_ok=True)
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / ref).write_text(COMMIT)
+        publish_to_hub_cache(cache, repo_id, folder, ref)
 
     return publish
 
