@@ -116,3 +116,33 @@ def test_eval_top_k_is_all_classes_when_fewer_than_five(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["top_k"] == 3 and report["top_k_accuracy"] == 1.0
     assert (tmp_path / "c.png").is_file() and not (tmp_path / "three_confusion.png").exists()
+
+
+def test_probe_save_gives_a_model_eval_scores_as_the_probe_did(
+    model: VisionTransformer, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The saved probe, evaluated by ``vitkit eval`` on the same test split, has the accuracy
+    the probe reported; ``predict`` runs on it and names the data's classes."""
+    train_set, test_set = load_dataset("digits", "train"), load_dataset("digits", "test")
+    data = tmp_path / "digits.npz"
+    np.savez(
+        data,
+        x_train=train_set.images[:300, 0].numpy(),
+        y_train=train_set.labels[:300].numpy(),
+        x_test=test_set.images[:100, 0].numpy(),
+        y_test=test_set.labels[:100].numpy(),
+    )
+    checkpoint = model.save_pretrained(tmp_path / "backbone")
+    saved = tmp_path / "probe.safetensors"
+    assert (
+        main(["probe", str(checkpoint), "--data", str(data), "--save", str(saved), "--json"]) == 0
+    )
+    probe = json.loads(capsys.readouterr().out)
+    assert probe["accuracy"] > 0.5  # the features separate digits: the head is not trivial
+    assert main(["eval", str(saved), "--data", str(data), "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == probe["accuracy"]
+    image = tmp_path / "digit.png"
+    Image.fromarray(test_set.images[0, 0].numpy()).save(image)
+    capsys.readouterr()
+    assert main(["predict", str(saved), str(image)]) == 0
+    assert any(str(c) in capsys.readouterr().out for c in range(10))
