@@ -10,7 +10,7 @@ python3 -m venv .venv
 python -m pip install -q --upgrade pip
 # Pinned first, so nothing after it can pull another (CUDA) torch build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,onnx,docs,hub,hf]"
+python -m pip install -q -e ".[test,onnx,docs,hub,hf,tracking]"
 
 # Headless Chromium for the report's browser test (skipped with a reason if it cannot install).
 if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

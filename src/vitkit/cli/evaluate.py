@@ -1,8 +1,10 @@
-"""``vitkit eval``: accuracy, loss and confusion matrix of a checkpoint on a dataset."""
+"""``vitkit eval``: accuracy (top-1, top-5, per class), loss and confusion matrix of a checkpoint
+on a dataset."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from vitkit.evaluation.inference import (
 )
 from vitkit.evaluation.splits import channel_note, evaluation_data
 from vitkit.training.config import DEVICES, PRECISIONS
+from vitkit.utils.files import atomic_write
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="accuracy and loss of a checkpoint on a dataset",
         description="Evaluate a checkpoint (any registered architecture) on a split of a "
-        "dataset: accuracy, mean cross-entropy and the confusion matrix. For data with a "
+        "dataset: top-1 and top-5 accuracy, the accuracy of each class, mean cross-entropy and "
+        "the confusion matrix. For data with a "
         "single split, a checkpoint of a run folder is evaluated on that run's own held-out "
         "images.",
     )
@@ -51,6 +55,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also write one row per image: "
         "its path (index for images without a file), true class and top-5 classes with "
         "probabilities (path,true,pred1,prob1,...,pred5,prob5)",
+    )
+    p.add_argument(
+        "--json",
+        type=Path,
+        metavar="FILE.json",
+        help="also write the results as JSON (accuracies, per-class accuracy, confusion "
+        "matrix), and the confusion matrix as a PNG beside it (FILE_confusion.png)",
+    )
+    p.add_argument(
+        "--confusion",
+        type=Path,
+        metavar="FILE.png",
+        help="write the confusion matrix as a PNG here (default with --json: beside it)",
     )
     p.set_defaults(func=run)
 
@@ -86,11 +103,45 @@ def run(args: argparse.Namespace) -> int:
         write_predictions(args.predictions, result, class_names(model), classes, first)
     print(
         f"{args.checkpoint} on {args.data} ({args.split}): accuracy {result.accuracy:.4f} "
-        f"({result.correct}/{result.count}), loss {result.loss:.4f}"
+        f"({result.correct}/{result.count}), top-{result.top_k} accuracy "
+        f"{result.top_k_accuracy:.4f} ({result.top_k_correct}/{result.count}), "
+        f"loss {result.loss:.4f}"
     )
+    per_class = result.per_class_accuracy
+    images = result.confusion.sum(dim=1).tolist()
+    right = result.confusion.diagonal().tolist()
+    width = max(len(n) for n in classes)
+    print("accuracy of each class (its images predicted right):")
+    for name, accuracy, r, n in zip(classes, per_class, right, images, strict=True):
+        shown = "  -   " if accuracy is None else f"{accuracy:.4f}"
+        print(f"{name.rjust(width)} {shown} ({r}/{n})")
     print("confusion matrix (rows: true class, columns: predicted):")
-    width = max(len(str(result.confusion.max().item())), *(len(n) for n in classes))
+    width = max(len(str(result.confusion.max().item())), width)
     print(" " * width + " " + " ".join(n.rjust(width) for n in classes))
     for name, row in zip(classes, result.confusion.tolist(), strict=True):
         print(name.rjust(width) + " " + " ".join(str(c).rjust(width) for c in row))
+    if args.json:
+        report = dict(
+            checkpoint=str(args.checkpoint),
+            data=str(args.data),
+            split=args.split,
+            count=result.count,
+            accuracy=result.accuracy,
+            top_k=result.top_k,
+            top_k_accuracy=result.top_k_accuracy,
+            loss=result.loss,
+            classes=classes,
+            per_class_accuracy=dict(zip(classes, per_class, strict=True)),
+            confusion=result.confusion.tolist(),
+        )
+        text = json.dumps(report, indent=2) + "\n"
+        atomic_write(args.json, lambda tmp: tmp.write_text(text))
+    figure = args.confusion or (
+        args.json.with_name(f"{args.json.stem}_confusion.png") if args.json else None
+    )
+    if figure is not None:
+        # The one place eval draws: matplotlib is imported only then.
+        from vitkit.analysis.figures import confusion_matrix_figure, save_figure
+
+        save_figure(confusion_matrix_figure(result.confusion.numpy(), classes), figure)
     return 0

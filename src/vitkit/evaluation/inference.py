@@ -1,6 +1,6 @@
 """Inference with a trained model: the one evaluation input path (``eval_transform``,
-``evaluation_inputs``), evaluation (loss, accuracy, confusion matrix, top-k) and prediction,
-bfloat16 autocast, and the per-image predictions CSV.
+``evaluation_inputs``), evaluation (loss, accuracy, top-5 accuracy, confusion matrix, top-k
+classes per image) and prediction, bfloat16 autocast, and the per-image predictions CSV.
 
 Every image reaches a model through ``evaluation_inputs``: the model's ``EvalPreprocessing``
 (match its channels, squash or crop to its resolution, scale to [-1, 1]) batch by batch from a
@@ -36,6 +36,7 @@ from vitkit.models.registry import ModelConfig
 from vitkit.utils.files import atomic_write
 
 PREDICTIONS_TOP_K = 5  # classes per image in ``vitkit eval --predictions``
+TOP_K_ACCURACY = 5  # ``Evaluation.top_k_accuracy``: top-5 (top-all with fewer classes)
 
 
 class ProcessShare(Protocol):
@@ -132,10 +133,26 @@ class Evaluation:
     loss: float  # mean cross-entropy
     confusion: torch.Tensor  # (classes, classes) counts, rows = true class, columns = predicted
     predictions: list[ImagePrediction] = field(default_factory=list)  # with ``top_k``
+    # Images whose true class is among the ``top_k`` most probable (k = TOP_K_ACCURACY, or
+    # the number of classes when there are fewer).
+    top_k_correct: int = 0
+    top_k: int = TOP_K_ACCURACY
 
     @property
     def count(self) -> int:
         return int(self.confusion.sum())
+
+    @property
+    def top_k_accuracy(self) -> float:
+        return self.top_k_correct / max(self.count, 1)
+
+    @property
+    def per_class_accuracy(self) -> list[float | None]:
+        """Each class's share of its images predicted right (recall); None for a class with
+        no image in the data."""
+        images = self.confusion.sum(dim=1).tolist()
+        right = self.confusion.diagonal().tolist()
+        return [r / n if n else None for r, n in zip(right, images, strict=True)]
 
     @property
     def correct(self) -> int:
@@ -171,6 +188,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    k = min(TOP_K_ACCURACY, num_classes)
+    top_k_correct = torch.zeros((), dtype=torch.int64, device=device)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     predictions: list[ImagePrediction] = []
     for x, batch in evaluation_inputs(model, source, batch_size, rank=rank, world_size=world_size):
@@ -188,6 +207,7 @@ def evaluate(
                     names, batch.labels.tolist(), top_classes(logits, top_k), strict=True
                 )
             ]
+        top_k_correct += (logits.topk(k, dim=-1).indices == labels[:, None]).any(-1).sum()
         confusion += torch.bincount(
             labels * num_classes + logits.argmax(-1), minlength=num_classes**2
         ).view(num_classes, num_classes)
@@ -195,9 +215,10 @@ def evaluate(
     if process is not None and process.world_size > 1:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
         dist.all_reduce(confusion, op=dist.ReduceOp.SUM)
+        dist.all_reduce(top_k_correct, op=dist.ReduceOp.SUM)
     # Over the images evaluated: a streamed source leaves out files it cannot decode.
     loss = float(loss_sum) / max(int(confusion.sum()), 1)
-    return Evaluation(loss, confusion.cpu(), predictions)
+    return Evaluation(loss, confusion.cpu(), predictions, int(top_k_correct), k)
 
 
 def top_classes(logits: torch.Tensor, top_k: int) -> list[list[tuple[int, float]]]:

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from vitkit.evaluation.fewshot import ArrayLike, as_features, as_labels, infer_num_classes
+from vitkit.models.pretrained import PretrainedModel
+from vitkit.models.vit import VisionTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,21 @@ def linear_probe(
     ``weight_decay`` is not tuned here: features are standardised, so one value is a fair
     comparison between representations; sweep it for a best-possible number.
     """
+    args = (train_features, train_labels, test_features, test_labels)
+    return linear_probe_head(*args, weight_decay, max_iter, tolerance)[0]
+
+
+def linear_probe_head(
+    train_features: ArrayLike,
+    train_labels: ArrayLike,
+    test_features: ArrayLike,
+    test_labels: ArrayLike,
+    weight_decay: float = 1e-4,
+    max_iter: int = 1000,
+    tolerance: float = 1e-6,
+) -> tuple[ProbeResult, torch.Tensor, torch.Tensor]:
+    """``linear_probe``, and the fitted classifier as a linear layer on the raw features:
+    weight (D, classes) and bias (classes,), the standardisation folded in."""
     if weight_decay < 0 or max_iter < 1:
         raise ValueError(
             f"weight_decay must be >= 0 and max_iter >= 1, got {weight_decay} and {max_iter}"
@@ -118,7 +135,30 @@ def linear_probe(
     with torch.no_grad():
         train_accuracy = ((x_train @ weight + bias).argmax(1) == y_train).double().mean()
         accuracy = ((x_test @ weight + bias).argmax(1) == y_test).double().mean()
-    return ProbeResult(float(accuracy), float(train_accuracy), iterations, converged)
+        raw_weight = weight / std.T  # ((x - mean) / std) W + b = x (W / std) + b - (mean / std) W
+        raw_bias = bias - ((mean / std) @ weight).squeeze(0)
+    result = ProbeResult(float(accuracy), float(train_accuracy), iterations, converged)
+    return result, raw_weight, raw_bias
+
+
+def with_linear_head(
+    model: PretrainedModel, weight: torch.Tensor, bias: torch.Tensor, classes: list[str]
+) -> PretrainedModel:
+    """``model`` with a head that computes ``features @ weight + bias`` from the features
+    ``frozen_features`` gives (a ViT keeps its representation layer, which they pass through),
+    its class names recorded: a classifier ``predict``, ``eval`` and ``export`` take."""
+    if isinstance(model, VisionTransformer):
+        model.reset_classifier(len(classes), keep_representation=True)
+    else:
+        model.reset_classifier(len(classes))
+    head = model.head
+    assert isinstance(head, torch.nn.Linear)
+    with torch.no_grad():
+        head.weight.copy_(weight.T)
+        head.bias.copy_(bias)
+    cfg: Any = model.cfg
+    model.cfg = cfg.replace(extra={**cfg.extra, "classes": list(classes)})
+    return model
 
 
 def knn_predict(

@@ -44,6 +44,7 @@ from vitkit.data import AugmentConfig
 from vitkit.data.base import MAX_UNREADABLE_FRACTION
 from vitkit.data.sources import DataOptions
 from vitkit.models import list_models
+from vitkit.training.trackers import TRACKERS
 from vitkit.utils.config import ConfigMixin, checked_values, choice_problems, merge_tables, plain
 from vitkit.utils.remote import is_remote
 
@@ -557,8 +558,21 @@ class RunConfig(Section):
     )
     max_skipped_steps: int = option(10, "--on-nonfinite skip: abort after this many skips")
     max_rollbacks: int = option(3, "--on-nonfinite rollback: abort after this many rollbacks")
+    log_to: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "experiment trackers that get a copy of metrics.jsonl and the config: "
+            "'tensorboard' (event files in RUN/tensorboard/), 'mlflow' (RUN/mlruns/ unless "
+            "MLFLOW_TRACKING_URI is set); needs `pip install 'vitkit[tracking]'`"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self.log_to = list(self.log_to)
+        super().__post_init__()
 
     def problems(self) -> list[str]:
+        unknown = sorted(set(self.log_to) - set(TRACKERS))
         return [
             message
             for ok, message in (
@@ -566,6 +580,7 @@ class RunConfig(Section):
                 (self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0 = every epoch)"),
                 (self.max_skipped_steps >= 0, "max_skipped_steps must be >= 0"),
                 (self.max_rollbacks >= 0, "max_rollbacks must be >= 0"),
+                (not unknown, f"log_to {unknown}: choose from {list(TRACKERS)}"),
             )
             if not ok
         ]

@@ -60,6 +60,7 @@ from vitkit.training.run import (  # the run-folder functions' home was here
 from vitkit.training.run import claim_run_folder as claim_run_folder
 from vitkit.training.run import default_out as default_out
 from vitkit.training.tasks import Task, build_task
+from vitkit.training.trackers import tracking
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ RESUME_OPTIONS = (
     "on_nonfinite",
     "max_skipped_steps",
     "max_rollbacks",
+    "log_to",
 )
 # --on-nonfinite rollback multiplies the learning rate by this at each rollback.
 ROLLBACK_LR_FACTOR = 0.5
@@ -232,13 +234,14 @@ def _train(
         logger.info(finetune_resolution_note(session.model.cfg.img_size, splits.train))
 
     # ---- the loop: one optimizer step per ``accum_steps`` micro-batches
-    try:
-        session.train(progress)
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(interrupted_message(run, session.state.step)) from None
+    with tracking(cfg.run.log_to, run, cfg.to_dict(), session.state.step):
+        try:
+            session.train(progress)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(interrupted_message(run, session.state.step)) from None
 
-    # ---- test the best checkpoint, write the summary
-    return session.finish()
+        # ---- test the best checkpoint, write the summary
+        return session.finish()
 
 
 @dataclass

@@ -48,6 +48,7 @@ from vitkit.models.registry import architecture_of
 from vitkit.training import distributed
 from vitkit.training.config import TrainConfig, read_run_config
 from vitkit.training.distributed import Process
+from vitkit.training.trackers import Tracker
 from vitkit.utils.files import atomic_write
 from vitkit.utils.runlayout import RunLayout
 
@@ -103,6 +104,8 @@ class RunFolder(RunLayout):
         super().__init__(path)
         self.writer = writer
         self.events = self.path / "events.jsonl"
+        # Copies of metrics.jsonl for TensorBoard or MLflow (``trackers.tracking`` sets them).
+        self.trackers: list[Tracker] = []
 
     def log_event(self, event: dict[str, Any]) -> None:
         """Append what a policy did (``events.jsonl``: never cut back, unlike the metrics)."""
@@ -118,6 +121,8 @@ class RunFolder(RunLayout):
         if self.writer:
             with self.metrics.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            for tracker in self.trackers:
+                tracker.log(record)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every complete line of ``metrics.jsonl`` (a run killed mid-write leaves a partial)."""
@@ -138,6 +143,8 @@ class RunFolder(RunLayout):
         kept = [r for r in self.read_metrics() if r["step"] <= step]
         text = "".join(json.dumps(r) + "\n" for r in kept)
         atomic_write(self.metrics, lambda tmp: tmp.write_text(text))
+        for tracker in self.trackers:
+            tracker.rewind(step)
 
     def save_checkpoint(
         self,
