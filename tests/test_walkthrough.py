@@ -21,7 +21,9 @@ from vitkit.models.vit import VisionTransformer, ViTConfig
 
 PAGE = REPO / "docs" / "walkthrough.md"
 PHOTO_TOOL = REPO.parent / "shared" / "tools" / "make_photo_folder.py"
-IMAGENETTE = Path(os.environ.get("VITKIT_DATA", REPO.parent / "shared" / "data")) / "imagenette2-224"
+IMAGENETTE = (
+    Path(os.environ.get("VITKIT_DATA", REPO.parent / "shared" / "data")) / "imagenette2-224"
+)
 SKIPPED = "starts a server"  # the one block that cannot run: TensorBoard's server
 
 
@@ -58,7 +60,7 @@ def test_the_walkthrough_runs_as_written(tmp_path: Path) -> None:
         "VITKIT_CACHE": str(tmp_path / "vitkit-cache"),
     }
     blocks = read_blocks(PAGE)
-    assert [b.reason for b in blocks if b.mark == "not-run" and SKIPPED in b.reason] == [SKIPPED]
+    assert sum(SKIPPED in b.reason for b in blocks) == 1  # the rest all runs
     for block in blocks:
         if SKIPPED in block.reason:
             continue
