@@ -212,6 +212,8 @@ def test_vit_only_formats_refuse_another_architecture(tiny: str, tmp_path: Path)
 # ---------------------------------------------------------------------------------- the CLI
 
 
+# slow: counts the FLOPs of every registered model; each model is swept in test_registry_sweep
+@pytest.mark.slow
 def test_models_cli_lists_every_architecture(tiny: str, capsys) -> None:
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -308,6 +308,8 @@ def test_slow_sharded_checkpoints_resume_in_any_number_of_processes(
     assert json.loads((tmp_path / "ddp/config.json").read_text())["run"]["parallel"] == "ddp"
 
 
+# slow: two torchrun jobs; a DDP checkpoint read under FSDP's layout in one process: the sharded-checkpoint tests
+@pytest.mark.slow
 def test_ddp_checkpoint_resumes_under_fsdp(
     data: Path,
     fsdp_run: Path,

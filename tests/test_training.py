@@ -181,6 +181,8 @@ def test_bf16_autocast_trains(tiny_data: Path, tmp_path: Path) -> None:
     assert records[-1]["loss"] < records[0]["loss"]
 
 
+# slow: waits for the C++ compiler; compile's own numerics are torch's, checked here against eager
+@pytest.mark.slow
 def test_compile_computes_what_eager_does(tiny_data: Path, tmp_path: Path) -> None:
     """--compile changes how the blocks run, not what they compute or what is saved."""
     short = dict(epochs=1, steps=3, evaluators=[], **EXACT)
