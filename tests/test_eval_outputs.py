@@ -118,13 +118,10 @@ def test_eval_top_k_is_all_classes_when_fewer_than_five(tmp_path: Path) -> None:
     assert (tmp_path / "c.png").is_file() and not (tmp_path / "three_confusion.png").exists()
 
 
-def test_probe_save_gives_a_model_eval_scores_as_the_probe_did(
-    model: VisionTransformer, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    """The saved probe, evaluated by ``vitkit eval`` on the same test split, has the accuracy
-    the probe reported; ``predict`` runs on it and names the data's classes."""
+def small_digits(folder: Path) -> Path:
+    """300 training and 100 test digits as an .npz source with both splits."""
     train_set, test_set = load_dataset("digits", "train"), load_dataset("digits", "test")
-    data = tmp_path / "digits.npz"
+    data = folder / "digits.npz"
     np.savez(
         data,
         x_train=train_set.images[:300, 0].numpy(),
@@ -132,6 +129,16 @@ def test_probe_save_gives_a_model_eval_scores_as_the_probe_did(
         x_test=test_set.images[:100, 0].numpy(),
         y_test=test_set.labels[:100].numpy(),
     )
+    return data
+
+
+def test_probe_save_gives_a_model_eval_scores_as_the_probe_did(
+    model: VisionTransformer, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The saved probe, evaluated by ``vitkit eval`` on the same test split, has the accuracy
+    the probe reported; ``predict`` runs on it and names the data's classes."""
+    test_set = load_dataset("digits", "test")
+    data = small_digits(tmp_path)
     checkpoint = model.save_pretrained(tmp_path / "backbone")
     saved = tmp_path / "probe.safetensors"
     assert (
@@ -146,3 +153,20 @@ def test_probe_save_gives_a_model_eval_scores_as_the_probe_did(
     capsys.readouterr()
     assert main(["predict", str(saved), str(image)]) == 0
     assert any(str(c) in capsys.readouterr().out for c in range(10))
+
+
+def test_fewshot_save_gives_a_model_eval_scores_as_its_seed_0_ridge_did(
+    model: VisionTransformer, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The saved few-shot head (whitening and bias column folded into one linear layer),
+    evaluated by ``vitkit eval``, scores what the whitened ridge regression scored for the
+    largest shot count and seed 0."""
+    data = small_digits(tmp_path)
+    checkpoint = model.save_pretrained(tmp_path / "backbone")
+    saved = tmp_path / "fewshot.safetensors"
+    command = ["fewshot", str(checkpoint), "--data", str(data), "--shots", "2", "10"]
+    assert main([*command, "--seeds", "2", "--save", str(saved), "--json"]) == 0
+    ridge = json.loads(capsys.readouterr().out)["shots"]["10"]["per_seed"][0]
+    assert ridge > 0.3  # the features separate digits: the head is not trivial
+    assert main(["eval", str(saved), "--data", str(data), "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == pytest.approx(ridge)

@@ -9,11 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+import torch
 
 from vitkit.cli.evaluate import add_inference_flags
-from vitkit.deploy import load_for_inference
-from vitkit.evaluation import fewshot_protocol
+from vitkit.deploy import OnnxClassifier, load_for_inference
+from vitkit.evaluation import fewshot_head, fewshot_indices, fewshot_protocol
 from vitkit.evaluation.fewshot import DEFAULT_L2_REG, DEFAULT_SHOTS
+from vitkit.evaluation.probe import with_linear_head
 from vitkit.evaluation.splits import FrozenFeatures
 from vitkit.evaluation.splits import frozen_features as features_of
 
@@ -56,6 +60,29 @@ def frozen_features(args: argparse.Namespace) -> FrozenFeatures:
     return features
 
 
+def add_save_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--save",
+        type=Path,
+        metavar="OUT",
+        help=f"save the frozen model with {what} as its head (a folder, or one file ending in "
+        ".safetensors) for predict, eval and export",
+    )
+
+
+def save_with_head(
+    args: argparse.Namespace, weight: torch.Tensor, bias: torch.Tensor, classes: list[str]
+) -> None:
+    """The checkpoint's model with the head ``features @ weight + bias`` (its ``classes``)
+    at ``args.save``."""
+    model, _ = load_for_inference(args.checkpoint, args.model, args.device, need_head=False)
+    assert not isinstance(model, OnnxClassifier)  # an exported file gives no features
+    saved = with_linear_head(model, weight.float(), bias.float(), classes)
+    print(
+        f"saved the model with its new head to {saved.save_pretrained(args.save)}", file=sys.stderr
+    )
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "fewshot",
@@ -76,6 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--l2-reg", type=float, default=DEFAULT_L2_REG, help="ridge weight (default: 2^10)"
     )
+    add_save_flag(p, "the ridge classifier of the largest --shots count (seed 0)")
     p.set_defaults(func=run)
 
 
@@ -93,6 +121,13 @@ def run(args: argparse.Namespace) -> int:
         args.l2_reg,
     )
     dim = int(features.train_x.shape[1])
+    if args.save:
+        shots, classes = max(args.shots), features.classes
+        chosen = fewshot_indices(features.train_y, shots, seed=0, num_classes=len(classes))
+        weight, bias = fewshot_head(
+            features.train_x[chosen], features.train_y[chosen], len(classes), args.l2_reg
+        )
+        save_with_head(args, weight, bias, classes)
     if args.json:
         info = {"checkpoint": str(args.checkpoint), "data": str(args.data), "feature_dim": dim}
         info |= {"seeds": args.seeds, "l2_reg": args.l2_reg, **features.report}

@@ -6,15 +6,10 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
-import torch
-
-from vitkit.cli.fewshot import add_feature_flags, frozen_features
-from vitkit.deploy import OnnxClassifier, load_for_inference
+from vitkit.cli.fewshot import add_feature_flags, add_save_flag, frozen_features, save_with_head
 from vitkit.evaluation import knn_classifier
-from vitkit.evaluation.probe import KNN_VOTES, linear_probe_head, with_linear_head
-from vitkit.evaluation.splits import evaluation_data
+from vitkit.evaluation.probe import KNN_VOTES, linear_probe_head
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,13 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="weighted",
         help="knn: weighted by exp(similarity / 0.07), or one vote each (default: weighted)",
     )
-    p.add_argument(
-        "--save",
-        type=Path,
-        metavar="OUT",
-        help="linear: save the frozen model with the fitted probe as its head (a folder, or "
-        "one file ending in .safetensors) for predict, eval and export",
-    )
+    add_save_flag(p, "the fitted probe (--method linear)")
     p.set_defaults(func=run)
 
 
@@ -67,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             train_x, train_y, test_x, test_y, args.weight_decay, args.max_iter
         )
         if args.save:
-            save_probe(args, weight, bias)
+            save_with_head(args, weight, bias, features.classes)
         settings: dict[str, object] = {
             "weight_decay": args.weight_decay,
             "max_iter": args.max_iter,
@@ -100,18 +89,3 @@ def run(args: argparse.Namespace) -> int:
     for note in features.notes:
         print(note)
     return 0
-
-
-def save_probe(args: argparse.Namespace, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    """The checkpoint's model with the fitted probe as its head, at ``args.save``."""
-    model, run_folder = load_for_inference(
-        args.checkpoint, args.model, args.device, need_head=False
-    )
-    classes = evaluation_data(args.data, "test", run_folder)[0].info.classes
-    assert classes is not None  # the features were fitted on labels
-    assert not isinstance(model, OnnxClassifier)  # an exported file gives no features
-    probe = with_linear_head(model, weight.float(), bias.float(), classes)
-    print(
-        f"saved the model with the probe as its head to {probe.save_pretrained(args.save)}",
-        file=sys.stderr,
-    )

@@ -8,7 +8,13 @@ only, so the training loop (its evaluators), deployment, the experiments and the
 """
 
 from vitkit.evaluation.features import extract_features
-from vitkit.evaluation.fewshot import fewshot_indices, fewshot_lsr, fewshot_protocol, ridge_weights
+from vitkit.evaluation.fewshot import (
+    fewshot_head,
+    fewshot_indices,
+    fewshot_lsr,
+    fewshot_protocol,
+    ridge_weights,
+)
 from vitkit.evaluation.inference import Evaluation, autocast, evaluate, predict
 from vitkit.evaluation.probe import ProbeResult, knn_classifier, linear_probe
 
@@ -18,6 +24,7 @@ __all__ = [
     "autocast",
     "evaluate",
     "extract_features",
+    "fewshot_head",
     "fewshot_indices",
     "fewshot_lsr",
     "fewshot_protocol",

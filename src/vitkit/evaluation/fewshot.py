@@ -117,17 +117,44 @@ def fewshot_lsr(
         raise ValueError(
             f"labels reach {infer_num_classes(y_train, y_test) - 1} but num_classes is {classes}"
         )
+    mean, std, weights = _fit(x_train, y_train, classes, l2_reg)
+    predictions = (_whitened(x_test, mean, std) @ weights).argmax(dim=1)
+    return float((predictions == y_test).double().mean())
+
+
+def _fit(
+    x_train: torch.Tensor, y_train: torch.Tensor, classes: int, l2_reg: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whitening (mean, std, each (1, D)) and the ridge weights ((D + 1, C), the last row
+    the bias column's) fitted on the whitened ``x_train``."""
     mean = x_train.mean(dim=0, keepdim=True)
     std = x_train.std(dim=0, correction=0, keepdim=True) + 1e-5
-
-    def prepare(x: torch.Tensor) -> torch.Tensor:
-        x = (x - mean) / std
-        return torch.cat([x, torch.full((len(x), 1), BIAS_CONSTANT, dtype=x.dtype)], dim=1)
-
     targets = 2.0 * torch.nn.functional.one_hot(y_train, classes).to(torch.float64) - 1.0
-    weights = ridge_weights(prepare(x_train), targets, l2_reg)
-    predictions = (prepare(x_test) @ weights).argmax(dim=1)
-    return float((predictions == y_test).double().mean())
+    return mean, std, ridge_weights(_whitened(x_train, mean, std), targets, l2_reg)
+
+
+def _whitened(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``x`` whitened, with the constant bias column appended."""
+    x = (x - mean) / std
+    return torch.cat([x, torch.full((len(x), 1), BIAS_CONSTANT, dtype=x.dtype)], dim=1)
+
+
+def fewshot_head(
+    train_features: ArrayLike,
+    train_labels: ArrayLike,
+    num_classes: int,
+    l2_reg: float = DEFAULT_L2_REG,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier ``fewshot_lsr`` fits, as one linear layer on the raw features:
+    ``features @ weight + bias`` (weight (D, C), bias (C,), float64) with the whitening and
+    the bias column folded in, so that a model's head can compute it."""
+    x_train = as_features(train_features, "train_features")
+    y_train = as_labels(train_labels, len(x_train), "train_labels")
+    if len(x_train) == 0:
+        raise ValueError("fitting a few-shot head needs at least one training example")
+    mean, std, weights = _fit(x_train, y_train, num_classes, l2_reg)
+    weight = weights[:-1] / std.T
+    return weight, BIAS_CONSTANT * weights[-1] - (mean @ weight)[0]
 
 
 def fewshot_indices(

@@ -141,6 +141,7 @@ class FrozenFeatures:
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    classes: list[str]  # the names of the labels' class indices
     report: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     channel_note: str = ""  # the images were converted to the model's channels (``channel_note``)
@@ -200,7 +201,7 @@ def frozen_features(
     notes = [f"test images: {where}; fitted on {len(train_y)}, scored on {len(test_y)} images"]
     if skipped:
         notes.append(f"skipped {skipped} unreadable file(s)")
-    return FrozenFeatures(train_x, train_y, test_x, test_y, report, notes, note)
+    return FrozenFeatures(train_x, train_y, test_x, test_y, list(classes), report, notes, note)
 
 
 def _listed_labels(source: DataSource) -> torch.Tensor | None:
