@@ -21,6 +21,15 @@ freshly initialised one when transformers loads it (its ``last_hidden_state`` is
 pixels; other crop models get no processor file, with a warning). Read back, a
 ``ConvNextImageProcessor`` gives "crop", a ``ViTImageProcessor`` "squash" with its mean and
 std (one value for every channel); any other folder the default.
+
+Hugging Face's ``vit-hybrid`` (``ViTHybridModel``, converted from timm's
+``vit_base_r50_s16_384``) is refused rather than read approximately: its BiT backbone has the
+layout of vitkit's hybrid (same 'SAME' padding, post-activation bottlenecks, 32-group
+GroupNorm) but other numerics. transformers' ``modeling_bit.py`` standardises every convolution
+by ``sqrt(var + 1e-8)`` and normalises with GroupNorm eps 1e-5 (timm's values), where vitkit's
+hybrid follows the official Flax code, ``std + 1e-5`` and eps 1e-6; the backbone's features
+differ (by 4e-4, relative, on a randomly initialised R50), so no renaming of the state dict
+gives the same outputs.
 """
 
 from __future__ import annotations
@@ -249,8 +258,10 @@ def read(path: Path, spec: ModelSpec) -> Checkpoint:
     hf = read_json(path / CONFIG_FILE)
     if hf.get("model_type") == "vit-hybrid":
         raise CheckpointError(
-            f"{path / CONFIG_FILE}: vitkit does not read Hugging Face's vit-hybrid (its BiT "
-            "stem's naming); the paper's hybrid is R50+ViT-B_16 (vitkit models --pretrained)"
+            f"{path / CONFIG_FILE}: vitkit does not read Hugging Face's vit-hybrid: its BiT "
+            "backbone standardises weights by sqrt(var + 1e-8) with GroupNorm eps 1e-5, vitkit's "
+            "hybrid by std + 1e-5 with eps 1e-6 (the official code); the paper's hybrid is "
+            "R50+ViT-B_16 (vitkit models --pretrained)"
         )
     if hf.get("model_type") != "vit":
         raise CheckpointError(
