@@ -154,16 +154,15 @@ def test_hugging_face_config_disagreeing_with_weights(tmp_path: Path) -> None:
         vitkit.load_pretrained(tmp_path / "hf")
 
 
-def test_hugging_face_vit_hybrid_is_refused_for_its_numerics(tmp_path: Path) -> None:
-    """transformers' ViTHybrid (models/vit_hybrid, BiT backbone in models/bit/modeling_bit.py)
-    standardises weights by sqrt(var + 1e-8) with GroupNorm eps 1e-5; vitkit's hybrid computes
-    the official std + 1e-5 and eps 1e-6, so a renamed state dict would only approximate it."""
+def test_a_hugging_face_vit_hybrid_of_another_bit_is_refused_by_name(tmp_path: Path) -> None:
+    """vitkit's hybrid backbone is the post-activation ('bottleneck') BiT of vit-hybrid; a
+    pre-activation BiT (BitConfig's default layer_type) would be misread."""
     export(create_model("vit_micro"), tmp_path / "hf", "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    backbone = {"model_type": "bit", "layer_type": "bottleneck", "depths": [3, 4, 9]}
+    backbone = {"model_type": "bit", "layer_type": "preactivation", "depths": [3, 4, 9]}
     hybrid = {**config, "model_type": "vit-hybrid", "backbone_config": backbone}
     (tmp_path / "hf" / "config.json").write_text(json.dumps(hybrid))
-    with pytest.raises(CheckpointError, match=r"vit-hybrid: its BiT backbone .* 1e-8"):
+    with pytest.raises(CheckpointError, match=r"BiT backbone .* layer_type 'preactivation'"):
         vitkit.load_pretrained(tmp_path / "hf")
 
 

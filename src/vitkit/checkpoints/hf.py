@@ -23,13 +23,14 @@ pixels; other crop models get no processor file, with a warning). Read back, a
 std (one value for every channel); any other folder the default.
 
 Hugging Face's ``vit-hybrid`` (``ViTHybridModel``, converted from timm's
-``vit_base_r50_s16_384``) is refused rather than read approximately: its BiT backbone has the
-layout of vitkit's hybrid (same 'SAME' padding, post-activation bottlenecks, 32-group
-GroupNorm) but other numerics. transformers' ``modeling_bit.py`` standardises every convolution
-by ``sqrt(var + 1e-8)`` and normalises with GroupNorm eps 1e-5 (timm's values), where vitkit's
-hybrid follows the official Flax code, ``std + 1e-5`` and eps 1e-6; the backbone's features
-differ (by 4e-4, relative, on a randomly initialised R50), so no renaming of the state dict
-gives the same outputs.
+``vit_base_r50_s16_384``; transformers 4.x) is read as vitkit's hybrid: its BiT backbone has
+the layout of vitkit's (same 'SAME' padding, post-activation bottlenecks, 32-group GroupNorm,
+the stride in the 3x3 convolution) but BiT's numerics: transformers' ``modeling_bit.py``
+standardises every convolution by ``sqrt(var + 1e-8)`` and normalises with GroupNorm eps 1e-5
+where the official Flax code uses ``std + 1e-5`` and eps 1e-6, so the model is built with
+``resnet_numerics="bit"``. The key names follow transformers' ``convert_vit_hybrid_timm_to_pytorch.py``
+(``...patch_embeddings.backbone.bit.embedder.{convolution,norm}``,
+``...bit.encoder.stages.S.layers.U.{conv,norm}{1,2,3}`` and ``.downsample.{conv,norm}``).
 """
 
 from __future__ import annotations
@@ -77,6 +78,24 @@ DEFAULTS: dict[str, Any] = dict(
     qkv_bias=True,
     pooler_act="tanh",
 )
+# transformers' BitConfig defaults, and the backbone ViTHybridConfig takes when given none.
+BIT_DEFAULTS: dict[str, Any] = dict(
+    layer_type="preactivation",
+    global_padding=None,
+    embedding_dynamic_padding=False,
+    num_groups=32,
+    hidden_act="relu",
+    embedding_size=64,
+    depths=[3, 4, 6, 3],
+    out_features=None,
+)
+VIT_HYBRID_BACKBONE: dict[str, Any] = dict(
+    global_padding="same",
+    layer_type="bottleneck",
+    depths=[3, 4, 9],
+    out_features=["stage3"],
+    embedding_dynamic_padding=True,
+)
 # hidden_act → vitkit's gelu ("none" = exact erf). gelu_new is the tanh formula written out.
 ACTIVATIONS: dict[str, GeluKind] = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
 WRITTEN_ACTIVATION = {"none": "gelu", "tanh": "gelu_pytorch_tanh"}
@@ -113,11 +132,61 @@ def hf_rules(cfg: ViTConfig, prefix: str) -> list[Rule]:
             *linear(f"blocks.{i}.mlp.fc2", f"{layer}.output.dense"),
         ]
     rules += linear("norm", f"{p}layernorm")
+    if cfg.resnet_layers is not None:
+        rules += bit_backbone_rules(
+            cfg.resnet_layers, f"{p}embeddings.patch_embeddings.backbone.bit"
+        )
     if cfg.representation_size:
         rules += linear("pre_logits", f"{p}pooler.dense")
     if cfg.num_classes:
         rules += linear("head", "classifier")
     return rules
+
+
+def bit_backbone_rules(layers: tuple[int, ...], bit: str) -> list[Rule]:
+    """vit-hybrid's BiT backbone (under ``bit``) onto vitkit's hybrid backbone."""
+    ours = "patch_embed.backbone"
+    rules = [
+        Rule(f"{ours}.stem.conv.weight", (f"{bit}.embedder.convolution.weight",)),
+        *linear(f"{ours}.stem.norm", f"{bit}.embedder.norm"),
+    ]
+    for s, units in enumerate(layers):
+        for u in range(units):
+            dst, src = f"{ours}.stages.{s}.{u}", f"{bit}.encoder.stages.{s}.layers.{u}"
+            for k in ("1", "2", "3"):
+                rules.append(Rule(f"{dst}.conv{k}.weight", (f"{src}.conv{k}.weight",)))
+                rules += linear(f"{dst}.gn{k}", f"{src}.norm{k}")
+            if u == 0:  # the first unit of every stage changes width or stride: a projection
+                rules.append(Rule(f"{dst}.conv_proj.weight", (f"{src}.downsample.conv.weight",)))
+                rules += linear(f"{dst}.gn_proj", f"{src}.downsample.norm")
+    return rules
+
+
+def hybrid_backbone(hf: dict[str, Any]) -> dict[str, Any]:
+    """The ``ViTConfig`` fields of a vit-hybrid's ``backbone_config`` (a ``BitConfig``), or a
+    clear error for a BiT that vitkit's hybrid backbone does not compute."""
+    bit = {**BIT_DEFAULTS, **(hf.get("backbone_config") or VIT_HYBRID_BACKBONE)}
+    problems = []
+    if bit["layer_type"] != "bottleneck":
+        problems.append(f"layer_type {bit['layer_type']!r} (vitkit: 'bottleneck')")
+    if str(bit["global_padding"]).lower() != "same" or not bit["embedding_dynamic_padding"]:
+        problems.append("padding other than 'SAME' with dynamic embedding padding")
+    if bit["num_groups"] != 32 or bit["hidden_act"] != "relu":
+        problems.append(f"{bit['num_groups']} groups / {bit['hidden_act']} (vitkit: 32 / relu)")
+    stages = [f"stage{i + 1}" for i in range(len(bit["depths"]))]
+    used = [name for name in bit["out_features"] or stages[-1:] if name in stages]
+    if len(used) != 1:
+        problems.append(f"out_features {bit['out_features']} (vitkit: one stage's output)")
+    if problems:
+        raise CheckpointError(
+            "a vit-hybrid BiT backbone vitkit does not compute: " + "; ".join(problems)
+        )
+    depth = stages.index(used[0]) + 1
+    return dict(
+        resnet_layers=tuple(int(d) for d in bit["depths"][:depth]),
+        resnet_width_factor=bit["embedding_size"] / 64,
+        resnet_numerics="bit",
+    )
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -141,7 +210,8 @@ def load_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def config_from_hf(hf: dict[str, Any], sd: dict[str, torch.Tensor], prefix: str) -> ViTConfig:
-    hf = {**DEFAULTS, **hf}
+    hybrid = hf.get("model_type") == "vit-hybrid"
+    hf = {**DEFAULTS, **({"patch_size": 1} if hybrid else {}), **hf}
     if hf["hidden_act"] not in ACTIVATIONS:
         raise CheckpointError(
             f"hidden_act {hf['hidden_act']!r} is not a GELU vitkit computes; "
@@ -168,6 +238,7 @@ def config_from_hf(hf: dict[str, Any], sd: dict[str, torch.Tensor], prefix: str)
         classifier="token",
         representation_size=int(sd[pooler].shape[0]) if has_pooler else None,
         extra={"classes": classes} if classes else {},
+        **(hybrid_backbone(hf) if hybrid else {}),
     )
 
 
@@ -256,17 +327,11 @@ def detect(path: Path) -> bool:
 
 def read(path: Path, spec: ModelSpec) -> Checkpoint:
     hf = read_json(path / CONFIG_FILE)
-    if hf.get("model_type") == "vit-hybrid":
-        raise CheckpointError(
-            f"{path / CONFIG_FILE}: vitkit does not read Hugging Face's vit-hybrid: its BiT "
-            "backbone standardises weights by sqrt(var + 1e-8) with GroupNorm eps 1e-5, vitkit's "
-            "hybrid by std + 1e-5 with eps 1e-6 (the official code); the paper's hybrid is "
-            "R50+ViT-B_16 (vitkit models --pretrained)"
-        )
-    if hf.get("model_type") != "vit":
+    if hf.get("model_type") not in ("vit", "vit-hybrid"):
         raise CheckpointError(
             f"{path / CONFIG_FILE} has model_type {hf.get('model_type')!r}; vitkit reads "
-            "Hugging Face folders of model_type 'vit' (ViTModel, ViTForImageClassification)"
+            "Hugging Face folders of model_type 'vit' (ViTModel, ViTForImageClassification) "
+            "and 'vit-hybrid'"
         )
     sd = load_weights(path)
     prefix = "vit." if any(k.startswith("vit.") for k in sd) else ""

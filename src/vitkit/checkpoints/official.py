@@ -284,6 +284,11 @@ def write(model: VisionTransformer, path: Path) -> None:
         problems.append(f"it has only the learned 1-D position embedding, not {cfg.pos_embed!r}")
     if not cfg.qkv_bias:
         problems.append("its attention always has query/key/value biases (qkv_bias=False)")
+    if cfg.resnet_layers is not None and cfg.resnet_numerics != "official":
+        problems.append(
+            "its hybrid backbone computes with the official code's epsilons, not BiT's "
+            "(this model: resnet_numerics 'bit', from Hugging Face's vit-hybrid)"
+        )
     if problems:
         raise CheckpointError("cannot write the official layout: " + "; ".join(problems))
     tensors = from_vitkit(flax_rules(cfg, OFFICIAL), model.state_dict(), cfg)

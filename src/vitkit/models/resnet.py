@@ -16,7 +16,7 @@ post-activation bottleneck units (ResNet v1.5: the stride sits in the 3x3 convol
 from __future__ import annotations
 
 import math
-from functools import partial
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -109,27 +109,51 @@ def needs_projection(c_in: int, mid: int, stride: int) -> bool:
 
 
 # ----------------------------------------------------------- the hybrid's backbone (ViT code)
-hybrid_conv = partial(StdConv2d, padding="same", eps=1e-5, eps_on="std")
-HYBRID_NORM_EPS = 1e-6
+BackboneNumerics = Literal["official", "bit"]
+
+
+@dataclass(frozen=True)
+class HybridNumerics:
+    """The epsilons of a hybrid's backbone: ``official`` is the official Flax code's
+    (weights divided by ``std + 1e-5``, GroupNorm eps 1e-6), ``bit`` is BiT's as Hugging
+    Face's ``vit-hybrid`` computes it (``sqrt(var + 1e-8)``, GroupNorm eps 1e-5)."""
+
+    ws_eps: float
+    eps_on: EpsOn
+    norm_eps: float
+
+    def conv(self, c_in: int, c_out: int, kernel: int, stride: int = 1) -> StdConv2d:
+        return StdConv2d(
+            c_in, c_out, kernel, stride, padding="same", eps=self.ws_eps, eps_on=self.eps_on
+        )
+
+    def norm(self, channels: int) -> nn.GroupNorm:
+        return group_norm(channels, self.norm_eps)
+
+
+HYBRID_NUMERICS = {
+    "official": HybridNumerics(1e-5, "std", 1e-6),
+    "bit": HybridNumerics(1e-8, "var", 1e-5),
+}
 
 
 class Bottleneck(nn.Module):
     """1x1 → 3x3 (stride here) → 1x1 (4x wide), GroupNorm after each, projection shortcut."""
 
-    def __init__(self, c_in: int, width: int, stride: int) -> None:
+    def __init__(self, c_in: int, width: int, stride: int, numerics: HybridNumerics) -> None:
         super().__init__()
         c_out = 4 * width
-        self.conv1 = hybrid_conv(c_in, width, 1)
-        self.gn1 = group_norm(width, HYBRID_NORM_EPS)
-        self.conv2 = hybrid_conv(width, width, 3, stride)
-        self.gn2 = group_norm(width, HYBRID_NORM_EPS)
-        self.conv3 = hybrid_conv(width, c_out, 1)
-        self.gn3 = group_norm(c_out, HYBRID_NORM_EPS)
+        self.conv1 = numerics.conv(c_in, width, 1)
+        self.gn1 = numerics.norm(width)
+        self.conv2 = numerics.conv(width, width, 3, stride)
+        self.gn2 = numerics.norm(width)
+        self.conv3 = numerics.conv(width, c_out, 1)
+        self.gn3 = numerics.norm(c_out)
         self.conv_proj: StdConv2d | None = None
         self.gn_proj: nn.GroupNorm | None = None
         if needs_projection(c_in, width, stride):
-            self.conv_proj = hybrid_conv(c_in, c_out, 1, stride)
-            self.gn_proj = group_norm(c_out, HYBRID_NORM_EPS)
+            self.conv_proj = numerics.conv(c_in, c_out, 1, stride)
+            self.gn_proj = numerics.norm(c_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = x
@@ -144,10 +168,10 @@ class Bottleneck(nn.Module):
 class ResNetStem(nn.Module):
     """7x7/2 conv, GroupNorm, ReLU, 3x3/2 max-pool ('SAME')."""
 
-    def __init__(self, in_chans: int, width: int) -> None:
+    def __init__(self, in_chans: int, width: int, numerics: HybridNumerics) -> None:
         super().__init__()
-        self.conv = hybrid_conv(in_chans, width, 7, 2)
-        self.norm = group_norm(width, HYBRID_NORM_EPS)
+        self.conv = numerics.conv(in_chans, width, 7, 2)
+        self.norm = numerics.norm(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.norm(self.conv(x)))
@@ -157,13 +181,20 @@ class ResNetStem(nn.Module):
 class ResNetBackbone(nn.Module):
     """Stem and stages; stage s has width 64·2^s (times ``width_factor``) and stride 2 from s=1."""
 
-    def __init__(self, layers: tuple[int, ...], in_chans: int = 3, width_factor: float = 1) -> None:
+    def __init__(
+        self,
+        layers: tuple[int, ...],
+        in_chans: int = 3,
+        width_factor: float = 1,
+        numerics: BackboneNumerics = "official",
+    ) -> None:
         super().__init__()
         width = int(64 * width_factor)
-        self.stem = ResNetStem(in_chans, width)
+        chosen = HYBRID_NUMERICS[numerics]
+        self.stem = ResNetStem(in_chans, width, chosen)
         plan = bottleneck_plan(layers, width)
         self.stages = nn.Sequential(
-            *(nn.Sequential(*(Bottleneck(*unit) for unit in stage)) for stage in plan)
+            *(nn.Sequential(*(Bottleneck(*unit, chosen) for unit in stage)) for stage in plan)
         )
         self.out_channels = 4 * plan[-1][-1][1]
         self.reduction = 4 * 2 ** (len(layers) - 1)

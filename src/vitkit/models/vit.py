@@ -19,7 +19,7 @@ from vitkit.models.layers import AttentionImpl, Block, lecun_normal_
 from vitkit.models.posembed import POS_EMBED_KINDS, Grid, PosEmbedKind, PositionEmbedding
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.models.registry import Description
-from vitkit.models.resnet import ResNetBackbone
+from vitkit.models.resnet import BackboneNumerics, ResNetBackbone
 from vitkit.utils.config import ConfigMixin
 
 ClassifierKind = Literal["token", "gap"]
@@ -56,6 +56,8 @@ class ViTConfig(ConfigMixin):
     representation_size: int | None = None
     resnet_layers: tuple[int, ...] | None = None  # set for the hybrid
     resnet_width_factor: float = 1.0
+    # the hybrid backbone's epsilons: the official code's, or BiT's (Hugging Face's vit-hybrid)
+    resnet_numerics: BackboneNumerics = "official"
     dropout: float = 0.0
     attn_dropout: float = 0.0
     drop_path: float = 0.0
@@ -75,6 +77,10 @@ class ViTConfig(ConfigMixin):
             problems.append(f"pos_embed must be one of {POS_EMBED_KINDS}, not {self.pos_embed!r}")
         if self.gelu not in ("tanh", "none"):
             problems.append(f"gelu must be 'tanh' or 'none' (exact), not {self.gelu!r}")
+        if self.resnet_numerics not in ("official", "bit"):
+            problems.append(
+                f"resnet_numerics must be 'official' or 'bit', not {self.resnet_numerics!r}"
+            )
         problems += self._nonsense_sizes()
         if self.num_heads >= 1 and self.width % self.num_heads:
             problems.append(f"width {self.width} is not divisible by num_heads {self.num_heads}")
@@ -194,7 +200,9 @@ class PatchEmbed(nn.Module):
         self.backbone = None
         c_in = cfg.in_chans
         if cfg.resnet_layers is not None:
-            self.backbone = ResNetBackbone(cfg.resnet_layers, cfg.in_chans, cfg.resnet_width_factor)
+            self.backbone = ResNetBackbone(
+                cfg.resnet_layers, cfg.in_chans, cfg.resnet_width_factor, cfg.resnet_numerics
+            )
             c_in = self.backbone.out_channels
         self.proj = nn.Conv2d(c_in, cfg.width, cfg.patch_size, stride=cfg.patch_size)
         self.reduction = (
