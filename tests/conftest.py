@@ -171,3 +171,10 @@ def publish_to_hub_cache(cache: Path, repo_id: str, folder: Path, ref: str = "ma
     shutil.copytree(folder, repo / "snapshots" / HUB_COMMIT, dirs_exist_ok=True)
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / ref).write_text(HUB_COMMIT)
+
+
+def torchrun(processes: int, *extra: str) -> list[str]:
+    """The command that starts ``processes`` processes on this machine under torchrun, followed
+    by ``extra`` (torchrun's own options, then the script or ``-m MODULE``)."""
+    standalone = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*standalone, "--nproc-per-node", str(processes), *extra]

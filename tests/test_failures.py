@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import vitkit
-from tests.conftest import dead_pid
+from tests.conftest import dead_pid, torchrun
 from vitkit import CheckpointError, create_model
 from vitkit.checkpoints import export, read_checkpoint
 from vitkit.cli import main
@@ -372,12 +372,7 @@ def test_disk_full_during_training_keeps_the_last_checkpoint(
 def test_an_error_under_torchrun_is_printed_once(tmp_path: Path) -> None:
     """Both ranks meet the same bad option: one line from vitkit, no Python traceback."""
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *torchrun(2),
         "-m",
         "vitkit",
         "train",

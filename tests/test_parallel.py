@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import interrupted_after_checkpoint, train_config, wait_for
+from tests.conftest import interrupted_after_checkpoint, torchrun, train_config, wait_for
 from vitkit import load_pretrained
 from vitkit.cli import main
 from vitkit.models import create_model, registry
@@ -74,18 +74,6 @@ def flags(data: Path, out: Path, **overrides: object) -> list[str]:
 
 
 config = partial(train_config, SETTINGS)
-
-
-def torchrun(nproc: int, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        *extra,
-    ]
 
 
 def run(command: list[str], ok: bool = True) -> subprocess.CompletedProcess:

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import tarfile
 from functools import partial
 from pathlib import Path
@@ -27,7 +26,7 @@ import webdataset as wds
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.conftest import interrupted_after_checkpoint, train_config
+from tests.conftest import interrupted_after_checkpoint, torchrun, train_config
 from vitkit.cli import main
 from vitkit.data import AugmentConfig, BatchTransform, load_dataset
 from vitkit.data.datasets import batch_indices, epoch_permutation
@@ -513,17 +512,9 @@ def test_two_processes_read_disjoint_parts_of_each_epoch(
     script = tmp_path / "ranks.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-    ]
     here = str(Path(__file__).parents[1])  # the repository, where `tests` is a package
     done = subprocess.run(
-        [*torchrun, str(script), str(id_folder), str(id_shards), str(tmp_path), here],
+        [*torchrun(2), str(script), str(id_folder), str(id_shards), str(tmp_path), here],
         env=env,
         capture_output=True,
         text=True,
@@ -565,7 +556,7 @@ def test_two_processes_read_disjoint_parts_of_each_epoch(
     ]
     out = tmp_path / "ddp"
     done = subprocess.run(
-        [*torchrun, "-m", "vitkit", "train", *flags, "--out", str(out)],
+        [*torchrun(2), "-m", "vitkit", "train", *flags, "--out", str(out)],
         env=env,
         capture_output=True,
         text=True,

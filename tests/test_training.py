@@ -25,6 +25,7 @@ from tests.conftest import (
     interrupted_after_checkpoint,
     run_records,
     sigkill_after_checkpoint,
+    torchrun,
     train_config,
 )
 from vitkit import load_pretrained
@@ -465,15 +466,7 @@ def test_torchrun_two_processes_match_one(tiny_data: Path, tmp_path: Path) -> No
         "--no-random-resized-crop",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-    ]
-    run_ok([*torchrun, "-m", "vitkit", *args, "--out", str(tmp_path / "ddp")], env)
+    run_ok([*torchrun(2), "-m", "vitkit", *args, "--out", str(tmp_path / "ddp")], env)
     assert main([*args, "--out", str(tmp_path / "single")]) == 0
     ddp, single = (
         weights(tmp_path / "ddp/last.safetensors"),

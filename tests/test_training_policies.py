@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import interrupted_after_checkpoint, run_records
+from tests.conftest import interrupted_after_checkpoint, run_records, torchrun
 from tests.test_training import config, weights
 from vitkit import load_pretrained
 from vitkit.cli import main
@@ -444,12 +444,7 @@ def test_under_torchrun_every_rank_rolls_back_and_rank_0_logs_once(
 ) -> None:
     out = tmp_path / "run"
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
+        *torchrun(2),
         "--no-python",
         sys.executable,
         "-c",
