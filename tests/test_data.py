@@ -414,6 +414,31 @@ def test_hflip_mirrors_some_images_and_keeps_the_others() -> None:
     assert (same | mirrored).all() and same.any() and mirrored.any()
 
 
+def test_translate_shifts_each_image_by_at_most_the_padding() -> None:
+    """Each output is its input shifted by some (dy, dx) with |dy|, |dx| <= 2: the pixels the
+    shift keeps inside the frame match exactly; the shifts are not all the same."""
+    images = random_batch(count=16)
+    out, _ = BatchTransform((12, 12), 16, AugmentConfig(translate=2), seed=5)(
+        images, torch.arange(16), train=True
+    )
+    scaled = to_model_input(images)
+    shifts = []
+    for image, result in zip(scaled, out, strict=True):
+        found = [
+            (dy, dx)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if torch.allclose(
+                result[:, max(dy, 0) : 12 + min(dy, 0), max(dx, 0) : 12 + min(dx, 0)],
+                image[:, max(-dy, 0) : 12 + min(-dy, 0), max(-dx, 0) : 12 + min(-dx, 0)],
+                atol=1e-5,
+            )
+        ]
+        assert found, "an image is not a shift of its input by at most 2 pixels"
+        shifts.append(found[0])
+    assert len(set(shifts)) > 3
+
+
 def test_mixup_mixes_images_and_labels_with_the_same_lam() -> None:
     images = random_batch()
     out, targets = BatchTransform((12, 12), 8, AugmentConfig(mixup=1.0), seed=3)(

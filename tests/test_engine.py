@@ -248,6 +248,7 @@ def test_ctrl_c_says_where_to_resume(
     monkeypatch.setattr(loop_module, "clip_gradients", interrupt_at_step_5)
     out = tmp_path / "ctrl-c"
     args = ["train", "--data", str(tiny_data), "--epochs", "2", "--checkpoint-every", "2"]
+    args += ["--batch-size", "32"]  # steps enough for a fifth one in two epochs
     assert main([*args, "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (

@@ -84,6 +84,36 @@ def test_eval_top5_per_class_json_and_confusion_png(
     assert "matplotlib.pyplot" not in sys.modules
 
 
+def test_flip_tta_scores_the_mean_logits_of_each_image_and_its_mirror(
+    model: VisionTransformer, digits_npz: Path, tmp_path: Path
+) -> None:
+    """``vitkit eval --tta flip`` against logits averaged by hand over the images and their
+    columns reversed; the scores differ from plain evaluation (the model is not symmetric)."""
+    checkpoint = model.save_pretrained(tmp_path / "model")
+    reports = {}
+    for tta in ("none", "flip"):
+        out = tmp_path / f"{tta}.json"
+        argv = ["eval", str(checkpoint), "--data", str(digits_npz), "--json", str(out)]
+        assert main([*argv, "--tta", tta]) == 0
+        reports[tta] = json.loads(out.read_text())
+    data = np.load(digits_npz)
+    labels = torch.from_numpy(data["y_test"]).long()
+    images = torch.from_numpy(data["x_test"])[:, None]
+    mirrored = images[..., torch.arange(images.shape[-1] - 1, -1, -1)]
+    with torch.no_grad():
+        both = [
+            model(preprocess(x, (8, 8), 1, EvalPreprocessing.of(model.cfg)))
+            for x in (images, mirrored)
+        ]
+    mean = (both[0] + both[1]) / 2
+    accuracy = float((mean.argmax(1) == labels).double().mean())
+    loss = float(torch.nn.functional.cross_entropy(mean, labels))
+    assert reports["flip"]["accuracy"] == pytest.approx(accuracy)
+    assert reports["flip"]["loss"] == pytest.approx(loss, rel=1e-5)
+    assert reports["flip"]["loss"] != pytest.approx(reports["none"]["loss"], rel=1e-3)
+    assert reports["flip"]["tta"] == "flip" and reports["none"]["tta"] == "none"
+
+
 def test_eval_top_k_is_all_classes_when_fewer_than_five(tmp_path: Path) -> None:
     """Three classes: top-3, which every image passes."""
     torch.manual_seed(0)

@@ -36,7 +36,12 @@ def tiny_data(tiny_digits: Callable[[int, int], Path]) -> Path:
 
 
 def pretrain_config(**values: Any) -> TrainConfig:
-    return TrainConfig.from_dict({**PRETRAIN_DEFAULTS, "log_every": 1, **values})
+    """The preset with a test's values; batch 64 (the default before 2026-12-03) unless given,
+    and no label smoothing in an ``augment`` table that replaces the preset's."""
+    augment = {"label_smoothing": 0.0, **values.pop("augment", {})}
+    return TrainConfig.from_dict(
+        {**PRETRAIN_DEFAULTS, "log_every": 1, "batch_size": 64, **values, "augment": augment}
+    )
 
 
 def colour_entropy(images: torch.Tensor, patch: int) -> float:

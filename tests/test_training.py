@@ -30,6 +30,7 @@ from tests.conftest import (
 )
 from vitkit import load_pretrained
 from vitkit.cli import main
+from vitkit.cli.train import one_line_summary
 from vitkit.data import load_dataset
 from vitkit.data.sources import open_splits
 from vitkit.models import VisionTransformer, create_model
@@ -137,6 +138,28 @@ def test_test_accuracy_is_the_best_models_on_the_test_set(
     confusion = np.zeros((10, 10), dtype=np.int64)
     np.add.at(confusion, (labels, predicted), 1)
     assert summary["confusion_matrix"] == confusion.tolist()
+
+
+def test_a_run_with_flip_tta_scores_its_test_split_with_mirror_images(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """``--tta flip``: the summary's test accuracy is the best model's on the mean logits of
+    each test digit and its mirror image, recounted here."""
+    out = tmp_path / "tta"
+    summary = train(config(tiny_data, out, epochs=2, tta="flip"))
+    model = load_pretrained(out / "best.safetensors")
+    with np.load(tiny_data) as data:
+        images, labels = data["x_test"], data["y_test"]
+    scaled = [
+        (torch.from_numpy(a.copy()).float() - 127.5) / 127.5 for a in (images, images[..., ::-1])
+    ]
+    with torch.no_grad():
+        logits = model(scaled[0]) + model(scaled[1])
+    assert summary["test_accuracy"] == pytest.approx(
+        np.mean(logits.argmax(-1).numpy() == labels), abs=1e-12
+    )
+    assert summary["tta"] == "flip"
+    assert "(flip test-time augmentation)" in one_line_summary({**summary, "run_folder": out})
 
 
 def test_run_folder_holds_what_a_person_reads(trained_run: Path) -> None:
@@ -411,7 +434,7 @@ def test_help_shows_every_default(capsys: pytest.CaptureFixture) -> None:
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
     assert "MISSING" not in out
-    assert "(default: 0.001)" in out and "(default: [])" in out  # --lr, --lr-drops
+    assert "(default: 0.002)" in out and "(default: [])" in out  # --lr, --lr-drops
 
 
 def test_run_folders_are_never_overwritten(

@@ -113,6 +113,8 @@ def card_metadata(
     if base:
         metadata["base_model"] = base
     accuracy = summary.get("test_accuracy")
+    tta = summary.get("tta", "none")
+    accuracy_name = "test accuracy" + (f" ({tta} test-time augmentation)" if tta != "none" else "")
     if isinstance(accuracy, int | float) and source is not None:
         metadata["model-index"] = [
             {
@@ -125,9 +127,7 @@ def card_metadata(
                             "type": dataset or str(source),
                             "split": "test",
                         },
-                        "metrics": [
-                            {"type": "accuracy", "value": accuracy, "name": "test accuracy"}
-                        ],
+                        "metrics": [{"type": "accuracy", "value": accuracy, "name": accuracy_name}],
                     }
                 ],
             }
@@ -175,6 +175,11 @@ def model_card(cfg: Any, library: str, run: Path | None = None, repo: str | None
     if "model-index" in metadata:
         lines.append(
             f"- Test accuracy: {summary['test_accuracy']:.4f} on the test split of {source}"
+            + (
+                f", {summary['tta']} test-time augmentation"
+                if summary.get("tta", "none") != "none"
+                else ""
+            )
         )
     lines += ["", "## Usage", "", USAGE[library].format(repo=repo or "ORG/NAME")]
     if config:

@@ -13,6 +13,7 @@ from vitkit.data.streaming import StreamingFolderSource
 from vitkit.deploy import load_for_inference
 from vitkit.evaluation.inference import (
     PREDICTIONS_TOP_K,
+    TTA_CHOICES,
     class_names,
     evaluate,
     write_predictions,
@@ -48,6 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--precision", choices=PRECISIONS, default="fp32", help="bf16: bfloat16 autocast"
     )
     p.add_argument("--batch-size", type=int, default=512, help="(default: 512)")
+    p.add_argument(
+        "--tta",
+        choices=TTA_CHOICES,
+        default="none",
+        help="test-time augmentation: 'flip' averages the logits of each image and its mirror "
+        "image (as a run trained with --tta flip scored its test split)",
+    )
     p.add_argument(
         "--predictions",
         type=Path,
@@ -97,12 +105,13 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     top_k = PREDICTIONS_TOP_K if args.predictions else 0
-    result = evaluate(model, source, args.batch_size, args.precision, top_k=top_k)
+    result = evaluate(model, source, args.batch_size, args.precision, top_k=top_k, tta=args.tta)
     if args.predictions:
         first = "path" if isinstance(source, StreamingFolderSource) else "index"
         write_predictions(args.predictions, result, class_names(model), classes, first)
     print(
-        f"{args.checkpoint} on {args.data} ({args.split}): accuracy {result.accuracy:.4f} "
+        f"{args.checkpoint} on {args.data} ({args.split}"
+        f"{', flip test-time augmentation' if args.tta == 'flip' else ''}): accuracy {result.accuracy:.4f} "
         f"({result.correct}/{result.count}), top-{result.top_k} accuracy "
         f"{result.top_k_accuracy:.4f} ({result.top_k_correct}/{result.count}), "
         f"loss {result.loss:.4f}"
@@ -125,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
             checkpoint=str(args.checkpoint),
             data=str(args.data),
             split=args.split,
+            tta=args.tta,
             count=result.count,
             accuracy=result.accuracy,
             top_k=result.top_k,

@@ -248,6 +248,8 @@ def one_line_summary(summary: dict[str, Any]) -> str:
         for key, value in summary.items()
         if key.startswith("test_") and isinstance(value, float)
     )
+    if summary.get("tta", "none") != "none":
+        metrics += f" ({summary['tta']} test-time augmentation)"
     minutes, seconds = divmod(round(summary["wall_seconds"]), 60)
     took = f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
     return (

@@ -52,6 +52,11 @@ class AugmentConfig(ConfigMixin):
         (3 / 4, 4 / 3), "MIN MAX aspect ratio (width / height) of the random-resized crop"
     )
     hflip: bool = _augmentation(False, "random horizontal flips")
+    translate: int = _augmentation(
+        0,
+        "random translation by up to this many pixels each way, after the crop (reflect-pad, "
+        "then crop back: CIFAR's classic pad-and-crop); 0 = off",
+    )
     randaugment: tuple[int, int] | None = _augmentation(
         None, "RandAugment NUM_OPS MAGNITUDE (magnitude on kornia's 0..30 scale)"
     )
@@ -82,6 +87,10 @@ class AugmentConfig(ConfigMixin):
                 raise ValueError(
                     f"{name} is a Beta alpha >= 0 (0 = off), got {getattr(self, name)}"
                 )
+        if self.translate < 0:
+            raise ValueError(
+                f"translate is a number of pixels >= 0 (0 = off), got {self.translate}"
+            )
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -114,8 +123,8 @@ class BatchTransform(nn.Module):
     """``forward(uint8 images (B, C, H, W), labels (B,), train, cropped)`` -> (float images
     (B, channels, *img_size) in [-1, 1], soft targets (B, num_classes)).
 
-    Training: random-resized crop (else a resize) to ``img_size``, flip, RandAugment, then
-    mixup / cutmix with label smoothing, as ``augment`` enables them; ``cropped`` images
+    Training: random-resized crop (else a resize) to ``img_size``, translation, flip,
+    RandAugment, then mixup / cutmix with label smoothing, as ``augment`` enables them; ``cropped`` images
     (a streamed source crops each one from its original, ``Batch.cropped``) skip the crop,
     not the rest. Evaluation
     (``train=False``): ``preprocess`` by the evaluation ``preprocessing`` (default: squash to
@@ -144,6 +153,11 @@ class BatchTransform(nn.Module):
         self.crop = (
             K.RandomResizedCrop(self.img_size, scale=augment.crop_scale, ratio=augment.crop_ratio)
             if augment.random_resized_crop
+            else None
+        )
+        self.translate = (
+            K.RandomCrop(self.img_size, padding=augment.translate, padding_mode="reflect")
+            if augment.translate
             else None
         )
         self.flip = K.RandomHorizontalFlip() if augment.hflip else None
@@ -190,6 +204,8 @@ class BatchTransform(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         crop = self.crop if self.crop is not None and not cropped else None
         images = crop(images) if crop is not None else resize(images, self.img_size)
+        if self.translate is not None:
+            images = self.translate(images)
         if self.flip is not None:
             images = self.flip(images)
         if self.randaugment is not None:

@@ -200,7 +200,14 @@ class Classification(Task):
         self, model: PretrainedModel, source: DataSource, process: Process
     ) -> dict[str, Any]:
         cfg = self.cfg
-        result = evaluate(model, source, cfg.evaluators.batch_size, cfg.run.precision, process)
+        result = evaluate(
+            model,
+            source,
+            cfg.evaluators.batch_size,
+            cfg.run.precision,
+            process,
+            tta=cfg.evaluators.tta,
+        )
         return {"loss": result.loss, "accuracy": result.accuracy, "confusion": result.confusion}
 
     def summary(self, test: dict[str, Any], best: float | None) -> dict[str, Any]:
@@ -209,6 +216,7 @@ class Classification(Task):
             "test_loss": test["loss"],
             "best_val_accuracy": best,
             "confusion_matrix": test["confusion"].tolist(),
+            "tta": self.cfg.evaluators.tta,  # how the val and test images were scored
         }
 
 
