@@ -376,6 +376,31 @@ def test_photos_train_a_photo_model_and_the_log_says_why(
     assert saved["model"]["name"] == "vit_micro"
 
 
+@pytest.mark.parametrize(("accum", "batch"), [(1, 8), (3, 6)])
+def test_a_folder_smaller_than_the_default_batch_trains_with_all_its_images(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    accum: int,
+    batch: int,
+) -> None:
+    photos = photo_folder(tmp_path / "photos")  # 10 images, 8 of them for training
+    args = ["train", "--data", str(photos), "--model", "vit_micro", "--steps", "1"]
+    with caplog.at_level(logging.INFO):
+        code = main([*args, "--accum-steps", str(accum), "--out", str(tmp_path / "run")])
+    assert code == 0
+    # The largest batch of whole micro-batches that 8 images fill: 8, or 2 x 3 with 3 steps.
+    assert json.loads((tmp_path / "run/config.json").read_text())["optim"]["batch_size"] == batch
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("batch size")]
+    assert said == [
+        f"batch size {batch}: the default 128 is more than the 8 training images "
+        "(--batch-size sets another)"
+    ]
+    # A batch given explicitly is kept, and refused when the images cannot fill it.
+    assert main([*args, "--batch-size", "9", "--out", str(tmp_path / "explicit")]) == 2
+    assert "batch_size 9 is larger than the 8 training images" in capsys.readouterr().err
+
+
 def test_shards_without_a_model_are_refused_with_the_choices(tmp_path: Path) -> None:
     assert main(["data", "pack", str(npz_of(tmp_path / "d.npz", (8, 8))), str(tmp_path / "s")]) == 0
     with pytest.raises(

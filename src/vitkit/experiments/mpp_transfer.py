@@ -35,6 +35,7 @@ from vitkit.data import ImageDataset, load_dataset
 from vitkit.evaluation import extract_features, fewshot_indices, fewshot_protocol
 from vitkit.models import create_model
 from vitkit.training import TrainConfig, resolve_config, train
+from vitkit.training.config import DEFAULT_BATCH_SIZE
 from vitkit.utils.config import merge_tables
 from vitkit.utils.files import atomic_write
 
@@ -96,7 +97,7 @@ class MppTransferStudy:
 def time_boxed(values: dict[str, Any], minutes: float, train_size: int) -> dict[str, Any]:
     """``values`` (nested) trained for ``minutes`` in training steps (``max_minutes``), with the
     batch size cut to the data when it is smaller."""
-    batch = values.get("optim", {}).get("batch_size", TrainConfig().optim.batch_size)
+    batch = values.get("optim", {}).get("batch_size", DEFAULT_BATCH_SIZE)
     length = {
         "max_minutes": minutes,
         "epochs": TIME_BOXED_EPOCHS,

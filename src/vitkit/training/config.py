@@ -51,6 +51,9 @@ from vitkit.utils.remote import is_remote
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_BATCH_SIZE = 128
+"""The batch of a run that sets none, unless the training images are fewer."""
+
 
 def option(
     default: Any = dataclasses.MISSING,
@@ -333,8 +336,11 @@ class OptimConfig(Section):
         "warmed up as timm's), evaluated beside them (split '<evaluator>_ema'); "
         "best.safetensors holds whichever scores better; 0 = off",
     )
-    batch_size: int = option(
-        128, "global batch size (all processes, all accumulation steps together)"
+    batch_size: int | None = option(
+        None,
+        f"global batch size (all processes, all accumulation steps together); unset = "
+        f"{DEFAULT_BATCH_SIZE}, or the training images when fewer (the run's config.json "
+        "keeps the size used)",
     )
     accum_steps: int = option(
         1, "gradient accumulation: micro-batches per optimizer step (same global batch)"
@@ -357,8 +363,31 @@ class OptimConfig(Section):
         super().__post_init__()
 
     @property
+    def global_batch_size(self) -> int:
+        """The batch size of the run, fixed at its start (``resolve_batch_size``)."""
+        if self.batch_size is None:
+            raise RuntimeError("batch_size is unset: resolve_batch_size() fixes it from the data")
+        return self.batch_size
+
+    @property
     def micro_batch_size(self) -> int:
-        return self.batch_size // self.accum_steps
+        return self.global_batch_size // self.accum_steps
+
+    def resolve_batch_size(self, train_images: int, processes: int) -> tuple[int, bool]:
+        """The batch size of a run on ``train_images`` over ``processes``: the one given, else
+        the default cut to the largest multiple of ``accum_steps x processes`` that the
+        training images fill; and whether it was cut. Raises when no batch fits."""
+        if self.batch_size is not None:
+            return self.batch_size, False
+        unit = self.accum_steps * processes
+        batch = min(DEFAULT_BATCH_SIZE, train_images) // unit * unit
+        if batch < 1:
+            raise ValueError(
+                f"{train_images} training images cannot fill one batch of {unit} "
+                f"({self.accum_steps} accumulation steps x {processes} processes): add images "
+                "or lower --accum-steps or the number of processes"
+            )
+        return batch, batch < DEFAULT_BATCH_SIZE
 
     def problems(self) -> list[str]:
         problems = []
@@ -374,11 +403,11 @@ class OptimConfig(Section):
             problems.append("grad_clip must be >= 0 (0 = off)")
         if not 0.0 <= self.ema < 1.0:
             problems.append("ema must be in [0, 1) (0 = off; e.g. 0.9998)")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             problems.append("batch_size must be at least 1")
         if self.accum_steps < 1:
             problems.append("accum_steps must be at least 1")
-        elif self.batch_size % self.accum_steps:
+        elif self.batch_size is not None and self.batch_size % self.accum_steps:
             problems.append(
                 f"batch_size {self.batch_size} must be divisible by accum_steps {self.accum_steps}"
             )

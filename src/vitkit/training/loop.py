@@ -32,7 +32,7 @@ from vitkit.evaluation.inference import autocast
 from vitkit.models.preprocessing import EvalPreprocessing
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.training import distributed, parallel
-from vitkit.training.config import EvaluatorsConfig, TrainConfig
+from vitkit.training.config import DEFAULT_BATCH_SIZE, EvaluatorsConfig, TrainConfig
 from vitkit.training.distributed import Process
 from vitkit.training.ema import WeightAverage
 from vitkit.training.evaluators import (
@@ -187,6 +187,7 @@ def _train(
             f"task needs them. Put each class's images in a folder of its own "
             f"({cfg.data.source}/<class>/<image>), or pre-train on it: `vitkit pretrain --data {cfg.data.source}`"
         )
+    cfg = with_batch_size(cfg, splits.train, process)
     check_batch_sizes(cfg, splits.train, process)
     on_gpu = process.device.type == "cuda"
     if cfg.run.precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
@@ -290,7 +291,7 @@ class Session:
     ) -> Session:
         """The model, optimizer and schedule, restored from the run's latest checkpoint when
         ``resuming``."""
-        steps_per_epoch = len(splits.train) // cfg.optim.batch_size
+        steps_per_epoch = len(splits.train) // cfg.optim.global_batch_size
         total_steps = cfg.schedule.steps or cfg.schedule.epochs * steps_per_epoch
         torch.manual_seed(cfg.run.seed)
         model = task.build_model(splits.train.info).to(process.device)
@@ -525,7 +526,7 @@ class Session:
             return False
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.train_images += cfg.optim.batch_size
+        state.train_images += cfg.optim.global_batch_size
         self.time_up = self.fit_to_budget()  # before the schedule steps: the next LR follows it
         self.scheduler.step()
         return True
@@ -781,6 +782,21 @@ def describe_splits(splits: Splits) -> str:
     return " / ".join(f"{len(s) if s is not None else 0} {name}" for name, s in sizes) + " images"
 
 
+def with_batch_size(cfg: TrainConfig, train: DataSource, process: Process) -> TrainConfig:
+    """``cfg`` with its batch size fixed (``OptimConfig.resolve_batch_size``), said in one
+    line when the default was cut to the data."""
+    batch, cut = cfg.optim.resolve_batch_size(len(train), process.world_size)
+    if cut and process.is_main:
+        logger.info(
+            "batch size %d: the default %d is more than the %d training images "
+            "(--batch-size sets another)",
+            batch,
+            DEFAULT_BATCH_SIZE,
+            len(train),
+        )
+    return cfg.replace(optim={"batch_size": batch})
+
+
 def check_batch_sizes(cfg: TrainConfig, train: DataSource, process: Process) -> int:
     """The micro-batch of one process, after checking that the sizes fit the data."""
     rank_batch, remainder = divmod(cfg.optim.micro_batch_size, process.world_size)
@@ -790,9 +806,9 @@ def check_batch_sizes(cfg: TrainConfig, train: DataSource, process: Process) -> 
             f"{cfg.optim.micro_batch_size} images per micro-batch cannot be split over "
             f"{process.world_size} processes: make it a multiple of {process.world_size}"
         )
-    if len(train) < cfg.optim.batch_size:
+    if len(train) < cfg.optim.global_batch_size:
         raise ValueError(
-            f"batch_size {cfg.optim.batch_size} is larger than the {len(train)} training images: "
+            f"batch_size {cfg.optim.global_batch_size} is larger than the {len(train)} training images: "
             "lower --batch-size"
         )
     return rank_batch

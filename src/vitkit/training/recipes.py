@@ -118,7 +118,9 @@ def bit_config(cfg: TrainConfig, keep: Collection[str] = ()) -> TrainConfig:
     schedule = {("name" if k == "schedule" else k): v for k, v in schedule.items() if k not in keep}
     resolved = cfg.replace(
         schedule=schedule,
-        optim={} if "lr" in keep else {"lr": BIT_LR * cfg.optim.batch_size / BIT_BATCH},
+        optim={}
+        if "lr" in keep
+        else {"lr": BIT_LR * (cfg.optim.batch_size or BIT_BATCH) / BIT_BATCH},
         augment={k: v for k, v in augment.items() if k not in keep},
     )
     logger.info(
@@ -131,7 +133,7 @@ def bit_config(cfg: TrainConfig, keep: Collection[str] = ()) -> TrainConfig:
         resolved.schedule.warmup_steps,
         resolved.schedule.lr_drops,
         resolved.optim.lr,
-        resolved.optim.batch_size,
+        resolved.optim.batch_size or BIT_BATCH,
         resolved.augment.mixup,
         rule.resize,
         rule.crop,
