@@ -318,9 +318,10 @@ class DataConfig(Section):
 class OptimConfig(Section):
     """``[optim]``: the optimizer, its batch and its gradient handling."""
 
-    name: Literal["adam", "sgd"] = option(
+    name: Literal["adam", "sgd", "muon"] = option(
         "adam",
-        "'adam' (decoupled weight decay, the paper's pre-training) or 'sgd' (momentum)",
+        "'adam' (decoupled weight decay, the paper's pre-training), 'sgd' (momentum) or "
+        "'muon' (Muon for the blocks' weight matrices at Adam's RMS, AdamW for the rest)",
         flag="optimizer",
     )
     lr: float = option(2e-3, "peak learning rate, reached after the warm-up")

@@ -7,6 +7,13 @@ the schedule of BiT-HyperRule, ``training/recipes.py``). Weight decay applies to
 official code's default (``.*/kernel``), not to biases, norms, position embeddings or the
 class token.
 
+Muon (``--optimizer muon``): the weight matrices of the encoder blocks step by Muon (momentum
+orthogonalised by Newton-Schulz, ``torch.optim.Muon``), every other parameter (patch
+embedding, position embedding, class token, head, norms, biases) by AdamW, as Muon's authors
+use it. One learning rate and weight decay serve both: Muon's step is scaled to the RMS of an
+AdamW step (``adjust_lr_fn="match_rms_adamw"``, Moonshot AI's rule, "Muon is Scalable for LLM
+Training", 2025), so a rate tuned for Adam carries over.
+
 Fine-tuning options: layer-wise learning-rate decay (``--layer-decay``, BEiT's and MAE's, as
 timm numbers a ViT's layers: the embeddings are layer 0, block i is layer i + 1, the final
 norm and the head the last, and layer l learns at ``RATE ** (last - l)`` times the scheduled
@@ -36,28 +43,94 @@ def decayed_parameter_names(model: nn.Module) -> set[str]:
     }
 
 
+MUON_MOMENTUM = 0.95
+"""Muon's momentum, its authors' and torch's default."""
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer of the parameters of ``model`` that require gradients: one group per
     learning-rate scale (``lr_scales``; the largest first, so the first group's rate is the
-    scheduled one) and per weight decay (decayed kernels first). Without layer decay, the
-    two groups of the weight decay split."""
+    scheduled one), per weight decay (decayed kernels first) and, for Muon, per optimizer
+    (Muon's matrices first). Without layer decay, the two groups of the weight decay split."""
     decayed = decayed_parameter_names(model)
     scales = lr_scales(model, cfg.optim.layer_decay)
-    grouped: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    matrices = muon_parameter_names(model) if cfg.optim.name == "muon" else set()
+    grouped: dict[tuple[float, bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            grouped.setdefault((-scales.get(name, 1.0), name not in decayed), []).append(p)
+            key = (-scales.get(name, 1.0), name not in decayed, name not in matrices)
+            grouped.setdefault(key, []).append(p)
     groups = [
         {
             "params": params,
             "weight_decay": 0.0 if undecayed else cfg.optim.weight_decay,
             "lr": -negative_scale * cfg.optim.lr,
+            **({"muon": not adamw} if cfg.optim.name == "muon" else {}),
         }
-        for (negative_scale, undecayed), params in sorted(grouped.items(), key=lambda kv: kv[0])
+        for (negative_scale, undecayed, adamw), params in sorted(grouped.items())
     ]
     if cfg.optim.name == "adam":
         return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
+    if cfg.optim.name == "muon":
+        return MuonWithAdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
     return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+
+
+def muon_parameter_names(module: nn.Module) -> set[str]:
+    """The parameters of the model inside ``module`` that Muon steps: the weight matrices of
+    its encoder blocks (attention and MLP kernels; not the embeddings or the head, which see
+    one token or one class at a time, nor a block's other tensors)."""
+    prefix, model = find_model(module)
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(
+            f"--optimizer muon steps the weight matrices of a ViT's blocks; "
+            f"{type(model).__name__} has none: use --optimizer adam or sgd"
+        )
+    kernels = decayed_parameter_names(model)
+    return {
+        prefix + name
+        for name, p in model.named_parameters()
+        if name.startswith("blocks.") and name in kernels and p.ndim == 2
+    }
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon for the groups marked ``"muon": True``, AdamW for the others (the module
+    docstring): one optimizer to the schedule, the gradient scaler and the checkpoints, whose
+    two inner optimizers step the same group dicts and keep their buffers in its state."""
+
+    def __init__(self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float]) -> None:
+        matrices = [g for g in groups if g["muon"]]
+        others = [g for g in groups if not g["muon"]]
+        # Each fills its defaults into its own groups (the same dicts as below).
+        self._muon = torch.optim.Muon(
+            matrices or [{"params": []}],
+            lr=lr,
+            momentum=MUON_MOMENTUM,
+            adjust_lr_fn="match_rms_adamw",
+        )
+        self._adamw = torch.optim.AdamW(others or [{"params": []}], lr=lr, betas=betas)
+        super().__init__(groups, {"lr": lr})
+        self._link()
+
+    def _link(self) -> None:
+        self._muon.param_groups = [g for g in self.param_groups if g["muon"]]
+        self._adamw.param_groups = [g for g in self.param_groups if not g["muon"]]
+        self._muon.state = self._adamw.state = self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._link()  # loading replaced the group dicts and the state
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._muon.step()
+        self._adamw.step()
+        return loss
 
 
 def find_model(module: nn.Module) -> tuple[str, PretrainedModel]:

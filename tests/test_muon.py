@@ -1,0 +1,149 @@
+"""``--optimizer muon``: Muon for the weight matrices of the encoder blocks, AdamW for the rest.
+
+The reference is torch's own pair, built apart by hand on a copy of the model:
+``torch.optim.Muon`` (momentum 0.95, ``adjust_lr_fn="match_rms_adamw"``) over the blocks'
+attention and MLP kernels, ``torch.optim.AdamW`` over every other parameter, weight decay on
+the kernels only.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from tests.conftest import interrupted_after_checkpoint, perturbed, train_config
+from vitkit.models import create_model
+from vitkit.training import TrainConfig, TrainingInterrupted, train
+from vitkit.training.optim import build_optimizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# vit_micro has 2 blocks; each has four kernels.
+BLOCK_KERNELS = {
+    f"blocks.{i}.{layer}.weight"
+    for i in range(2)
+    for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+}
+# The other kernels (weight decay, AdamW): the patch embedding's convolution and the head.
+OTHER_KERNELS = {"patch_embed.proj.weight", "head.weight"}
+
+TINY = dict(
+    steps=6,
+    batch_size=32,
+    lr=3e-3,
+    warmup_steps=2,
+    log_every=1,
+    checkpoint_every=2,
+    optimizer="muon",
+    augment=dict(random_resized_crop=False),
+)
+config = partial(train_config, TINY)
+
+
+def muon_config(**optim: object) -> TrainConfig:
+    return TrainConfig().replace(optim=dict(name="muon", **optim))
+
+
+def test_muon_steps_the_blocks_kernels_and_adamw_the_rest() -> None:
+    model = create_model("vit_micro", num_classes=10)
+    optimizer = build_optimizer(model, muon_config())
+    muon_params = {id(p) for g in optimizer.param_groups if g["muon"] for p in g["params"]}
+    assert {n for n, p in model.named_parameters() if id(p) in muon_params} == BLOCK_KERNELS
+    # Muon's groups come first: the first group's rate is the scheduled one.
+    assert [g["muon"] for g in optimizer.param_groups] == [True, False, False]
+
+
+def test_a_step_is_torchs_muon_and_adamw_side_by_side() -> None:
+    torch.manual_seed(0)
+    model = perturbed(create_model("vit_micro", num_classes=10))
+    reference, initial = copy.deepcopy(model), copy.deepcopy(model)
+    optimizer = build_optimizer(model, muon_config(lr=0.01, weight_decay=0.1))
+    params = dict(reference.named_parameters())
+    by_hand = [
+        torch.optim.Muon(
+            [params[n] for n in sorted(BLOCK_KERNELS)],
+            lr=0.01,
+            weight_decay=0.1,
+            momentum=0.95,
+            adjust_lr_fn="match_rms_adamw",
+        ),
+        torch.optim.AdamW(
+            [
+                {"params": [params[n] for n in sorted(OTHER_KERNELS)], "weight_decay": 0.1},
+                {
+                    "params": [p for n, p in params.items() if n not in BLOCK_KERNELS | OTHER_KERNELS],
+                    "weight_decay": 0.0,
+                },
+            ],
+            lr=0.01,
+        ),
+    ]
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    for _ in range(3):
+        for net, optimizers in ((model, [optimizer]), (reference, by_hand)):
+            F.cross_entropy(net(images), labels).backward()
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad()
+    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(ours, theirs), name
+    for ours, before in zip(model.parameters(), initial.parameters(), strict=True):
+        assert not torch.equal(ours, before)  # every parameter moved
+
+
+def test_the_state_dict_carries_both_optimizers() -> None:
+    torch.manual_seed(0)
+    model = perturbed(create_model("vit_micro", num_classes=10))
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+
+    def step(net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+        F.cross_entropy(net(images), labels).backward()
+        opt.step()
+        opt.zero_grad()
+
+    optimizer = build_optimizer(model, muon_config())
+    step(model, optimizer)
+    copied = copy.deepcopy(model)
+    reloaded = build_optimizer(copied, muon_config())
+    reloaded.load_state_dict(optimizer.state_dict())
+    # Each of the 14 matrices and vectors stepped keeps its buffers: Muon's momentum, Adam's
+    # two moments and step.
+    assert {len(s) for s in reloaded.state.values()} == {1, 3}
+    for group in reloaded.param_groups:  # the schedule's rate reaches the inner optimizers
+        group["lr"] *= 0.5
+    for group in optimizer.param_groups:
+        group["lr"] *= 0.5
+    step(model, optimizer)
+    step(copied, reloaded)
+    for ours, theirs in zip(model.parameters(), copied.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_digits: Callable[[int, int], Path]) -> Path:
+    return tiny_digits(128, 32)
+
+
+def test_a_muon_run_resumes_to_the_same_weights(tiny_data: Path, tmp_path: Path) -> None:
+    train(config(tiny_data, tmp_path / "whole"))
+    with interrupted_after_checkpoint(2), pytest.raises(TrainingInterrupted):
+        train(config(tiny_data, tmp_path / "cut"))
+    train(resume=tmp_path / "cut")
+    whole = load_file(str(tmp_path / "whole/last.safetensors"))
+    resumed = load_file(str(tmp_path / "cut/last.safetensors"))
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+
+
+def test_muon_needs_a_vit_and_whole_matrices(tiny_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="steps the weight matrices of a ViT's blocks"):
+        build_optimizer(create_model("resnetv2_digits"), muon_config())
+    with pytest.raises(ValueError, match="FSDP shards: use --parallel ddp"):
+        train(config(tiny_data, tmp_path / "run", parallel="fsdp"))
