@@ -355,14 +355,20 @@ def test_flat_python_use_warns_once_per_call() -> None:
 
 
 # Settings a recipe changed since its flat copy was written: the digits recipe follows the new
-# defaults of the main job; mnist states the label smoothing it relied on (docs/configuration.md,
-# "Defaults that changed").
+# defaults of the main job; the others state the optimizer (Adam) and mnist the label smoothing
+# they relied on (docs/configuration.md, "Defaults that changed").
+ADAM = {"optim": {"name": "adam"}}
 CHANGED_SINCE: dict[str, dict[str, Any]] = {
     "digits": {
-        "optim": {"batch_size": 128, "lr": 2e-3},
+        "optim": {"name": "muon", "batch_size": 128, "lr": 4e-3},
+        "schedule": {"epochs": 100},
         "augment": {"crop_scale": (0.8, 1.0), "label_smoothing": 0.1},
     },
-    "mnist": {"augment": {"label_smoothing": 0.0}},
+    "mnist": {**ADAM, "augment": {"label_smoothing": 0.0}},
+    "cifar10": ADAM,
+    "cifar10_hybrid": ADAM,
+    "cifar10_hybrid_bf16": ADAM,
+    "cifar10_scaling": ADAM,
 }
 
 

@@ -9,6 +9,7 @@ the kernels only.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -142,8 +143,17 @@ def test_a_muon_run_resumes_to_the_same_weights(tiny_data: Path, tmp_path: Path)
         assert torch.equal(whole[name], resumed[name]), name
 
 
-def test_muon_needs_a_vit_and_whole_matrices(tiny_data: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="steps the weight matrices of a ViT's blocks"):
-        build_optimizer(create_model("resnetv2_digits"), muon_config())
+def test_a_model_without_blocks_is_stepped_by_adamw_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = create_model("resnetv2_digits")
+    with caplog.at_level(logging.WARNING):
+        optimizer = build_optimizer(model, muon_config())
+    assert not any(g["muon"] for g in optimizer.param_groups)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    assert "ResNetV2 has none: AdamW steps all its parameters" in caplog.text
+
+
+def test_muon_needs_whole_matrices(tiny_data: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="FSDP shards: use --parallel ddp"):
         train(config(tiny_data, tmp_path / "run", parallel="fsdp"))

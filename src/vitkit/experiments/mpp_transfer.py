@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 # The supervised recipe of benchmarks/recipes/cifar10.toml, without its data and epochs.
 SUPERVISED: dict[str, Any] = {
-    "optim": {"batch_size": 128, "lr": 1e-3},
+    "optim": {"name": "adam", "batch_size": 128, "lr": 1e-3},
     "augment": {
         "random_resized_crop": True,
         "crop_scale": (0.5, 1.0),

@@ -319,12 +319,12 @@ class OptimConfig(Section):
     """``[optim]``: the optimizer, its batch and its gradient handling."""
 
     name: Literal["adam", "sgd", "muon"] = option(
-        "adam",
+        "muon",
         "'adam' (decoupled weight decay, the paper's pre-training), 'sgd' (momentum) or "
         "'muon' (Muon for the blocks' weight matrices at Adam's RMS, AdamW for the rest)",
         flag="optimizer",
     )
-    lr: float = option(2e-3, "peak learning rate, reached after the warm-up")
+    lr: float = option(4e-3, "peak learning rate, reached after the warm-up")
     betas: tuple[float, float] = option((0.9, 0.999), "Adam's beta1 beta2")
     momentum: float = option(0.9, "SGD momentum")
     weight_decay: float = option(
@@ -433,7 +433,7 @@ class ScheduleConfig(Section):
         "or BiT's staircase ('bit': divided by 10 at each of lr_drops)",
         flag="schedule",
     )
-    epochs: int = option(150, "passes over the training data")
+    epochs: int = option(100, "passes over the training data")
     steps: int = option(
         0, "length of the run in optimizer steps, overriding epochs; 0 = epochs x steps per epoch"
     )

@@ -22,6 +22,7 @@ rate) and frozen parameters (``--freeze``: no gradient, no optimizer state).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any, cast
@@ -32,6 +33,8 @@ from torch import nn
 from vitkit.models import VisionTransformer
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 
 def decayed_parameter_names(model: nn.Module) -> set[str]:
@@ -82,10 +85,12 @@ def muon_parameter_names(module: nn.Module) -> set[str]:
     one token or one class at a time, nor a block's other tensors)."""
     prefix, model = find_model(module)
     if not isinstance(model, VisionTransformer):
-        raise ValueError(
-            f"--optimizer muon steps the weight matrices of a ViT's blocks; "
-            f"{type(model).__name__} has none: use --optimizer adam or sgd"
+        logger.warning(
+            "--optimizer muon steps the weight matrices of a ViT's blocks; %s has none: AdamW "
+            "steps all its parameters",
+            type(model).__name__,
         )
+        return set()
     kernels = decayed_parameter_names(model)
     return {
         prefix + name
