@@ -111,7 +111,9 @@ def test_layer_decay_gives_the_hybrids_resnet_the_embeddings_rate() -> None:
 def test_without_layer_decay_the_two_groups_of_before() -> None:
     model = create_model("vit_micro", num_classes=10)
     for rate in (None, 1.0):
-        optimizer = build_optimizer(model, TrainConfig().replace(optim=dict(name="adam", layer_decay=rate)))
+        optimizer = build_optimizer(
+            model, TrainConfig().replace(optim=dict(name="adam", layer_decay=rate))
+        )
         assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
 
 

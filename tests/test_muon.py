@@ -79,7 +79,9 @@ def test_a_step_is_torchs_muon_and_adamw_side_by_side() -> None:
             [
                 {"params": [params[n] for n in sorted(OTHER_KERNELS)], "weight_decay": 0.1},
                 {
-                    "params": [p for n, p in params.items() if n not in BLOCK_KERNELS | OTHER_KERNELS],
+                    "params": [
+                        p for n, p in params.items() if n not in BLOCK_KERNELS | OTHER_KERNELS
+                    ],
                     "weight_decay": 0.0,
                 },
             ],
@@ -113,7 +115,7 @@ def test_the_state_dict_carries_both_optimizers() -> None:
     step(model, optimizer)
     copied = copy.deepcopy(model)
     reloaded = build_optimizer(copied, muon_config())
-    reloaded.load_state_dict(optimizer.state_dict())
+    reloaded.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # as from a file
     # Each of the 14 matrices and vectors stepped keeps its buffers: Muon's momentum, Adam's
     # two moments and step.
     assert {len(s) for s in reloaded.state.values()} == {1, 3}
@@ -154,6 +156,10 @@ def test_a_model_without_blocks_is_stepped_by_adamw_alone(
     assert "ResNetV2 has none: AdamW steps all its parameters" in caplog.text
 
 
-def test_muon_needs_whole_matrices(tiny_data: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="FSDP shards: use --parallel ddp"):
-        train(config(tiny_data, tmp_path / "run", parallel="fsdp"))
+def test_under_fsdp_adamw_steps_every_parameter(caplog: pytest.LogCaptureFixture) -> None:
+    model = create_model("vit_micro", num_classes=10)
+    cfg = muon_config().replace(run=dict(parallel="fsdp"))
+    with caplog.at_level(logging.WARNING):
+        optimizer = build_optimizer(model, cfg)
+    assert not any(g["muon"] for g in optimizer.param_groups)
+    assert "--parallel fsdp shards: AdamW steps all the parameters" in caplog.text

@@ -434,7 +434,7 @@ def test_help_shows_every_default(capsys: pytest.CaptureFixture) -> None:
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
     assert "MISSING" not in out
-    assert "(default: 0.002)" in out and "(default: [])" in out  # --lr, --lr-drops
+    assert "(default: 0.004)" in out and "(default: [])" in out  # --lr, --lr-drops
 
 
 def test_run_folders_are_never_overwritten(

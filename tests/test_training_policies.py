@@ -235,7 +235,8 @@ def test_best_holds_the_model_and_old_bests_still_load(
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert sum(tensor_bytes(out / "best.safetensors").values()) == weight_bytes
     assert (out / "best.safetensors").stat().st_size < 1.1 * weight_bytes + 20_000
-    assert (out / "last.safetensors").stat().st_size > 2.5 * weight_bytes  # + Adam's moments
+    # + the optimizer's buffers: at least one per weight (Muon's momentum, Adam's two moments)
+    assert (out / "last.safetensors").stat().st_size > 2 * weight_bytes
 
     # A run folder of the previous version: best.safetensors carried the training state.
     old = tmp_path / "old"

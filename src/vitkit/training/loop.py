@@ -198,11 +198,6 @@ def _train(
         raise ValueError("--precision fp16 does not work with --parallel fsdp: use bf16")
     if cfg.run.compile:
         parallel.check_compiler(process.device)
-    if cfg.optim.name == "muon" and cfg.run.parallel == "fsdp":
-        raise ValueError(
-            "--optimizer muon orthogonalises whole weight matrices, which FSDP shards: use "
-            "--parallel ddp"
-        )
     if cfg.optim.ema and cfg.run.parallel == "fsdp":
         raise ValueError("--ema keeps a whole copy of the weights: use --parallel ddp, not fsdp")
     evaluators = build_evaluators(EvalContext(cfg, task, splits))

@@ -57,7 +57,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     (Muon's matrices first). Without layer decay, the two groups of the weight decay split."""
     decayed = decayed_parameter_names(model)
     scales = lr_scales(model, cfg.optim.layer_decay)
-    matrices = muon_parameter_names(model) if cfg.optim.name == "muon" else set()
+    matrices = muon_parameter_names(model, cfg.run.parallel) if cfg.optim.name == "muon" else set()
     grouped: dict[tuple[float, bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -79,11 +79,19 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
 
 
-def muon_parameter_names(module: nn.Module) -> set[str]:
+def muon_parameter_names(module: nn.Module, parallel: str = "ddp") -> set[str]:
     """The parameters of the model inside ``module`` that Muon steps: the weight matrices of
     its encoder blocks (attention and MLP kernels; not the embeddings or the head, which see
-    one token or one class at a time, nor a block's other tensors)."""
+    one token or one class at a time, nor a block's other tensors). None under FSDP, which
+    shards the matrices that Muon orthogonalises whole, nor in a model without blocks: AdamW
+    steps everything then, said in the log."""
     prefix, model = find_model(module)
+    if parallel == "fsdp":
+        logger.warning(
+            "--optimizer muon orthogonalises whole weight matrices, which --parallel fsdp "
+            "shards: AdamW steps all the parameters (--parallel ddp keeps Muon)"
+        )
+        return set()
     if not isinstance(model, VisionTransformer):
         logger.warning(
             "--optimizer muon steps the weight matrices of a ViT's blocks; %s has none: AdamW "
@@ -99,29 +107,48 @@ def muon_parameter_names(module: nn.Module) -> set[str]:
     }
 
 
+# Muon's Newton-Schulz iteration as torch.optim.Muon (and Keller Jordan's reference) runs it:
+# a quintic with these coefficients, five steps in bfloat16, from the update divided by its norm.
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+NEWTON_SCHULZ_STEPS = 5
+NEWTON_SCHULZ_EPS = 1e-7
+
+
+def orthogonalise(updates: torch.Tensor) -> torch.Tensor:
+    """``updates`` (a stack of equal-shape matrices, ``(n, rows, columns)``) made nearly
+    orthogonal by ``NEWTON_SCHULZ_STEPS`` quintic Newton-Schulz steps, in bfloat16."""
+    a, b, c = NEWTON_SCHULZ
+    x = updates.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on the wide side: the Gram matrix is the smaller one
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=NEWTON_SCHULZ_EPS)
+    for _ in range(NEWTON_SCHULZ_STEPS):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
 class MuonWithAdamW(torch.optim.Optimizer):
-    """Muon for the groups marked ``"muon": True``, AdamW for the others (the module
-    docstring): one optimizer to the schedule, the gradient scaler and the checkpoints, whose
-    two inner optimizers step the same group dicts and keep their buffers in its state."""
+    """Muon for the groups marked ``"muon": True``, AdamW (``torch.optim.AdamW``, stepping
+    the same group dicts and keeping its buffers in this optimizer's state) for the others:
+    one optimizer to the schedule, the gradient scaler and the checkpoints.
+
+    Muon's step is ``torch.optim.Muon``'s (Nesterov momentum, ``orthogonalise``, decoupled
+    weight decay, ``adjust_lr_fn="match_rms_adamw"``) done for all the matrices of one shape
+    at once: a model's blocks share a few shapes, so a step runs a few batched iterations
+    instead of one per matrix, which dominates a small model's step."""
 
     def __init__(self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float]) -> None:
-        matrices = [g for g in groups if g["muon"]]
         others = [g for g in groups if not g["muon"]]
-        # Each fills its defaults into its own groups (the same dicts as below).
-        self._muon = torch.optim.Muon(
-            matrices or [{"params": []}],
-            lr=lr,
-            momentum=MUON_MOMENTUM,
-            adjust_lr_fn="match_rms_adamw",
-        )
+        # AdamW fills its defaults into its groups (the same dicts as below).
         self._adamw = torch.optim.AdamW(others or [{"params": []}], lr=lr, betas=betas)
-        super().__init__(groups, {"lr": lr})
+        super().__init__(groups, {"lr": lr, "momentum": MUON_MOMENTUM})
         self._link()
 
     def _link(self) -> None:
-        self._muon.param_groups = [g for g in self.param_groups if g["muon"]]
         self._adamw.param_groups = [g for g in self.param_groups if not g["muon"]]
-        self._muon.state = self._adamw.state = self.state
+        self._adamw.state = self.state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -133,9 +160,32 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._muon.step()
+        for group in self.param_groups:
+            if group["muon"]:
+                self._muon_step(group)
         self._adamw.step()
         return loss
+
+    def _muon_step(self, group: dict[str, Any]) -> None:
+        lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+        by_shape: dict[torch.Size, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for p in group["params"]:
+            if p.grad is not None:
+                by_shape.setdefault(p.shape, []).append((p, p.grad))
+        for shape, pairs in by_shape.items():
+            params, grads = [p for p, _ in pairs], torch.stack([g for _, g in pairs])
+            buffers = []
+            for p, grad in pairs:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad)
+                state["momentum_buffer"].lerp_(grad, 1 - momentum)
+                buffers.append(state["momentum_buffer"])
+            updates = orthogonalise(grads.lerp(torch.stack(buffers), momentum))  # Nesterov
+            scaled_lr = lr * 0.2 * math.sqrt(max(shape))  # the RMS of an AdamW update
+            for p, update in zip(params, updates, strict=True):
+                p.mul_(1 - lr * decay)
+                p.add_(update, alpha=-scaled_lr)
 
 
 def find_model(module: nn.Module) -> tuple[str, PretrainedModel]:
