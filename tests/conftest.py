@@ -153,6 +153,22 @@ def interrupted_after_checkpoint(
         yield steps
 
 
+def assert_cut_run_resumes_to(whole: Path, cut: TrainConfig) -> None:
+    """Train ``cut``, killed after its second checkpoint, resume it, and check that it ends
+    with the same weights and training state as the unbroken run in ``whole``."""
+    from safetensors.torch import load_file
+
+    from vitkit.training import TrainingInterrupted, train
+
+    with interrupted_after_checkpoint(2), pytest.raises(TrainingInterrupted):
+        train(cut)
+    train(resume=cut.run.out)
+    expected = load_file(str(whole / "last.safetensors"))
+    resumed = load_file(str(Path(cut.run.out) / "last.safetensors"))
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name
+
+
 def dead_pid() -> int:
     """The id of a process that has ended."""
     child = subprocess.Popen([sys.executable, "-c", "pass"])

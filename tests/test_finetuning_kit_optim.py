@@ -16,7 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import interrupted_after_checkpoint, perturbed, train_config
+from tests.conftest import (
+    assert_cut_run_resumes_to,
+    interrupted_after_checkpoint,
+    perturbed,
+    train_config,
+)
 from vitkit.models import create_model
 from vitkit.training import TrainConfig, TrainingInterrupted, train
 from vitkit.training.optim import apply_schedule, build_optimizer, build_schedule
@@ -184,13 +189,7 @@ def test_freeze_n_with_layer_decay_and_resume(tiny_data: Path, start: Path, tmp_
     assert optimizer_state_count(tmp_path / "whole") == len(trained)
 
     # Killed after its second checkpoint and resumed: the same weights as the unbroken run.
-    with interrupted_after_checkpoint(2), pytest.raises(TrainingInterrupted):
-        train(config(tiny_data, tmp_path / "cut", **settings))
-    train(resume=tmp_path / "cut")
-    whole = load_file(str(tmp_path / "whole/last.safetensors"))
-    resumed = load_file(str(tmp_path / "cut/last.safetensors"))
-    for name in whole:
-        assert torch.equal(whole[name], resumed[name]), name
+    assert_cut_run_resumes_to(tmp_path / "whole", config(tiny_data, tmp_path / "cut", **settings))
 
 
 def test_freeze_more_blocks_than_the_model_has(

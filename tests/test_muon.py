@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from tests.conftest import interrupted_after_checkpoint, perturbed, train_config
+from tests.conftest import assert_cut_run_resumes_to, perturbed, train_config
 from vitkit.models import create_model
-from vitkit.training import TrainConfig, TrainingInterrupted, train
+from vitkit.training import TrainConfig, train
 from vitkit.training.optim import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -136,13 +135,7 @@ def tiny_data(tiny_digits: Callable[[int, int], Path]) -> Path:
 
 def test_a_muon_run_resumes_to_the_same_weights(tiny_data: Path, tmp_path: Path) -> None:
     train(config(tiny_data, tmp_path / "whole"))
-    with interrupted_after_checkpoint(2), pytest.raises(TrainingInterrupted):
-        train(config(tiny_data, tmp_path / "cut"))
-    train(resume=tmp_path / "cut")
-    whole = load_file(str(tmp_path / "whole/last.safetensors"))
-    resumed = load_file(str(tmp_path / "cut/last.safetensors"))
-    for name in whole:
-        assert torch.equal(whole[name], resumed[name]), name
+    assert_cut_run_resumes_to(tmp_path / "whole", config(tiny_data, tmp_path / "cut"))
 
 
 def test_a_model_without_blocks_is_stepped_by_adamw_alone(
