@@ -23,6 +23,6 @@ ruff check src tests benchmarks
 ruff format --check src tests benchmarks
 mypy  # [tool.mypy] in pyproject.toml: src/vitkit
 # The documentation site, warnings as errors (into site/, which git ignores); its code blocks
-# run in tests/test_docs.py.
-NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir site
+# run in tests/test_docs.py. Not --quiet: it hides the warnings, and --strict then passes them.
+NO_MKDOCS_2_WARNING=1 mkdocs build --strict --site-dir site
 python -m pytest -q "$@"
