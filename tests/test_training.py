@@ -198,6 +198,31 @@ def test_gradient_accumulation_keeps_the_global_batch(tiny_data: Path, tmp_path:
         torch.testing.assert_close(acc[name], one[name], rtol=0, atol=1e-5)
 
 
+def test_a_profiled_run_shows_each_stage_of_the_loop(tiny_data: Path, tmp_path: Path) -> None:
+    """The loop's labelled ranges, counted against the run's arithmetic: 256 training images
+    (320 less a fifth for validation), batches of 32 in micro-batches of 16, one epoch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vitkit.training.loop import STAGES
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        train(config(tiny_data, tmp_path / "run", epochs=1, accum_steps=2))
+    counts = {stage: 0 for stage in STAGES}
+    for event in profiler.events():
+        for stage, label in STAGES.items():
+            counts[stage] += event.name == label
+    steps = 256 // 32
+    assert counts == {
+        "data": 2 * steps,
+        "augment": 2 * steps,
+        "forward_backward": 2 * steps,
+        "clip": steps,
+        "optimizer": steps,
+        "evaluate": 1,
+        "checkpoint": 1,
+    }
+
+
 def test_bf16_autocast_trains(tiny_data: Path, tmp_path: Path) -> None:
     summary = train(config(tiny_data, tmp_path / "bf16", epochs=2, precision="bf16"))
     assert summary["precision"] == "bf16"

@@ -26,6 +26,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from vitkit.data.sources import Batch, DataSource, Splits, open_splits
 from vitkit.evaluation.inference import autocast
@@ -123,6 +124,18 @@ ROLLBACK_LR_FACTOR = 0.5
 # halve its scale) while its scale is at least this; below it, no scale makes the gradients
 # finite (the loss itself is not): --on-nonfinite decides.
 MIN_LOSS_SCALE = 1.0
+
+# The loop's parts as ranges a ``torch.profiler`` run records (``record_function``), so a
+# profile shows where a step's time goes (``benchmarks/loop_breakdown.py`` tabulates them).
+STAGES = {
+    "data": "vitkit.data",  # the next batch from the data source
+    "augment": "vitkit.augment",  # to the device, the task's preparation (augmentation)
+    "forward_backward": "vitkit.forward_backward",
+    "clip": "vitkit.clip",  # the gradients' norm, clipping
+    "optimizer": "vitkit.optimizer",
+    "evaluate": "vitkit.evaluate",
+    "checkpoint": "vitkit.checkpoint",
+}
 
 
 def derived_seed(*parts: int) -> int:
@@ -440,7 +453,7 @@ class Session:
                     continue
                 is_best = False
                 if eval_due:
-                    with parallel.whole(self.trainable):
+                    with parallel.whole(self.trainable), record_function(STAGES["evaluate"]):
                         is_best = run_evaluators(
                             self.evaluators,
                             self.task,
@@ -458,7 +471,8 @@ class Session:
                     state.best_weights = "raw" if self.averaged is None else "ema"
                 patience = cfg.evaluators.patience
                 state.stopped_early = bool(patience) and state.evals_without_improvement >= patience
-                self.checkpoint(is_best or not picks)
+                with record_function(STAGES["checkpoint"]):
+                    self.checkpoint(is_best or not picks)
                 self.segment_start = time.perf_counter()
                 if state.stopped_early:
                     if self.process.is_main:
@@ -494,12 +508,17 @@ class Session:
         cfg, state, device = self.cfg, self.state, self.process.device
         sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.optim.accum_steps):
-            batch = next(batches)
+            with record_function(STAGES["data"]):
+                batch = next(batches)
             seed = derived_seed(cfg.run.seed, state.step, micro, self.process.rank)
             torch.manual_seed(seed)  # dropout and stochastic depth
-            batch = type(batch)(batch.images.to(device), batch.labels)
-            inputs, targets = self.task.prepare(batch, derived_seed(seed, 1))
-            with parallel.gradient_sync(self.net, micro == cfg.optim.accum_steps - 1):
+            with record_function(STAGES["augment"]):
+                batch = type(batch)(batch.images.to(device), batch.labels)
+                inputs, targets = self.task.prepare(batch, derived_seed(seed, 1))
+            with (
+                record_function(STAGES["forward_backward"]),
+                parallel.gradient_sync(self.net, micro == cfg.optim.accum_steps - 1),
+            ):
                 with autocast(device, cfg.run.precision):
                     result = self.task.step(self.net, inputs, targets)
                 self.scaler.scale(result.loss / cfg.optim.accum_steps).backward()
@@ -510,11 +529,13 @@ class Session:
             )
         # The norm of the gradients every process holds after DDP averaged them (or FSDP's
         # global norm): every process takes the same decision.
-        self.scaler.unscale_(self.optimizer)  # fp16: the true gradients, to clip
-        grad_norm = clip_gradients(self.trainable, cfg.optim.grad_clip)
-        finite = bool(torch.isfinite(grad_norm))
+        with record_function(STAGES["clip"]):
+            self.scaler.unscale_(self.optimizer)  # fp16: the true gradients, to clip
+            grad_norm = clip_gradients(self.trainable, cfg.optim.grad_clip)
+            finite = bool(torch.isfinite(grad_norm))
         if finite:
-            self.scaler.step(self.optimizer)
+            with record_function(STAGES["optimizer"]):
+                self.scaler.step(self.optimizer)
             for hook in self.step_hooks:
                 hook(state.step + 1, self.model, self.optimizer)
             for name, value in sums.items():
