@@ -10,8 +10,8 @@ the steps after ``--warmup``; the profiler's own cost shows as the difference be
 two step times. The plain runs also give the system time and page faults a step (the memory
 allocator's work; compare a run under ``GLIBC_TUNABLES``), and ``--no-profile`` leaves the
 profiled runs out. Evaluation and checkpointing run once a run (after its last step): their
-times are given per call. ``--set TABLE.KEY=VALUE`` changes the
-recipe (``--set optim.name=adam``), as a pilot would.
+times are given per call. ``--set TABLE.KEY=VALUE`` changes the recipe (``--set
+optim.name=adam``), as a pilot would.
 
 Usage: python benchmarks/loop_breakdown.py RECIPE [--steps 40] [--warmup 5] [--rounds 2]
        [--set optim.name=adam ...] [--no-profile]
