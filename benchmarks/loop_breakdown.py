@@ -113,7 +113,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps a run")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the medians")
     parser.add_argument("--rounds", type=int, default=2, help="plain and profiled runs each")
-    parser.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=VALUE")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="change the recipe, e.g. optim.name=adam (the value read as TOML); repeatable",
+    )
     parser.add_argument("--no-profile", action="store_true", help="the plain runs only")
     args = parser.parse_args()
     if args.steps < args.warmup + 3 or args.rounds < 1:
