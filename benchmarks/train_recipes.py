@@ -9,7 +9,7 @@ reads), so the numbers in the README come from exactly the command it shows:
     cifar10   CIFAR-10 (JPEG copy) from scratch with the plain ViT, fp32, within 60 minutes
     cifar10_bf16  the plain ViT under bf16 autocast, fitted to 55 minutes, flip TTA
     cifar10_hybrid  the small hybrid (ResNet stem and stage, then the encoder), fp32
-    cifar10_hybrid_bf16  the hybrid with 4 encoder blocks, bf16, Muon, 55 minutes, flip TTA
+    cifar10_hybrid_bf16  the hybrid with 4 blocks, bf16, Muon, RandAugment, drop-path, 55 min, flip TTA
     finetune  pre-train on MNIST at 8x8, fine-tune on the digits at 16x16, against the same
               model trained from scratch on the digits at 16x16 for as many steps
 

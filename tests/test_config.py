@@ -370,9 +370,10 @@ CHANGED_SINCE: dict[str, dict[str, Any]] = {
     "cifar10": ADAM,
     "cifar10_hybrid": ADAM,
     "cifar10_hybrid_bf16": {
+        "model": {"drop_path": 0.1},
         "optim": {"name": "muon"},
         "schedule": {"epochs": 60, "max_minutes": 55},
-        "augment": {"random_resized_crop": False, "translate": 4},
+        "augment": {"random_resized_crop": False, "translate": 4, "randaugment": (2, 9)},
         "evaluators": {"tta": "flip"},
     },
     "cifar10_scaling": ADAM,
