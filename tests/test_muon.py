@@ -147,12 +147,3 @@ def test_a_model_without_blocks_is_stepped_by_adamw_alone(
     assert not any(g["muon"] for g in optimizer.param_groups)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
     assert "ResNetV2 has none: AdamW steps all its parameters" in caplog.text
-
-
-def test_under_fsdp_adamw_steps_every_parameter(caplog: pytest.LogCaptureFixture) -> None:
-    model = create_model("vit_micro", num_classes=10)
-    cfg = muon_config().replace(run=dict(parallel="fsdp"))
-    with caplog.at_level(logging.WARNING):
-        optimizer = build_optimizer(model, cfg)
-    assert not any(g["muon"] for g in optimizer.param_groups)
-    assert "--parallel fsdp shards: AdamW steps all the parameters" in caplog.text

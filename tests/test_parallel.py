@@ -331,6 +331,73 @@ def test_convert_consolidates_a_sharded_checkpoint(fsdp_run: Path, tmp_path: Pat
     assert_same_weights(out, fsdp_run / "last.safetensors")
 
 
+# Muon and AdamW stepping vit_micro whole and sharded over the processes, from the same
+# gradients (drawn alike in every process); each process writes what it saw to ARGV[1]/RANK.json.
+MUON_OVER_SHARDS = r"""
+import copy, json, sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from vitkit.models import create_model
+from vitkit.training import TrainConfig
+from vitkit.training.optim import build_optimizer
+from vitkit.training.parallel import shard_like
+
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+torch.manual_seed(0)
+whole = create_model("vit_micro", num_classes=10)
+sharded = copy.deepcopy(whole)
+for block in sharded.blocks:
+    fully_shard(block, mesh=mesh)
+fully_shard(sharded, mesh=mesh)
+cfg = TrainConfig().replace(optim=dict(name="muon", lr=0.01, weight_decay=0.1))
+optimizers = [build_optimizer(whole, cfg), build_optimizer(sharded, cfg)]
+pairs = list(zip(whole.named_parameters(), sharded.parameters(), strict=True))
+draw = torch.Generator().manual_seed(1)
+for _ in range(3):
+    for (_, p), q in pairs:
+        p.grad = torch.randn(p.shape, generator=draw)
+        q.grad = shard_like(p.grad, q)
+    for optimizer in optimizers:
+        optimizer.step()
+muon = [g["muon"] for g in optimizers[1].param_groups for _ in g["params"]]
+Path(sys.argv[1], f"{dist.get_rank()}.json").write_text(json.dumps({
+    "muon_matrices": sum(muon),
+    "rows_here": {n: q.to_local().shape[0] for (n, _), q in pairs if q.ndim == 2},
+    "different": [n for (n, p), q in pairs if not torch.equal(p, q.full_tensor())],
+}))
+"""
+
+
+def test_muon_steps_fsdp_shards_as_whole_matrices(tmp_path: Path) -> None:
+    """Muon orthogonalises whole matrices: over 3 processes (uneven shards: 256 and 64 rows
+    do not split in 3 equal parts) its steps equal one process's on the whole model, bit for
+    bit (that process's step is torch.optim.Muon's: tests/test_muon.py)."""
+    script = tmp_path / "muon_over_shards.py"
+    script.write_text(MUON_OVER_SHARDS)
+    run([*torchrun(3), str(script), str(tmp_path)])
+    reports = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(3)]
+    assert {r["muon_matrices"] for r in reports} == {8}  # 2 blocks of 4 kernels
+    assert sorted(r["rows_here"]["blocks.0.mlp.fc1.weight"] for r in reports) == [84, 86, 86]
+    assert [r["different"] for r in reports] == [[], [], []]
+
+
+def test_a_muon_fsdp_run_resumes_to_the_same_weights(data: Path, tmp_path: Path) -> None:
+    """Muon's momentum is saved in the sharded checkpoint and read back into the shards."""
+    muon = dict(optimizer="muon", lr=0.003, parallel="fsdp")
+    run([*torchrun(2), "-m", "vitkit", *flags(data, tmp_path / "whole", **muon)])
+    script = tmp_path / "stop_after_save.py"
+    script.write_text(STOP_AFTER_SAVE)
+    cut = tmp_path / "cut"
+    assert run([*torchrun(2), str(script), "2", *flags(data, cut, **muon)], ok=False).returncode
+    assert RunFolder(cut).checkpoint_counters()["step"] == 6
+    run([*torchrun(2), "-m", "vitkit", "train", "--resume", str(cut)])
+    assert_same_weights(cut / "last.safetensors", tmp_path / "whole/last.safetensors")
+
+
 @pytest.mark.slow  # two agents; test_fsdp_matches_ddp runs the same 2 processes under one
 def test_two_agents_match_one(data: Path, fsdp_run: Path, tmp_path: Path) -> None:
     """Two torchrun agents (as on two machines), one process each, joined by c10d."""

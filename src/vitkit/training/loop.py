@@ -858,11 +858,11 @@ def clip_gradients(trainable: nn.Module, max_norm: float) -> torch.Tensor:
     """The global gradient norm, after clipping to ``max_norm`` (0 = no clipping); over
     FSDP's shards too (the norm of the whole gradient, not of this process's part)."""
     if max_norm > 0:
-        return parallel.global_norm(
+        return parallel.whole_tensor(
             torch.nn.utils.clip_grad_norm_(trainable.parameters(), max_norm)
         )
     grads = [p.grad for p in trainable.parameters() if p.grad is not None]
-    return parallel.global_norm(torch.nn.utils.get_total_norm(grads))
+    return parallel.whole_tensor(torch.nn.utils.get_total_norm(grads))
 
 
 def log_training(

@@ -32,6 +32,7 @@ from torch import nn
 
 from vitkit.models import VisionTransformer
 from vitkit.models.pretrained import PretrainedModel
+from vitkit.training import parallel
 from vitkit.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     (Muon's matrices first). Without layer decay, the two groups of the weight decay split."""
     decayed = decayed_parameter_names(model)
     scales = lr_scales(model, cfg.optim.layer_decay)
-    matrices = muon_parameter_names(model, cfg.run.parallel) if cfg.optim.name == "muon" else set()
+    matrices = muon_parameter_names(model) if cfg.optim.name == "muon" else set()
     grouped: dict[tuple[float, bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -79,19 +80,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
 
 
-def muon_parameter_names(module: nn.Module, parallel: str = "ddp") -> set[str]:
+def muon_parameter_names(module: nn.Module) -> set[str]:
     """The parameters of the model inside ``module`` that Muon steps: the weight matrices of
     its encoder blocks (attention and MLP kernels; not the embeddings or the head, which see
-    one token or one class at a time, nor a block's other tensors). None under FSDP, which
-    shards the matrices that Muon orthogonalises whole, nor in a model without blocks: AdamW
-    steps everything then, said in the log."""
+    one token or one class at a time, nor a block's other tensors). None in a model without
+    blocks: AdamW steps everything then, said in the log."""
     prefix, model = find_model(module)
-    if parallel == "fsdp":
-        logger.warning(
-            "--optimizer muon orthogonalises whole weight matrices, which --parallel fsdp "
-            "shards: AdamW steps all the parameters (--parallel ddp keeps Muon)"
-        )
-        return set()
     if not isinstance(model, VisionTransformer):
         logger.warning(
             "--optimizer muon steps the weight matrices of a ViT's blocks; %s has none: AdamW "
@@ -137,7 +131,13 @@ class MuonWithAdamW(torch.optim.Optimizer):
     Muon's step is ``torch.optim.Muon``'s (Nesterov momentum, ``orthogonalise``, decoupled
     weight decay, ``adjust_lr_fn="match_rms_adamw"``) done for all the matrices of one shape
     at once: a model's blocks share a few shapes, so a step runs a few batched iterations
-    instead of one per matrix, which dominates a small model's step."""
+    instead of one per matrix, which dominates a small model's step.
+
+    Under FSDP the parameters, gradients and momentum are ``DTensor`` shards. Momentum is
+    element-wise and stays sharded; the orthogonalisation needs each whole matrix, so every
+    process gathers the Nesterov updates (one all-gather per matrix, the size of FSDP's own
+    gather of the weights), orthogonalises them all and keeps its own rows: the same numbers,
+    bit for bit, as one process stepping the whole model."""
 
     def __init__(self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float]) -> None:
         others = [g for g in groups if not g["muon"]]
@@ -173,19 +173,20 @@ class MuonWithAdamW(torch.optim.Optimizer):
             if p.grad is not None:
                 by_shape.setdefault(p.shape, []).append((p, p.grad))
         for shape, pairs in by_shape.items():
-            params, grads = [p for p, _ in pairs], torch.stack([g for _, g in pairs])
-            buffers = []
+            nesterov = []
             for p, grad in pairs:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(grad)
                 state["momentum_buffer"].lerp_(grad, 1 - momentum)
-                buffers.append(state["momentum_buffer"])
-            updates = orthogonalise(grads.lerp(torch.stack(buffers), momentum))  # Nesterov
+                nesterov.append(
+                    parallel.whole_tensor(grad.lerp(state["momentum_buffer"], momentum))
+                )
+            updates = orthogonalise(torch.stack(nesterov))
             scaled_lr = lr * 0.2 * math.sqrt(max(shape))  # the RMS of an AdamW update
-            for p, update in zip(params, updates, strict=True):
+            for (p, _), update in zip(pairs, updates, strict=True):
                 p.mul_(1 - lr * decay)
-                p.add_(update, alpha=-scaled_lr)
+                p.add_(parallel.shard_like(update, p), alpha=-scaled_lr)
 
 
 def find_model(module: nn.Module) -> tuple[str, PretrainedModel]:

@@ -138,10 +138,22 @@ def gradient_sync(net: nn.Module, sync: bool) -> Any:
     return nullcontext()
 
 
-def global_norm(norm: torch.Tensor) -> torch.Tensor:
-    """A gradient norm as a plain tensor: over FSDP's shards it is a ``DTensor`` of partial
-    sums, which ``full_tensor`` reduces to the norm of the whole gradient."""
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a plain tensor on every process: an FSDP shard (a ``DTensor``) gathered
+    from all of them, a norm over the shards (a ``DTensor`` of partial sums) reduced to the
+    norm of the whole; any other tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def shard_like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``whole`` (which every process holds), laid out as ``param``'s
+    FSDP shard, with no communication; ``whole`` itself for an unsharded ``param``."""
+    if not hasattr(param, "device_mesh"):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    shard = cast(Any, param)  # a DTensor
+    return distribute_tensor(whole, shard.device_mesh, shard.placements, src_data_rank=None)
 
 
 @contextmanager
