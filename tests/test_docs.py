@@ -11,15 +11,24 @@ Also: every page of the mkdocs.yml nav exists, and every page in docs/ is in the
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from vitkit.checkpoints.formats import FORMATS
+from vitkit.data.sources import SOURCES
+from vitkit.models import registry
+from vitkit.training.config import EVALUATOR_OPTIONS, PRESET_RESOLVERS, TASK_OPTIONS
+from vitkit.training.evaluators import EVALUATORS
+from vitkit.training.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -131,7 +140,35 @@ def test_read_blocks_honours_marks(tmp_path: Path) -> None:
         read_blocks(page, root=tmp_path)
 
 
+# The plugin registries a page's example may add to: each block's additions are undone after
+# it, so a task or model a page registers does not reach the tests that run later.
+REGISTRIES = [
+    TASKS,
+    TASK_OPTIONS,
+    EVALUATORS,
+    EVALUATOR_OPTIONS,
+    PRESET_RESOLVERS,
+    registry._ARCHITECTURES,
+    registry._MODELS,
+    FORMATS,
+    SOURCES,
+]
+
+
+@pytest.fixture
+def registries_restored() -> Iterator[None]:
+    saved = [copy.copy(r) for r in REGISTRIES]
+    yield
+    for registered, before in zip(REGISTRIES, saved, strict=True):
+        registered.clear()
+        if isinstance(registered, dict):
+            registered.update(before)
+        else:
+            registered.extend(before)
+
+
 @pytest.mark.parametrize("block", [_param(b) for b in RUNNABLE])
+@pytest.mark.usefixtures("registries_restored")
 def test_code_block_runs(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     if block.language == "python":
