@@ -25,9 +25,10 @@ from safetensors.torch import load_file
 
 from tests.conftest import interrupted_after_checkpoint, torchrun, train_config, wait_for
 from vitkit import load_pretrained
+from vitkit.checkpoints.sharded import optimizer_keys
 from vitkit.cli import main
 from vitkit.models import create_model, registry
-from vitkit.training import TrainingInterrupted, train
+from vitkit.training import TrainingInterrupted, loop, train
 from vitkit.training.parallel import checkpoint_activations, units
 from vitkit.training.run import RunFolder
 
@@ -396,6 +397,26 @@ def test_a_muon_fsdp_run_resumes_to_the_same_weights(data: Path, tmp_path: Path)
     assert RunFolder(cut).checkpoint_counters()["step"] == 6
     run([*torchrun(2), "-m", "vitkit", "train", "--resume", str(cut)])
     assert_same_weights(cut / "last.safetensors", tmp_path / "whole/last.safetensors")
+
+
+def test_an_earlier_fsdp_muon_run_resumes_with_adamw(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_process_group: None
+) -> None:
+    """Before Muon stepped sharded matrices, FSDP runs with --optimizer muon stepped every
+    parameter by AdamW: their sharded checkpoints hold Adam's moments for the blocks'
+    matrices, and such a run resumes and goes on as it started (one process, FSDP)."""
+    muon = dict(optimizer="muon", lr=0.003, parallel="fsdp")
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "muon_stepped", lambda *args: False)  # the earlier version
+        train(config(data, tmp_path / "whole", **muon))
+        with (
+            interrupted_after_checkpoint(2, "save_sharded_checkpoint"),
+            pytest.raises(TrainingInterrupted),
+        ):
+            train(config(data, tmp_path / "cut", **muon))
+    assert "state.blocks.0.attn.qkv.weight.exp_avg" in optimizer_keys(tmp_path / "cut/last.dcp")
+    train(resume=tmp_path / "cut")
+    assert_same_weights(tmp_path / "cut/last.safetensors", tmp_path / "whole/last.safetensors")
 
 
 @pytest.mark.slow  # two agents; test_fsdp_matches_ddp runs the same 2 processes under one

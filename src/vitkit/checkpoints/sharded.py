@@ -46,6 +46,16 @@ def read_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path / STATE_FILE} is unreadable ({err})") from None
 
 
+def optimizer_keys(path: Path) -> set[str]:
+    """The names of the optimizer's saved tensors in the sharded checkpoint ``path``
+    (``state.<parameter>.<buffer>``), read from its index alone."""
+    import torch.distributed.checkpoint as dcp  # only here: seconds to import
+
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefix = f"{OPTIMIZER_KEY}."
+    return {key.removeprefix(prefix) for key in stored if key.startswith(prefix)}
+
+
 def read(path: Path, spec: ModelSpec = None) -> Checkpoint:
     """The whole model of a sharded checkpoint, gathered from every shard file in this one
     process (no process group needed); the optimizer state is left on disk."""

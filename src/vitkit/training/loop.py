@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from vitkit.checkpoints import sharded
 from vitkit.data.sources import Batch, DataSource, Splits, open_splits
 from vitkit.evaluation.inference import autocast
 from vitkit.models.preprocessing import EvalPreprocessing
@@ -50,6 +51,7 @@ from vitkit.training.optim import (
     build_schedule,
     describe_layer_decay,
     freeze_parameters,
+    muon_parameter_names,
     schedule_plan,
 )
 from vitkit.training.run import (  # the run-folder functions' home was here
@@ -319,7 +321,7 @@ class Session:
             model.load_state_dict(saved.weights)
             task.load_task_state(trainable, saved.task)
         net = parallel.wrap(trainable, cfg, process)
-        optimizer = build_optimizer(trainable, cfg)
+        optimizer = build_optimizer(trainable, cfg, muon_stepped(cfg, trainable, latest, saved))
         warmup_steps = warmup_length(cfg, steps_per_epoch, total_steps)
         scheduler = build_schedule(
             optimizer, warmup_steps, total_steps, cfg.schedule.name, cfg.schedule.lr_drops
@@ -983,6 +985,25 @@ def read_latest_checkpoint(
         ),
     )
     return latest, saved
+
+
+def muon_stepped(
+    cfg: TrainConfig, trainable: nn.Module, latest: Path | None, saved: SavedTraining | None
+) -> bool:
+    """Whether Muon steps the blocks' matrices: not when resuming a sharded checkpoint in
+    which AdamW stepped them (an FSDP run started before Muon stepped sharded matrices),
+    which goes on as it started, said in the log."""
+    if cfg.optim.name != "muon" or latest is None or saved is not None:
+        return True
+    adamw = {key.split(".exp_avg")[0] for key in sharded.optimizer_keys(latest)}
+    if not {f"state.{name}" for name in muon_parameter_names(trainable)} & adamw:
+        return True
+    logger.warning(
+        "%s: AdamW stepped every parameter of this run (FSDP with --optimizer muon before "
+        "2026-12-04); it goes on so",
+        latest,
+    )
+    return False
 
 
 def nonfinite_event(step: int, loss: float, policy: str, action: str) -> dict[str, Any]:

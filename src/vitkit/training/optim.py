@@ -51,14 +51,19 @@ MUON_MOMENTUM = 0.95
 """Muon's momentum, its authors' and torch's default."""
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, muon_matrices: bool = True
+) -> torch.optim.Optimizer:
     """The optimizer of the parameters of ``model`` that require gradients: one group per
     learning-rate scale (``lr_scales``; the largest first, so the first group's rate is the
     scheduled one), per weight decay (decayed kernels first) and, for Muon, per optimizer
-    (Muon's matrices first). Without layer decay, the two groups of the weight decay split."""
+    (Muon's matrices first). Without layer decay, the two groups of the weight decay split.
+    ``muon_matrices=False`` has AdamW step the matrices too, as FSDP runs with Muon did
+    before Muon stepped sharded matrices (2026-12-04): such a run resumes as it started."""
     decayed = decayed_parameter_names(model)
     scales = lr_scales(model, cfg.optim.layer_decay)
-    matrices = muon_parameter_names(model) if cfg.optim.name == "muon" else set()
+    muon = cfg.optim.name == "muon" and muon_matrices
+    matrices = muon_parameter_names(model) if muon else set()
     grouped: dict[tuple[float, bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
