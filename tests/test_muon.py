@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tests.conftest import assert_cut_run_resumes_to, perturbed, train_config
 from vitkit.models import create_model
 from vitkit.training import TrainConfig, train
+from vitkit.training.loop import muon_stepped
 from vitkit.training.optim import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -146,4 +147,15 @@ def test_a_model_without_blocks_is_stepped_by_adamw_alone(
         optimizer = build_optimizer(model, muon_config())
     assert not any(g["muon"] for g in optimizer.param_groups)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
-    assert "ResNetV2 has none: AdamW steps all its parameters" in caplog.text
+    assert caplog.text.count("ResNetV2 has none: AdamW steps all its parameters") == 1
+
+
+def test_resuming_a_model_without_blocks_reads_no_index_and_says_nothing(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """The check for an FSDP run from before Muon stepped sharded matrices has nothing to
+    check in a ResNet; the optimizer alone says that AdamW steps it (once, not twice)."""
+    model = create_model("resnetv2_digits")
+    with caplog.at_level(logging.WARNING):
+        assert muon_stepped(muon_config(), model, tmp_path / "no-such.dcp", None)
+    assert caplog.text == ""

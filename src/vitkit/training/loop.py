@@ -995,8 +995,11 @@ def muon_stepped(
     which goes on as it started, said in the log."""
     if cfg.optim.name != "muon" or latest is None or saved is not None:
         return True
+    matrices = {f"state.{name}" for name in muon_parameter_names(trainable)}
+    if not matrices:  # a model without blocks: AdamW steps everything either way
+        return True
     adamw = {key.split(".exp_avg")[0] for key in sharded.optimizer_keys(latest)}
-    if not {f"state.{name}" for name in muon_parameter_names(trainable)} & adamw:
+    if not matrices & adamw:
         return True
     logger.warning(
         "%s: AdamW stepped every parameter of this run (FSDP with --optimizer muon before "

@@ -64,6 +64,12 @@ def build_optimizer(
     scales = lr_scales(model, cfg.optim.layer_decay)
     muon = cfg.optim.name == "muon" and muon_matrices
     matrices = muon_parameter_names(model) if muon else set()
+    if muon and not matrices:
+        logger.warning(
+            "--optimizer muon steps the weight matrices of a ViT's blocks; %s has none: AdamW "
+            "steps all its parameters",
+            type(find_model(model)[1]).__name__,
+        )
     grouped: dict[tuple[float, bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -89,14 +95,9 @@ def muon_parameter_names(module: nn.Module) -> set[str]:
     """The parameters of the model inside ``module`` that Muon steps: the weight matrices of
     its encoder blocks (attention and MLP kernels; not the embeddings or the head, which see
     one token or one class at a time, nor a block's other tensors). None in a model without
-    blocks: AdamW steps everything then, said in the log."""
+    blocks (``build_optimizer`` says so in the log: AdamW steps everything then)."""
     prefix, model = find_model(module)
     if not isinstance(model, VisionTransformer):
-        logger.warning(
-            "--optimizer muon steps the weight matrices of a ViT's blocks; %s has none: AdamW "
-            "steps all its parameters",
-            type(model).__name__,
-        )
         return set()
     kernels = decayed_parameter_names(model)
     return {
