@@ -17,6 +17,13 @@ attention path in the same rounds: ``compile`` (each block through ``torch.compi
 (AdamW's multi-tensor and fused implementations instead of the per-parameter loop, PyTorch's
 default on CPU) and ``channels-last`` (the hybrid's convolutions on NHWC tensors).
 
+``--profile`` then runs ``torch.profiler`` over 3 more steps of vitkit (its first attention
+path) and of Hugging Face's faster path, and prints where each step's time went: the matrix
+multiplies and convolutions (the operators in ``MATMULS``, their own time) against everything
+else (the element-wise operators, casts, copies, the optimizer and the Python between them).
+The profiler slows every operator it records, the small ones most, so the split is what to
+read there, not the milliseconds' sum.
+
 Each row also gives its fraction of the machine's measured matrix-multiply peak: one
 ``torch.mm`` of ``--peak-size`` square matrices in fp32 and in bf16, against training FLOPs of
 3x the forward count (``vitkit.models.flops_per_image``: backward is twice the forward). The
@@ -25,7 +32,7 @@ CPU model and its matrix features are printed, since AMX or AVX-512 bf16 decides
 Usage: python benchmarks/train_step.py [--models vit_cifar vit_cifar_hybrid vit_ti16 vit_s16]
        [--precisions fp32 bf16] [--rounds 5] [--warmup 2] [--attn auto sdpa eager]
        [--hf-attn sdpa eager] [--variants compile foreach fused channels-last] [--batch N]
-       [--threads 2] [--peak-size 4096] [--no-hf]
+       [--threads 2] [--peak-size 4096] [--no-hf] [--profile]
 """
 
 from __future__ import annotations
@@ -43,6 +50,18 @@ from _common import cpu_name, device_sync, hf_model, markdown_table, matmul_peak
 from torch import nn
 
 from vitkit.models import ViTConfig, create_model, flops_per_image, model_config
+
+# The operators that do a step's multiply-adds (oneDNN or BLAS kernels); the rest is overhead.
+MATMULS = frozenset(
+    {
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::mkldnn_convolution",
+        "aten::convolution_backward",
+    }
+)
 
 MODELS = ("vit_cifar", "vit_cifar_hybrid", "vit_ti16", "vit_s16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -83,8 +102,9 @@ def training_step(
 
 def measure(
     name: str, precision: str, args: argparse.Namespace, device: torch.device
-) -> tuple[int, dict[str, float]]:
-    """The batch size and images/s of every candidate: vitkit per attention path, HF per one."""
+) -> tuple[int, dict[str, float], dict[str, Callable[[], None]]]:
+    """The batch size and images/s of every candidate (vitkit per attention path, HF per one)
+    and the candidates' steps."""
     cfg = model_config(name, gelu="none")
     batch = args.batch or default_batch(cfg)
     x = torch.rand(batch, cfg.in_chans, *cfg.img_size, device=device) * 2 - 1
@@ -116,7 +136,20 @@ def measure(
                 lambda x, hf=hf: hf(pixel_values=x).logits, hf, x, y, precision
             )
     seconds = timed_calls(steps, args.warmup, args.rounds, device_sync(device))
-    return batch, {key: batch / s for key, s in seconds.items()}
+    return batch, {key: batch / s for key, s in seconds.items()}, steps
+
+
+def time_split(step: Callable[[], None], steps: int = 3) -> tuple[float, float]:
+    """Milliseconds a step in ``MATMULS`` and in every other operator (self times, under
+    ``torch.profiler``), over ``steps`` steps after one untimed."""
+    step()
+    with torch.profiler.profile() as profiler:
+        for _ in range(steps):
+            step()
+    events = profiler.key_averages()
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMULS)
+    total = sum(e.self_cpu_time_total for e in events)
+    return matmul / 1e3 / steps, (total - matmul) / 1e3 / steps
 
 
 def of_peak(images_per_s: float | None, flops_per_image: float, peak: float) -> str:
@@ -158,6 +191,9 @@ def main() -> int:
         "--peak-size", type=int, default=4096, help="side of the matrices of the peak's torch.mm"
     )
     parser.add_argument("--no-hf", action="store_true", help="vitkit only")
+    parser.add_argument(
+        "--profile", action="store_true", help="also split each step: matrix multiplies, the rest"
+    )
     args = parser.parse_args()
     if args.rounds < 5:
         print(f"note: {args.rounds} rounds (the README's figures take the median of >= 5)")
@@ -181,11 +217,11 @@ def main() -> int:
     extra += [f"vitkit+{variant}" for variant in args.variants]
     header = ["model", "batch", "precision", "vitkit img/s", "vitkit % peak", "HF img/s"]
     header += ["HF attn", "HF % peak", "ratio", *extra]
-    rows = []
+    rows, splits = [], []
     for name in args.models:
         train_flops = 3 * flops_per_image(model_config(name))
         for precision in args.precisions:
-            batch, rates = measure(name, precision, args, device)
+            batch, rates, steps = measure(name, precision, args, device)
             ours = rates[f"vitkit[{args.attn[0]}]"]
             theirs = [(k[3:-1], v) for k, v in rates.items() if k.startswith("hf[")]
             hf_attn, hf_rate = max(theirs, key=lambda kv: kv[1]) if theirs else ("-", None)
@@ -197,8 +233,18 @@ def main() -> int:
             row += [f"{rates[key]:.1f}" if key in rates else "-" for key in extra]
             rows.append(row)
             print("  " + " ".join(row), file=sys.stderr, flush=True)
+            if args.profile:
+                for key in (f"vitkit[{args.attn[0]}]", f"hf[{hf_attn}]"):
+                    if key in steps:
+                        matmul, rest = time_split(steps[key])
+                        share = f"{100 * matmul / (matmul + rest):.0f}%"
+                        splits.append([name, precision, key, f"{matmul:.0f}", f"{rest:.0f}", share])
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
     print(markdown_table(header, rows))
+    if splits:
+        header = ["model", "precision", "candidate", "matmul ms", "other ms", "matmul share"]
+        print("\nA step under torch.profiler (self times, ms a step):")
+        print(markdown_table(header, splits))
     return 0
 
 
