@@ -4,6 +4,7 @@ digits, splits, batching and the batched augmentation."""
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import pickle
 import struct
@@ -23,6 +24,7 @@ from vitkit.data import (
     load_dataset,
     to_model_input,
 )
+from vitkit.data.sources import open_splits
 
 DATA = Path(os.environ.get("VITKIT_DATA", "/nonexistent"))
 needs_data = pytest.mark.skipif(
@@ -321,6 +323,14 @@ def test_image_folder_mixed_modes_and_sizes(
     assert data.images.shape == (3, 3, 4, 4)
     assert data.images[0].unique().tolist() == [7]  # grey repeated over R, G, B
     assert data.images[2].unique().tolist() == [11]
+
+
+def test_a_missing_dataset_is_not_said_to_be_decoded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO), pytest.raises(ValueError, match="does not exist"):
+        open_splits(str(tmp_path / "missing"), 0.0, 0)
+    assert "decoded into memory" not in caplog.text
 
 
 def test_bad_sources_say_what_to_change(tmp_path: Path) -> None:

@@ -336,12 +336,12 @@ def _read_in_memory_splits(
 ) -> Splits:
     """The splits of an in-memory source: its train and test splits read, each with its own
     record of skipped files."""
-    logger.info("%s: decoded into memory", data)
     skipped = SkipLog(data, max_fraction=options.max_unreadable_fraction)
     fraction = skipped.max_fraction
     test_skipped = SkipLog(data, max_fraction=fraction)
     train = read(data, "train", max_unreadable_fraction=fraction, skipped=skipped)
     test = read(data, "test", max_unreadable_fraction=fraction, skipped=test_skipped)
+    logger.info("%s: decoded into memory", data)
     return _in_memory_splits(
         data, val_fraction, seed, train_fraction, train, test, (skipped, test_skipped)
     )
