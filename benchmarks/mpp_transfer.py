@@ -6,18 +6,21 @@ initialisation and supervised training for the same minutes, then fine-tuning wi
 100% of the labels for ``--finetune-minutes`` against training from scratch for the same total
 time. Every run is time-boxed by the training loop (``max_minutes``), so it fills its minutes
 whatever the machine. Prints markdown tables with the machine and the minutes, writes
-``mpp_transfer.png`` and ``results.json`` to ``--out``. Quick check of the script (not a
-result): ``--data digits --model vit_digits --subset 400 --minutes 0.05 --finetune-minutes 0.05``.
+``mpp_transfer.png`` and ``results.json`` to ``--out``. At the default budgets the eight runs
+take about six hours; killed, the study continues where it stopped when run again with the
+same arguments. Quick check of the script (not a result): ``--data digits --model vit_digits
+--subset 400 --minutes 0.05 --finetune-minutes 0.05 --out /tmp/mpp-check``.
 
-Usage: python benchmarks/mpp_transfer.py [--minutes 60] [--finetune-minutes 10] [--out DIR]
+Usage: python benchmarks/mpp_transfer.py [--minutes 60] [--finetune-minutes 10]
+       [--out runs/mpp-transfer-cifar10]
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -56,12 +59,18 @@ def main() -> None:
     parser.add_argument("--finetune-lr", type=float, default=0.03)
     parser.add_argument("--subset", type=int, help="only this many training images (a check)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="run folders and results (default: a temp dir)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/mpp-transfer-cifar10"),
+        help="run folders and results; run again with the same folder to continue",
+    )
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         study = MppTransferStudy(
             data=args.data,
-            out=args.out or Path(tempfile.mkdtemp(prefix="vitkit-mpp-")),
+            out=args.out,
             model=args.model,
             minutes=args.minutes,
             finetune_minutes=args.finetune_minutes,
@@ -70,6 +79,7 @@ def main() -> None:
             seed=args.seed,
             machine=machine(),
         )
+        study.claim()  # refuses an --out that holds another study, before any training
     except ValueError as err:
         sys.exit(str(err))
     results = run_mpp_transfer(study)

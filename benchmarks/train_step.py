@@ -28,6 +28,8 @@ Each row also gives its fraction of the machine's measured matrix-multiply peak:
 ``torch.mm`` of ``--peak-size`` square matrices in fp32 and in bf16, against training FLOPs of
 3x the forward count (``vitkit.models.flops_per_image``: backward is twice the forward). The
 CPU model and its matrix features are printed, since AMX or AVX-512 bf16 decides bf16 speed.
+On a GPU every tensor goes to it; the CPU's batches leave a large one idle and a 4096² product
+under-states its peak, so give ``--batch 256 --peak-size 8192`` there (docs: On a GPU).
 
 Usage: python benchmarks/train_step.py [--models vit_cifar vit_cifar_hybrid vit_ti16 vit_s16]
        [--precisions fp32 bf16] [--rounds 5] [--warmup 2] [--attn auto sdpa eager]

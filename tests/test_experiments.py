@@ -1,6 +1,6 @@
 """The MPP transfer study's parts (``vitkit.experiments.mpp_transfer``): its label fractions,
 its time-boxed runs (the training loop's budget, not a calibration of its own), its figure and
-its refusals. The whole study trains eight runs: ``benchmarks/mpp_transfer.py`` runs it."""
+its refusals, and the whole study in miniature: killed, continued and read back."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import torch
 from matplotlib.figure import Figure
 
 from vitkit.data import load_dataset
+from vitkit.experiments import runs
 from vitkit.experiments.mpp_transfer import (
     SHOTS,
     MppTransferStudy,
     labelled_subset,
+    run_mpp_transfer,
     time_boxed,
     transfer_figure,
 )
@@ -65,3 +67,45 @@ def test_the_study_refuses_a_budget_of_nothing_and_missing_data(tmp_path: Path) 
         MppTransferStudy("digits", tmp_path, minutes=0)
     with pytest.raises(ValueError, match="does not exist: set VITKIT_DATA or pass --data"):
         MppTransferStudy(str(tmp_path / "nowhere"), tmp_path)
+
+
+def test_the_study_killed_continues_and_a_finished_one_trains_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def study(subset: int = 400) -> MppTransferStudy:
+        return MppTransferStudy(
+            "digits", tmp_path, "vit_digits", minutes=0.005, finetune_minutes=0.005, subset=subset
+        )
+
+    trained: list[str] = []
+
+    def killed_at_the_third_run(cfg: TrainConfig | None = None, **kwargs: object) -> dict:
+        trained.append(Path(cfg.run.out).name if cfg else "resumed")
+        if len(trained) == 3:
+            raise KeyboardInterrupt  # the first fine-tune, before its first step
+        return train(cfg, **kwargs)
+
+    monkeypatch.setattr(runs, "train", killed_at_the_third_run)
+    with pytest.raises(KeyboardInterrupt):
+        run_mpp_transfer(study())
+    assert trained == ["mpp", "supervised", "finetune-0.01"]
+
+    trained.clear()
+    monkeypatch.setattr(
+        runs, "train", lambda cfg, **kw: (trained.append(cfg.run.out), train(cfg))[1]
+    )
+    results = run_mpp_transfer(study())
+    # The pre-trained and supervised runs are read back; the six runs after the kill train.
+    assert [Path(out).name for out in trained] == [
+        f"{kind}-{fraction}"
+        for fraction in ("0.01", "0.1", "1")
+        for kind in ("finetune", "scratch")
+    ]
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    minutes = json.loads((tmp_path / "mpp/summary.json").read_text())["wall_seconds"] / 60
+    assert results["mpp"]["minutes"] == pytest.approx(minutes)
+
+    monkeypatch.setattr(runs, "train", lambda *a, **k: pytest.fail("a finished run retrained"))
+    assert run_mpp_transfer(study()) == results
+    with pytest.raises(ValueError, match=r"other settings \(subset: 400 there, 500 now\)"):
+        run_mpp_transfer(study(subset=500))

@@ -15,7 +15,7 @@ from vitkit.analysis.scaling import COMPUTE_FIGURE, SIZE_FIGURE
 from vitkit.cli import main
 from vitkit.data import load_dataset
 from vitkit.data.sources import open_splits
-from vitkit.experiments import scaling
+from vitkit.experiments import runs, scaling
 from vitkit.experiments.scaling import ScalingExperiment, run_scaling
 from vitkit.models import create_model, flops_per_image, model_config
 from vitkit.training import TrainConfig, TrainingInterrupted, train
@@ -216,7 +216,7 @@ def test_scaling_experiment_killed_then_rerun(
 
         return train(cfg, resume, kill)
 
-    monkeypatch.setattr(scaling, "train", killed_in_the_second_run)
+    monkeypatch.setattr(runs, "train", killed_in_the_second_run)
     with pytest.raises(TrainingInterrupted):
         run_scaling(experiment)
     first, second = out / "runs/vit_digits-f0.1", out / "runs/vit_digits-f0.2"
@@ -225,7 +225,7 @@ def test_scaling_experiment_killed_then_rerun(
 
     calls.clear()
     monkeypatch.setattr(
-        scaling,
+        runs,
         "train",
         lambda cfg=None, resume=None, progress=None: (
             calls.append((cfg.model.name if cfg else None, resume)),
@@ -301,7 +301,7 @@ def test_scaling_under_a_time_budget_is_time_boxed_by_the_loop_and_reruns_nothin
     summary = json.loads((run / "summary.json").read_text())
     configured = 150 * (digits_examples(0.1) // 32)  # the default epochs bound the length
     assert summary["budget_spent"] and 1 <= row["steps"] < configured
-    monkeypatch.setattr(scaling, "train", lambda *a, **k: pytest.fail("a finished run retrained"))
+    monkeypatch.setattr(runs, "train", lambda *a, **k: pytest.fail("a finished run retrained"))
     assert run_scaling(experiment()) == [row]
 
 
@@ -335,3 +335,5 @@ def test_the_old_home_of_the_experiment_says_where_it_went() -> None:
         old.run_scaling  # noqa: B018
     with pytest.raises(AttributeError, match="the training loop's max_minutes"):
         old.measure_train_speed  # noqa: B018
+    # and where it says holds them, the shared run check among them
+    assert scaling.check_same_settings is runs.check_same_settings

@@ -14,15 +14,15 @@ labelled dataset (CIFAR-10 by default; ``benchmarks/mpp_transfer.py`` runs it):
 Every run is an ordinary run folder under ``out`` trained for its minutes by the training
 loop's time budget (``max_minutes``: the schedule is fitted to the steps that fit, at the
 speed re-measured as the run goes), so a run fills its minutes whatever the machine. Writes
-``results.json`` and ``mpp_transfer.png`` to ``out``.
+``results.json`` and ``mpp_transfer.png`` to ``out``. At its default budgets the study takes
+about six hours: killed, it continues where it stopped when run again with the same ``out``
+(finished runs are read back, a started one resumes from its last checkpoint).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,12 @@ from matplotlib.figure import Figure
 from vitkit.checkpoints import load_pretrained
 from vitkit.data import ImageDataset, load_dataset
 from vitkit.evaluation import extract_features, fewshot_indices, fewshot_protocol
+from vitkit.experiments.runs import finished_run
 from vitkit.models import create_model
-from vitkit.training import TrainConfig, resolve_config, train
+from vitkit.training import TrainConfig, resolve_config
 from vitkit.training.config import DEFAULT_BATCH_SIZE
 from vitkit.utils.config import merge_tables
 from vitkit.utils.files import atomic_write
-
-logger = logging.getLogger(__name__)
 
 # The supervised recipe of benchmarks/recipes/cifar10.toml, without its data and epochs.
 SUPERVISED: dict[str, Any] = {
@@ -63,6 +62,9 @@ SHOTS = (10, 25)
 # minutes decide; the loop fits the schedule (and the warm-up, a tenth of it) to them.
 TIME_BOXED_EPOCHS = 10_000
 RESULTS_FILE = "results.json"
+# The study's settings, kept beside its runs: a run folder's config names its data by the path
+# of the .npz written here, so a study of other data or images must not read it back.
+STUDY_FILE = "study.json"
 FIGURE_FILE = "mpp_transfer.png"
 
 
@@ -92,6 +94,25 @@ class MppTransferStudy:
             )
         if self.data != "digits" and not Path(self.data).exists():
             raise ValueError(f"{self.data} does not exist: set VITKIT_DATA or pass --data")
+
+    def claim(self) -> None:
+        """Write the settings into ``out``, or refuse an ``out`` holding another study."""
+        settings = {k: v for k, v in asdict(self).items() if k not in ("out", "machine")}
+        saved = self.out / STUDY_FILE
+        if saved.is_file():
+            before = json.loads(saved.read_text())
+            differing = sorted(k for k in settings if before.get(k) != settings[k])
+            if differing:
+                shown = "; ".join(
+                    f"{k}: {before.get(k)!r} there, {settings[k]!r} now" for k in differing
+                )
+                raise ValueError(
+                    f"{self.out} holds a study with other settings ({shown}): give another "
+                    "--out, or delete that folder to run it again"
+                )
+        self.out.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(settings, indent=2) + "\n"
+        atomic_write(saved, lambda tmp: tmp.write_text(text))
 
 
 def time_boxed(values: dict[str, Any], minutes: float, train_size: int) -> dict[str, Any]:
@@ -134,12 +155,11 @@ def save_npz(path: Path, train_set: ImageDataset, test_set: ImageDataset) -> str
 
 
 def run(values: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Train one run (nested ``values``, their ``presets`` under them) into ``out``; its
-    summary, with the wall-clock minutes it took."""
-    started = time.perf_counter()
+    """Train one run (nested ``values``, their ``presets`` under them) into ``out``, or resume
+    or read back the one there; its summary, with the wall-clock minutes it took."""
     values = merge_tables(TrainConfig, values, {"run": {"out": str(out)}})
-    summary = train(resolve_config(flags=values))
-    return {**summary, "minutes": (time.perf_counter() - started) / 60}
+    summary = finished_run(resolve_config(flags=values))
+    return {**summary, "minutes": summary["wall_seconds"] / 60}
 
 
 def fewshot(model: torch.nn.Module, train_set: ImageDataset, test_set: ImageDataset) -> dict:
@@ -157,7 +177,7 @@ def fewshot(model: torch.nn.Module, train_set: ImageDataset, test_set: ImageData
 def run_mpp_transfer(study: MppTransferStudy) -> dict[str, Any]:
     """Run the three steps (module doc); write and return the results."""
     out = study.out
-    out.mkdir(parents=True, exist_ok=True)
+    study.claim()
     train_set, test_set = load_dataset(study.data, "train"), load_dataset(study.data, "test")
     if study.subset:
         picked = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
@@ -168,7 +188,6 @@ def run_mpp_transfer(study: MppTransferStudy) -> dict[str, Any]:
     n = len(train_set)
 
     # 1. Pre-training without labels, and the supervised reference for the same minutes.
-    logger.info("pre-training %s by masked patch prediction for %g min", study.model, study.minutes)
     mpp = run(time_boxed(merge_tables(TrainConfig, PRETRAIN, base), study.minutes, n), out / "mpp")
     supervised = run(
         time_boxed(merge_tables(TrainConfig, SUPERVISED, base), study.minutes, n),

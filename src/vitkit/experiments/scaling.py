@@ -18,21 +18,22 @@ fits the schedule to the steps that fit in the time left at the speed it measure
 
 from __future__ import annotations
 
-import json
-import logging
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vitkit.analysis.scaling import result_row, write_results
-from vitkit.training import RunFolder, TrainConfig, train
-from vitkit.training.config import explicit_names, nest_flat_keys, read_run_config
+
+# check_same_settings and dotted lived here before every experiment shared them.
+from vitkit.experiments.runs import check_same_settings as check_same_settings
+from vitkit.experiments.runs import dotted as dotted
+from vitkit.experiments.runs import finished_run
+from vitkit.training import RunFolder, TrainConfig
+from vitkit.training.config import explicit_names, nest_flat_keys
 from vitkit.training.loop import Progress
 from vitkit.utils.config import merge_tables
-
-logger = logging.getLogger(__name__)
 
 # The settings the experiment sets in each run's config (by flag name); a base config may not.
 EXPERIMENT_KEYS = ("model", "data", "train_fraction", "out", "max_minutes", "steps")
@@ -101,52 +102,11 @@ def run_scaling(
     configs = {
         (m, f): experiment.config(m, f) for m in experiment.models for f in experiment.fractions
     }
+    # Under a budget, a run folder of an earlier version holds the steps it calibrated.
+    ignore = {"schedule.steps"} if experiment.budget_minutes else set()
     rows: list[dict[str, Any]] = []
     for (model, fraction), cfg in configs.items():
-        run = RunFolder(experiment.folder(model, fraction))
-        # Under a budget, a run folder of an earlier version holds the steps it calibrated.
-        check_same_settings(
-            run, cfg, ignore={"schedule.steps"} if experiment.budget_minutes else set()
-        )
-        if run.summary.is_file():
-            logger.info("%s is finished: reading its summary", run.path)
-        else:
-            with progress() if progress is not None else nullcontext() as callback:
-                if run.holds_run():
-                    logger.info("resuming the unfinished run in %s", run.path)
-                    train(resume=run.path, progress=callback)
-                else:
-                    logger.info(
-                        "training %s on %g of %s in %s", model, fraction, experiment.data, run.path
-                    )
-                    train(cfg, progress=callback)
-        rows.append(result_row(run, fraction))
+        finished_run(cfg, ignore, progress)
+        rows.append(result_row(RunFolder(experiment.folder(model, fraction)), fraction))
         write_results(rows, experiment.out)
     return rows
-
-
-def check_same_settings(run: RunFolder, cfg: TrainConfig, ignore: set[str]) -> None:
-    """Refuse to reuse a run folder trained with other settings than the experiment's now."""
-    if not run.holds_run():
-        return
-    saved = dotted(read_run_config(run.config).to_dict())
-    wanted = dotted(json.loads(json.dumps(cfg.to_dict())))
-    ignored = {*ignore, "run.out"}
-    differing = sorted(k for k in wanted.keys() - ignored if saved.get(k) != wanted[k])
-    if differing:
-        shown = "; ".join(f"{k}: {saved.get(k)!r} there, {wanted[k]!r} now" for k in differing)
-        raise ValueError(
-            f"{run.path} holds a run with other settings ({shown}): give another --out, or "
-            "delete that folder to train it again"
-        )
-
-
-def dotted(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config's values by dotted path (``optim.lr``)."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and value:
-            flat.update(dotted(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat

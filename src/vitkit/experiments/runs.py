@@ -1,0 +1,74 @@
+"""One run of an experiment, trained once: what lets an experiment of many runs be killed and
+run again with the same command, continuing where it stopped.
+
+A run folder with a ``summary.json`` is finished and read back, one with a checkpoint is
+resumed from it, an empty one is trained; a folder that holds a run with other settings is
+refused rather than mixed into the results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from vitkit.training import RunFolder, TrainConfig, train
+from vitkit.training.config import read_run_config
+from vitkit.training.loop import Progress
+
+logger = logging.getLogger(__name__)
+
+
+def finished_run(
+    cfg: TrainConfig,
+    ignore: Collection[str] = (),
+    progress: Callable[[], AbstractContextManager[Progress | None]] | None = None,
+) -> dict[str, Any]:
+    """The summary of the run ``cfg`` describes (in its ``run.out``): read back if finished,
+    else resumed or trained. ``ignore`` lists settings (dotted paths) a reused folder may hold
+    differently; ``progress()`` gives a context holding a progress callback for the run."""
+    if not cfg.run.out:
+        raise ValueError("an experiment's run needs its folder: set run.out")
+    run = RunFolder(Path(cfg.run.out))
+    check_same_settings(run, cfg, set(ignore))
+    if run.summary.is_file():
+        logger.info("%s is finished: reading its summary", run.path)
+    else:
+        with progress() if progress is not None else nullcontext() as callback:
+            if run.holds_run():
+                logger.info("resuming the unfinished run in %s", run.path)
+                train(resume=run.path, progress=callback)
+            else:
+                train(cfg, progress=callback)
+    summary: dict[str, Any] = json.loads(run.summary.read_text())
+    return summary
+
+
+def check_same_settings(run: RunFolder, cfg: TrainConfig, ignore: set[str]) -> None:
+    """Refuse to reuse a run folder trained with other settings than the experiment's now."""
+    if not run.holds_run():
+        return
+    saved = dotted(read_run_config(run.config).to_dict())
+    wanted = dotted(json.loads(json.dumps(cfg.to_dict())))
+    ignored = {*ignore, "run.out"}
+    differing = sorted(k for k in wanted.keys() - ignored if saved.get(k) != wanted[k])
+    if differing:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} there, {wanted[k]!r} now" for k in differing)
+        raise ValueError(
+            f"{run.path} holds a run with other settings ({shown}): give another --out, or "
+            "delete that folder to train it again"
+        )
+
+
+def dotted(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config's values by dotted path (``optim.lr``)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
