@@ -18,7 +18,7 @@ from vitkit.data.sources import open_splits
 from vitkit.experiments import runs, scaling
 from vitkit.experiments.scaling import ScalingExperiment, run_scaling
 from vitkit.models import create_model, flops_per_image, model_config
-from vitkit.training import TrainConfig, TrainingInterrupted, train
+from vitkit.training import RunFolder, TrainConfig, TrainingInterrupted, train
 from vitkit.training.optim import build_schedule, lr_factor
 from vitkit.training.recipes import HyperRule, bit_config, bit_hyperrule
 
@@ -283,6 +283,35 @@ def test_scaling_experiment_killed_then_rerun(
         run_scaling(
             ScalingExperiment("digits", [0.1], ["vit_digits"], out, epochs=2, base=dict(QUICK))
         )
+
+
+def test_a_run_killed_before_its_first_checkpoint_trains_again_from_step_0(
+    tmp_path: Path,
+) -> None:
+    cfg = TrainConfig.from_nested(
+        {
+            "model": {"name": "vit_digits"},
+            "data": {"source": "digits"},
+            "optim": {"batch_size": 32},
+            "schedule": {"steps": 4, "warmup_epochs": 0.0},
+            "augment": {"random_resized_crop": False},
+            "run": {"log_every": 1, "checkpoint_every": 3, "out": str(tmp_path / "run")},
+        }
+    )
+
+    def killed_at_step_2(step: int, total: int, record: Any) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted, match="before the first checkpoint"):
+        train(cfg, progress=killed_at_step_2)
+    run = RunFolder(tmp_path / "run")
+    assert run.read_metrics() and run.latest_checkpoint() is None  # logged, nothing saved
+    with pytest.raises(ValueError, match="resuming would start again from step 0"):
+        train(resume=run.path)  # what a user is told: their logged progress would be lost
+
+    assert runs.finished_run(cfg)["steps"] == 4
+    assert [r["step"] for r in run.read_metrics() if r["split"] == "train"] == [1, 2, 3, 4]
 
 
 def test_scaling_under_a_time_budget_is_time_boxed_by_the_loop_and_reruns_nothing(

@@ -2,8 +2,10 @@
 run again with the same command, continuing where it stopped.
 
 A run folder with a ``summary.json`` is finished and read back, one with a checkpoint is
-resumed from it, an empty one is trained; a folder that holds a run with other settings is
-refused rather than mixed into the results.
+resumed from it, an empty one is trained, and one killed before its first checkpoint is
+trained again from its first step (its logged steps are dropped: nothing saved continues
+them); a folder that holds a run with other settings is refused rather than mixed into the
+results.
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ def finished_run(
     else:
         with progress() if progress is not None else nullcontext() as callback:
             if run.holds_run():
-                logger.info("resuming the unfinished run in %s", run.path)
+                if run.latest_checkpoint() is None and not run.best.is_file():
+                    logger.info("%s stopped before its first checkpoint: from step 0", run.path)
+                    run.cut_metrics(0)
+                else:
+                    logger.info("resuming the unfinished run in %s", run.path)
                 train(resume=run.path, progress=callback)
             else:
                 train(cfg, progress=callback)
