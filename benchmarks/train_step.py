@@ -22,7 +22,8 @@ path) and of Hugging Face's faster path, and prints where each step's time went:
 multiplies and convolutions (the operators in ``MATMULS``, their own time) against everything
 else (the element-wise operators, casts, copies, the optimizer and the Python between them).
 The profiler slows every operator it records, the small ones most, so the split is what to
-read there, not the milliseconds' sum.
+read there, not the milliseconds' sum. On a GPU the split sums the kernels' own device time by
+the operator that launched them, and counts SDPA's fused attention kernels as matrix work.
 
 Each row also gives its fraction of the machine's measured matrix-multiply peak: one
 ``torch.mm`` of ``--peak-size`` square matrices in fp32 and in bf16, against training FLOPs of
@@ -45,6 +46,7 @@ import os
 import sys
 from collections.abc import Callable
 from datetime import date
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +55,8 @@ from torch import nn
 
 from vitkit.models import ViTConfig, create_model, flops_per_image, model_config
 
-# The operators that do a step's multiply-adds (oneDNN or BLAS kernels); the rest is overhead.
+# The operators that do a step's multiply-adds (oneDNN, BLAS or cuBLAS kernels, and on a GPU
+# the fused attention kernels SDPA calls there); the rest is overhead.
 MATMULS = frozenset(
     {
         "aten::mm",
@@ -61,7 +64,14 @@ MATMULS = frozenset(
         "aten::bmm",
         "aten::baddbmm",
         "aten::mkldnn_convolution",
+        "aten::cudnn_convolution",
         "aten::convolution_backward",
+        "aten::_flash_attention_forward",
+        "aten::_flash_attention_backward",
+        "aten::_efficient_attention_forward",
+        "aten::_efficient_attention_backward",
+        "aten::_cudnn_attention_forward",
+        "aten::_cudnn_attention_backward",
     }
 )
 
@@ -141,16 +151,27 @@ def measure(
     return batch, {key: batch / s for key, s in seconds.items()}, steps
 
 
-def time_split(step: Callable[[], None], steps: int = 3) -> tuple[float, float]:
+def time_split(
+    step: Callable[[], None], device: torch.device, steps: int = 3
+) -> tuple[float, float]:
     """Milliseconds a step in ``MATMULS`` and in every other operator (self times, under
-    ``torch.profiler``), over ``steps`` steps after one untimed."""
+    ``torch.profiler``), over ``steps`` steps after one untimed. On a GPU the times are the
+    kernels' on the device (an operator's CPU time there is only its launch)."""
     step()
-    with torch.profiler.profile() as profiler:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
         for _ in range(steps):
             step()
-    events = profiler.key_averages()
-    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMULS)
-    total = sum(e.self_cpu_time_total for e in events)
+        device_sync(device)()
+    events = [e for e in profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+
+    def own_time(event: Any) -> float:
+        return event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+
+    matmul = sum(own_time(e) for e in events if e.key in MATMULS)
+    total = sum(own_time(e) for e in events)
     return matmul / 1e3 / steps, (total - matmul) / 1e3 / steps
 
 
@@ -238,7 +259,7 @@ def main() -> int:
             if args.profile:
                 for key in (f"vitkit[{args.attn[0]}]", f"hf[{hf_attn}]"):
                     if key in steps:
-                        matmul, rest = time_split(steps[key])
+                        matmul, rest = time_split(steps[key], device)
                         share = f"{100 * matmul / (matmul + rest):.0f}%"
                         splits.append([name, precision, key, f"{matmul:.0f}", f"{rest:.0f}", share])
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
