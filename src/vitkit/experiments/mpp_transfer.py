@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 from vitkit.checkpoints import load_pretrained
 from vitkit.data import ImageDataset, load_dataset
 from vitkit.evaluation import extract_features, fewshot_indices, fewshot_protocol
-from vitkit.experiments.runs import finished_run
+from vitkit.experiments.runs import differing_settings, finished_run
 from vitkit.models import create_model
 from vitkit.training import TrainConfig, resolve_config
 from vitkit.training.config import DEFAULT_BATCH_SIZE
@@ -100,12 +100,8 @@ class MppTransferStudy:
         settings = {k: v for k, v in asdict(self).items() if k not in ("out", "machine")}
         saved = self.out / STUDY_FILE
         if saved.is_file():
-            before = json.loads(saved.read_text())
-            differing = sorted(k for k in settings if before.get(k) != settings[k])
-            if differing:
-                shown = "; ".join(
-                    f"{k}: {before.get(k)!r} there, {settings[k]!r} now" for k in differing
-                )
+            shown = differing_settings(json.loads(saved.read_text()), settings)
+            if shown:
                 raise ValueError(
                     f"{self.out} holds a study with other settings ({shown}): give another "
                     "--out, or delete that folder to run it again"

@@ -59,14 +59,21 @@ def check_same_settings(run: RunFolder, cfg: TrainConfig, ignore: set[str]) -> N
         return
     saved = dotted(read_run_config(run.config).to_dict())
     wanted = dotted(json.loads(json.dumps(cfg.to_dict())))
-    ignored = {*ignore, "run.out"}
-    differing = sorted(k for k in wanted.keys() - ignored if saved.get(k) != wanted[k])
-    if differing:
-        shown = "; ".join(f"{k}: {saved.get(k)!r} there, {wanted[k]!r} now" for k in differing)
+    shown = differing_settings(saved, wanted, {*ignore, "run.out"})
+    if shown:
         raise ValueError(
             f"{run.path} holds a run with other settings ({shown}): give another --out, or "
             "delete that folder to train it again"
         )
+
+
+def differing_settings(
+    saved: dict[str, Any], wanted: dict[str, Any], ignore: Collection[str] = ()
+) -> str:
+    """The settings ``wanted`` gives otherwise than ``saved`` (``ignore`` aside), as
+    ``"key: saved there, wanted now; ..."``; empty when they agree."""
+    differing = sorted(k for k in wanted.keys() - set(ignore) if saved.get(k) != wanted[k])
+    return "; ".join(f"{k}: {saved.get(k)!r} there, {wanted[k]!r} now" for k in differing)
 
 
 def dotted(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
