@@ -3,6 +3,7 @@ machine's measured matrix-multiply peak, the CPU's name and the markdown table."
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -92,6 +93,13 @@ def cpu_name() -> str:
                 flags = set(value.split())
     features = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{name} ({', '.join(features) or 'no AVX-512'})"
+
+
+def machine_name() -> str:
+    """The GPU a run trains on, else the CPU with its cores and torch's threads."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

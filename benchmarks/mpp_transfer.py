@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import cpu_name, markdown_table
+from _common import machine_name, markdown_table
 
 from vitkit.experiments.mpp_transfer import (
     FIGURE_FILE,
@@ -32,12 +32,6 @@ from vitkit.experiments.mpp_transfer import (
     MppTransferStudy,
     run_mpp_transfer,
 )
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:
@@ -77,7 +71,7 @@ def main() -> None:
             finetune_lr=args.finetune_lr,
             subset=args.subset,
             seed=args.seed,
-            machine=machine(),
+            machine=machine_name(),
         )
         study.claim()  # refuses an --out that holds another study, before any training
     except ValueError as err:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import cpu_name
+from _common import machine_name
 
 from vitkit.training import TrainConfig, resolve_config, train
 from vitkit.training.config import read_config_file
@@ -56,12 +56,6 @@ def data_path(name: str) -> str:
     if not root or not (Path(root) / name).is_dir():
         sys.exit(f"this recipe needs $VITKIT_DATA/{name} (set VITKIT_DATA=../shared/data)")
     return str(Path(root) / name)
-
-
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def run(values: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -177,7 +171,7 @@ def main() -> None:
         rows = finetune(args.seeds, args.epochs, out)
     else:
         rows = from_scratch(args.recipe, args.seeds, args.epochs, out)
-    print(f"\n{hardware()}, torch {torch.__version__}; run folders in {out}")
+    print(f"\n{machine_name()}, torch {torch.__version__}; run folders in {out}")
     print_table(rows)
     if len(args.seeds) > 1 and args.recipe != "finetune":
         for what, column, unit in (("test accuracy", 2, "%"), ("minutes", 3, "")):

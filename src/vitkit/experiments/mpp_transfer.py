@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 from vitkit.checkpoints import load_pretrained
 from vitkit.data import ImageDataset, load_dataset
 from vitkit.evaluation import extract_features, fewshot_indices, fewshot_protocol
-from vitkit.experiments.runs import differing_settings, finished_run
+from vitkit.experiments.runs import claim_study, finished_run
 from vitkit.models import create_model
 from vitkit.training import TrainConfig, resolve_config
 from vitkit.training.config import DEFAULT_BATCH_SIZE
@@ -98,17 +98,7 @@ class MppTransferStudy:
     def claim(self) -> None:
         """Write the settings into ``out``, or refuse an ``out`` holding another study."""
         settings = {k: v for k, v in asdict(self).items() if k not in ("out", "machine")}
-        saved = self.out / STUDY_FILE
-        if saved.is_file():
-            shown = differing_settings(json.loads(saved.read_text()), settings)
-            if shown:
-                raise ValueError(
-                    f"{self.out} holds a study with other settings ({shown}): give another "
-                    "--out, or delete that folder to run it again"
-                )
-        self.out.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(settings, indent=2) + "\n"
-        atomic_write(saved, lambda tmp: tmp.write_text(text))
+        claim_study(self.out, settings, STUDY_FILE)
 
 
 def time_boxed(values: dict[str, Any], minutes: float, train_size: int) -> dict[str, Any]:
@@ -135,6 +125,17 @@ def labelled_subset(train_set: ImageDataset, fraction: float, seed: int) -> Imag
     per_class = max(1, round(fraction * len(train_set) / len(train_set.classes)))
     chosen = fewshot_indices(train_set.labels, per_class, seed, len(train_set.classes))
     return train_set.subset(torch.from_numpy(np.sort(chosen)))
+
+
+def study_splits(data: str, subset: int | None) -> tuple[ImageDataset, ImageDataset]:
+    """The training and test images of ``data``; with ``subset``, that many random training
+    images and the first that many test images (a quick check of a study, not a result)."""
+    train_set, test_set = load_dataset(data, "train"), load_dataset(data, "test")
+    if subset:
+        picked = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
+        train_set = train_set.subset(picked[:subset])
+        test_set = test_set.subset(torch.arange(min(subset, len(test_set))))
+    return train_set, test_set
 
 
 def save_npz(path: Path, train_set: ImageDataset, test_set: ImageDataset) -> str:
@@ -174,11 +175,7 @@ def run_mpp_transfer(study: MppTransferStudy) -> dict[str, Any]:
     """Run the three steps (module doc); write and return the results."""
     out = study.out
     study.claim()
-    train_set, test_set = load_dataset(study.data, "train"), load_dataset(study.data, "test")
-    if study.subset:
-        picked = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
-        train_set = train_set.subset(picked[: study.subset])
-        test_set = test_set.subset(torch.arange(min(study.subset, len(test_set))))
+    train_set, test_set = study_splits(study.data, study.subset)
     data = save_npz(out / "data.npz", train_set, test_set)
     base = {"model": {"name": study.model}, "data": {"source": data}, "run": {"seed": study.seed}}
     n = len(train_set)

@@ -20,6 +20,7 @@ from typing import Any
 from vitkit.training import RunFolder, TrainConfig, train
 from vitkit.training.config import read_run_config
 from vitkit.training.loop import Progress
+from vitkit.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,23 @@ def check_same_settings(run: RunFolder, cfg: TrainConfig, ignore: set[str]) -> N
             f"{run.path} holds a run with other settings ({shown}): give another --out, or "
             "delete that folder to train it again"
         )
+
+
+def claim_study(out: Path, settings: dict[str, Any], file_name: str = "study.json") -> None:
+    """Write an experiment's ``settings`` into ``out``, or refuse an ``out`` whose saved
+    settings differ: its run folders name their data by paths inside ``out``, so another
+    study's runs must not be read back as this one's."""
+    saved = out / file_name
+    if saved.is_file():
+        shown = differing_settings(json.loads(saved.read_text()), settings)
+        if shown:
+            raise ValueError(
+                f"{out} holds a study with other settings ({shown}): give another --out, or "
+                "delete that folder to run it again"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(settings, indent=2) + "\n"
+    atomic_write(saved, lambda tmp: tmp.write_text(text))
 
 
 def differing_settings(
