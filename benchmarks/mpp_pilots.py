@@ -54,7 +54,8 @@ def main() -> None:
         nargs="+",
         default=[p.name for p in PILOTS],
         metavar="NAME",
-        help=f"which pilots, of {[p.name for p in PILOTS]}",
+        # argparse formats help with %: the "15%" of a pilot's name is doubled
+        help=f"which pilots, of {[p.name for p in PILOTS]}".replace("%", "%%"),
     )
     parser.add_argument("--subset", type=int, help="only this many training images (a check)")
     parser.add_argument("--seed", type=int, default=0)
