@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from vitkit.checkpoints import load_pretrained
 from vitkit.data import ImageDataset, load_dataset
 from vitkit.evaluation import extract_features, fewshot_indices, fewshot_protocol
+from vitkit.experiments.runs import STUDY_FILE as STUDY_FILE  # its home was here
 from vitkit.experiments.runs import claim_study, finished_run
 from vitkit.models import create_model
 from vitkit.training import TrainConfig, resolve_config
@@ -62,9 +63,6 @@ SHOTS = (10, 25)
 # minutes decide; the loop fits the schedule (and the warm-up, a tenth of it) to them.
 TIME_BOXED_EPOCHS = 10_000
 RESULTS_FILE = "results.json"
-# The study's settings, kept beside its runs: a run folder's config names its data by the path
-# of the .npz written here, so a study of other data or images must not read it back.
-STUDY_FILE = "study.json"
 FIGURE_FILE = "mpp_transfer.png"
 
 
@@ -98,7 +96,7 @@ class MppTransferStudy:
     def claim(self) -> None:
         """Write the settings into ``out``, or refuse an ``out`` holding another study."""
         settings = {k: v for k, v in asdict(self).items() if k not in ("out", "machine")}
-        claim_study(self.out, settings, STUDY_FILE)
+        claim_study(self.out, settings)
 
 
 def time_boxed(values: dict[str, Any], minutes: float, train_size: int) -> dict[str, Any]:

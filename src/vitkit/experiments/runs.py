@@ -24,6 +24,8 @@ from vitkit.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
+STUDY_FILE = "study.json"  # a study's settings, beside its run folders
+
 
 def finished_run(
     cfg: TrainConfig,
@@ -68,11 +70,11 @@ def check_same_settings(run: RunFolder, cfg: TrainConfig, ignore: set[str]) -> N
         )
 
 
-def claim_study(out: Path, settings: dict[str, Any], file_name: str = "study.json") -> None:
-    """Write an experiment's ``settings`` into ``out``, or refuse an ``out`` whose saved
-    settings differ: its run folders name their data by paths inside ``out``, so another
+def claim_study(out: Path, settings: dict[str, Any]) -> None:
+    """Write a study's ``settings`` into ``out`` (``STUDY_FILE``), or refuse an ``out`` whose
+    saved settings differ: its run folders name their data by paths inside ``out``, so another
     study's runs must not be read back as this one's."""
-    saved = out / file_name
+    saved = out / STUDY_FILE
     if saved.is_file():
         shown = differing_settings(json.loads(saved.read_text()), settings)
         if shown:
