@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from vitkit.experiments.mpp_transfer import (
 )
 from vitkit.experiments.runs import claim_study
 from vitkit.models import create_model
+from vitkit.models.mpp import MPPTarget
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.models.vit import VisionTransformer
 from vitkit.training import TrainConfig
@@ -57,7 +59,7 @@ class Pilot:
     multiple of the study's pre-training epochs."""
 
     name: str
-    target: str = "mean_colour"
+    target: MPPTarget = "mean_colour"
     rate: float = 0.5
     length: int = 1
 
@@ -160,8 +162,10 @@ def run_mpp_pilots(study: MppPilotStudy) -> dict[str, Any]:
 
     # The baselines: the features of a random initialisation, that initialisation fine-tuned,
     # and supervised training from scratch for as many epochs.
-    torch.manual_seed(study.seed)
-    random_init = create_model(study.model, num_classes=0)
+    def random_init() -> PretrainedModel:
+        torch.manual_seed(study.seed)
+        return create_model(study.model, num_classes=0)
+
     tuned = run(merged(labelled_base, tune), out / "random-init-finetune")
     results["rows"][RANDOM_INIT] = dict(
         fewshot=features_scores(random_init, train_set, test_set, out / "random-init"),
@@ -191,7 +195,9 @@ def run_mpp_pilots(study: MppPilotStudy) -> dict[str, Any]:
                 test_accuracy=mpp.get("test_accuracy"),
                 minutes=mpp["minutes"],
             ),
-            fewshot=features_scores(load_pretrained(weights), train_set, test_set, folder),
+            fewshot=features_scores(
+                functools.partial(load_pretrained, weights), train_set, test_set, folder
+            ),
             finetune=scores(tuned),
         )
         save()
@@ -222,14 +228,19 @@ class PatchTokenMean(VisionTransformer):
 
 
 def features_scores(
-    model: PretrainedModel, train_set: ImageDataset, test_set: ImageDataset, folder: Path
+    load: Callable[[], PretrainedModel],
+    train_set: ImageDataset,
+    test_set: ImageDataset,
+    folder: Path,
 ) -> dict[str, Any]:
-    """Few-shot accuracy of ``model``'s [class] token and of its patch tokens' mean, kept in
-    ``folder`` so that a continued study does not compute them again."""
+    """Few-shot accuracy of the [class] token and of the patch tokens' mean of the model
+    ``load()`` gives, kept in ``folder`` so that a continued study neither loads the model nor
+    computes them again."""
     saved = folder / FEWSHOT_FILE
     if saved.is_file():
         kept: dict[str, Any] = json.loads(saved.read_text())
         return kept
+    model = load()
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"the MPP pilots pre-train a ViT, not a {type(model).__name__}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
