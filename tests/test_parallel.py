@@ -338,38 +338,41 @@ MUON_OVER_SHARDS = r"""
 import copy, json, sys
 from pathlib import Path
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from vitkit.models import create_model
-from vitkit.training import TrainConfig
+from vitkit.training import TrainConfig, distributed
 from vitkit.training.optim import build_optimizer
 from vitkit.training.parallel import shard_like
 
-dist.init_process_group("gloo")
-mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-torch.manual_seed(0)
-whole = create_model("vit_micro", num_classes=10)
-sharded = copy.deepcopy(whole)
-for block in sharded.blocks:
-    fully_shard(block, mesh=mesh)
-fully_shard(sharded, mesh=mesh)
-cfg = TrainConfig().replace(optim=dict(name="muon", lr=0.01, weight_decay=0.1))
-optimizers = [build_optimizer(whole, cfg), build_optimizer(sharded, cfg)]
-pairs = list(zip(whole.named_parameters(), sharded.parameters(), strict=True))
-draw = torch.Generator().manual_seed(1)
-for _ in range(3):
-    for (_, p), q in pairs:
-        p.grad = torch.randn(p.shape, generator=draw)
-        q.grad = shard_like(p.grad, q)
-    for optimizer in optimizers:
-        optimizer.step()
-muon = [g["muon"] for g in optimizers[1].param_groups for _ in g["params"]]
-Path(sys.argv[1], f"{dist.get_rank()}.json").write_text(json.dumps({
-    "muon_matrices": sum(muon),
-    "rows_here": {n: q.to_local().shape[0] for (n, _), q in pairs if q.ndim == 2},
-    "different": [n for (n, p), q in pairs if not torch.equal(p, q.full_tensor())],
-}))
+def compare(mesh):
+    torch.manual_seed(0)
+    whole = create_model("vit_micro", num_classes=10)
+    sharded = copy.deepcopy(whole)
+    for block in sharded.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    cfg = TrainConfig().replace(optim=dict(name="muon", lr=0.01, weight_decay=0.1))
+    optimizers = [build_optimizer(whole, cfg), build_optimizer(sharded, cfg)]
+    pairs = list(zip(whole.named_parameters(), sharded.parameters(), strict=True))
+    draw = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for (_, p), q in pairs:
+            p.grad = torch.randn(p.shape, generator=draw)
+            q.grad = shard_like(p.grad, q)
+        for optimizer in optimizers:
+            optimizer.step()
+    muon = [g["muon"] for g in optimizers[1].param_groups for _ in g["params"]]
+    return {
+        "muon_matrices": sum(muon),
+        "rows_here": {n: q.to_local().shape[0] for (n, _), q in pairs if q.ndim == 2},
+        "different": [n for (n, p), q in pairs if not torch.equal(p, q.full_tensor())],
+    }
+
+# In a function, so that no FSDP module outlives it to hold the process group past stop
+# (see test_stopping_a_run_ends_gloo_threads).
+process = distributed.start("cpu", sharded=True)
+Path(sys.argv[1], f"{process.rank}.json").write_text(json.dumps(compare(process.mesh)))
+distributed.stop(process)
 """
 
 
