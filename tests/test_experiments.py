@@ -5,6 +5,7 @@ its refusals, and the whole study in miniature: killed, continued and read back.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,9 @@ import torch
 from matplotlib.figure import Figure
 
 from vitkit.data import load_dataset
-from vitkit.experiments import runs
+from vitkit.experiments import mpp_transfer, runs
 from vitkit.experiments.mpp_transfer import (
+    FEWSHOT_FOLDERS,
     SHOTS,
     MppTransferStudy,
     labelled_subset,
@@ -85,12 +87,17 @@ def test_the_study_killed_continues_and_a_finished_one_trains_nothing(
             raise KeyboardInterrupt  # the first fine-tune, before its first step
         return train(cfg, **kwargs)
 
+    scored: list[int] = []
+    fewshot = mpp_transfer.fewshot
+    monkeypatch.setattr(mpp_transfer, "fewshot", lambda *a: (scored.append(1), fewshot(*a))[1])
     monkeypatch.setattr(runs, "train", killed_at_the_third_run)
     with pytest.raises(KeyboardInterrupt):
         run_mpp_transfer(study())
     assert trained == ["mpp", "supervised", "finetune-0.01"]
+    assert len(scored) == 3  # random init, MPP, supervised: before the fine-tunes
 
     trained.clear()
+    scored.clear()
     monkeypatch.setattr(
         runs, "train", lambda cfg, **kw: (trained.append(cfg.run.out), train(cfg))[1]
     )
@@ -102,6 +109,12 @@ def test_the_study_killed_continues_and_a_finished_one_trains_nothing(
         for kind in ("finetune", "scratch")
     ]
     assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert not scored  # the few-shot scores were kept, and read back
+    kept = {
+        name: json.loads((tmp_path / folder / runs.FEWSHOT_FILE).read_text())
+        for name, folder in FEWSHOT_FOLDERS.items()
+    }
+    assert results["fewshot"] == kept and set(kept["MPP"]) == {str(s) for s in SHOTS}
     minutes = json.loads((tmp_path / "mpp/summary.json").read_text())["wall_seconds"] / 60
     assert results["mpp"]["minutes"] == pytest.approx(minutes)
 
@@ -109,3 +122,9 @@ def test_the_study_killed_continues_and_a_finished_one_trains_nothing(
     assert run_mpp_transfer(study()) == results
     with pytest.raises(ValueError, match=r"other settings \(subset: 400 there, 500 now\)"):
         run_mpp_transfer(study(subset=500))
+
+    # A run folder deleted to train it again takes its few-shot scores with it.
+    shutil.rmtree(tmp_path / "mpp")
+    monkeypatch.setattr(runs, "train", train)
+    run_mpp_transfer(study())
+    assert len(scored) == 1

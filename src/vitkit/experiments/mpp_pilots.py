@@ -40,7 +40,7 @@ from vitkit.experiments.mpp_transfer import (
     save_npz,
     study_splits,
 )
-from vitkit.experiments.runs import claim_study
+from vitkit.experiments.runs import FEWSHOT_FILE, claim_study, kept_result
 from vitkit.models import create_model
 from vitkit.models.mpp import MPPTarget
 from vitkit.models.pretrained import PretrainedModel
@@ -50,7 +50,6 @@ from vitkit.utils.config import merge_tables
 from vitkit.utils.files import atomic_write
 
 RESULTS_FILE = "results.json"
-FEWSHOT_FILE = "fewshot.json"
 
 
 @dataclass(frozen=True)
@@ -196,7 +195,7 @@ def run_mpp_pilots(study: MppPilotStudy) -> dict[str, Any]:
                 minutes=mpp["minutes"],
             ),
             fewshot=features_scores(
-                functools.partial(load_pretrained, weights), train_set, test_set, folder
+                functools.partial(load_pretrained, weights), train_set, test_set, folder / "mpp"
             ),
             finetune=scores(tuned),
         )
@@ -234,26 +233,23 @@ def features_scores(
     folder: Path,
 ) -> dict[str, Any]:
     """Few-shot accuracy of the [class] token and of the patch tokens' mean of the model
-    ``load()`` gives, kept in ``folder`` so that a continued study neither loads the model nor
-    computes them again."""
-    saved = folder / FEWSHOT_FILE
-    if saved.is_file():
-        kept: dict[str, Any] = json.loads(saved.read_text())
-        return kept
-    model = load()
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"the MPP pilots pre-train a ViT, not a {type(model).__name__}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    patch_mean = PatchTokenMean(model.cfg)
-    patch_mean.load_state_dict(model.state_dict())
-    found = {
-        pooling: {str(k): v for k, v in fewshot(m.to(device), train_set, test_set).items()}
-        for pooling, m in (("class token", model), ("patch mean", patch_mean))
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(found, indent=2) + "\n"
-    atomic_write(saved, lambda tmp: tmp.write_text(text))
-    return found
+    ``load()`` gives, kept in ``folder`` (the model's run folder: deleted to train it again, it
+    takes them with it) so that a continued study neither loads the model nor computes them
+    again."""
+
+    def compute() -> dict[str, Any]:
+        model = load()
+        if not isinstance(model, VisionTransformer):
+            raise ValueError(f"the MPP pilots pre-train a ViT, not a {type(model).__name__}")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        patch_mean = PatchTokenMean(model.cfg)
+        patch_mean.load_state_dict(model.state_dict())
+        return {
+            pooling: fewshot(m.to(device), train_set, test_set)
+            for pooling, m in (("class token", model), ("patch mean", patch_mean))
+        }
+
+    return kept_result(folder / FEWSHOT_FILE, compute)
 
 
 __all__ = ["PILOTS", "SHOTS", "MppPilotStudy", "Pilot", "run_mpp_pilots"]

@@ -16,13 +16,16 @@ loop's time budget (``max_minutes``: the schedule is fitted to the steps that fi
 speed re-measured as the run goes), so a run fills its minutes whatever the machine. Writes
 ``results.json`` and ``mpp_transfer.png`` to ``out``. At its default budgets the study takes
 about six hours: killed, it continues where it stopped when run again with the same ``out``
-(finished runs are read back, a started one resumes from its last checkpoint).
+(finished runs are read back, a started one resumes from its last checkpoint, few-shot scores
+are read back from their runs' folders).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +36,8 @@ from matplotlib.figure import Figure
 from vitkit.checkpoints import load_pretrained
 from vitkit.data import ImageDataset, load_dataset
 from vitkit.evaluation import extract_features, fewshot_indices, fewshot_protocol
+from vitkit.experiments.runs import FEWSHOT_FILE, claim_study, finished_run, kept_result
 from vitkit.experiments.runs import STUDY_FILE as STUDY_FILE  # its home was here
-from vitkit.experiments.runs import claim_study, finished_run
 from vitkit.models import create_model
 from vitkit.training import TrainConfig, resolve_config
 from vitkit.training.config import DEFAULT_BATCH_SIZE
@@ -58,6 +61,9 @@ PRETRAIN: dict[str, Any] = {
     "augment": {"random_resized_crop": True, "crop_scale": (0.5, 1.0), "hflip": True},
 }
 LABEL_FRACTIONS = (0.01, 0.1, 1.0)
+# The folder of each initialisation in the study's, where its few-shot scores are kept (a
+# trained one's run folder: deleted to train it again, it takes its scores with it).
+FEWSHOT_FOLDERS = {"random init": "random-init", "MPP": "mpp", "supervised": "supervised"}
 SHOTS = (10, 25)
 # The length a time-boxed run is configured with: beyond what any budget here fits, so that the
 # minutes decide; the loop fits the schedule (and the warm-up, a tenth of it) to them.
@@ -158,7 +164,9 @@ def run(values: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def fewshot(model: torch.nn.Module, train_set: ImageDataset, test_set: ImageDataset) -> dict:
-    return fewshot_protocol(
+    """The few-shot protocol's scores of ``model``'s frozen features, by shots as a string (as
+    JSON keeps them)."""
+    scores = fewshot_protocol(
         extract_features(model, train_set),
         train_set.labels,
         extract_features(model, test_set),
@@ -167,6 +175,7 @@ def fewshot(model: torch.nn.Module, train_set: ImageDataset, test_set: ImageData
         range(3),
         num_classes=len(train_set.classes),
     )
+    return {str(shots): score for shots, score in scores.items()}
 
 
 def run_mpp_transfer(study: MppTransferStudy) -> dict[str, Any]:
@@ -185,14 +194,24 @@ def run_mpp_transfer(study: MppTransferStudy) -> dict[str, Any]:
         out / "supervised",
     )
 
-    # 2. Few-shot accuracy of the frozen features.
-    torch.manual_seed(study.seed)
-    models = {
-        "random init": create_model(study.model, num_classes=0),
-        "MPP": load_pretrained(out / "mpp/best.safetensors"),
-        "supervised": load_pretrained(out / "supervised/best.safetensors"),
+    # 2. Few-shot accuracy of the frozen features, kept in FEWSHOT_FOLDERS.
+    def random_init() -> torch.nn.Module:
+        torch.manual_seed(study.seed)
+        return create_model(study.model, num_classes=0)
+
+    loaders: dict[str, Callable[[], torch.nn.Module]] = {
+        "random init": random_init,
+        "MPP": partial(load_pretrained, out / "mpp/best.safetensors"),
+        "supervised": partial(load_pretrained, out / "supervised/best.safetensors"),
     }
-    shots = {name: fewshot(m, train_set, test_set) for name, m in models.items()}
+
+    def scores(load: Callable[[], torch.nn.Module]) -> dict[str, Any]:
+        return fewshot(load(), train_set, test_set)
+
+    shots = {
+        name: kept_result(out / FEWSHOT_FOLDERS[name] / FEWSHOT_FILE, partial(scores, load))
+        for name, load in loaders.items()
+    }
 
     # 3. Fine-tuning with few labels against scratch for the same total minutes.
     rows: list[dict[str, Any]] = []
@@ -234,7 +253,7 @@ def run_mpp_transfer(study: MppTransferStudy) -> dict[str, Any]:
             minutes=mpp["minutes"],
         ),
         supervised=dict(epochs=supervised["epochs"], test_accuracy=supervised["test_accuracy"]),
-        fewshot={name: {str(k): v for k, v in r.items()} for name, r in shots.items()},
+        fewshot=shots,
         finetune=[
             dict(
                 fraction=r["fraction"],

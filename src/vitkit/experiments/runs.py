@@ -25,6 +25,7 @@ from vitkit.utils.files import atomic_write
 logger = logging.getLogger(__name__)
 
 STUDY_FILE = "study.json"  # a study's settings, beside its run folders
+FEWSHOT_FILE = "fewshot.json"  # a model's few-shot scores, in its run folder
 
 
 def finished_run(
@@ -85,6 +86,20 @@ def claim_study(out: Path, settings: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(settings, indent=2) + "\n"
     atomic_write(saved, lambda tmp: tmp.write_text(text))
+
+
+def kept_result(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``compute()``'s result (JSON-able, string keys), computed once and kept in ``path``: a
+    continued study reads it back rather than compute it again (a few-shot reading of a model
+    takes minutes on a CPU)."""
+    if path.is_file():
+        kept: dict[str, Any] = json.loads(path.read_text())
+        return kept
+    found = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(found, indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+    return found
 
 
 def differing_settings(
