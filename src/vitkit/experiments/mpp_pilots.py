@@ -36,12 +36,12 @@ from vitkit.experiments.mpp_transfer import (
     SUPERVISED,
     fewshot,
     labelled_subset,
+    random_init,
     run,
     save_npz,
     study_splits,
 )
 from vitkit.experiments.runs import FEWSHOT_FILE, claim_study, kept_result
-from vitkit.models import create_model
 from vitkit.models.mpp import MPPTarget
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.models.vit import VisionTransformer
@@ -161,13 +161,14 @@ def run_mpp_pilots(study: MppPilotStudy) -> dict[str, Any]:
 
     # The baselines: the features of a random initialisation, that initialisation fine-tuned,
     # and supervised training from scratch for as many epochs.
-    def random_init() -> PretrainedModel:
-        torch.manual_seed(study.seed)
-        return create_model(study.model, num_classes=0)
-
     tuned = run(merged(labelled_base, tune), out / "random-init-finetune")
     results["rows"][RANDOM_INIT] = dict(
-        fewshot=features_scores(random_init, train_set, test_set, out / "random-init"),
+        fewshot=features_scores(
+            functools.partial(random_init, study.model, study.seed),
+            train_set,
+            test_set,
+            out / "random-init",
+        ),
         finetune=scores(tuned),
     )
     scratch = run(merged(SUPERVISED, labelled_base, labelled_length), out / "scratch")

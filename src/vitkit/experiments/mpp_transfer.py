@@ -39,6 +39,7 @@ from vitkit.evaluation import extract_features, fewshot_indices, fewshot_protoco
 from vitkit.experiments.runs import FEWSHOT_FILE, claim_study, finished_run, kept_result
 from vitkit.experiments.runs import STUDY_FILE as STUDY_FILE  # its home was here
 from vitkit.models import create_model
+from vitkit.models.pretrained import PretrainedModel
 from vitkit.training import TrainConfig, resolve_config
 from vitkit.training.config import DEFAULT_BATCH_SIZE
 from vitkit.utils.config import merge_tables
@@ -163,6 +164,12 @@ def run(values: dict[str, Any], out: Path) -> dict[str, Any]:
     return {**summary, "minutes": summary["wall_seconds"] / 60}
 
 
+def random_init(model: str, seed: int) -> PretrainedModel:
+    """``model`` as initialised under ``seed``, headless: the baseline for frozen features."""
+    torch.manual_seed(seed)
+    return create_model(model, num_classes=0)
+
+
 def fewshot(model: torch.nn.Module, train_set: ImageDataset, test_set: ImageDataset) -> dict:
     """The few-shot protocol's scores of ``model``'s frozen features, by shots as a string (as
     JSON keeps them)."""
@@ -195,12 +202,8 @@ def run_mpp_transfer(study: MppTransferStudy) -> dict[str, Any]:
     )
 
     # 2. Few-shot accuracy of the frozen features, kept in FEWSHOT_FOLDERS.
-    def random_init() -> torch.nn.Module:
-        torch.manual_seed(study.seed)
-        return create_model(study.model, num_classes=0)
-
     loaders: dict[str, Callable[[], torch.nn.Module]] = {
-        "random init": random_init,
+        "random init": partial(random_init, study.model, study.seed),
         "MPP": partial(load_pretrained, out / "mpp/best.safetensors"),
         "supervised": partial(load_pretrained, out / "supervised/best.safetensors"),
     }
