@@ -71,6 +71,19 @@ def test_the_study_refuses_a_budget_of_nothing_and_missing_data(tmp_path: Path) 
         MppTransferStudy(str(tmp_path / "nowhere"), tmp_path)
 
 
+def test_settings_name_a_file_or_folder_by_what_it_is_not_how_it_is_spelled(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    saved = {"data": str(tmp_path / "a"), "seed": 0}
+    assert runs.differing_settings(saved, {"data": str(tmp_path / "link"), "seed": 0}) == ""
+    other = runs.differing_settings(saved, {"data": str(tmp_path / "b"), "seed": 0})
+    assert other == f"data: {str(tmp_path / 'a')!r} there, {str(tmp_path / 'b')!r} now"
+    assert runs.differing_settings({"data": "gone"}, {"data": "also gone"}) != ""
+
+
 def test_the_study_killed_continues_and_a_finished_one_trains_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -120,6 +133,17 @@ def test_the_study_killed_continues_and_a_finished_one_trains_nothing(
 
     monkeypatch.setattr(runs, "train", lambda *a, **k: pytest.fail("a finished run retrained"))
     assert run_mpp_transfer(study()) == results
+    # --out spelled relatively names the same study and the same runs.
+    monkeypatch.chdir(tmp_path.parent)
+    relative = MppTransferStudy(
+        "digits",
+        Path(tmp_path.name),
+        "vit_digits",
+        minutes=0.005,
+        finetune_minutes=0.005,
+        subset=400,
+    )
+    assert run_mpp_transfer(relative) == results
     with pytest.raises(ValueError, match=r"other settings \(subset: 400 there, 500 now\)"):
         run_mpp_transfer(study(subset=500))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -107,8 +108,25 @@ def differing_settings(
 ) -> str:
     """The settings ``wanted`` gives otherwise than ``saved`` (``ignore`` aside), as
     ``"key: saved there, wanted now; ..."``; empty when they agree."""
-    differing = sorted(k for k in wanted.keys() - set(ignore) if saved.get(k) != wanted[k])
+    differing = sorted(
+        k for k in wanted.keys() - set(ignore) if not same_setting(saved.get(k), wanted[k])
+    )
     return "; ".join(f"{k}: {saved.get(k)!r} there, {wanted[k]!r} now" for k in differing)
+
+
+def same_setting(saved: Any, wanted: Any) -> bool:
+    """Equal, or two spellings of one existing file or folder (relative and absolute, or
+    through a link): a study continued with ``--out`` or its data spelled otherwise is the
+    same study, and its run folders, which name their data and checkpoints by paths inside
+    ``--out``, are the same runs."""
+    if saved == wanted:
+        return True
+    if not (isinstance(saved, str) and isinstance(wanted, str)):
+        return False
+    try:
+        return os.path.samefile(saved, wanted)
+    except (OSError, ValueError):  # a path that does not exist, or a string that is no path
+        return False
 
 
 def dotted(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
