@@ -40,6 +40,7 @@ PAIR_METAVARS = {
     "crop_scale": ("MIN", "MAX"),
     "crop_ratio": ("MIN", "MAX"),
     "randaugment": ("NUM_OPS", "MAGNITUDE"),
+    "resize_ramp": ("FROM", "UNTIL"),
 }
 SECTION_TITLES = {
     "task": "task options ([task] and [task.<name>] in a config file)",

@@ -130,7 +130,9 @@ class BatchTransform(nn.Module):
     (``train=False``): ``preprocess`` by the evaluation ``preprocessing`` (default: squash to
     ``img_size``; ``cropped`` images already have its geometry), one-hot targets. ``channels``
     (default: the input's) converts grey to RGB or RGB to grey, for a model with another ``in_chans``.
-    The random state (``state_dict`` saves it) advances once per training batch.
+    ``train_size`` (default ``img_size``) shrinks the augmented training images, for
+    progressive resizing. The random state (``state_dict`` saves it) advances once per
+    training batch.
     """
 
     def __init__(
@@ -164,6 +166,8 @@ class BatchTransform(nn.Module):
         self.randaugment = (
             PerImageRandAugment(*augment.randaugment) if augment.randaugment is not None else None
         )
+        # Progressive resizing: training batches at this size, augmented at img_size first.
+        self.train_size = self.img_size
 
     def get_extra_state(self) -> torch.Tensor:
         return self.generator.get_state()
@@ -210,6 +214,7 @@ class BatchTransform(nn.Module):
             images = self.flip(images)
         if self.randaugment is not None:
             images = self.randaugment(images)
+        images = resize(images, self.train_size)
         targets = self.one_hot(labels)
         mixup, cutmix = self.augment.mixup, self.augment.cutmix
         if mixup > 0 or cutmix > 0:

@@ -457,9 +457,21 @@ class ScheduleConfig(Section):
             "is divided by 10 once more (BiT-HyperRule: 3 drops)"
         },
     )
+    resize_start: float = option(
+        1.0,
+        "progressive resizing: train first at this fraction of the model's image size (e.g. "
+        "0.75), growing to the full size over resize_ramp; evaluation is always at the full "
+        "size; 1 = off",
+    )
+    resize_ramp: tuple[float, float] = option(
+        (0.4, 0.8),
+        "FROM UNTIL fractions of the run's steps between which the training image size "
+        "grows linearly from resize_start to the full size",
+    )
 
     def __post_init__(self) -> None:
         self.lr_drops = list(self.lr_drops)
+        self.resize_ramp = (float(self.resize_ramp[0]), float(self.resize_ramp[1]))
         super().__post_init__()
 
     def problems(self) -> list[str]:
@@ -474,6 +486,15 @@ class ScheduleConfig(Section):
             problems.append("warmup_epochs must be >= 0")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             problems.append("warmup_steps must be >= 0")
+        if not 0.0 < self.resize_start <= 1.0:
+            problems.append(
+                f"resize_start must be in (0, 1] (1 = no progressive resizing), got "
+                f"{self.resize_start}"
+            )
+        if not 0.0 <= self.resize_ramp[0] <= self.resize_ramp[1] <= 1.0:
+            problems.append(
+                f"resize_ramp must satisfy 0 <= FROM <= UNTIL <= 1, got {list(self.resize_ramp)}"
+            )
         drops = self.lr_drops
         if self.name != "bit":
             if drops:

@@ -54,6 +54,7 @@ from vitkit.training.optim import (
     muon_parameter_names,
     schedule_plan,
 )
+from vitkit.training.resizing import size_multiple, training_size
 from vitkit.training.run import (  # the run-folder functions' home was here
     RunFolder,
     SavedTraining,
@@ -292,6 +293,7 @@ class Session:
     )
     frozen: str = ""  # what --freeze froze, for the log
     averaged: WeightAverage | None = None  # --ema's average of the weights
+    train_size: tuple[int, int] | None = None  # progressive resizing's size now
 
     @classmethod
     def build(
@@ -349,6 +351,8 @@ class Session:
         if latest is not None:
             session.restore(latest, saved)
         session.started -= session.state.wall_seconds
+        if cfg.schedule.resize_start < 1:
+            session.resize()  # refuses a model or task that cannot resize before any step
         return session
 
     @property
@@ -504,10 +508,31 @@ class Session:
                 self.plan.configured_steps,
             )
 
+    def resize(self) -> None:
+        """Progressive resizing: set the task's training image size for this point of the
+        run. A new size restarts the time budget's speed measurement (its steps take
+        another time), so the schedule is fitted at the full size by the run's end."""
+        schedule = self.cfg.schedule
+        size = training_size(
+            self.model.cfg.img_size,
+            size_multiple(self.model),
+            schedule.resize_start,
+            schedule.resize_ramp,
+            self.state.step / self.total_steps,
+        )
+        if size == self.train_size:
+            return
+        self.task.set_train_size(size)
+        self.train_size, self.first_step = size, None
+        if self.process.is_main:
+            logger.info("training at %dx%d px from step %d", *size, self.state.step)
+
     def step(self, batches: Iterator[Batch]) -> bool:
         """One optimizer step: ``accum_steps`` micro-batches, each with its own seeds. False
         when a non-finite loss rolled the run back to its last checkpoint."""
         cfg, state, device = self.cfg, self.state, self.process.device
+        if cfg.schedule.resize_start < 1:
+            self.resize()
         sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.optim.accum_steps):
             with record_function(STAGES["data"]):

@@ -88,6 +88,14 @@ class Task:
         """(model inputs, targets) of a training batch; all randomness drawn from ``seed``."""
         raise NotImplementedError
 
+    def set_train_size(self, size: tuple[int, int]) -> None:
+        """Progressive resizing: ``prepare`` the next batches at ``size`` (height, width)
+        instead of the model's size. A task whose targets depend on the size refuses."""
+        raise ValueError(
+            f"the {self.name} task trains at the model's image size only: leave "
+            "schedule.resize_start at 1"
+        )
+
     def step(self, net: nn.Module, inputs: torch.Tensor, targets: Any) -> StepResult:
         raise NotImplementedError
 
@@ -151,7 +159,10 @@ class Classification(Task):
             size = {"img_size": cfg.img_size} if cfg.img_size else {}
             config_class = type(model_config(cfg.name))
             regularisation = fitted_overrides(
-                config_class, dropout=cfg.dropout, drop_path=cfg.drop_path
+                config_class,
+                dropout=cfg.dropout,
+                drop_path=cfg.drop_path,
+                **self.resizable(config_class),
             )
             return create_model(
                 cfg.name,
@@ -164,7 +175,10 @@ class Classification(Task):
         checkpoint = read_checkpoint(cfg.init_from, cfg.name)
         extra[RECORD_KEY] = EvalPreprocessing.of(checkpoint.config).to_dict()
         regularisation = fitted_overrides(
-            type(checkpoint.config), dropout=cfg.dropout, drop_path=cfg.drop_path
+            type(checkpoint.config),
+            dropout=cfg.dropout,
+            drop_path=cfg.drop_path,
+            **self.resizable(type(checkpoint.config)),
         )
         model = build_model(checkpoint, img_size=cfg.img_size, **regularisation)
         model.reset_classifier(
@@ -173,11 +187,22 @@ class Classification(Task):
         model.cfg = model.cfg.replace(extra={**model.cfg.extra, **extra})
         return model
 
+    def resizable(self, config_class: type) -> dict[str, bool]:
+        """With progressive resizing, a ViT takes any image size (``dynamic_img_size``: its
+        position embeddings are resized on the fly), and keeps doing so once saved; other
+        models are refused by the loop (``resizing.size_multiple``)."""
+        fields = {f.name for f in dataclasses.fields(config_class)}
+        wanted = self.cfg.schedule.resize_start < 1 and "dynamic_img_size" in fields
+        return {"dynamic_img_size": True} if wanted else {}
+
     def setup(self, model: PretrainedModel) -> None:
         cfg = model.cfg
         self.transform = BatchTransform(
             cfg.img_size, cfg.num_classes, self.cfg.augment, 0, channels=cfg.in_chans
         )
+
+    def set_train_size(self, size: tuple[int, int]) -> None:
+        self.transform.train_size = size
 
     def prepare(self, batch: Batch, seed: int) -> tuple[torch.Tensor, Any]:
         assert batch.labels is not None
