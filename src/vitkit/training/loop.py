@@ -351,8 +351,9 @@ class Session:
         if latest is not None:
             session.restore(latest, saved)
         session.started -= session.state.wall_seconds
-        if cfg.schedule.resize_start < 1:
-            session.resize()  # refuses a model or task that cannot resize before any step
+        if cfg.schedule.resize_start < 1:  # refuse a model or task that cannot resize
+            size_multiple(model)
+            task.set_train_size(model.cfg.img_size)
         return session
 
     @property
