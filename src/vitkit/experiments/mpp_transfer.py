@@ -297,6 +297,7 @@ def transfer_figure(results: dict[str, Any]) -> Figure:
     right.legend()
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{results['model']} on {results['data']}: MPP {results['minutes']:g} min")
+    data = Path(results["data"]).name or results["data"]  # the folder, not where it lies
+    fig.suptitle(f"{results['model']} on {data}: MPP {results['minutes']:g} min")
     fig.tight_layout()
     return fig
