@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_records
+from tests.conftest import assert_cut_run_resumes_to, run_records
 from tests.test_training import config
 from vitkit import load_pretrained
 from vitkit.models import VisionTransformer
@@ -93,6 +93,27 @@ def test_a_time_boxed_run_ends_its_schedule_at_the_full_size(
     assert sides[0] == 4 and sides[-1] == 8
     lrs = [r["lr"] for r in run_records(tmp_path / "run")]
     assert lrs[-1] == pytest.approx(0.0, abs=1e-9 * cfg.optim.lr)  # the schedule's end value
+
+
+def test_the_size_never_shrinks_when_a_refit_lengthens_the_run(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps at 6 px measured faster than at 4 px (as a noisy first measurement at a new size
+    can be) lengthen the fitted run, which moves its progress back below the 6-px mark."""
+    seconds = {4: 0.1, 6: 0.02, 8: 0.1}
+    sides = training_sides(monkeypatch)
+    monkeypatch.setattr(
+        Session, "spent_seconds", lambda self, this_segment=True: sum(seconds[s] for s in sides)
+    )
+    train(config(tiny_data, tmp_path / "run", epochs=10, max_minutes=0.04, **RESIZING))
+    assert 6 in sides and sides == sorted(sides)
+
+
+def test_a_resumed_run_continues_at_the_size_of_its_step(tiny_data: Path, tmp_path: Path) -> None:
+    train(config(tiny_data, tmp_path / "whole", epochs=5, **RESIZING))
+    assert_cut_run_resumes_to(
+        tmp_path / "whole", config(tiny_data, tmp_path / "cut", epochs=5, **RESIZING)
+    )
 
 
 @pytest.mark.parametrize(

@@ -94,6 +94,7 @@ class LoopState:
     best_weights: str = "raw"  # what best.safetensors holds: "raw", or "ema" (--ema's average)
     evals_without_improvement: int = 0  # of the best evaluator, for --patience
     stopped_early: bool = False  # by --patience
+    train_size: list[int] | None = None  # progressive resizing's image size (never shrinks)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LoopState:
@@ -293,7 +294,7 @@ class Session:
     )
     frozen: str = ""  # what --freeze froze, for the log
     averaged: WeightAverage | None = None  # --ema's average of the weights
-    train_size: tuple[int, int] | None = None  # progressive resizing's size now
+    train_size: tuple[int, int] | None = None  # the size the task was given, this session
 
     @classmethod
     def build(
@@ -512,19 +513,27 @@ class Session:
     def resize(self) -> None:
         """Progressive resizing: set the task's training image size for this point of the
         run. A new size restarts the time budget's speed measurement (its steps take
-        another time), so the schedule is fitted at the full size by the run's end."""
+        another time), so the schedule is fitted at the full size by the run's end. The size
+        never shrinks: a refit that lengthens the run moves its progress back, and would
+        otherwise send the images back to a size already left."""
         schedule = self.cfg.schedule
-        size = training_size(
+        height, width = training_size(
             self.model.cfg.img_size,
             size_multiple(self.model),
             schedule.resize_start,
             schedule.resize_ramp,
             self.state.step / self.total_steps,
         )
+        if self.state.train_size is not None:
+            height, width = (
+                max(height, self.state.train_size[0]),
+                max(width, self.state.train_size[1]),
+            )
+        size = (height, width)
         if size == self.train_size:
             return
         self.task.set_train_size(size)
-        self.train_size, self.first_step = size, None
+        self.train_size, self.state.train_size, self.first_step = size, [height, width], None
         if self.process.is_main:
             logger.info("training at %dx%d px from step %d", *size, self.state.step)
 
