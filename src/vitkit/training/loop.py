@@ -294,7 +294,6 @@ class Session:
     )
     frozen: str = ""  # what --freeze froze, for the log
     averaged: WeightAverage | None = None  # --ema's average of the weights
-    train_size: tuple[int, int] | None = None  # the size the task was given, this session
 
     @classmethod
     def build(
@@ -354,7 +353,8 @@ class Session:
         session.started -= session.state.wall_seconds
         if cfg.schedule.resize_start < 1:  # refuse a model or task that cannot resize
             size_multiple(model)
-            task.set_train_size(model.cfg.img_size)
+            reached = session.state.train_size  # a resumed run's size
+            task.set_train_size((reached[0], reached[1]) if reached else model.cfg.img_size)
         return session
 
     @property
@@ -524,16 +524,14 @@ class Session:
             schedule.resize_ramp,
             self.state.step / self.total_steps,
         )
-        if self.state.train_size is not None:
-            height, width = (
-                max(height, self.state.train_size[0]),
-                max(width, self.state.train_size[1]),
-            )
+        reached = self.state.train_size
+        if reached is not None:
+            height, width = max(height, reached[0]), max(width, reached[1])
+            if [height, width] == reached:
+                return
         size = (height, width)
-        if size == self.train_size:
-            return
         self.task.set_train_size(size)
-        self.train_size, self.state.train_size, self.first_step = size, [height, width], None
+        self.state.train_size, self.first_step = [height, width], None
         if self.process.is_main:
             logger.info("training at %dx%d px from step %d", *size, self.state.step)
 
