@@ -32,6 +32,7 @@ from vitkit.deploy import (
     save_int8,
 )
 from vitkit.models import VisionTransformer, create_model
+from vitkit.models.small_data import SmallDataViT
 
 pytest.importorskip(
     "onnxruntime", reason="the export extra is not installed: pip install '.[onnx]'"
@@ -47,6 +48,7 @@ VARIANTS = {
     "token-learned": dict(img_size=16, patch_size=4),
     "gap-relative": dict(img_size=16, patch_size=4, classifier="gap", pos_embed="relative"),
     "hybrid": dict(img_size=16, patch_size=1, resnet_layers=(1,)),
+    "small-data": dict(img_size=16, patch_size=4, shifted_patches=True, locality_attention=True),
 }
 
 
@@ -54,8 +56,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(**config: object) -> VisionTransformer:
-    """A tiny ViT whose zero-initialised head is made random, so the logits are not all 0."""
-    model = VisionTransformer(**{**TINY, **config}, extra={"classes": CLASSES})
+    """A tiny ViT (SPT and LSA's variant where the config names them) whose zero-initialised
+    head is made random, so the logits are not all 0."""
+    model_class = SmallDataViT if "shifted_patches" in config else VisionTransformer
+    model = model_class(**{**TINY, **config}, extra={"classes": CLASSES})
     with torch.no_grad():
         model.head.weight.normal_(0, 0.5)
         model.head.bias.normal_(0, 0.5)

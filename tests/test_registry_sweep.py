@@ -20,6 +20,7 @@ import vitkit
 from tests.conftest import perturbed
 from vitkit import ViTConfig
 from vitkit.models.resnetv2 import ResNetV2Config
+from vitkit.models.small_data import SmallDataViTConfig
 
 # ------------------------------------------------------------------------------ the sweep
 
@@ -79,6 +80,7 @@ KEPT = {
     ),
     ResNetV2Config: ("stem", "in_chans", "ws_eps", "norm_eps"),
 }
+KEPT[SmallDataViTConfig] = (*KEPT[ViTConfig], "shifted_patches", "locality_attention")
 
 
 def output_width(cfg: Any) -> int:

@@ -52,6 +52,11 @@ def embedding_filter_components(model: nn.Module, num_components: int = 28) -> F
             "the model is a ResNet hybrid: its patch projection acts on ResNet features, "
             "not on pixels, so its filters cannot be shown as image patches"
         )
+    if not isinstance(model.patch_embed.proj, nn.Conv2d):
+        raise NotApplicable(
+            "the model's patch projection is not a filter over the image's pixels alone (a "
+            "shifted patch tokenization sees shifted copies too): it cannot be shown as patches"
+        )
     if num_components < 1:
         raise ValueError(f"num_components must be at least 1, got {num_components}")
     weight = model.patch_embed.proj.weight.detach().double().cpu().numpy()

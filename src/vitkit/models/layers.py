@@ -128,8 +128,8 @@ class Attention(nn.Module):
         self, x: torch.Tensor, bias: torch.Tensor | None = None, return_attention: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = self.project(x)
+        bias = self.logit_bias(bias, q)
         drop = self.attn_drop if self.training else 0.0
         probs = None
         if return_attention or self._explicit(q):
@@ -144,6 +144,18 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
         return out, (probs if return_attention else None)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values, each (B, heads, N, head_dim); the logits are their
+        product times ``head_dim ** -0.5``. A variant may rescale the queries here."""
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return q, k, v
+
+    def logit_bias(self, bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+        """What is added to the logits: ``bias`` as given; a variant may mask logits here."""
+        return bias
 
     def _explicit(self, q: torch.Tensor) -> bool:
         """Whether this call computes softmax(QK^T)V explicitly rather than through SDPA."""
@@ -182,10 +194,11 @@ class Block(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         attn_impl: AttentionImpl = "auto",
+        attention: type[Attention] = Attention,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, attn_impl)
+        self.attn = attention(dim, num_heads, qkv_bias, attn_drop, drop, attn_impl)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_dim, gelu, drop)
         self.drop_path = DropPath(drop_path)

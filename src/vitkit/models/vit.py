@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 import torch
 from torch import nn
 
-from vitkit.models.layers import AttentionImpl, Block, lecun_normal_
+from vitkit.models.layers import Attention, AttentionImpl, Block, lecun_normal_
 from vitkit.models.posembed import POS_EMBED_KINDS, Grid, PosEmbedKind, PositionEmbedding
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.models.registry import Description
@@ -192,20 +192,34 @@ class Intermediates:
     attentions: list[torch.Tensor]  # (B, heads, N, N) attention probabilities per layer
 
 
+class Tokenizer(Protocol):
+    """What a ViT reads from its patch embedding (``PatchEmbed``, or a variant's own):
+    ``tokenizer(images) -> (tokens (B, N, D), grid)``, the hybrid's ResNet or None, the
+    projection of patches to tokens, and the pixels per token along each axis."""
+
+    backbone: ResNetBackbone | None
+    proj: nn.Conv2d | nn.Linear
+    reduction: tuple[int, int]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]: ...
+
+
 class PatchEmbed(nn.Module):
     """Patchify + project, as one strided convolution; the hybrid puts a ResNet in front."""
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
-        self.backbone = None
+        self.backbone: ResNetBackbone | None = None
         c_in = cfg.in_chans
         if cfg.resnet_layers is not None:
             self.backbone = ResNetBackbone(
                 cfg.resnet_layers, cfg.in_chans, cfg.resnet_width_factor, cfg.resnet_numerics
             )
             c_in = self.backbone.out_channels
-        self.proj = nn.Conv2d(c_in, cfg.width, cfg.patch_size, stride=cfg.patch_size)
-        self.reduction = (
+        self.proj: nn.Conv2d | nn.Linear = nn.Conv2d(
+            c_in, cfg.width, cfg.patch_size, stride=cfg.patch_size
+        )
+        self.reduction: tuple[int, int] = (
             cfg.patch_size[0] * cfg.backbone_reduction,
             cfg.patch_size[1] * cfg.backbone_reduction,
         )
@@ -227,7 +241,7 @@ class VisionTransformer(PretrainedModel):
         cfg = cfg.replace(**kwargs) if cfg is not None else ViTConfig(**kwargs)
         self.cfg = cfg
         self.num_prefix = 1 if cfg.classifier == "token" else 0
-        self.patch_embed = PatchEmbed(cfg)
+        self.patch_embed = self.make_patch_embed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if self.num_prefix else None
         self.pos_embed = PositionEmbedding(
             cfg.pos_embed, cfg.width, cfg.grid, self.num_prefix, cfg.num_heads, cfg.depth
@@ -248,6 +262,7 @@ class VisionTransformer(PretrainedModel):
                 cfg.attn_dropout,
                 rate,
                 cfg.attn_impl,
+                self.attention_class(cfg),
             )
             for rate in rates
         )
@@ -258,6 +273,14 @@ class VisionTransformer(PretrainedModel):
         head_in = cfg.representation_size or cfg.width
         self.head = nn.Linear(head_in, cfg.num_classes) if cfg.num_classes else None
         self.init_weights()
+
+    def make_patch_embed(self, cfg: ViTConfig) -> Tokenizer:
+        """The patch embedding; a variant with another tokenizer returns its own."""
+        return PatchEmbed(cfg)
+
+    def attention_class(self, cfg: ViTConfig) -> type[Attention]:
+        """The blocks' self-attention: a variant returns its subclass of ``Attention``."""
+        return Attention
 
     # ----------------------------------------------------------------------- initialisation
     @torch.no_grad()
@@ -394,6 +417,7 @@ __all__ = [
     "Intermediates",
     "PatchHook",
     "TokenHook",
+    "Tokenizer",
     "ViTConfig",
     "VisionTransformer",
 ]

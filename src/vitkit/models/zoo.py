@@ -6,6 +6,7 @@ from typing import Any, TypedDict
 
 from vitkit.models.registry import Architecture, register, register_architecture
 from vitkit.models.resnetv2 import RESNETV2_MODELS, ResNetV2, ResNetV2Config
+from vitkit.models.small_data import SmallDataViT, SmallDataViTConfig
 from vitkit.models.vit import VisionTransformer, ViTConfig
 
 
@@ -72,8 +73,7 @@ register(
     num_heads=4,
     mlp_dim=256,
 )
-register(
-    "vit_cifar",
+_CIFAR: dict[str, Any] = dict(
     img_size=32,
     patch_size=4,
     num_classes=10,
@@ -82,6 +82,11 @@ register(
     num_heads=3,
     mlp_dim=384,
 )
+register("vit_cifar", **_CIFAR)
+# vit_cifar with shifted patch tokenization and locality self-attention (Lee et al. 2021, for
+# ViTs trained from scratch on small datasets): still no convolution.
+register_architecture(Architecture("vit_small_data", SmallDataViTConfig, SmallDataViT))
+register("vit_cifar_sl", architecture="vit_small_data", **_CIFAR)
 # The same encoder behind a miniature of the paper's hybrid: the ResNet stem and one stage of two
 # bottleneck units (width 64) give an 8x8 feature map, cut into 1x1 patches, as many tokens as
 # vit_cifar's 4x4 patches. On CIFAR-10 it learns much faster per image for 10-20% more time a step.
