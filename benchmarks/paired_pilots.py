@@ -1,7 +1,8 @@
 """Pilots of a recipe's levers run side by side: every arm trains at the same time, each on
 its share of the cores, so a change in the host's speed (on the 2-core hosts of this project
-the same step has run 1.7x slower from one hour to the next) falls on every arm alike, where
-arms run one after another would each meet their own hour.
+the hybrid recipe has stepped at 263 and at 453 images/s on different days, and a pilot run
+twice the same day at 386 and 430) falls on every arm alike, where arms run one after another
+would each meet their own.
 
     python benchmarks/paired_pilots.py cifar10_hybrid_bf16 --minutes 12 \\
         --arm "recipe=" --arm "resize=--resize-start 0.75" [--seed 0] [--out DIR]
@@ -10,10 +11,11 @@ Each arm is ``vitkit train --config benchmarks/recipes/RECIPE.toml`` on the reci
 (MNIST and CIFAR-10 from ``$VITKIT_DATA``) with ``--max-minutes MINUTES --seed SEED`` and then
 the arm's own flags, in a process of its own with ``cores / arms`` threads (at least one). The
 table gives each arm's steps, training images/s, best validation accuracy (what a pilot is
-judged by) and test accuracy (reported, not for choosing), and the minutes of wall clock.
-With one thread an arm steps at less than half its speed on two, so ``--minutes`` buys fewer
-steps than the recipe's budget alone would; and operators that scale unevenly with threads
-can shift the arms' relative speed a little from what they would be alone.
+judged by) and test accuracy (reported, not for choosing), and the minutes of wall clock;
+then each arm's validation curve.
+An arm on its share of the cores steps more slowly than alone on all of them, so ``--minutes``
+buys fewer steps than the same budget alone would; operators that scale unevenly with threads
+can shift the arms' relative speed a little from what it would be alone.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 from _common import cpu_name, markdown_table
-from train_recipes import FROM_SCRATCH, RECIPES, data_folder, data_path
+from train_recipes import FROM_SCRATCH, RECIPES, data_folder, data_path, print_curve
 
 
 def parse_arm(text: str) -> tuple[str, list[str]]:
@@ -105,6 +107,9 @@ def main() -> None:
     header = ["arm", "flags", "steps", "images/s", "best val", "test", "minutes"]
     rows = [row(name, flags, out / name) for name, flags in args.arm]
     print(markdown_table(header, rows))
+    for name in names:
+        print()
+        print_curve(out / name)
 
 
 if __name__ == "__main__":
