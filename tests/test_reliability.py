@@ -239,6 +239,41 @@ def test_a_folder_of_mostly_broken_images_stops_with_a_clear_error(
     assert sum(len(b.labels) for b in splits.test.eval_batches(4)) <= 4
 
 
+def test_every_command_that_reads_data_takes_the_limit_its_error_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The error says to raise --max-unreadable-fraction: eval, fewshot, probe, analyze and
+    data pack take it as train does; given a run folder, the first four default to the run's
+    own limit."""
+    data = tmp_path / "data"
+    make_folder(data, good=6, broken=2)  # 4 of 16 unreadable: 25%
+    checkpoint = tmp_path / "model.safetensors"
+    save_pretrained(create_model("vit_digits", num_classes=2, in_chans=3), checkpoint)
+    report = tmp_path / "report"
+    commands = {
+        "eval": ["eval", str(checkpoint), "--data", str(data)],
+        "fewshot": ["fewshot", str(checkpoint), "--data", str(data), "--shots", "1"],
+        "probe": ["probe", str(checkpoint), "--data", str(data), "--max-iter", "5"],
+        "analyze": ["analyze", str(checkpoint), "--data", str(data), "--out", str(report)],
+        "data": ["data", "pack", str(data), str(tmp_path / "shards")],
+    }
+    for name, args in commands.items():
+        assert main(args) == 2, name
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith(f"vitkit {name}: error: "), error
+        assert "more than max_unreadable_fraction 0.1 allows" in error
+        assert "raise --max-unreadable-fraction" in error
+        assert main([*args, "--max-unreadable-fraction", "0.3"]) == 0, name
+    assert (report / "report.html").is_file()
+    assert json.loads((tmp_path / "shards" / "dataset.json").read_text())["splits"]
+    # A run that allowed 30% lends its limit to the commands given its folder.
+    out = tmp_path / "run"
+    assert main([*run_args(data, out, "yes"), "--max-unreadable-fraction", "0.3"]) == 0
+    assert main(["eval", str(out), "--data", str(data)]) == 0
+    assert main(["analyze", str(out), "--data", str(data), "--out", str(report)]) == 0
+    assert main(["eval", str(out), "--data", str(data), "--max-unreadable-fraction", "0.1"]) == 2
+
+
 def test_a_truncated_shard_counts_and_lists_its_lost_samples(tmp_path: Path) -> None:
     make_folder(tmp_path / "data", good=20, broken=0)
     shards = tmp_path / "shards"

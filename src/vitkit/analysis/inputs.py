@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from vitkit.data import EvalPreprocessing, preprocess, preprocess_file
+from vitkit.data.base import MAX_UNREADABLE_FRACTION
 from vitkit.data.sources import DataOptions, open_source
 from vitkit.utils.runlayout import RunLayout, run_setting
 from vitkit.utils.runlayout import locate_checkpoint as locate_checkpoint  # its home was here
 
-STREAMED = DataOptions(in_memory="no")  # image folders: never decoded whole
 SAMPLE_BATCH = 64
 
 
@@ -83,7 +83,12 @@ def load_images(paths: Sequence[str | Path], cfg: Any) -> Samples:
     return Samples(torch.cat(images), [Path(p).name for p in paths])
 
 
-def sample_dataset(source: str | Path, cfg: Any, count: int) -> Samples:
+def sample_dataset(
+    source: str | Path,
+    cfg: Any,
+    count: int,
+    max_unreadable_fraction: float = MAX_UNREADABLE_FRACTION,
+) -> Samples:
     """``count`` images of a dataset (its test split, else its train split), classes in turn.
 
     The images are taken in the order: the first of every class, then the second of every
@@ -92,10 +97,11 @@ def sample_dataset(source: str | Path, cfg: Any, count: int) -> Samples:
     folders and shards are streamed (decoded at the model's size, unreadable files skipped)
     until every class has ``count`` images, so a folder of large photos is never held whole.
     """
+    options = DataOptions(in_memory="no", max_unreadable_fraction=max_unreadable_fraction)
     try:
-        data, split = open_source(str(source), "test", STREAMED), "test"
+        data, split = open_source(str(source), "test", options), "test"
     except ValueError:
-        data, split = open_source(str(source), "train", STREAMED), "train"
+        data, split = open_source(str(source), "train", options), "train"
     preprocessing = EvalPreprocessing.of(cfg)
     data.set_image_size(cfg.img_size, preprocessing)
     classes = data.info.classes

@@ -34,10 +34,11 @@ from vitkit.analysis.inputs import (
 )
 from vitkit.analysis.requirements import NotApplicable
 from vitkit.checkpoints import load_pretrained
+from vitkit.data.base import MAX_UNREADABLE_FRACTION
 from vitkit.models import VisionTransformer, architecture_of, flops_per_image
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.utils.files import atomic_write
-from vitkit.utils.runlayout import RunLayout
+from vitkit.utils.runlayout import RunLayout, run_setting
 
 REPORT_FILE = "report.html"
 
@@ -192,16 +193,28 @@ def _pick_images(
     images: Sequence[str | Path] | None,
     data: str | None,
     count: int,
+    max_unreadable_fraction: float | None,
 ) -> Samples:
     if images:
         return load_images(images, model.cfg)
+    if max_unreadable_fraction is None:
+        config = run.config if run is not None else {}
+        max_unreadable_fraction = float(
+            run_setting(
+                config,
+                "data",
+                "max_unreadable_fraction",
+                "max_unreadable_fraction",
+                MAX_UNREADABLE_FRACTION,
+            )
+        )
     source = data or (run.setting("data", "source") if run is not None else None)
     if not isinstance(source, str) or not source:
         raise ValueError(
             "no images to analyse: pass --images FILE..., or --data SOURCE (e.g. 'digits' or "
             "a dataset folder), or a run folder whose config.json names its data"
         )
-    return sample_dataset(source, model.cfg, count)
+    return sample_dataset(source, model.cfg, count, max_unreadable_fraction)
 
 
 def _image_titles(
@@ -347,13 +360,16 @@ def analyze(
     num_images: int | None = None,
     distance_images: int = 32,
     batch_size: int = 16,
+    max_unreadable_fraction: float | None = None,
 ) -> Path:
     """Write every analysis of ``checkpoint`` into ``out_dir``; return the report's path.
 
     ``checkpoint`` is a run folder, a checkpoint in one, or any checkpoint vitkit reads.
     The images are ``images`` (files) if given, else samples of ``data`` or of the run's data.
     The first ``num_images`` (default: every image file, or 4 samples) get attention maps and
-    rollout; up to ``distance_images`` are averaged for the mean attention distance.
+    rollout; up to ``distance_images`` are averaged for the mean attention distance. Of a
+    dataset's files, ``max_unreadable_fraction`` may be unreadable (skipped; default: the
+    run's setting, else ``MAX_UNREADABLE_FRACTION``).
     """
     if num_images is None:
         num_images = len(images) if images else 4
@@ -365,7 +381,9 @@ def analyze(
     checkpoint_path, run_dir = locate_checkpoint(checkpoint)
     model = load_pretrained(checkpoint_path).eval()
     run = read_run(run_dir) if run_dir is not None else None
-    samples = _pick_images(model, run, images, data, max(num_images, distance_images))
+    samples = _pick_images(
+        model, run, images, data, max(num_images, distance_images), max_unreadable_fraction
+    )
     classes = samples.classes or (run.summary.get("classes") if run else None)
     classes = classes or model.cfg.extra.get("classes")
     out_dir.mkdir(parents=True, exist_ok=True)

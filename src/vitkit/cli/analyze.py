@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from vitkit.analysis import analyze
+from vitkit.cli.evaluate import add_unreadable_flag
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="dataset to take sample images from when --images is not given: 'digits' or a "
         "path vitkit reads (default: the run's data)",
     )
+    add_unreadable_flag(p)
     p.add_argument("--out", required=True, help="folder for the figures and report.html")
     p.add_argument(
         "--num-images",
@@ -51,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         data=args.data,
         num_images=args.num_images,
         distance_images=args.distance_images,
+        max_unreadable_fraction=args.max_unreadable_fraction,
     )
     print(f"wrote {report}")
     return 0

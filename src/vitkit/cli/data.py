@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vitkit.data.base import MAX_UNREADABLE_FRACTION
 from vitkit.data.packing import pack
 from vitkit.data.shards import parse_size
 
@@ -44,6 +45,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="validation split to hold out of train, stratified (default: 0, none)",
     )
     pack.add_argument("--seed", type=int, default=0, help="seed of the held-out splits (0)")
+    pack.add_argument(
+        "--max-unreadable-fraction",
+        type=float,
+        default=MAX_UNREADABLE_FRACTION,
+        metavar="F",
+        help="share of a split's files that may be left out as unreadable, 0 to 1 "
+        "(default: %(default)s)",
+    )
     pack.set_defaults(func=run_pack)
 
 
@@ -62,6 +71,7 @@ def run_pack(args: argparse.Namespace) -> int:
             args.seed,
             progress=bar.update,
             on_total=set_total,
+            max_unreadable_fraction=args.max_unreadable_fraction,
         )
     for split, entry in packed.index["splits"].items():
         print(f"{split}: {entry['count']} images in {len(entry['shards'])} shard(s)")

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from vitkit.data.base import MAX_UNREADABLE_FRACTION
 from vitkit.data.datasets import differing_classes
 from vitkit.data.streaming import StreamingFolderSource
 from vitkit.deploy import load_for_inference
@@ -45,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--split", default="test", choices=("train", "val", "test"), help="(default: test)"
     )
     add_inference_flags(p)
+    add_unreadable_flag(p)
     p.add_argument(
         "--precision", choices=PRECISIONS, default="fp32", help="bf16: bfloat16 autocast"
     )
@@ -90,9 +92,20 @@ def add_inference_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_unreadable_flag(parser: argparse.ArgumentParser) -> None:
+    """``--max-unreadable-fraction``, for the commands that read a dataset as training does."""
+    parser.add_argument(
+        "--max-unreadable-fraction",
+        type=float,
+        metavar="F",
+        help="share of the data's files that may be skipped as unreadable, 0 to 1 (default: "
+        f"the run's setting for its run folder's data, else {MAX_UNREADABLE_FRACTION})",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     model, run_folder = load_for_inference(args.checkpoint, args.model, args.device)
-    source, note = evaluation_data(args.data, args.split, run_folder)
+    source, note = evaluation_data(args.data, args.split, run_folder, args.max_unreadable_fraction)
     for line in (note, channel_note(model.cfg.in_chans, source.info.channels)):
         if line:
             print(line, file=sys.stderr)

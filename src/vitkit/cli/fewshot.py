@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from vitkit.cli.evaluate import add_inference_flags
+from vitkit.cli.evaluate import add_inference_flags, add_unreadable_flag
 from vitkit.deploy import OnnxClassifier, load_for_inference
 from vitkit.evaluation import fewshot_head, fewshot_indices, fewshot_protocol
 from vitkit.evaluation.fewshot import DEFAULT_L2_REG, DEFAULT_SHOTS
@@ -46,6 +46,7 @@ def add_feature_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     add_inference_flags(parser)
+    add_unreadable_flag(parser)
 
 
 def frozen_features(args: argparse.Namespace) -> FrozenFeatures:
@@ -54,7 +55,9 @@ def frozen_features(args: argparse.Namespace) -> FrozenFeatures:
     model, run_folder = load_for_inference(
         args.checkpoint, args.model, args.device, need_head=False
     )
-    features = features_of(model, args.data, run_folder, args.seed, args.batch_size)
+    features = features_of(
+        model, args.data, run_folder, args.seed, args.batch_size, args.max_unreadable_fraction
+    )
     if features.channel_note:
         print(features.channel_note, file=sys.stderr)
     return features

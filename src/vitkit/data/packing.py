@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vitkit.data.base import DataSource
+from vitkit.data.base import MAX_UNREADABLE_FRACTION, DataSource
 from vitkit.data.shards import write_shards
 from vitkit.data.sources import DataOptions, InMemorySource, open_splits
 from vitkit.data.streaming import StreamingFolderSource
@@ -52,11 +52,14 @@ def pack(
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
+    max_unreadable_fraction: float = MAX_UNREADABLE_FRACTION,
 ) -> Packed:
     """Write every split of ``src`` into ``out/<split>-NNNNNN.tar`` shards of at most
     ``shard_size`` bytes (``write_shards``); ``on_total(n)`` hears how many images there are
-    before the first is written, ``progress(n)`` after each."""
-    splits = open_splits(src, val_fraction, seed, DataOptions(in_memory="no"))
+    before the first is written, ``progress(n)`` after each. More than
+    ``max_unreadable_fraction`` of a split unreadable stops the packing."""
+    options = DataOptions(in_memory="no", max_unreadable_fraction=max_unreadable_fraction)
+    splits = open_splits(src, val_fraction, seed, options)
     info = splits.train.info
     named = {"train": shuffled(splits.train, seed), "val": splits.val, "test": splits.test}
     if on_total is not None:

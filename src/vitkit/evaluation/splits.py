@@ -11,7 +11,7 @@ frozen features (``frozen_features``: few-shot, linear probe, k-NN) holds out a 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,6 @@ from vitkit.utils.runlayout import RunLayout, run_setting
 # A class needs this many readable images for the held-out split to give it a test image
 # (round(HELD_OUT_TEST * count) >= 1) and keep a training image.
 MIN_HELD_OUT_CLASS = 3
-STREAM_FOLDERS = DataOptions(in_memory="no")
 
 
 @dataclass
@@ -55,50 +54,62 @@ def run_config(run_folder: Path | None) -> dict[str, Any]:
     return {}
 
 
-def run_data_options(run_folder: Path | None) -> DataOptions:
-    """How the run read its data (in memory or streamed, loader workers, a Hugging Face
-    dataset's columns); defaults without."""
+def run_data_options(
+    run_folder: Path | None, max_unreadable_fraction: float | None = None
+) -> DataOptions:
+    """How the run read its data (in memory or streamed, loader workers, the share of
+    unreadable files allowed, a Hugging Face dataset's columns); defaults without. A given
+    ``max_unreadable_fraction`` (a command's ``--max-unreadable-fraction``) replaces the run's."""
     config = run_config(run_folder)
-    return DataOptions(
-        run_setting(config, "data", "in_memory", "data_in_memory", "auto"),
-        run_setting(config, "data", "num_workers", "num_workers"),
-        max_unreadable_fraction=run_setting(
+    if max_unreadable_fraction is None:
+        max_unreadable_fraction = run_setting(
             config,
             "data",
             "max_unreadable_fraction",
             "max_unreadable_fraction",
             MAX_UNREADABLE_FRACTION,
-        ),
+        )
+    return DataOptions(
+        run_setting(config, "data", "in_memory", "data_in_memory", "auto"),
+        run_setting(config, "data", "num_workers", "num_workers"),
+        max_unreadable_fraction=max_unreadable_fraction,
         image_column=run_setting(config, "data", "image_column", "image_column"),
         label_column=run_setting(config, "data", "label_column", "label_column"),
     )
 
 
-def run_splits(data: str, run_folder: Path | None) -> RunSplits | None:
+def run_splits(
+    data: str, run_folder: Path | None, max_unreadable_fraction: float | None = None
+) -> RunSplits | None:
     """The run's own train / validation / test sources when ``data`` is the data it trained
     on (``open_splits`` with its seed and validation fraction: a single-split source gives
-    the very images the run held out as its test split); None otherwise."""
+    the very images the run held out as its test split); None otherwise.
+    ``max_unreadable_fraction``: as for ``run_data_options``."""
     config = run_config(run_folder)
     if run_setting(config, "data", "source") != data:
         return None
     seed = int(run_setting(config, "run", "seed", "seed", 0))
     val_fraction = run_setting(config, "data", "val_fraction", "val_fraction", 0.0)
-    return RunSplits(open_splits(data, val_fraction, seed, run_data_options(run_folder)), seed)
+    options = run_data_options(run_folder, max_unreadable_fraction)
+    return RunSplits(open_splits(data, val_fraction, seed, options), seed)
 
 
-def evaluation_data(data: str, split: str, run_folder: Path | None) -> tuple[DataSource, str]:
+def evaluation_data(
+    data: str, split: str, run_folder: Path | None, max_unreadable_fraction: float | None = None
+) -> tuple[DataSource, str]:
     """The images to evaluate on, and a note when they are not a clean test split.
 
     Data with a single split is split as the training run did (its seed and validation
     fraction, from the run folder's config.json), so "test" means the run's held-out images;
     without a run folder it is evaluated whole, and the note says so.
+    ``max_unreadable_fraction``: as for ``run_data_options``.
     """
-    run = run_splits(data, run_folder)
+    run = run_splits(data, run_folder, max_unreadable_fraction)
     if run is not None:
         splits = run.splits
         chosen = {"train": splits.train, "val": splits.val or splits.test, "test": splits.test}
         return chosen[split], ""
-    source = open_source(data, split, run_data_options(run_folder))
+    source = open_source(data, split, run_data_options(run_folder, max_unreadable_fraction))
     if split != "train" and _is_whole_source(data, source):
         return source, (
             f"note: {data} has no separate {split} split and {Path(str(data)).name} is not "
@@ -153,20 +164,23 @@ def frozen_features(
     run_folder: Path | None = None,
     seed: int = 0,
     batch_size: int = 256,
+    max_unreadable_fraction: float | None = None,
 ) -> FrozenFeatures:
     """The frozen features of ``model`` on a training part and a disjoint test part of
     ``data``, computed batch by batch from the sources ``vitkit train`` reads (only the
     features are kept). The test part is the data's test split, the images the run in
     ``run_folder`` held out when ``data`` is its data, or a stratified ``HELD_OUT_TEST`` of a
-    single-split source drawn with ``seed``."""
+    single-split source drawn with ``seed``. ``max_unreadable_fraction``: as for
+    ``run_data_options``."""
     net: Any = model  # any vitkit model: its cfg names its input channels
-    run = run_splits(data, run_folder)
+    run = run_splits(data, run_folder, max_unreadable_fraction)
     if run is not None:
         splits, seed = run.splits, run.seed
     else:
         # Streamed whatever the folder's size: memory stays bounded, and unreadable files
         # are skipped and counted (``Splits.report``).
-        splits, seed = open_splits(data, 0.0, seed, STREAM_FOLDERS), seed
+        streamed = replace(run_data_options(None, max_unreadable_fraction), in_memory="no")
+        splits, seed = open_splits(data, 0.0, seed, streamed), seed
     classes = splits.train.info.classes
     if classes is None:
         raise ValueError(f"{data} has no labels: fitting a classifier needs class folders")
