@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitkit.models.layers import Attention, AttentionImpl
+from vitkit.models.layers import Attention
 from vitkit.models.posembed import Grid
 from vitkit.models.registry import Description
 from vitkit.models.resnet import ResNetBackbone
@@ -120,16 +120,9 @@ class LocalitySelfAttention(Attention):
     ``1/sqrt(head_dim)``, the fixed scale it replaces), and minus infinity on the diagonal, so
     that each token attends to the others only (a lone token keeps itself)."""
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        impl: AttentionImpl = "auto",
-    ) -> None:
-        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop, impl)
+    def __init__(self, dim: int, num_heads: int, *args: Any, **kwargs: Any) -> None:
+        """``Attention``'s arguments."""
+        super().__init__(dim, num_heads, *args, **kwargs)
         self.temperature = nn.Parameter(torch.full((num_heads,), self.head_dim**-0.5))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
