@@ -127,6 +127,7 @@ def test_the_seed_chooses_the_held_out_images(checkpoint: Path, tmp_path: Path) 
             batch_size=64,
             model=None,
             device="cpu",
+            max_unreadable_fraction=None,
         )
         features = frozen_features(args)
         expected = open_splits(data, 0.0, seed).test  # train's own held-out images
