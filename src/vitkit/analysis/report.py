@@ -34,11 +34,11 @@ from vitkit.analysis.inputs import (
 )
 from vitkit.analysis.requirements import NotApplicable
 from vitkit.checkpoints import load_pretrained
-from vitkit.data.base import MAX_UNREADABLE_FRACTION
+from vitkit.evaluation.splits import run_data_options
 from vitkit.models import VisionTransformer, architecture_of, flops_per_image
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.utils.files import atomic_write
-from vitkit.utils.runlayout import RunLayout, run_setting
+from vitkit.utils.runlayout import RunLayout
 
 REPORT_FILE = "report.html"
 
@@ -197,24 +197,15 @@ def _pick_images(
 ) -> Samples:
     if images:
         return load_images(images, model.cfg)
-    if max_unreadable_fraction is None:
-        config = run.config if run is not None else {}
-        max_unreadable_fraction = float(
-            run_setting(
-                config,
-                "data",
-                "max_unreadable_fraction",
-                "max_unreadable_fraction",
-                MAX_UNREADABLE_FRACTION,
-            )
-        )
+    folder = run.folder if run is not None else None
+    limit = run_data_options(folder, max_unreadable_fraction).max_unreadable_fraction
     source = data or (run.setting("data", "source") if run is not None else None)
     if not isinstance(source, str) or not source:
         raise ValueError(
             "no images to analyse: pass --images FILE..., or --data SOURCE (e.g. 'digits' or "
             "a dataset folder), or a run folder whose config.json names its data"
         )
-    return sample_dataset(source, model.cfg, count, max_unreadable_fraction)
+    return sample_dataset(source, model.cfg, count, limit)
 
 
 def _image_titles(

@@ -145,10 +145,7 @@ class SmallDataViT(VisionTransformer):
     """The ViT with SPT and / or LSA (the module docstring)."""
 
     cfg: SmallDataViTConfig
-
-    def __init__(self, cfg: SmallDataViTConfig | None = None, **kwargs: Any) -> None:
-        cfg = cfg.replace(**kwargs) if cfg is not None else SmallDataViTConfig(**kwargs)
-        super().__init__(cfg)
+    config_class = SmallDataViTConfig
 
     def make_patch_embed(self, cfg: ViTConfig) -> Tokenizer:
         assert isinstance(cfg, SmallDataViTConfig)

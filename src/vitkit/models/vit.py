@@ -235,10 +235,11 @@ class VisionTransformer(PretrainedModel):
     """ViT and its ablations; build one from a ``ViTConfig`` or from keyword arguments."""
 
     cfg: ViTConfig
+    config_class: type[ViTConfig] = ViTConfig  # what keyword arguments alone build
 
     def __init__(self, cfg: ViTConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
-        cfg = cfg.replace(**kwargs) if cfg is not None else ViTConfig(**kwargs)
+        cfg = cfg.replace(**kwargs) if cfg is not None else self.config_class(**kwargs)
         self.cfg = cfg
         self.num_prefix = 1 if cfg.classifier == "token" else 0
         self.patch_embed = self.make_patch_embed(cfg)
