@@ -114,6 +114,46 @@ def test_flip_tta_scores_the_mean_logits_of_each_image_and_its_mirror(
     assert reports["flip"]["tta"] == "flip" and reports["none"]["tta"] == "none"
 
 
+def test_flip_translate_tta_adds_the_images_moved_one_pixel_diagonally(
+    model: VisionTransformer, digits_npz: Path, tmp_path: Path
+) -> None:
+    """``--tta flip_translate`` against airbench's scoring written out with numpy: half the
+    flip mean of the image, a quarter each of the flip means of the image moved one pixel
+    down-right and up-left, the border reflected (``np.pad``'s reflect, not torch's)."""
+    checkpoint = model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "r.json"
+    argv = ["eval", str(checkpoint), "--data", str(digits_npz), "--json", str(out)]
+    assert main([*argv, "--tta", "flip_translate"]) == 0
+    report = json.loads(out.read_text())
+    data = np.load(digits_npz)
+    labels = torch.from_numpy(data["y_test"]).long()
+    x = preprocess(
+        torch.from_numpy(data["x_test"])[:, None], (8, 8), 1, EvalPreprocessing.of(model.cfg)
+    ).numpy()
+    padded = np.pad(x, [(0, 0), (0, 0), (1, 1), (1, 1)], mode="reflect")
+    views = {"image": x, "down_right": padded[..., :-2, :-2], "up_left": padded[..., 2:, 2:]}
+    assert np.array_equal(views["down_right"][..., 1:, 1:], x[..., :-1, :-1])
+
+    def flip_mean(view: np.ndarray) -> torch.Tensor:
+        with torch.no_grad():
+            both = [
+                model(torch.from_numpy(np.ascontiguousarray(v))) for v in (view, view[..., ::-1])
+            ]
+        return (both[0] + both[1]) / 2
+
+    mean = (
+        flip_mean(views["image"]) / 2
+        + flip_mean(views["down_right"]) / 4
+        + flip_mean(views["up_left"]) / 4
+    )
+    assert report["accuracy"] == pytest.approx(float((mean.argmax(1) == labels).double().mean()))
+    loss = float(torch.nn.functional.cross_entropy(mean, labels))
+    assert report["loss"] == pytest.approx(loss, rel=1e-5)
+    flip_only = float(torch.nn.functional.cross_entropy(flip_mean(views["image"]), labels))
+    assert report["loss"] != pytest.approx(flip_only, rel=1e-3)  # the translations count
+    assert report["tta"] == "flip_translate"
+
+
 def test_eval_top_k_is_all_classes_when_fewer_than_five(tmp_path: Path) -> None:
     """Three classes: top-3, which every image passes."""
     torch.manual_seed(0)

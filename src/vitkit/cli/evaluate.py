@@ -56,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=TTA_CHOICES,
         default="none",
         help="test-time augmentation: 'flip' averages the logits of each image and its mirror "
-        "image (as a run trained with --tta flip scored its test split)",
+        "image; 'flip_translate' adds the same for the image moved one pixel each way "
+        "diagonally (as a run trained with that --tta scored its test split)",
     )
     p.add_argument(
         "--predictions",
@@ -124,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         write_predictions(args.predictions, result, class_names(model), classes, first)
     print(
         f"{args.checkpoint} on {args.data} ({args.split}"
-        f"{', flip test-time augmentation' if args.tta == 'flip' else ''}): accuracy {result.accuracy:.4f} "
+        f"{'' if args.tta == 'none' else f', {args.tta} test-time augmentation'}): "
+        f"accuracy {result.accuracy:.4f} "
         f"({result.correct}/{result.count}), top-{result.top_k} accuracy "
         f"{result.top_k_accuracy:.4f} ({result.top_k_correct}/{result.count}), "
         f"loss {result.loss:.4f}"

@@ -37,7 +37,7 @@ from vitkit.utils.files import atomic_write
 
 PREDICTIONS_TOP_K = 5  # classes per image in ``vitkit eval --predictions``
 TOP_K_ACCURACY = 5  # ``Evaluation.top_k_accuracy``: top-5 (top-all with fewer classes)
-TestTimeAugmentation = Literal["none", "flip"]  # of ``evaluate``: see ``tta_logits``
+TestTimeAugmentation = Literal["none", "flip", "flip_translate"]  # of ``evaluate``: ``tta_logits``
 TTA_CHOICES: tuple[str, ...] = get_args(TestTimeAugmentation)
 
 
@@ -228,14 +228,28 @@ def evaluate(
 
 
 def tta_logits(model: Classifier, x: torch.Tensor, tta: TestTimeAugmentation) -> torch.Tensor:
-    """The model's logits for the batch ``x``; with ``tta="flip"``, the mean of the logits of
-    each image and of its mirror image (left-right), which is what a model trained with
-    random flips has learnt to see both ways: twice the compute for usually a few tenths of a
-    point of accuracy (docs/experiments.md)."""
-    logits = model(x)
-    if tta == "flip":
-        logits = (logits.float() + model(x.flip(-1)).float()) / 2
+    """The model's logits for the batch ``x`` (model inputs, ``(B, C, H, W)``).
+
+    ``"flip"``: the mean of the logits of each image and of its mirror image (left-right),
+    which is what a model trained with random flips has learnt to see both ways: twice the
+    compute for usually a few tenths of a point of accuracy (docs/experiments.md).
+    ``"flip_translate"``: half of that, plus half the mean of the same for the image moved
+    one pixel down-right and one pixel up-left (reflected at the border), as airbench scores
+    CIFAR-10; six forward passes, for models trained with flips and translations.
+    """
+    if tta == "none":
+        return model(x)
+    logits = _flip_mean(model, x)
+    if tta == "flip_translate":
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        height, width = x.shape[-2:]
+        down_right, up_left = padded[..., :height, :width], padded[..., 2:, 2:]
+        logits = logits / 2 + (_flip_mean(model, down_right) + _flip_mean(model, up_left)) / 4
     return logits
+
+
+def _flip_mean(model: Classifier, x: torch.Tensor) -> torch.Tensor:
+    return (model(x).float() + model(x.flip(-1)).float()) / 2
 
 
 def top_classes(logits: torch.Tensor, top_k: int) -> list[list[tuple[int, float]]]:

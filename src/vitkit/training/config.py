@@ -535,7 +535,8 @@ class EvaluatorsConfig(PluggableSection):
     tta: TestTimeAugmentation = option(
         "none",
         "test-time augmentation of the classification task's validation and test scores: "
-        "'flip' averages the logits of each image and its mirror image",
+        "'flip' averages the logits of each image and its mirror image; 'flip_translate' "
+        "adds the same for the image moved one pixel each way diagonally (6 passes)",
     )
     monitor: str | None = option(
         None,
