@@ -24,7 +24,8 @@ from vitkit.data import (
     load_dataset,
     to_model_input,
 )
-from vitkit.data.sources import open_splits
+from vitkit.data.augment import alternating_flips
+from vitkit.data.sources import InMemorySource, open_splits
 
 DATA = Path(os.environ.get("VITKIT_DATA", "/nonexistent"))
 needs_data = pytest.mark.skipif(
@@ -422,6 +423,63 @@ def test_hflip_mirrors_some_images_and_keeps_the_others() -> None:
     same = torch.isclose(out, scaled).flatten(1).all(1)
     mirrored = torch.isclose(out, scaled.flip(-1)).flatten(1).all(1)
     assert (same | mirrored).all() and same.any() and mirrored.any()
+
+
+def test_alternating_flips_mirror_each_image_in_one_of_every_two_epochs() -> None:
+    """Each image comes out as itself or its mirror; of epochs 0 and 1 it is mirrored in
+    exactly one, epoch 2 repeats epoch 0; the choice goes with the image's index, not its
+    place in the batch, and another seed chooses other images."""
+    images, count = random_batch(count=64), 64
+    labels, indices = torch.zeros(count, dtype=torch.long), torch.arange(500, 500 + count)
+    scaled = to_model_input(images)
+    augment = AugmentConfig(hflip=True, alternate_flips=True)
+
+    def mirrored(seed: int, epoch: int, order: torch.Tensor) -> torch.Tensor:
+        transform = BatchTransform((12, 12), 10, augment, seed=seed)
+        out, _ = transform(images[order], labels, train=True, indices=indices[order], epoch=epoch)
+        same = torch.isclose(out, scaled[order]).flatten(1).all(1)
+        flipped = torch.isclose(out, scaled[order].flip(-1)).flatten(1).all(1)
+        assert (same ^ flipped).all()
+        return flipped
+
+    in_order = torch.arange(count)
+    first, second, third = (mirrored(0, epoch, in_order) for epoch in (0, 1, 2))
+    assert torch.equal(second, ~first) and torch.equal(third, first)
+    assert 16 <= int(first.sum()) <= 48  # a fair coin: P(outside) < 1e-4
+    shuffled = torch.randperm(count, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(mirrored(0, 0, shuffled), first[shuffled])
+    assert not torch.equal(mirrored(1, 0, in_order), first)
+
+
+def test_the_alternating_flip_coin_is_fair_and_unrelated_between_neighbours() -> None:
+    """Over 20,000 consecutive indices: half heads, half of the neighbours agree, and two
+    seeds agree on half the images (binomial: each within 4 standard deviations, 0.014)."""
+    indices = torch.arange(20_000)
+    coin = alternating_flips(indices, 0, seed=3).float()
+    assert abs(coin.mean() - 0.5) < 0.014
+    assert abs((coin[1:] == coin[:-1]).float().mean() - 0.5) < 0.014
+    other = alternating_flips(indices, 0, seed=4).float()
+    assert abs((coin == other).float().mean() - 0.5) < 0.014
+    assert torch.equal(alternating_flips(indices, 7, seed=3), ~coin.bool())
+
+
+def test_alternating_flips_need_hflip_and_the_images_indices() -> None:
+    with pytest.raises(ValueError, match="set hflip too"):
+        AugmentConfig(alternate_flips=True)
+    transform = BatchTransform(
+        (12, 12), 10, AugmentConfig(hflip=True, alternate_flips=True), seed=0
+    )
+    with pytest.raises(ValueError, match="position in its split, which this data source"):
+        transform(random_batch(), LABELS, train=True)
+
+
+def test_in_memory_training_batches_carry_their_indices_and_epoch() -> None:
+    dataset = numbered_dataset([7, 6, 7])
+    batches = list(InMemorySource(dataset).train_batches(4, seed=1, epoch=3))
+    assert len(batches) == 5
+    for batch in batches:
+        assert batch.indices is not None and batch.epoch == 3
+        assert ids_of(batch.images) == batch.indices.tolist()
 
 
 def test_translate_shifts_each_image_by_at_most_the_padding() -> None:

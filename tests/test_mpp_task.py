@@ -21,10 +21,12 @@ from tests.conftest import interrupted_after_checkpoint
 from tests.conftest import run_records as records
 from vitkit.checkpoints import load_pretrained
 from vitkit.cli import main
-from vitkit.data import load_dataset
+from vitkit.data import load_dataset, to_model_input
+from vitkit.data.base import Batch, SourceInfo
 from vitkit.data.folders import read_unlabelled
 from vitkit.evaluation import extract_features, fewshot_protocol
 from vitkit.training import PRETRAIN_DEFAULTS, TrainConfig, TrainingInterrupted, train
+from vitkit.training.tasks import TASKS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -238,6 +240,23 @@ def unlabelled_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         where = root if i < 100 else root / "more/deeper"
         Image.fromarray(image).save(where / f"{i:03d}.png")
     return root
+
+
+def test_a_streamed_batch_is_not_cropped_twice() -> None:
+    """A streamed source crops each image in its workers (``Batch.cropped``): with the
+    random-resized crop on, pre-training scales such a batch as it is (no flip in this
+    config), and crops one that is not."""
+    augment = {"random_resized_crop": True, "crop_scale": [0.1, 0.2]}
+    cfg = pretrain_config(data="digits", model="vit_digits", augment=augment)
+    task = TASKS["mpp"](cfg)
+    model = task.build_model(SourceInfo(None, 1, 8))
+    task.setup(model)
+    images = torch.randint(0, 256, (4, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    images = images.byte()
+    as_given, _ = task.prepare(Batch(images, None, cropped=True), seed=0)
+    assert torch.equal(as_given, to_model_input(images))
+    recropped, _ = task.prepare(Batch(images, None), seed=0)
+    assert not torch.allclose(recropped, as_given)
 
 
 def test_an_unlabelled_folder_pretrains(

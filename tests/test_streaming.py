@@ -295,6 +295,48 @@ def test_an_epoch_resumes_at_any_batch_with_the_same_crops(id_folder: Path, work
     ]
 
 
+def test_streamed_batches_carry_the_positions_of_the_files_decoded(
+    id_folder: Path, messy: Path, id_shards: Path
+) -> None:
+    """Each training image's position in its split, the same in every epoch (alternating
+    flips read it): the file at that position is the one decoded, also where an unreadable
+    file's successor took its place. Shards stream in order and give none: training with
+    alternating flips says so."""
+    source = streamed(id_folder)
+    for epoch in (0, 1):
+        for batch in source.train_batches(8, seed=2, epoch=epoch):
+            assert batch.indices is not None and batch.epoch == epoch
+            files = [source.files[i].decode() for i in batch.indices.tolist()]
+            assert ids_of(batch.images) == [int(f.split("/")[1][:4]) for f in files]
+    messy_source = streamed(messy)
+    count = len(messy_source)
+    planned = batch_indices(count, 2, shuffle=True, seed=0, epoch=0, drop_last=True)
+    moved = 0
+    for batch, plan in zip(messy_source.train_batches(2, seed=0, epoch=0), planned, strict=True):
+        assert batch.indices is not None and batch.names is not None
+        files = [messy_source.files[i].decode() for i in batch.indices.tolist()]
+        assert all(n.endswith(f) for n, f in zip(batch.names, files, strict=True))
+        steps = (batch.indices - plan) % count  # 0, or how many broken files were passed
+        assert (steps < 5).all()
+        moved += int((steps > 0).sum())
+    assert moved > 0  # the folder's broken files were replaced by their successors
+    shards = streamed(id_shards)
+    assert next(iter(shards.train_batches(4, seed=0, epoch=0))).indices is None
+    with pytest.raises(ValueError, match="shards stream their samples in order"):
+        train(
+            TrainConfig.from_dict(
+                {
+                    "data": {"source": str(id_shards)},
+                    "model": {"name": "vit_digits", "img_size": 8},
+                    "schedule": {"steps": 1},
+                    "optim": {"batch_size": 4},
+                    "run": {"out": str(id_shards.parent / "run")},
+                    "augment": {"hflip": True, "alternate_flips": True},
+                }
+            )
+        )
+
+
 @pytest.mark.parametrize("kind", ["folder", "shards"])
 def test_evaluation_counts_every_image_once_over_ranks(
     id_folder: Path, id_shards: Path, kind: str

@@ -52,6 +52,12 @@ class AugmentConfig(ConfigMixin):
         (3 / 4, 4 / 3), "MIN MAX aspect ratio (width / height) of the random-resized crop"
     )
     hflip: bool = _augmentation(False, "random horizontal flips")
+    alternate_flips: bool = _augmentation(
+        False,
+        "with hflip: each image mirrored in every other epoch instead of at random (airbench's "
+        "alternating flip: a fair coin per image picks the first), so it is seen both ways in "
+        "every two epochs; needs a source that numbers its images (not shards)",
+    )
     translate: int = _augmentation(
         0,
         "random translation by up to this many pixels each way, after the crop (reflect-pad, "
@@ -87,6 +93,8 @@ class AugmentConfig(ConfigMixin):
                 raise ValueError(
                     f"{name} is a Beta alpha >= 0 (0 = off), got {getattr(self, name)}"
                 )
+        if self.alternate_flips and not self.hflip:
+            raise ValueError("alternate_flips chooses which images hflip mirrors: set hflip too")
         if self.translate < 0:
             raise ValueError(
                 f"translate is a number of pixels >= 0 (0 = off), got {self.translate}"
@@ -132,7 +140,7 @@ class BatchTransform(nn.Module):
     (default: the input's) converts grey to RGB or RGB to grey, for a model with another ``in_chans``.
     ``train_size`` (default ``img_size``) shrinks the augmented training images, for
     progressive resizing. The random state (``state_dict`` saves it) advances once per
-    training batch.
+    training batch; ``seed`` also picks the images that alternating flips mirror first.
     """
 
     def __init__(
@@ -151,6 +159,7 @@ class BatchTransform(nn.Module):
         self.num_classes = num_classes
         self.augment = augment
         self.channels = channels
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.crop = (
             K.RandomResizedCrop(self.img_size, scale=augment.crop_scale, ratio=augment.crop_ratio)
@@ -182,8 +191,17 @@ class BatchTransform(nn.Module):
         return targets * (1.0 - smoothing) + smoothing / self.num_classes
 
     def forward(
-        self, images: torch.Tensor, labels: torch.Tensor, train: bool, cropped: bool = False
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        train: bool,
+        cropped: bool = False,
+        *,
+        indices: torch.Tensor | None = None,
+        epoch: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``indices`` and ``epoch``: the training images' positions in their split and the
+        epoch (``Batch.indices``, ``Batch.epoch``), which alternating flips need."""
         check_batch(images)
         labels = labels.long().to(images.device)
         if not train:
@@ -193,6 +211,15 @@ class BatchTransform(nn.Module):
             )
             return inputs, targets
         images = match_channels(images.float(), self.channels)
+        mirrored = None
+        if self.augment.alternate_flips:
+            if indices is None:
+                raise ValueError(
+                    "alternate_flips needs each training image's position in its split, which "
+                    "this data source does not give (shards stream their samples in order): "
+                    "set alternate_flips = false to mirror at random"
+                )
+            mirrored = alternating_flips(indices, epoch, self.seed).to(images.device)
         seed = int(torch.randint(2**62, (), generator=self.generator))
         devices = [images.device] if images.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -200,17 +227,23 @@ class BatchTransform(nn.Module):
             if devices:
                 torch.cuda.manual_seed(seed)
             # kornia works in [0, 1]
-            unit_images, targets = self._augment(images / 255.0, labels, cropped)
+            unit_images, targets = self._augment(images / 255.0, labels, cropped, mirrored)
         return to_model_input(unit_images.clamp(0.0, 1.0) * 255.0), targets
 
     def _augment(
-        self, images: torch.Tensor, labels: torch.Tensor, cropped: bool
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        cropped: bool,
+        mirrored: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         crop = self.crop if self.crop is not None and not cropped else None
         images = crop(images) if crop is not None else resize(images, self.img_size)
         if self.translate is not None:
             images = self.translate(images)
-        if self.flip is not None:
+        if mirrored is not None:
+            images = torch.where(mirrored[:, None, None, None], images.flip(-1), images)
+        elif self.flip is not None:
             images = self.flip(images)
         if self.randaugment is not None:
             images = self.randaugment(images)
@@ -227,6 +260,19 @@ class BatchTransform(nn.Module):
                 images = lam * images + (1.0 - lam) * images.flip(0)
             targets = lam * targets + (1.0 - lam) * targets.flip(0)
         return images, targets
+
+
+def alternating_flips(indices: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
+    """Which of the images at ``indices`` of a split to mirror in ``epoch`` (bool): a fair
+    coin per (image, seed) in even epochs, the opposite in odd ones. The coin is an integer
+    hash of the two (multiply-xorshift, 32 bits), so it needs neither the split's size nor a
+    stored table, and a resumed or distributed run draws the same."""
+    mask = 0xFFFFFFFF
+    x = (indices.long() * 0x9E3779B1 + (seed * 0x85EBCA77 & mask)) & mask
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & mask
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & mask
+    coin = ((x ^ (x >> 16)) & 1).bool()
+    return coin ^ bool(epoch % 2)
 
 
 def _cutmix(images: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:

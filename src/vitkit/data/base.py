@@ -35,6 +35,10 @@ class Batch:
     # EvalPreprocessing): the batch transform skips its own crop or resize and does the rest.
     cropped: bool = False
     names: tuple[str, ...] | None = None  # the images' file paths, where the source knows them
+    # Training batches: each image's position in its split (the same in every epoch) where
+    # the source numbers its images, and the epoch; alternating flips read both.
+    indices: torch.Tensor | None = None  # int64 (B,)
+    epoch: int = 0
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from vitkit.data.base import (
     SkipLog,
     SourceInfo,
 )
-from vitkit.data.datasets import ImageDataset, differing_classes, iterate_batches
+from vitkit.data.datasets import ImageDataset, batch_indices, differing_classes, iterate_batches
 from vitkit.data.folders import (
     FolderListing,
     is_unlabelled_folder,
@@ -114,8 +114,8 @@ class InMemorySource:
         rank: int = 0,
         world_size: int = 1,
     ) -> Iterator[Batch]:
-        batches = iterate_batches(
-            self.dataset,
+        plan = batch_indices(
+            len(self.dataset),
             batch_size,
             shuffle=True,
             seed=seed,
@@ -125,8 +125,9 @@ class InMemorySource:
             drop_last=True,
             start=start,
         )
-        for images, labels in batches:
-            yield Batch(images, labels if self.labelled else None)
+        for indices in plan:
+            labels = self.dataset.labels[indices] if self.labelled else None
+            yield Batch(self.dataset.images[indices], labels, indices=indices, epoch=epoch)
 
     def eval_batches(
         self, batch_size: int, *, rank: int = 0, world_size: int = 1

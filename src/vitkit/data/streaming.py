@@ -188,8 +188,9 @@ class FolderBatches:
 
     def __getitem__(
         self, indices: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
-        images, labels, names, skipped = [], [], [], []
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str], list[str]]:
+        """(images, labels, their positions in the split, their names, the unreadable)."""
+        images, labels, positions, names, skipped = [], [], [], [], []
         for index in indices.tolist():
             for attempt in range(MAX_SUBSTITUTES if self.substitute else 1):
                 chosen = (index + attempt) % len(self.files)
@@ -198,6 +199,7 @@ class FolderBatches:
                     rng = sample_rng(self.seed, self.epoch, chosen)
                     images.append(load_view(self.open(chosen), self.view, rng, name))
                     labels.append(int(self.labels[chosen]))
+                    positions.append(chosen)
                     names.append(name)
                     break
                 except (UnreadableImage, FileNotFoundError) as err:
@@ -213,7 +215,8 @@ class FolderBatches:
             if images
             else torch.empty(0, 3, *self.view.size, dtype=torch.uint8)
         )
-        return stacked, torch.tensor(labels, dtype=torch.int64), names, skipped
+        labelled = torch.tensor(labels, dtype=torch.int64)
+        return stacked, labelled, torch.tensor(positions, dtype=torch.int64), names, skipped
 
 
 class StreamingFolderSource:
@@ -293,13 +296,13 @@ class StreamingFolderSource:
     ) -> Iterator[Batch]:
         dataset = self._reader(view, seed, epoch, train)
         root = self.listing.root
-        for images, labels, names, skipped in make_loader(dataset, list(plan), self.num_workers):
+        loader = make_loader(dataset, list(plan), self.num_workers)
+        for images, labels, positions, names, skipped in loader:
             self.skipped.add(skipped)
             if len(labels):
                 # cropped either way: the training view or the evaluation geometry
-                yield Batch(
-                    images, labels, cropped=True, names=tuple(str(Path(root, n)) for n in names)
-                )
+                paths = tuple(str(Path(root, n)) for n in names)
+                yield Batch(images, labels, True, paths, indices=positions, epoch=epoch)
 
     def _reader(self, view: View, seed: int, epoch: int, train: bool) -> FolderBatches:
         """What the loader's workers run for these images (``FolderBatches``)."""

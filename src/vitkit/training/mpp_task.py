@@ -136,13 +136,22 @@ class MaskedPatchPredictionTask(Task):
     def setup(self, model: nn.Module) -> None:
         cfg: Any = model.cfg
         # No labels: the transform's one-hot targets get one placeholder class, unused.
-        self.transform = BatchTransform(cfg.img_size, 1, self.cfg.augment, 0, channels=cfg.in_chans)
+        self.transform = BatchTransform(
+            cfg.img_size, 1, self.cfg.augment, self.cfg.run.seed, channels=cfg.in_chans
+        )
 
     def prepare(self, batch: Batch, seed: int) -> tuple[torch.Tensor, Any]:
         generator = self.transform.generator
         generator.manual_seed(seed)
         placeholder = torch.zeros(len(batch.images), dtype=torch.long)
-        inputs, _ = self.transform(batch.images, placeholder, train=True)
+        inputs, _ = self.transform(
+            batch.images,
+            placeholder,
+            train=True,
+            cropped=batch.cropped,
+            indices=batch.indices,
+            epoch=batch.epoch,
+        )
         return inputs, int(torch.randint(2**62, (), generator=generator))
 
     def step(self, net: nn.Module, inputs: torch.Tensor, targets: Any) -> StepResult:

@@ -198,7 +198,11 @@ class Classification(Task):
     def setup(self, model: PretrainedModel) -> None:
         cfg = model.cfg
         self.transform = BatchTransform(
-            cfg.img_size, cfg.num_classes, self.cfg.augment, 0, channels=cfg.in_chans
+            cfg.img_size,
+            cfg.num_classes,
+            self.cfg.augment,
+            self.cfg.run.seed,
+            channels=cfg.in_chans,
         )
 
     def set_train_size(self, size: tuple[int, int]) -> None:
@@ -208,7 +212,12 @@ class Classification(Task):
         assert batch.labels is not None
         self.transform.generator.manual_seed(seed)
         inputs, soft_targets = self.transform(
-            batch.images, batch.labels, train=True, cropped=batch.cropped
+            batch.images,
+            batch.labels,
+            train=True,
+            cropped=batch.cropped,
+            indices=batch.indices,
+            epoch=batch.epoch,
         )
         return inputs, (soft_targets, batch.labels.to(inputs.device))
 
