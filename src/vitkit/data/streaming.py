@@ -302,7 +302,9 @@ class StreamingFolderSource:
             if len(labels):
                 # cropped either way: the training view or the evaluation geometry
                 paths = tuple(str(Path(root, n)) for n in names)
-                yield Batch(images, labels, True, paths, indices=positions, epoch=epoch)
+                yield Batch(
+                    images, labels, cropped=True, names=paths, indices=positions, epoch=epoch
+                )
 
     def _reader(self, view: View, seed: int, epoch: int, train: bool) -> FolderBatches:
         """What the loader's workers run for these images (``FolderBatches``)."""
