@@ -501,6 +501,37 @@ def test_a_messy_folder_trains_and_counts_its_broken_files(messy: Path, tmp_path
     assert sum(map(sum, summary["confusion_matrix"])) == len(test_files) - broken
 
 
+def test_the_loop_hands_the_transform_what_the_source_says_of_its_batches(
+    messy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streamed folder's training batches are cropped in its workers: the transform is told
+    so (else its own random-resized crop would crop them again) and gets each image's
+    position and epoch; with alternating flips an in-memory run trains too."""
+    seen: list[tuple[bool, list[int] | None, int]] = []
+    forward = BatchTransform.forward
+
+    def recording(self: BatchTransform, images: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("train", args[1] if len(args) > 1 else False):
+            indices = kwargs.get("indices")
+            listed = None if indices is None else indices.tolist()
+            seen.append((kwargs.get("cropped", False), listed, kwargs.get("epoch", 0)))
+        return forward(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(BatchTransform, "forward", recording)
+    augment = dict(random_resized_crop=True, hflip=True, alternate_flips=True)
+    train(tiny_config(messy, tmp_path / "streamed", epochs=2, augment=augment))
+    assert len(seen) == 10 and all(cropped for cropped, _, _ in seen)
+    assert [epoch for _, _, epoch in seen] == [0] * 5 + [1] * 5
+    positions = [i for _, indices, _ in seen[:5] for i in indices or []]
+    # 20 training files; a broken one's successor takes its place (positions tested above)
+    assert len(positions) == 20 and set(positions) <= set(range(20))
+    seen.clear()
+    in_memory = dict(data_in_memory="auto", steps=10, augment=augment)
+    train(tiny_config("digits", tmp_path / "in_memory", **in_memory))
+    assert seen and not any(cropped for cropped, _, _ in seen)
+    assert all(indices is not None and len(indices) == 4 for _, indices, _ in seen)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_streamed_run_killed_mid_epoch_resumes_bit_identically(
     messy: Path, tmp_path: Path, workers: int

@@ -548,7 +548,7 @@ class Session:
             seed = derived_seed(cfg.run.seed, state.step, micro, self.process.rank)
             torch.manual_seed(seed)  # dropout and stochastic depth
             with record_function(STAGES["augment"]):
-                batch = type(batch)(batch.images.to(device), batch.labels)
+                batch = dataclasses.replace(batch, images=batch.images.to(device))
                 inputs, targets = self.task.prepare(batch, derived_seed(seed, 1))
             with (
                 record_function(STAGES["forward_backward"]),
