@@ -436,7 +436,7 @@ def test_alternating_flips_mirror_each_image_in_one_of_every_two_epochs() -> Non
 
     def mirrored(seed: int, epoch: int, order: torch.Tensor) -> torch.Tensor:
         transform = BatchTransform((12, 12), 10, augment, seed=seed)
-        out, _ = transform(images[order], labels, train=True, indices=indices[order], epoch=epoch)
+        out, _ = transform(images[order], labels, train=True, image_ids=indices[order], epoch=epoch)
         same = torch.isclose(out, scaled[order]).flatten(1).all(1)
         flipped = torch.isclose(out, scaled[order].flip(-1)).flatten(1).all(1)
         assert (same ^ flipped).all()
@@ -469,7 +469,7 @@ def test_alternating_flips_need_hflip_and_the_images_indices() -> None:
     transform = BatchTransform(
         (12, 12), 10, AugmentConfig(hflip=True, alternate_flips=True), seed=0
     )
-    with pytest.raises(ValueError, match="position in its split, which this data source"):
+    with pytest.raises(ValueError, match="a number per training image that stays the same"):
         transform(random_batch(), LABELS, train=True)
 
 
@@ -478,8 +478,8 @@ def test_in_memory_training_batches_carry_their_indices_and_epoch() -> None:
     batches = list(InMemorySource(dataset).train_batches(4, seed=1, epoch=3))
     assert len(batches) == 5
     for batch in batches:
-        assert batch.indices is not None and batch.epoch == 3
-        assert ids_of(batch.images) == batch.indices.tolist()
+        assert batch.image_ids is not None and batch.epoch == 3
+        assert ids_of(batch.images) == batch.image_ids.tolist()
 
 
 def test_translate_shifts_each_image_by_at_most_the_padding() -> None:

@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import tarfile
+import zlib
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -295,46 +296,45 @@ def test_an_epoch_resumes_at_any_batch_with_the_same_crops(id_folder: Path, work
     ]
 
 
-def test_streamed_batches_carry_the_positions_of_the_files_decoded(
+def test_streamed_batches_carry_a_number_per_image_that_every_epoch_shares(
     id_folder: Path, messy: Path, id_shards: Path
 ) -> None:
     """Each training image's position in its split, the same in every epoch (alternating
     flips read it): the file at that position is the one decoded, also where an unreadable
-    file's successor took its place. Shards stream in order and give none: training with
-    alternating flips says so."""
+    file's successor took its place; a shard sample's number is the CRC-32 of its name."""
     source = streamed(id_folder)
     for epoch in (0, 1):
         for batch in source.train_batches(8, seed=2, epoch=epoch):
-            assert batch.indices is not None and batch.epoch == epoch
-            files = [source.files[i].decode() for i in batch.indices.tolist()]
+            assert batch.image_ids is not None and batch.epoch == epoch
+            files = [source.files[i].decode() for i in batch.image_ids.tolist()]
             assert ids_of(batch.images) == [int(f.split("/")[1][:4]) for f in files]
     messy_source = streamed(messy)
     count = len(messy_source)
     planned = batch_indices(count, 2, shuffle=True, seed=0, epoch=0, drop_last=True)
     moved = 0
     for batch, plan in zip(messy_source.train_batches(2, seed=0, epoch=0), planned, strict=True):
-        assert batch.indices is not None and batch.names is not None
-        files = [messy_source.files[i].decode() for i in batch.indices.tolist()]
+        assert batch.image_ids is not None and batch.names is not None
+        files = [messy_source.files[i].decode() for i in batch.image_ids.tolist()]
         assert all(n.endswith(f) for n, f in zip(batch.names, files, strict=True))
-        steps = (batch.indices - plan) % count  # 0, or how many broken files were passed
+        steps = (batch.image_ids - plan) % count  # 0, or how many broken files were passed
         assert (steps < 5).all()
         moved += int((steps > 0).sum())
     assert moved > 0  # the folder's broken files were replaced by their successors
+    # Shards: the CRC-32 of each sample's name (shard file:key, read here with tarfile),
+    # whatever order the shuffle buffer gives; each image keeps its number in every epoch.
+    index = json.loads((id_shards / "dataset.json").read_text())
+    names = set()
+    for shard in index["splits"]["train"]["shards"]:
+        with tarfile.open(id_shards / shard["name"]) as tar:
+            names |= {f"{shard['name']}:{member.split('.')[0]}" for member in tar.getnames()}
     shards = streamed(id_shards)
-    assert next(iter(shards.train_batches(4, seed=0, epoch=0))).indices is None
-    with pytest.raises(ValueError, match="shards stream their samples in order"):
-        train(
-            TrainConfig.from_dict(
-                {
-                    "data": {"source": str(id_shards)},
-                    "model": {"name": "vit_digits", "img_size": 8},
-                    "schedule": {"steps": 1},
-                    "optim": {"batch_size": 4},
-                    "run": {"out": str(id_shards.parent / "run")},
-                    "augment": {"hflip": True, "alternate_flips": True},
-                }
-            )
-        )
+    number_of: dict[int, int] = {}
+    for epoch in (0, 1):
+        for batch in shards.train_batches(4, seed=0, epoch=epoch):
+            assert batch.image_ids is not None and batch.epoch == epoch
+            for image, image_id in zip(ids_of(batch.images), batch.image_ids.tolist(), strict=True):
+                assert number_of.setdefault(image, image_id) == image_id
+    assert sorted(number_of.values()) == sorted(zlib.crc32(n.encode()) for n in names)
 
 
 @pytest.mark.parametrize("kind", ["folder", "shards"])
@@ -512,7 +512,7 @@ def test_the_loop_hands_the_transform_what_the_source_says_of_its_batches(
 
     def recording(self: BatchTransform, images: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("train", args[1] if len(args) > 1 else False):
-            indices = kwargs.get("indices")
+            indices = kwargs.get("image_ids")
             listed = None if indices is None else indices.tolist()
             seen.append((kwargs.get("cropped", False), listed, kwargs.get("epoch", 0)))
         return forward(self, images, *args, **kwargs)

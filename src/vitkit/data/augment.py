@@ -56,7 +56,7 @@ class AugmentConfig(ConfigMixin):
         False,
         "with hflip: each image mirrored in every other epoch instead of at random (airbench's "
         "alternating flip: a fair coin per image picks the first), so it is seen both ways in "
-        "every two epochs; needs a source that numbers its images (not shards)",
+        "every two epochs",
     )
     translate: int = _augmentation(
         0,
@@ -197,11 +197,11 @@ class BatchTransform(nn.Module):
         train: bool,
         cropped: bool = False,
         *,
-        indices: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
         epoch: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``indices`` and ``epoch``: the training images' positions in their split and the
-        epoch (``Batch.indices``, ``Batch.epoch``), which alternating flips need."""
+        """``image_ids`` and ``epoch``: the training images' numbers, the same in every epoch,
+        and the epoch (``Batch.image_ids``, ``Batch.epoch``), which alternating flips need."""
         check_batch(images)
         labels = labels.long().to(images.device)
         if not train:
@@ -213,13 +213,13 @@ class BatchTransform(nn.Module):
         images = match_channels(images.float(), self.channels)
         mirrored = None
         if self.augment.alternate_flips:
-            if indices is None:
+            if image_ids is None:
                 raise ValueError(
-                    "alternate_flips needs each training image's position in its split, which "
-                    "this data source does not give (shards stream their samples in order): "
-                    "set alternate_flips = false to mirror at random"
+                    "alternate_flips needs a number per training image that stays the same "
+                    "from epoch to epoch (Batch.image_ids), which this data source does not "
+                    "give: set alternate_flips = false to mirror at random"
                 )
-            mirrored = alternating_flips(indices, epoch, self.seed).to(images.device)
+            mirrored = alternating_flips(image_ids, epoch, self.seed).to(images.device)
         seed = int(torch.randint(2**62, (), generator=self.generator))
         devices = [images.device] if images.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -262,15 +262,16 @@ class BatchTransform(nn.Module):
         return images, targets
 
 
-def alternating_flips(indices: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
-    """Which of the images at ``indices`` of a split to mirror in ``epoch`` (bool): a fair
-    coin per (image, seed) in even epochs, the opposite in odd ones. The coin is an integer
-    hash of the two (multiply-xorshift, 32 bits), so it needs neither the split's size nor a
-    stored table, and a resumed or distributed run draws the same."""
+def alternating_flips(image_ids: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
+    """Which of the images ``image_ids`` (numbers below 2**32) to mirror in ``epoch`` (bool):
+    a fair coin per (image, seed) in even epochs, the opposite in odd ones. The coin is the
+    low bit of a 32-bit integer hash (xorshift-multiply, the multiplier under 2**27 so int64
+    never overflows), so it needs neither the split's size nor a stored table, and a resumed
+    or distributed run draws the same."""
     mask = 0xFFFFFFFF
-    x = (indices.long() * 0x9E3779B1 + (seed * 0x85EBCA77 & mask)) & mask
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & mask
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & mask
+    x = (image_ids.long() ^ (seed * 0x9E3779B1 & mask)) & mask
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & mask
     coin = ((x ^ (x >> 16)) & 1).bool()
     return coin ^ bool(epoch % 2)
 

@@ -35,9 +35,10 @@ class Batch:
     # EvalPreprocessing): the batch transform skips its own crop or resize and does the rest.
     cropped: bool = False
     names: tuple[str, ...] | None = None  # the images' file paths, where the source knows them
-    # Training batches: each image's position in its split (the same in every epoch) where
-    # the source numbers its images, and the epoch; alternating flips read both.
-    indices: torch.Tensor | None = None  # int64 (B,)
+    # Training batches: a number per image that is the same in every epoch (its position in
+    # the split; a shard sample's, the CRC-32 of its name), and the epoch; alternating flips
+    # read both. None from a source that cannot tell.
+    image_ids: torch.Tensor | None = None  # int64 (B,)
     epoch: int = 0
 
 

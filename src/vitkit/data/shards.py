@@ -313,7 +313,8 @@ def _samples(shards: Iterable[Shard], skipped: list[str]) -> Iterator[tuple[str,
 @dataclass
 class ShardStream(IterableDataset):
     """One rank's shards, split again among the loader's workers; yields (images, labels,
-    names of what was skipped) batches."""
+    image ids, names of what was skipped) batches. A sample's id is the CRC-32 of its name:
+    it seeds the sample's crop and stays the same in every epoch (``Batch.image_ids``)."""
 
     shards: list[Shard]
     view: View
@@ -326,14 +327,14 @@ class ShardStream(IterableDataset):
     start: int  # batches of this rank already consumed (training)
     train: bool
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]]:
         worker = get_worker_info()
         index, workers = (worker.id, worker.num_workers) if worker else (0, 1)
         skipped: list[str] = []
         seed = int(sample_rng(self.seed, self.epoch, self.rank).integers(2**62)) + index
         shuffle = wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER, rng=random.Random(seed))
 
-        def samples() -> Iterator[tuple[np.ndarray, int]]:
+        def samples() -> Iterator[tuple[np.ndarray, int, int]]:
             for shards in self._passes(self.shards[index::workers], index, workers):
                 decoded = self._decode(shards, skipped)
                 yield from shuffle(decoded) if self.train else decoded
@@ -348,7 +349,8 @@ class ShardStream(IterableDataset):
                 if batch
                 else torch.empty(0, self.channels, *self.view.size, dtype=torch.uint8)
             )
-            yield images, torch.tensor([b[1] for b in batch], dtype=torch.int64), skipped[:]
+            labels, ids = (torch.tensor([b[i] for b in batch], dtype=torch.int64) for i in (1, 2))
+            yield images, labels, ids, skipped[:]
             skipped.clear()
 
     def _passes(self, mine: list[Shard], index: int, workers: int) -> Iterator[list[Shard]]:
@@ -368,20 +370,23 @@ class ShardStream(IterableDataset):
         while True:
             yield mine
 
-    def _decode(self, shards: list[Shard], skipped: list[str]) -> Iterator[tuple[np.ndarray, int]]:
+    def _decode(
+        self, shards: list[Shard], skipped: list[str]
+    ) -> Iterator[tuple[np.ndarray, int, int]]:
         produced = 0
         for name, sample in _samples(shards, skipped):
             if not 0 <= sample.label < self.num_classes:
                 skipped.append(f"{name} (label {sample.label} is not a class index)")
                 continue
-            rng = sample_rng(self.seed, self.epoch, zlib.crc32(name.encode()))
+            image_id = zlib.crc32(name.encode())
+            rng = sample_rng(self.seed, self.epoch, image_id)
             try:
                 pixels = load_view(io.BytesIO(sample.data), self.view, rng, name)
             except UnreadableImage as err:
                 skipped.append(f"{name} ({err.reason})")
                 continue
             produced += 1
-            yield pixels, sample.label
+            yield pixels, sample.label, image_id
         if not produced and self.train:
             raise ValueError(f"no readable sample in the shards {[s.path for s in shards][:3]}")
 
@@ -426,10 +431,10 @@ class ShardSource:
     ) -> Iterator[tuple]:
         workers = min(self.num_workers, len(shards))
         dataset = ShardStream(shards, view, self.channels, len(self.classes), batch_size, **stream)
-        for images, labels, skipped in make_loader(dataset, None, workers):
+        for images, labels, ids, skipped in make_loader(dataset, None, workers):
             self.skipped.add(skipped)
             if len(labels):
-                yield images, labels
+                yield images, labels, ids
 
     def _view(self, train: bool) -> View:
         if self.size is None:
@@ -469,8 +474,8 @@ class ShardSource:
             start=start,
             train=True,
         )
-        for images, labels in islice(batches, max(total - start, 0)):
-            yield Batch(images, labels, cropped=True)
+        for images, labels, ids in islice(batches, max(total - start, 0)):
+            yield Batch(images, labels, cropped=True, image_ids=ids, epoch=epoch)
 
     def eval_batches(
         self, batch_size: int, *, rank: int = 0, world_size: int = 1
@@ -485,7 +490,7 @@ class ShardSource:
             start=0,
             train=False,
         )
-        for images, labels in batches:
+        for images, labels, _ in batches:
             yield Batch(images, labels, cropped=True)  # the evaluation geometry, in the workers
 
     def encoded_samples(self) -> Iterator[EncodedSample]:

@@ -127,7 +127,7 @@ class InMemorySource:
         )
         for indices in plan:
             labels = self.dataset.labels[indices] if self.labelled else None
-            yield Batch(self.dataset.images[indices], labels, indices=indices, epoch=epoch)
+            yield Batch(self.dataset.images[indices], labels, image_ids=indices, epoch=epoch)
 
     def eval_batches(
         self, batch_size: int, *, rank: int = 0, world_size: int = 1

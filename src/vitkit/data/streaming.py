@@ -303,7 +303,7 @@ class StreamingFolderSource:
                 # cropped either way: the training view or the evaluation geometry
                 paths = tuple(str(Path(root, n)) for n in names)
                 yield Batch(
-                    images, labels, cropped=True, names=paths, indices=positions, epoch=epoch
+                    images, labels, cropped=True, names=paths, image_ids=positions, epoch=epoch
                 )
 
     def _reader(self, view: View, seed: int, epoch: int, train: bool) -> FolderBatches:

@@ -149,7 +149,7 @@ class MaskedPatchPredictionTask(Task):
             placeholder,
             train=True,
             cropped=batch.cropped,
-            indices=batch.indices,
+            image_ids=batch.image_ids,
             epoch=batch.epoch,
         )
         return inputs, int(torch.randint(2**62, (), generator=generator))

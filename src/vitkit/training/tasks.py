@@ -216,7 +216,7 @@ class Classification(Task):
             batch.labels,
             train=True,
             cropped=batch.cropped,
-            indices=batch.indices,
+            image_ids=batch.image_ids,
             epoch=batch.epoch,
         )
         return inputs, (soft_targets, batch.labels.to(inputs.device))
