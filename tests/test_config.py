@@ -61,6 +61,7 @@ def test_partial_augment_table_changes_only_its_keys(tmp_path: Path) -> None:
         "crop_scale": [0.8, 1.0],
         "crop_ratio": [0.75, 4 / 3],
         "hflip": True,
+        "alternate_flips": False,
         "translate": 0,
         "randaugment": None,
         "mixup": 0.0,
