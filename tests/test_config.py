@@ -357,7 +357,8 @@ def test_flat_python_use_warns_once_per_call() -> None:
 
 # Settings a recipe changed since its flat copy was written: the digits recipe follows the new
 # defaults of the main job; cifar10_hybrid_bf16 took Muon, CIFAR's pad-and-crop, a schedule
-# fitted to 55 minutes and flip TTA (docs/experiments.md, "Time to accuracy"); the others state
+# fitted to 55 minutes, flip TTA and progressive resizing (docs/experiments.md, "Time to
+# accuracy"); the others state
 # the optimizer (Adam) and mnist the label smoothing they relied on (docs/configuration.md,
 # "Defaults that changed").
 ADAM = {"optim": {"name": "adam"}}
@@ -373,7 +374,7 @@ CHANGED_SINCE: dict[str, dict[str, Any]] = {
     "cifar10_hybrid_bf16": {
         "model": {"drop_path": 0.1},
         "optim": {"name": "muon"},
-        "schedule": {"epochs": 60, "max_minutes": 55},
+        "schedule": {"epochs": 60, "max_minutes": 55, "resize_start": 0.75},
         "augment": {"random_resized_crop": False, "translate": 4, "randaugment": (2, 9)},
         "evaluators": {"tta": "flip"},
     },

@@ -162,6 +162,33 @@ def test_a_run_with_flip_tta_scores_its_test_split_with_mirror_images(
     assert "(flip test-time augmentation)" in one_line_summary({**summary, "run_folder": out})
 
 
+def test_test_tta_scores_the_test_split_alone_and_leaves_validation_as_tta_says(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """``--test-tta flip`` beside ``--tta none``: validation as without it (the same records,
+    so the same best checkpoint), the test accuracy that of the flip mean, recounted here."""
+    plain = train(config(tiny_data, tmp_path / "plain", epochs=2))
+    out = tmp_path / "test_tta"
+    summary = train(config(tiny_data, out, epochs=2, test_tta="flip"))
+    model = load_pretrained(out / "best.safetensors")
+    with np.load(tiny_data) as data:
+        images, labels = data["x_test"], data["y_test"]
+    scaled = [
+        (torch.from_numpy(a.copy()).float() - 127.5) / 127.5 for a in (images, images[..., ::-1])
+    ]
+    with torch.no_grad():
+        unflipped = model(scaled[0]).argmax(-1).numpy() == labels
+        both = (model(scaled[0]) + model(scaled[1])).argmax(-1).numpy() == labels
+    assert not np.array_equal(both, unflipped)  # the digits tell the two scorings apart
+    assert run_records(out, "val") == run_records(tmp_path / "plain", "val")
+    kept = weights(tmp_path / "plain" / "best.safetensors")
+    assert all(torch.equal(t, kept[k]) for k, t in weights(out / "best.safetensors").items())
+    assert (summary["tta"], summary["val_tta"]) == ("flip", "none")
+    assert (plain["tta"], plain["val_tta"]) == ("none", "none")
+    assert summary["test_accuracy"] == pytest.approx(np.mean(both), abs=1e-12)
+    assert plain["test_accuracy"] == pytest.approx(np.mean(unflipped), abs=1e-12)
+
+
 def test_run_folder_holds_what_a_person_reads(trained_run: Path) -> None:
     names = {p.name for p in trained_run.iterdir()}
     assert {"config.json", "metrics.jsonl", "curves.png", "summary.json"} <= names

@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="none",
         help="test-time augmentation: 'flip' averages the logits of each image and its mirror "
         "image; 'flip_translate' adds the same for the image moved one pixel each way "
-        "diagonally (as a run trained with that --tta scored its test split)",
+        "diagonally (as a run trained with that --tta or --test-tta scored its test split)",
     )
     p.add_argument(
         "--predictions",

@@ -538,6 +538,11 @@ class EvaluatorsConfig(PluggableSection):
         "'flip' averages the logits of each image and its mirror image; 'flip_translate' "
         "adds the same for the image moved one pixel each way diagonally (6 passes)",
     )
+    test_tta: TestTimeAugmentation | None = option(
+        None,
+        "test-time augmentation of the final test score alone (default: tta's), so that a "
+        "costly one (flip_translate) is paid once and not at every validation",
+    )
     monitor: str | None = option(
         None,
         "the metric of the best evaluator that picks best.safetensors and that patience "

@@ -765,7 +765,7 @@ class Session:
         if best_task and not parallel.sharded(self.net):
             self.task.load_task_state(self.trainable, best_task)
         with parallel.whole(self.trainable):
-            test = self.task.evaluate(model, self.splits.test, process)
+            test = self.task.evaluate_test(model, self.splits.test, process)
         epochs_done = round(state.step / self.steps_per_epoch, 3)
         summary = dict(
             self.task.summary(test, state.best_value),

@@ -21,7 +21,7 @@ from vitkit.checkpoints import read_checkpoint
 from vitkit.checkpoints.core import build_model
 from vitkit.data import BatchTransform
 from vitkit.data.sources import Batch, DataSource, SourceInfo
-from vitkit.evaluation.inference import evaluate
+from vitkit.evaluation.inference import TestTimeAugmentation, evaluate
 from vitkit.models import create_model, model_config
 from vitkit.models.preprocessing import RECORD_KEY, EvalPreprocessing
 from vitkit.models.pretrained import PretrainedModel
@@ -105,6 +105,13 @@ class Task:
         """Metrics of ``model`` on every example of ``source`` (exact under DDP); the float
         ones are logged, the others may go into the summary."""
         raise NotImplementedError
+
+    def evaluate_test(
+        self, model: PretrainedModel, source: DataSource, process: Process
+    ) -> dict[str, Any]:
+        """The final score on the test split, once per run: ``evaluate``'s, unless a task
+        spends more on it than on every validation."""
+        return self.evaluate(model, source, process)
 
     def summary(self, test: dict[str, Any], best: float | None) -> dict[str, Any]:
         """The task's keys of ``summary.json`` from the test metrics and the best validation
@@ -233,14 +240,27 @@ class Classification(Task):
     def evaluate(
         self, model: PretrainedModel, source: DataSource, process: Process
     ) -> dict[str, Any]:
+        return self._scores(model, source, process, self.cfg.evaluators.tta)
+
+    def evaluate_test(
+        self, model: PretrainedModel, source: DataSource, process: Process
+    ) -> dict[str, Any]:
+        return self._scores(model, source, process, self.test_tta)
+
+    @property
+    def test_tta(self) -> TestTimeAugmentation:
+        return self.cfg.evaluators.test_tta or self.cfg.evaluators.tta
+
+    def _scores(
+        self,
+        model: PretrainedModel,
+        source: DataSource,
+        process: Process,
+        tta: TestTimeAugmentation,
+    ) -> dict[str, Any]:
         cfg = self.cfg
         result = evaluate(
-            model,
-            source,
-            cfg.evaluators.batch_size,
-            cfg.run.precision,
-            process,
-            tta=cfg.evaluators.tta,
+            model, source, cfg.evaluators.batch_size, cfg.run.precision, process, tta=tta
         )
         return {"loss": result.loss, "accuracy": result.accuracy, "confusion": result.confusion}
 
@@ -250,7 +270,8 @@ class Classification(Task):
             "test_loss": test["loss"],
             "best_val_accuracy": best,
             "confusion_matrix": test["confusion"].tolist(),
-            "tta": self.cfg.evaluators.tta,  # how the val and test images were scored
+            "tta": self.test_tta,  # how the test images were scored
+            "val_tta": self.cfg.evaluators.tta,  # and the validation images
         }
 
 
