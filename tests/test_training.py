@@ -140,6 +140,16 @@ def test_test_accuracy_is_the_best_models_on_the_test_set(
     assert summary["confusion_matrix"] == confusion.tolist()
 
 
+def mirrored_test_digits(data: Path) -> tuple[list[torch.Tensor], np.ndarray]:
+    """The test digits and their mirror images, scaled as the model takes them; the labels."""
+    with np.load(data) as arrays:
+        images, labels = arrays["x_test"], arrays["y_test"]
+    scaled = [
+        (torch.from_numpy(a.copy()).float() - 127.5) / 127.5 for a in (images, images[..., ::-1])
+    ]
+    return scaled, labels
+
+
 def test_a_run_with_flip_tta_scores_its_test_split_with_mirror_images(
     tiny_data: Path, tmp_path: Path
 ) -> None:
@@ -148,11 +158,7 @@ def test_a_run_with_flip_tta_scores_its_test_split_with_mirror_images(
     out = tmp_path / "tta"
     summary = train(config(tiny_data, out, epochs=2, tta="flip"))
     model = load_pretrained(out / "best.safetensors")
-    with np.load(tiny_data) as data:
-        images, labels = data["x_test"], data["y_test"]
-    scaled = [
-        (torch.from_numpy(a.copy()).float() - 127.5) / 127.5 for a in (images, images[..., ::-1])
-    ]
+    scaled, labels = mirrored_test_digits(tiny_data)
     with torch.no_grad():
         logits = model(scaled[0]) + model(scaled[1])
     assert summary["test_accuracy"] == pytest.approx(
@@ -171,11 +177,7 @@ def test_test_tta_scores_the_test_split_alone_and_leaves_validation_as_tta_says(
     out = tmp_path / "test_tta"
     summary = train(config(tiny_data, out, epochs=2, test_tta="flip"))
     model = load_pretrained(out / "best.safetensors")
-    with np.load(tiny_data) as data:
-        images, labels = data["x_test"], data["y_test"]
-    scaled = [
-        (torch.from_numpy(a.copy()).float() - 127.5) / 127.5 for a in (images, images[..., ::-1])
-    ]
+    scaled, labels = mirrored_test_digits(tiny_data)
     with torch.no_grad():
         unflipped = model(scaled[0]).argmax(-1).numpy() == labels
         both = (model(scaled[0]) + model(scaled[1])).argmax(-1).numpy() == labels
