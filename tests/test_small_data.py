@@ -120,6 +120,23 @@ def test_parameter_count_is_the_plain_vits_plus_spt_and_lsa() -> None:
     assert sum(p.numel() for p in model.parameters()) == expected == 1_843_900
 
 
+@pytest.mark.parametrize(
+    ("name", "spt", "lsa"), [("vit_cifar_spt", True, False), ("vit_cifar_lsa", False, True)]
+)
+def test_the_ablation_variants_hold_one_change_each(name: str, spt: bool, lsa: bool) -> None:
+    """Each variant is vit_cifar by the closed form plus only its own change's parameters, and
+    only its own module."""
+    width, depth, heads, patch_values = 192, 6, 3, 5 * 3 * 4 * 4
+    spt_extra = (patch_values - 3 * 4 * 4) * width + 2 * patch_values
+    expected = vit_count(width, depth, 384, 4, img=32, classes=10)
+    expected += spt * spt_extra + lsa * depth * heads
+    model = vitkit.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert isinstance(model.patch_embed, ShiftedPatchEmbed) == spt
+    kinds = {type(m) for m in model.modules()}
+    assert (LocalitySelfAttention in kinds) == lsa
+
+
 def test_both_switched_off_is_the_plain_vit() -> None:
     plain = perturbed(vitkit.create_model("vit_cifar", depth=2)).eval()
     neither = vitkit.create_model(

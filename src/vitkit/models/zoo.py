@@ -87,6 +87,9 @@ register("vit_cifar", **_CIFAR)
 # ViTs trained from scratch on small datasets): still no convolution.
 register_architecture(Architecture("vit_small_data", SmallDataViTConfig, SmallDataViT))
 register("vit_cifar_sl", architecture="vit_small_data", **_CIFAR)
+# Each change alone, for the source paper's ablation: which of the two gives how much.
+register("vit_cifar_spt", architecture="vit_small_data", locality_attention=False, **_CIFAR)
+register("vit_cifar_lsa", architecture="vit_small_data", shifted_patches=False, **_CIFAR)
 # The same encoder behind a miniature of the paper's hybrid: the ResNet stem and one stage of two
 # bottleneck units (width 64) give an 8x8 feature map, cut into 1x1 patches, as many tokens as
 # vit_cifar's 4x4 patches. On CIFAR-10 it learns much faster per image for 10-20% more time a step.
