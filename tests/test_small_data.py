@@ -110,28 +110,26 @@ def test_no_token_attends_to_itself_and_a_lone_token_keeps_itself() -> None:
     assert torch.isfinite(lone(torch.randn(1, 3, 4, 4))).all()
 
 
-def test_parameter_count_is_the_plain_vits_plus_spt_and_lsa() -> None:
-    """vit_cifar by the closed form, its 4x4x3 patch kernel widened to the five copies, SPT's
-    layer norm over the 5 * 3 * 16 patch values, one temperature per head and block."""
-    width, depth, heads, patch_values = 192, 6, 3, 5 * 3 * 4 * 4
-    plain = vit_count(width, depth, 384, 4, img=32, classes=10)
-    expected = plain + (patch_values - 3 * 4 * 4) * width + 2 * patch_values + depth * heads
-    model = vitkit.create_model("vit_cifar_sl")
-    assert sum(p.numel() for p in model.parameters()) == expected == 1_843_900
-
-
 @pytest.mark.parametrize(
-    ("name", "spt", "lsa"), [("vit_cifar_spt", True, False), ("vit_cifar_lsa", False, True)]
+    ("name", "spt", "lsa", "count"),
+    [
+        ("vit_cifar_sl", True, True, 1_843_900),
+        ("vit_cifar_spt", True, False, 1_843_882),
+        ("vit_cifar_lsa", False, True, 1_806_556),
+    ],
 )
-def test_the_ablation_variants_hold_one_change_each(name: str, spt: bool, lsa: bool) -> None:
-    """Each variant is vit_cifar by the closed form plus only its own change's parameters, and
-    only its own module."""
+def test_parameter_count_is_the_plain_vits_plus_each_change(
+    name: str, spt: bool, lsa: bool, count: int
+) -> None:
+    """vit_cifar by the closed form plus only the model's own changes, and only their modules:
+    SPT widens the 4x4x3 patch kernel to the five copies and adds a layer norm over the
+    5 * 3 * 16 patch values; LSA adds one temperature per head and block."""
     width, depth, heads, patch_values = 192, 6, 3, 5 * 3 * 4 * 4
     spt_extra = (patch_values - 3 * 4 * 4) * width + 2 * patch_values
     expected = vit_count(width, depth, 384, 4, img=32, classes=10)
     expected += spt * spt_extra + lsa * depth * heads
     model = vitkit.create_model(name)
-    assert sum(p.numel() for p in model.parameters()) == expected
+    assert sum(p.numel() for p in model.parameters()) == expected == count
     assert isinstance(model.patch_embed, ShiftedPatchEmbed) == spt
     kinds = {type(m) for m in model.modules()}
     assert (LocalitySelfAttention in kinds) == lsa
