@@ -138,6 +138,8 @@ def test_test_accuracy_is_the_best_models_on_the_test_set(
     confusion = np.zeros((10, 10), dtype=np.int64)
     np.add.at(confusion, (labels, predicted), 1)
     assert summary["confusion_matrix"] == confusion.tolist()
+    assert summary["test_images"] == 100
+    assert "on 100 test images" in one_line_summary(summary)
 
 
 def mirrored_test_digits(data: Path) -> tuple[list[torch.Tensor], np.ndarray]:

@@ -249,6 +249,8 @@ def one_line_summary(summary: dict[str, Any]) -> str:
         for key, value in summary.items()
         if key.startswith("test_") and isinstance(value, float)
     )
+    if "test_images" in summary:  # absent from summaries of earlier versions
+        metrics += f" on {summary['test_images']:,} test images"
     if summary.get("tta", "none") != "none":
         metrics += f" ({summary['tta']} test-time augmentation)"
     minutes, seconds = divmod(round(summary["wall_seconds"]), 60)

@@ -270,6 +270,8 @@ class Classification(Task):
             "test_loss": test["loss"],
             "best_val_accuracy": best,
             "confusion_matrix": test["confusion"].tolist(),
+            # the images scored: fewer than the split's files where some were unreadable
+            "test_images": int(test["confusion"].sum()),
             "tta": self.test_tta,  # how the test images were scored
             "val_tta": self.cfg.evaluators.tta,  # and the validation images
         }
