@@ -77,6 +77,7 @@ def test_a_short_run_learns_more_than_the_colours(pretrained_run: Path) -> None:
     summary = json.loads((pretrained_run / "summary.json").read_text())
     assert summary["task"] == "mpp" and summary["best_val_loss"] == min(r["loss"] for r in val)
     assert 0.0 < summary["test_accuracy"] < 1.0
+    assert summary["test_images"] == 359  # the shipped digits' test split
 
 
 def test_the_checkpoint_fine_tunes_without_the_prediction_head(

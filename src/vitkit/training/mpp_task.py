@@ -158,10 +158,23 @@ class MaskedPatchPredictionTask(Task):
         loss, sums, count = net(inputs, torch.Generator().manual_seed(targets))
         return StepResult(loss, sums, count)
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, source: DataSource, process: Process) -> dict[str, Any]:
         """Loss (and accuracy, for colour targets) per corrupted patch over every image of
         ``source``, exact under DDP; the corruption is drawn from the run's seed."""
+        means, _ = self._scores(model, source, process)
+        return means
+
+    def evaluate_test(
+        self, model: nn.Module, source: DataSource, process: Process
+    ) -> dict[str, Any]:
+        means, images = self._scores(model, source, process)
+        return means | {"images": images}
+
+    @torch.no_grad()
+    def _scores(
+        self, model: nn.Module, source: DataSource, process: Process
+    ) -> tuple[dict[str, float], int]:
+        """``evaluate``'s metrics and the number of images they were measured on."""
         wrapper = self.wrapper
         if wrapper is None or wrapper.backbone is not model:
             raise ValueError("masked patch prediction evaluates the model it is training")
@@ -171,7 +184,7 @@ class MaskedPatchPredictionTask(Task):
         was_training = wrapper.training
         wrapper.eval()
         totals: dict[str, torch.Tensor] = {}
-        count = 0
+        count = images = 0
         batches = source.eval_batches(
             self.cfg.evaluators.batch_size, rank=process.rank, world_size=process.world_size
         )
@@ -188,11 +201,13 @@ class MaskedPatchPredictionTask(Task):
             for name, value in sums.items():
                 totals[name] = totals.get(name, 0) + value.double()
             count += n
+            images += len(inputs)
         wrapper.train(was_training)
         names = sorted(totals)
-        counts = torch.tensor([float(count)], dtype=torch.float64, device=device)
+        counts = torch.tensor([float(images), float(count)], dtype=torch.float64, device=device)
         summed = all_reduce_sum(
             torch.cat([torch.stack([totals[n] for n in names]), counts]) if names else counts,
             process,
         )
-        return {name: float(summed[i] / summed[-1]) for i, name in enumerate(names)}
+        means = {name: float(summed[i] / summed[-1]) for i, name in enumerate(names)}
+        return means, int(summed[-2])

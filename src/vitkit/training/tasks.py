@@ -110,15 +110,19 @@ class Task:
         self, model: PretrainedModel, source: DataSource, process: Process
     ) -> dict[str, Any]:
         """The final score on the test split, once per run: ``evaluate``'s, unless a task
-        spends more on it than on every validation."""
+        spends more on it than on every validation; an int ``images``, where given, is how
+        many test images were scored (fewer than the split's files where some are unreadable)."""
         return self.evaluate(model, source, process)
 
     def summary(self, test: dict[str, Any], best: float | None) -> dict[str, Any]:
         """The task's keys of ``summary.json`` from the test metrics and the best validation
         value."""
-        return {f"test_{k}": v for k, v in test.items() if isinstance(v, float)} | {
-            f"best_val_{self.best_metric}": best
-        }
+        images = {"test_images": test["images"]} if "images" in test else {}
+        return (
+            {f"test_{k}": v for k, v in test.items() if isinstance(v, float)}
+            | {f"best_val_{self.best_metric}": best}
+            | images
+        )
 
 
 TASKS: dict[str, type[Task]] = {}
