@@ -249,7 +249,8 @@ class Classification(Task):
     def evaluate_test(
         self, model: PretrainedModel, source: DataSource, process: Process
     ) -> dict[str, Any]:
-        return self._scores(model, source, process, self.test_tta)
+        scores = self._scores(model, source, process, self.test_tta)
+        return scores | {"images": int(scores["confusion"].sum())}
 
     @property
     def test_tta(self) -> TestTimeAugmentation:
@@ -274,8 +275,7 @@ class Classification(Task):
             "test_loss": test["loss"],
             "best_val_accuracy": best,
             "confusion_matrix": test["confusion"].tolist(),
-            # the images scored: fewer than the split's files where some were unreadable
-            "test_images": int(test["confusion"].sum()),
+            "test_images": test["images"],
             "tta": self.test_tta,  # how the test images were scored
             "val_tta": self.cfg.evaluators.tta,  # and the validation images
         }
