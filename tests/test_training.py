@@ -139,7 +139,9 @@ def test_test_accuracy_is_the_best_models_on_the_test_set(
     np.add.at(confusion, (labels, predicted), 1)
     assert summary["confusion_matrix"] == confusion.tolist()
     assert summary["test_images"] == 100
-    assert "on 100 test images" in one_line_summary(summary)
+    line = one_line_summary(summary)
+    assert line.startswith(f"test accuracy {np.mean(predicted == labels):.2%}, test loss ")
+    assert "on 100 test images" in line
 
 
 def mirrored_test_digits(data: Path) -> tuple[list[torch.Tensor], np.ndarray]:

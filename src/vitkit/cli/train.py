@@ -243,11 +243,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 def one_line_summary(summary: dict[str, Any]) -> str:
     """What a person wants at the end of a run, formatted for people."""
+    scores = [(k, v) for k, v in summary.items() if k.startswith("test_") and isinstance(v, float)]
     metrics = ", ".join(
         f"test {key.removeprefix('test_')} "
         + (f"{value:.2%}" if key == "test_accuracy" else f"{value:.4g}")
-        for key, value in summary.items()
-        if key.startswith("test_") and isinstance(value, float)
+        # accuracy first, whatever order the task's metrics come in; the rest as given
+        for key, value in sorted(scores, key=lambda item: item[0] != "test_accuracy")
     )
     if "test_images" in summary:  # absent from summaries of earlier versions
         metrics += f" on {summary['test_images']:,} test images"

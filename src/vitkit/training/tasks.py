@@ -270,12 +270,8 @@ class Classification(Task):
         return {"loss": result.loss, "accuracy": result.accuracy, "confusion": result.confusion}
 
     def summary(self, test: dict[str, Any], best: float | None) -> dict[str, Any]:
-        return {
-            "test_accuracy": test["accuracy"],
-            "test_loss": test["loss"],
-            "best_val_accuracy": best,
+        return super().summary(test, best) | {
             "confusion_matrix": test["confusion"].tolist(),
-            "test_images": test["images"],
             "tta": self.test_tta,  # how the test images were scored
             "val_tta": self.cfg.evaluators.tta,  # and the validation images
         }
