@@ -21,7 +21,7 @@ from vitkit.checkpoints import read_checkpoint
 from vitkit.checkpoints.core import build_model
 from vitkit.data import BatchTransform
 from vitkit.data.sources import Batch, DataSource, SourceInfo
-from vitkit.evaluation.inference import TestTimeAugmentation, evaluate
+from vitkit.evaluation.inference import Evaluation, TestTimeAugmentation, evaluate
 from vitkit.models import create_model, model_config
 from vitkit.models.preprocessing import RECORD_KEY, EvalPreprocessing
 from vitkit.models.pretrained import PretrainedModel
@@ -244,30 +244,29 @@ class Classification(Task):
     def evaluate(
         self, model: PretrainedModel, source: DataSource, process: Process
     ) -> dict[str, Any]:
-        return self._scores(model, source, process, self.cfg.evaluators.tta)
+        return scores(self._evaluation(model, source, process, self.cfg.evaluators.tta))
 
     def evaluate_test(
         self, model: PretrainedModel, source: DataSource, process: Process
     ) -> dict[str, Any]:
-        scores = self._scores(model, source, process, self.test_tta)
-        return scores | {"images": int(scores["confusion"].sum())}
+        result = self._evaluation(model, source, process, self.test_tta)
+        return scores(result) | {"images": result.count}
 
     @property
     def test_tta(self) -> TestTimeAugmentation:
         return self.cfg.evaluators.test_tta or self.cfg.evaluators.tta
 
-    def _scores(
+    def _evaluation(
         self,
         model: PretrainedModel,
         source: DataSource,
         process: Process,
         tta: TestTimeAugmentation,
-    ) -> dict[str, Any]:
+    ) -> Evaluation:
         cfg = self.cfg
-        result = evaluate(
+        return evaluate(
             model, source, cfg.evaluators.batch_size, cfg.run.precision, process, tta=tta
         )
-        return {"loss": result.loss, "accuracy": result.accuracy, "confusion": result.confusion}
 
     def summary(self, test: dict[str, Any], best: float | None) -> dict[str, Any]:
         return super().summary(test, best) | {
@@ -275,6 +274,12 @@ class Classification(Task):
             "tta": self.test_tta,  # how the test images were scored
             "val_tta": self.cfg.evaluators.tta,  # and the validation images
         }
+
+
+def scores(result: Evaluation) -> dict[str, Any]:
+    """A classification evaluation as the loop records it: loss and accuracy are logged, and
+    the test's confusion matrix goes to the summary."""
+    return {"loss": result.loss, "accuracy": result.accuracy, "confusion": result.confusion}
 
 
 BUILTIN_TASK_MODULES = ("vitkit.training.mpp_task",)  # the built-in tasks outside this module
