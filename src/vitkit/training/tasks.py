@@ -244,13 +244,13 @@ class Classification(Task):
     def evaluate(
         self, model: PretrainedModel, source: DataSource, process: Process
     ) -> dict[str, Any]:
-        return scores(self._evaluation(model, source, process, self.cfg.evaluators.tta))
+        return _scores(self._evaluation(model, source, process, self.cfg.evaluators.tta))
 
     def evaluate_test(
         self, model: PretrainedModel, source: DataSource, process: Process
     ) -> dict[str, Any]:
         result = self._evaluation(model, source, process, self.test_tta)
-        return scores(result) | {"images": result.count}
+        return _scores(result) | {"images": result.count}
 
     @property
     def test_tta(self) -> TestTimeAugmentation:
@@ -276,7 +276,7 @@ class Classification(Task):
         }
 
 
-def scores(result: Evaluation) -> dict[str, Any]:
+def _scores(result: Evaluation) -> dict[str, Any]:
     """A classification evaluation as the loop records it: loss and accuracy are logged, and
     the test's confusion matrix goes to the summary."""
     return {"loss": result.loss, "accuracy": result.accuracy, "confusion": result.confusion}
