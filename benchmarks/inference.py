@@ -14,6 +14,11 @@ others are using, wall-clock times of two threads swing by 10x (a thread waits f
 partner); ``--threads 1 --clock cpu`` counts the CPU time of the one computing thread instead,
 which contention barely moves.
 
+``--compile`` adds both models compiled with frozen weights (``vitkit.deploy.CompiledClassifier``,
+what ``vitkit eval --compile`` runs; Hugging Face's through the same wrapper), compiled during
+the warm-up calls, and the ratio of vitkit compiled to Hugging Face's faster eager path (what
+users of either run by default).
+
 ``--onnx`` and ``--int8`` add columns to the fp32 rows: the vitkit model exported to ONNX
 (``vitkit export --to onnx``) run by onnxruntime's CPU provider with ``--threads`` threads, and
 vitkit with int8 linear layers (``--to int8``: torchao dynamic quantisation). Both need
@@ -24,7 +29,7 @@ runtime one.
 
 Usage: python benchmarks/inference.py [--models vit_ti16 vit_s16 vit_b16] [--batches 1 8 32]
        [--precisions fp32 bf16] [--repeats 5] [--attn auto sdpa eager] [--threads 2] [--quick]
-       [--clock wall|cpu] [--onnx] [--int8]
+       [--clock wall|cpu] [--compile] [--onnx] [--int8]
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import torch
 from _common import cpu_name, device_sync, hf_model, markdown_table, timed_calls
 from torch import nn
 
-from vitkit.deploy import OnnxClassifier, export_onnx, quantize_int8
+from vitkit.deploy import CompiledClassifier, OnnxClassifier, export_onnx, quantize_int8
 from vitkit.models import create_model, model_config
 
 PRECISIONS = ("fp32", "bf16", "bf16w")
@@ -59,8 +64,9 @@ def onnx_file(name: str, attn: str, folder: str) -> Path:
 def measure(
     name: str, batch: int, precision: str, attn: list[str], args: argparse.Namespace
 ) -> dict[str, float]:
-    """Images/s of vitkit (one entry per attention path), of HF (one per attention path) and,
-    in fp32 with --onnx / --int8, of vitkit's ONNX export under onnxruntime and its int8 copy."""
+    """Images/s of vitkit (one entry per attention path), of HF (one per attention path), of
+    both compiled with --compile and, in fp32 with --onnx / --int8, of vitkit's ONNX export
+    under onnxruntime and its int8 copy."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if precision == "bf16w" else torch.float32
     models: dict[str, nn.Module] = {
@@ -70,6 +76,9 @@ def measure(
         models[f"hf[{impl}]"] = hf_model(model_config(name), impl)
     for key in models:
         models[key] = models[key].eval().to(device, dtype)
+    if args.compile:  # compiled at their first (warm-up) call; HF's through the same wrapper
+        models["compiled[vitkit]"] = CompiledClassifier(models[f"vitkit[{attn[0]}]"])
+        models["compiled[hf]"] = CompiledClassifier(models["hf[sdpa]"])
     if precision == "fp32" and args.int8:
         models["int8"] = quantize_int8(models[f"vitkit[{attn[0]}]"])
     if precision == "fp32" and args.onnx and device.type == "cpu":
@@ -118,6 +127,11 @@ def main() -> int:
         help="cpu: CPU time of the calling thread, for busy machines (needs --threads 1)",
     )
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="add both models compiled with frozen weights (tens of seconds each to compile)",
+    )
+    parser.add_argument(
         "--onnx", action="store_true", help="fp32 rows: add vitkit's ONNX export in onnxruntime"
     )
     parser.add_argument(
@@ -146,7 +160,9 @@ def main() -> int:
     print(f"load average at start: {os.getloadavg()[0]:.1f}")
     extra = [f"vitkit[{impl}]" for impl in args.attn[1:]]
     extra += ["onnxruntime"] * args.onnx + ["int8"] * args.int8
-    header = ["model", "batch", "precision", "vitkit img/s", "HF img/s", "HF attn", "ratio", *extra]
+    compiled = ["compiled[vitkit]", "compiled ratio", "compiled[hf]"] if args.compile else []
+    header = ["model", "batch", "precision", "vitkit img/s", "HF img/s", "HF attn", "ratio"]
+    header += compiled + extra
     rows = []
     args.tmp = tempfile.mkdtemp(prefix="vitkit-bench-")
     for name in args.models:
@@ -160,6 +176,10 @@ def main() -> int:
                 )
                 row = [name, str(batch), precision, f"{ours:.1f}", f"{theirs:.1f}", hf_attn]
                 row += [f"{ours / theirs:.2f}x"]
+                if args.compile:
+                    ours_compiled = rates["compiled[vitkit]"]
+                    row += [f"{ours_compiled:.1f}", f"{ours_compiled / theirs:.2f}x"]
+                    row += [f"{rates['compiled[hf]']:.1f}"]
                 row += [f"{rates[key]:.1f}" if key in rates else "-" for key in extra]
                 rows.append(row)
                 print("  " + " ".join(row), file=sys.stderr, flush=True)

@@ -46,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--split", default="test", choices=("train", "val", "test"), help="(default: test)"
     )
     add_inference_flags(p)
+    add_compile_flag(p)
     add_unreadable_flag(p)
     p.add_argument(
         "--precision", choices=PRECISIONS, default="fp32", help="bf16: bfloat16 autocast"
@@ -93,6 +94,17 @@ def add_inference_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_compile_flag(parser: argparse.ArgumentParser) -> None:
+    """``--compile``, for the commands that call the whole model (``eval``, ``predict``)."""
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model with frozen weights: forward passes 1.1-1.8x faster on "
+        "CPU, after a compilation of tens of seconds at the first batch (pays off over tens "
+        "of thousands of images, not a few); needs a C++ compiler on CPU",
+    )
+
+
 def add_unreadable_flag(parser: argparse.ArgumentParser) -> None:
     """``--max-unreadable-fraction``, for the commands that read a dataset as training does."""
     parser.add_argument(
@@ -105,7 +117,9 @@ def add_unreadable_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, run_folder = load_for_inference(args.checkpoint, args.model, args.device)
+    model, run_folder = load_for_inference(
+        args.checkpoint, args.model, args.device, compiled=args.compile
+    )
     source, note = evaluation_data(args.data, args.split, run_folder, args.max_unreadable_fraction)
     for line in (note, channel_note(model.cfg.in_chans, source.info.channels)):
         if line:

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from vitkit.cli.evaluate import add_inference_flags, add_unreadable_flag
-from vitkit.deploy import OnnxClassifier, load_for_inference
+from vitkit.deploy import load_for_inference
 from vitkit.evaluation import fewshot_head, fewshot_indices, fewshot_protocol
 from vitkit.evaluation.fewshot import DEFAULT_L2_REG, DEFAULT_SHOTS
 from vitkit.evaluation.probe import with_linear_head
 from vitkit.evaluation.splits import FrozenFeatures
 from vitkit.evaluation.splits import frozen_features as features_of
+from vitkit.models.pretrained import PretrainedModel
 
 
 def add_feature_flags(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +80,7 @@ def save_with_head(
     """The checkpoint's model with the head ``features @ weight + bias`` (its ``classes``)
     at ``args.save``."""
     model, _ = load_for_inference(args.checkpoint, args.model, args.device, need_head=False)
-    assert not isinstance(model, OnnxClassifier)  # an exported file gives no features
+    assert isinstance(model, PretrainedModel)  # exported files give no features (refused)
     saved = with_linear_head(model, weight.float(), bias.float(), classes)
     print(
         f"saved the model with its new head to {saved.save_pretrained(args.save)}", file=sys.stderr

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vitkit.cli.evaluate import add_inference_flags
+from vitkit.cli.evaluate import add_compile_flag, add_inference_flags
 from vitkit.deploy import load_for_inference
 from vitkit.evaluation.inference import predict
 
@@ -26,13 +26,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files Pillow reads")
     p.add_argument("--top-k", type=int, default=5, help="how many classes to show (default: 5)")
     add_inference_flags(p)
+    add_compile_flag(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
-    model, _ = load_for_inference(args.checkpoint, args.model, args.device)
+    model, _ = load_for_inference(args.checkpoint, args.model, args.device, compiled=args.compile)
     failed = 0
     for path in args.images:
         try:

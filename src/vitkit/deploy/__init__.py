@@ -1,9 +1,11 @@
-"""Export for deployment: ONNX (onnxruntime and others), ``torch.export`` ``.pt2``, int8 weights.
+"""Export for deployment: ONNX (onnxruntime and others), ``torch.export`` ``.pt2``, int8 weights;
+and a model compiled for inference in this process (``compile_for_inference``).
 
 ``export_model(model, path, to)`` writes one of ``DEPLOY_FORMATS``; ``load_deployed`` reads an
 ONNX or int8 file back as something ``vitkit eval`` and ``vitkit predict`` can run (a ``.pt2``
 is for PyTorch runtimes, read with ``load_pt2``); ``load_for_inference`` reads either kind, or
-any checkpoint or run folder, as those commands do. onnx, onnxscript, onnxruntime and torchao are
+any checkpoint or run folder, as those commands do, compiled with frozen weights if asked
+(``--compile``). onnx, onnxscript, onnxruntime and torchao are
 optional (``pip install 'vitkit[onnx]'``) and imported only when used.
 """
 
@@ -17,6 +19,7 @@ from torch import nn
 
 from vitkit.checkpoints import load_pretrained
 from vitkit.deploy.common import DeployedConfig, MissingDependency
+from vitkit.deploy.compiled import CompiledClassifier, compile_for_inference
 from vitkit.deploy.int8 import is_int8_file, load_int8, quantize_int8, save_int8
 from vitkit.deploy.to_onnx import OnnxClassifier, export_onnx
 from vitkit.deploy.to_pt2 import export_pt2, load_pt2
@@ -59,14 +62,24 @@ def load_deployed(path: str | Path) -> OnnxClassifier | PretrainedModel:
 
 
 def load_for_inference(
-    checkpoint: str | Path, model: str | None = None, device: str = "auto", need_head: bool = True
-) -> tuple[OnnxClassifier | PretrainedModel, Path | None]:
+    checkpoint: str | Path,
+    model: str | None = None,
+    device: str = "auto",
+    need_head: bool = True,
+    compiled: bool = False,
+) -> tuple[OnnxClassifier | PretrainedModel | CompiledClassifier, Path | None]:
     """The model of any checkpoint, run folder (its best checkpoint, else its last) or
     exported file, on ``device`` (``choose_device``), with a classification head if
     ``need_head``; and its run folder, if any. ``model`` names the registered model for
     checkpoint formats without an architecture. Without ``need_head`` the caller wants
-    features, which an exported file does not give."""
+    features, which an exported file does not give. With ``compiled``, a checkpoint's model
+    comes compiled with frozen weights (``compile_for_inference``)."""
     loaded: OnnxClassifier | PretrainedModel
+    if compiled and is_deployed(checkpoint):
+        raise ValueError(
+            f"--compile compiles a checkpoint's model; {checkpoint} is an exported model "
+            "(`vitkit export`): leave out --compile, or give the checkpoint it was exported from"
+        )
     if is_deployed(checkpoint):  # `vitkit export`'s .onnx (run on the CPU) or int8
         if not need_head:
             raise ValueError(
@@ -83,7 +96,11 @@ def load_for_inference(
             f"{checkpoint} has no classification head (num_classes 0): it gives features, "
             "not classes; fine-tune it with `vitkit finetune --from` to classify"
         )
-    return loaded.to(choose_device(device)), run_folder
+    loaded = loaded.to(choose_device(device))
+    if compiled:
+        assert isinstance(loaded, PretrainedModel)  # exported files were refused above
+        return compile_for_inference(loaded), run_folder
+    return loaded, run_folder
 
 
 @torch.no_grad()
@@ -101,9 +118,11 @@ def max_difference(
 
 __all__ = [
     "DEPLOY_FORMATS",
+    "CompiledClassifier",
     "DeployedConfig",
     "MissingDependency",
     "OnnxClassifier",
+    "compile_for_inference",
     "export_model",
     "export_onnx",
     "export_pt2",

@@ -33,6 +33,7 @@ from vitkit.models.pretrained import PretrainedModel
 from vitkit.training import distributed
 from vitkit.training.config import TrainConfig
 from vitkit.training.distributed import Process
+from vitkit.utils.devices import check_compiler as check_compiler  # its home was here
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
@@ -66,20 +67,6 @@ def checkpoint_activations(unit: nn.Module) -> None:
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     unit.forward = recomputed
-
-
-def check_compiler(device: torch.device) -> None:
-    """Raise ValueError unless ``torch.compile`` works here, tried on a one-line function: a
-    missing compiler is then a clear error before the run starts, not a long traceback at
-    its first step."""
-    try:
-        torch.compile(lambda t: t * 2 + 1)(torch.ones(4, device=device))
-    except Exception as err:  # whatever the compiler stack raises: reported, not handled
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"--compile: torch.compile does not work on this machine ({reason}); on CPU it "
-            "needs a C++ compiler (apt install g++, or set CXX). Train without --compile"
-        ) from err
 
 
 def wrap(trainable: nn.Module, cfg: TrainConfig, process: Process) -> nn.Module:
