@@ -12,8 +12,10 @@ ratio's baseline; ``--attn`` lists vitkit's attention paths (the first is the ra
 numerator, the others get a column each).
 
 ``--variants`` adds a column per change to vitkit's step, each measured against the first
-attention path in the same rounds: ``compile`` (each block through ``torch.compile``, as
-``vitkit train --compile``; the untimed warm-up steps compile), ``foreach`` and ``fused``
+attention path in the same rounds: ``compile-model`` (the whole forward through
+``torch.compile`` in one graph, as ``vitkit train --compile``; the untimed warm-up steps
+compile), ``compile`` (each block compiled, as ``--compile`` does with FSDP, activation
+checkpointing or progressive resizing), ``foreach`` and ``fused``
 (AdamW's multi-tensor and fused implementations instead of the per-parameter loop, PyTorch's
 default on CPU) and ``channels-last`` (the hybrid's convolutions on NHWC tensors).
 
@@ -34,7 +36,8 @@ under-states its peak, so give ``--batch 256 --peak-size 8192`` there (docs: On 
 
 Usage: python benchmarks/train_step.py [--models vit_cifar vit_cifar_hybrid vit_ti16 vit_s16]
        [--precisions fp32 bf16] [--rounds 5] [--warmup 2] [--attn auto sdpa eager]
-       [--hf-attn sdpa eager] [--variants compile foreach fused channels-last] [--batch N]
+       [--hf-attn sdpa eager] [--variants compile compile-model foreach fused channels-last]
+       [--batch N]
        [--threads 2] [--peak-size 4096] [--no-hf] [--profile]
 """
 
@@ -131,6 +134,8 @@ def measure(
         if variant == "compile":
             for unit in model.units():
                 unit.compile()
+        elif variant == "compile-model":
+            model.compile()  # in place: the whole forward in one graph
         elif variant == "channels-last":
             if cfg.resnet_layers is None:
                 continue  # no convolution to change
@@ -204,7 +209,7 @@ def main() -> int:
     parser.add_argument(
         "--variants",
         nargs="*",
-        choices=("compile", "foreach", "fused", "channels-last"),
+        choices=("compile", "compile-model", "foreach", "fused", "channels-last"),
         default=[],
         help="changes to vitkit's step, each timed beside it (see above)",
     )

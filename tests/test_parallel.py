@@ -28,7 +28,7 @@ from vitkit import load_pretrained
 from vitkit.checkpoints.sharded import optimizer_keys
 from vitkit.cli import main
 from vitkit.models import create_model, registry
-from vitkit.training import TrainingInterrupted, loop, train
+from vitkit.training import TrainConfig, TrainingInterrupted, distributed, loop, parallel, train
 from vitkit.training.parallel import checkpoint_activations, units
 from vitkit.training.run import RunFolder
 
@@ -192,6 +192,30 @@ def test_activation_checkpointing_gives_the_same_gradients(name: str) -> None:
     for a, b in zip(grads, grads_checkpointed, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert kept_checkpointed < kept / 3, (kept_checkpointed, kept)  # only the units' inputs
+
+
+@pytest.mark.parametrize(
+    ("settings", "whole"),
+    [
+        ({}, True),
+        ({"schedule": {"resize_start": 0.5}}, False),  # a new size recompiles every graph
+        ({"run": {"activation_checkpointing": True}}, False),
+    ],
+)
+def test_compile_takes_the_whole_model_unless_units_are_needed(
+    settings: dict[str, dict[str, object]], whole: bool
+) -> None:
+    """Which modules --compile compiles (nothing is compiled before the first call)."""
+    model = create_model("vit_digits", depth=2)
+    cfg = TrainConfig().replace(run={"compile": True}).replace(**settings)
+    process = distributed.Process(rank=0, world_size=1, device=torch.device("cpu"))
+    assert parallel.wrap(model, cfg, process) is model
+
+    def compiled(module: torch.nn.Module) -> bool:
+        return module._compiled_call_impl is not None
+
+    assert compiled(model) is whole
+    assert [compiled(block) for block in model.blocks] == [not whole] * 2
 
 
 GLOO_THREADS_LEFT = r"""

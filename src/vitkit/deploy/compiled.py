@@ -63,8 +63,8 @@ class CompiledClassifier(nn.Module):
         import torch._inductor.config as inductor_config
 
         with inductor_config.patch(freezing=True):
-            # Contiguous: a strided view (test-time augmentation's shifted crops) would
-            # otherwise compile a graph of its own, tens of seconds, for a copy's worth of work.
+            # Contiguous: a strided view (a crop, a channels-last batch) would otherwise
+            # compile a graph of its own, tens of seconds, for a copy's worth of work.
             return self._compiled(x.contiguous())
 
 

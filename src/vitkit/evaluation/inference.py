@@ -243,7 +243,9 @@ def tta_logits(model: Classifier, x: torch.Tensor, tta: TestTimeAugmentation) ->
     if tta == "flip_translate":
         padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
         height, width = x.shape[-2:]
-        down_right, up_left = padded[..., :height, :width], padded[..., 2:, 2:]
+        # Contiguous copies: a compiled model would compile a graph of its own for the views.
+        down_right = padded[..., :height, :width].contiguous()
+        up_left = padded[..., 2:, 2:].contiguous()
         logits = logits / 2 + (_flip_mean(model, down_right) + _flip_mean(model, up_left)) / 4
     return logits
 

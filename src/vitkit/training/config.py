@@ -602,8 +602,9 @@ class RunConfig(Section):
     )
     compile: bool = option(
         False,
-        "torch.compile each block of the model (training and evaluation): the first "
-        "steps wait for the compiler, later ones run faster; needs a C++ compiler on CPU",
+        "torch.compile the model (training and evaluation; each block instead with FSDP, "
+        "activation checkpointing or progressive resizing): the first steps wait for the "
+        "compiler, later ones run faster; needs a C++ compiler on CPU",
     )
     checkpoint_every: int = option(
         0,

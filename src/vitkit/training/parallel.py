@@ -11,8 +11,9 @@ The maths is DDP's: the same losses and weights to rounding (tests/test_parallel
 FSDP and DCP are imported only when used: they add seconds to the start of every process.
 
 ``--activation-checkpointing`` makes each unit keep only its input for the backward pass and
-run its forward again there, and ``--compile`` compiles each unit (``torch.compile``; blocks
-of one shape share one compiled graph), with DDP, FSDP or in one process alike.
+run its forward again there. ``--compile`` compiles the whole trained module's forward
+(``torch.compile``), or each unit (blocks of one shape share one compiled graph) where FSDP or
+activation checkpointing works unit by unit or progressive resizing changes the input size.
 """
 
 from __future__ import annotations
@@ -73,13 +74,19 @@ def wrap(trainable: nn.Module, cfg: TrainConfig, process: Process) -> nn.Module:
     """What the loop calls in each step: ``trainable`` under DDP, sharded by FSDP (in place:
     the module returned is ``trainable`` itself, its parameters now sharded ``DTensor``s) or
     as it is. Build the optimizer after this: FSDP replaces the parameters."""
-    needs_units = cfg.run.activation_checkpointing or cfg.run.compile or cfg.run.parallel == "fsdp"
-    pieces = units(trainable) if needs_units else []
+    per_unit = cfg.run.activation_checkpointing or cfg.run.parallel == "fsdp"
+    # --compile takes the whole forward in one graph where nothing needs the units' borders
+    # and the input size stays: it fuses across the borders (a block's residual add with the
+    # next one's LayerNorm), a few percent faster than unit by unit (docs/experiments.md,
+    # Training speed). Progressive resizing changes the size, and a new size recompiles a
+    # whole graph several times slower than the units' (blocks of one shape share one graph).
+    compile_units = cfg.run.compile and (per_unit or cfg.schedule.resize_start < 1.0)
+    pieces = units(trainable) if per_unit or compile_units else []
     if cfg.run.activation_checkpointing:
         for unit in pieces:
             checkpoint_activations(unit)
     if cfg.run.compile:  # in place: parameter names, hence checkpoints, stay the same
-        for unit in pieces:
+        for unit in pieces or [trainable]:
             unit.compile()
     if cfg.run.parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
