@@ -27,13 +27,15 @@ from vitkit.utils.devices import check_compiler
 
 class CompiledClassifier(nn.Module):
     """``model`` called through ``torch.compile`` with frozen weights, for evaluation and
-    prediction only: ``evaluate``, ``predict`` and ``features`` take it as they take the
-    model (its ``cfg``, its parameters' device). One graph serves every batch size (the batch
-    dimension is compiled as dynamic), so a smaller last batch does not compile again.
+    prediction only: ``evaluate`` and ``predict`` take it as they take the model (its ``cfg``,
+    its parameters' device); it gives logits, not features. One graph serves every batch size
+    (the batch dimension is compiled as dynamic), so a smaller last batch does not compile
+    again.
 
     The weights are read when a graph is compiled: change them (training, loading a state
-    dict) and the compiled graphs still compute with the old ones, so ``train()`` is refused;
-    compile the changed model anew.
+    dict) or move them to another device, and the compiled graphs still compute with the old
+    ones, so ``train()`` is refused; put the model where it is to run first, and compile a
+    changed model anew.
     """
 
     def __init__(self, model: PretrainedModel) -> None:

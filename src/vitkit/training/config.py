@@ -606,6 +606,12 @@ class RunConfig(Section):
         "activation checkpointing or progressive resizing): the first steps wait for the "
         "compiler, later ones run faster; needs a C++ compiler on CPU",
     )
+    keep_freed_memory: bool = option(
+        True,
+        "on Linux: keep freed memory in the process for reuse rather than hand it back to "
+        "the kernel and fault it in again every step (glibc's mallopt); faster CPU steps, "
+        "and the process's memory stays at its peak",
+    )
     checkpoint_every: int = option(
         0,
         "optimizer steps between checkpoints inside an epoch (one is always written at the "

@@ -65,6 +65,7 @@ from vitkit.training.run import claim_run_folder as claim_run_folder
 from vitkit.training.run import default_out as default_out
 from vitkit.training.tasks import Task, build_task
 from vitkit.training.trackers import tracking
+from vitkit.utils.allocator import keep_freed_memory
 from vitkit.utils.devices import check_compiler
 
 logger = logging.getLogger(__name__)
@@ -216,6 +217,8 @@ def _train(
         raise ValueError("--precision fp16 does not work with --parallel fsdp: use bf16")
     if cfg.run.compile:
         check_compiler(process.device)
+    if cfg.run.keep_freed_memory:
+        keep_freed_memory()
     if cfg.optim.ema and cfg.run.parallel == "fsdp":
         raise ValueError("--ema keeps a whole copy of the weights: use --parallel ddp, not fsdp")
     evaluators = build_evaluators(EvalContext(cfg, task, splits))
