@@ -75,12 +75,13 @@ def load_for_inference(
     features, which an exported file does not give. With ``compiled``, a checkpoint's model
     comes compiled with frozen weights (``compile_for_inference``)."""
     loaded: OnnxClassifier | PretrainedModel
-    if compiled and is_deployed(checkpoint):
-        raise ValueError(
-            f"--compile compiles a checkpoint's model; {checkpoint} is an exported model "
-            "(`vitkit export`): leave out --compile, or give the checkpoint it was exported from"
-        )
     if is_deployed(checkpoint):  # `vitkit export`'s .onnx (run on the CPU) or int8
+        if compiled:
+            raise ValueError(
+                f"--compile compiles a checkpoint's model; {checkpoint} is an exported model "
+                "(`vitkit export`): leave out --compile, or give the checkpoint it was "
+                "exported from"
+            )
         if not need_head:
             raise ValueError(
                 f"{checkpoint} is an exported model (`vitkit export`), which gives class "
