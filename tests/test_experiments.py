@@ -20,6 +20,7 @@ from vitkit.experiments.mpp_transfer import (
     MppTransferStudy,
     labelled_subset,
     run_mpp_transfer,
+    study_splits,
     time_boxed,
     transfer_figure,
 )
@@ -36,6 +37,21 @@ def test_a_label_fraction_takes_the_same_number_of_each_class() -> None:
     assert labelled_subset(digits, 1.0, seed=0) is digits
     # At least one image of each class, however small the fraction.
     assert torch.bincount(labelled_subset(digits, 1e-6, seed=0).labels).tolist() == [1] * 10
+
+
+def test_a_subset_check_draws_its_test_images_from_every_class(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def listed_class_by_class(data: str, split: str):  # as an image folder lists them
+        images = load_dataset("digits", split)
+        return images.subset(torch.argsort(images.labels, stable=True))
+
+    monkeypatch.setattr(mpp_transfer, "load_dataset", listed_class_by_class)
+    train_set, test_set = study_splits("a folder", 50)
+    assert len(train_set) == len(test_set) == 50
+    # The first 50 of about 36 a class would hold two classes.
+    assert len(set(test_set.labels.tolist())) >= 8
+    assert len(set(train_set.labels.tolist())) >= 8
 
 
 def test_a_time_boxed_run_is_stopped_by_the_loops_budget(tmp_path: Path) -> None:

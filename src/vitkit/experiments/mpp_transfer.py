@@ -133,13 +133,14 @@ def labelled_subset(train_set: ImageDataset, fraction: float, seed: int) -> Imag
 
 
 def study_splits(data: str, subset: int | None) -> tuple[ImageDataset, ImageDataset]:
-    """The training and test images of ``data``; with ``subset``, that many random training
-    images and the first that many test images (a quick check of a study, not a result)."""
+    """The training and test images of ``data``; with ``subset``, that many random images of
+    each split (a quick check of a study, not a result). Random, not the first ones: a folder
+    lists its images class by class, so its first test images would hold a few classes only."""
     train_set, test_set = load_dataset(data, "train"), load_dataset(data, "test")
     if subset:
-        picked = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))
-        train_set = train_set.subset(picked[:subset])
-        test_set = test_set.subset(torch.arange(min(subset, len(test_set))))
+        generator = torch.Generator().manual_seed(0)
+        train_set = train_set.subset(torch.randperm(len(train_set), generator=generator)[:subset])
+        test_set = test_set.subset(torch.randperm(len(test_set), generator=generator)[:subset])
     return train_set, test_set
 
 
