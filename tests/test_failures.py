@@ -288,14 +288,30 @@ def test_predict_without_a_head(tmp_path: Path, capsys) -> None:
     assert "has no classification head (num_classes 0)" in error_line(capsys)
 
 
-def test_predict_on_a_folder_or_a_bomb(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_predict_on_a_folder_without_images_or_a_bomb(tmp_path: Path, monkeypatch, capsys) -> None:
     create_model("vit_micro", num_classes=2).save_pretrained(tmp_path / "m.safetensors")
     assert main(["predict", str(tmp_path / "m.safetensors"), str(tmp_path)]) == 2
-    assert f"image {tmp_path} is a folder: give an image file" in error_line(capsys)
+    assert f"folder {tmp_path} holds no image files (by suffix: .bmp, " in error_line(capsys)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)
     assert main(["predict", str(tmp_path / "m.safetensors"), str(tmp_path / "big.png")]) == 2
     assert "big.png is not an image Pillow can read (Image size (64 pixels)" in error_line(capsys)
+
+
+def test_predict_on_a_folder_reads_every_image_under_it_in_order(tmp_path: Path, capsys) -> None:
+    create_model("vit_micro", num_classes=3).save_pretrained(tmp_path / "m.safetensors")
+    photos = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    files = [photos / "b.png", photos / "holiday" / "a.jpg", photos / "holiday" / "c.PNG"]
+    for file in files:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), np.uint8)).save(file, format="PNG")
+    (photos / "holiday" / "notes.txt").write_text("not an image")
+    assert main(["predict", str(tmp_path / "m.safetensors"), *map(str, files)]) == 0
+    one_by_one = capsys.readouterr().out
+    assert main(["predict", str(tmp_path / "m.safetensors"), str(photos)]) == 0
+    assert capsys.readouterr().out == one_by_one  # sorted: b.png before the sub-folder's files
+    assert [line.split(": ")[0] for line in one_by_one.splitlines()] == list(map(str, files))
 
 
 def test_a_text_file_named_bin(tmp_path: Path, capsys) -> None:

@@ -241,14 +241,20 @@ def is_unlabelled_folder(path: Path) -> bool:
     return path.is_dir() and any(e.is_file() and _is_image(e.name) for e in os.scandir(path))
 
 
-def _list_unlabelled_folder(root: Path) -> FolderListing:
-    """Every image under ``root``, sub-folders included (in sorted order), all with the label
-    0 of no class."""
+def image_files(root: Path) -> list[str]:
+    """Every image file under ``root`` by its suffix, sub-folders included, in sorted order,
+    as paths relative to ``root``."""
     files = []
     for folder, subfolders, names in os.walk(root):
         subfolders.sort()
         prefix = os.path.relpath(folder, root) + "/" if folder != str(root) else ""
         files += [prefix + name for name in sorted(names) if _is_image(name)]
+    return files
+
+
+def _list_unlabelled_folder(root: Path) -> FolderListing:
+    """Every image under ``root`` (``image_files``), all with the label 0 of no class."""
+    files = image_files(root)
     return FolderListing(root, [], files, [0] * len(files), single_split=True)
 
 
