@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from vitkit import cli
+
 # Allocate, fill and free 40 buffers of 1 MiB and more, each 64 KiB larger than the one
 # before: above glibc's default mmap threshold every time (it only rises to the size of the
 # last buffer freed), so by default each one is mapped, faulted in and unmapped afresh; kept,
@@ -40,3 +42,21 @@ def test_freed_memory_is_reused_without_page_faults() -> None:
     _, default_faults = faults("default")
     assert default_faults > PAGES / 2  # glibc's default: every buffer's pages faulted in
     assert tuned_faults < PAGES / 10  # kept and reused
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "fewshot", "probe"])
+def test_the_commands_that_run_a_checkpoint_keep_freed_memory_unless_told(
+    command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(command))
+    argv = {
+        "eval": ["eval", "missing.safetensors", "--data", "digits"],
+        "predict": ["predict", "missing.safetensors", "x.png"],
+        "fewshot": ["fewshot", "missing.safetensors", "--data", "digits"],
+        "probe": ["probe", "missing.safetensors", "--data", "digits"],
+    }[command]
+    assert cli.main(argv) == 2  # the checkpoint is missing: set before the command runs
+    assert cli.main([*argv, "--no-keep-freed-memory"]) == 2
+    assert cli.main(["inspect", "missing.safetensors"]) == 2  # no model run: glibc left be
+    assert calls == [command]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -211,3 +212,22 @@ def test_source_features_keep_the_labels_of_a_streamed_source(tmp_path: Path) ->
     features, labels = source_features(random_vit(), source, batch_size=7)
     assert features.shape == (30, 32) and labels is not None
     assert labels.tolist() == source.labels.tolist()  # type: ignore[attr-defined]
+
+
+def test_source_features_leave_out_the_rows_of_unreadable_files(tmp_path: Path) -> None:
+    data = noise_folder(tmp_path / "noise", sizes=(8, 10))
+    (data / "c1" / "broken.png").write_bytes(b"not an image")
+    splits = open_splits(
+        str(data), 0.0, 0, DataOptions(in_memory="no", num_workers=0, max_unreadable_fraction=0.5)
+    )
+    source: Any = next(s for s in (splits.train, splits.test) if b"c1/broken.png" in s.files)
+    files = [f.decode() for f in source.files]
+    model = random_vit()
+    features, labels = source_features(model, source, batch_size=7)
+    readable = [i for i, f in enumerate(files) if f != "c1/broken.png"]
+    assert features.shape == (len(files) - 1, 32) and labels is not None
+    assert labels.tolist() == [int(source.labels[i]) for i in readable]
+    # Each row is its own file's features, computed alone.
+    for row in (0, len(readable) - 1):
+        alone = source_features(model, source.subset(torch.tensor([readable[row]])), 1)[0]
+        torch.testing.assert_close(features[row], alone[0])

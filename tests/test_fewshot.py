@@ -8,6 +8,7 @@ against what must hold: 1.0 on separable data, chance (a binomial bound) on rand
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,27 @@ def test_extract_features_are_the_pre_logits(overrides: dict, dim: int) -> None:
     torch.testing.assert_close(features, pooled)
     dataset = ImageDataset(images, torch.zeros(7, dtype=torch.long), ["a"])
     torch.testing.assert_close(extract_features(model, dataset, batch_size=7), features)
+
+
+def test_extract_features_keep_no_batch_of_tokens_alive() -> None:
+    """The [class] token's features are a view of the batch's (B, tokens, D) tensor: kept as
+    they are, they would keep every batch's tokens in memory until the end."""
+    model = micro()
+    forward_features = model.forward_features
+    tokens: list[weakref.ref] = []
+
+    def recorded(x: torch.Tensor) -> torch.Tensor:
+        # When batch i is embedded, batch i - 2's tokens must be gone (i - 1's may still be
+        # referenced by the loop's last pooled features).
+        assert all(ref() is None for ref in tokens[:-1]), "an earlier batch's tokens are alive"
+        out = forward_features(x)
+        tokens.append(weakref.ref(out))
+        return out
+
+    model.forward_features = recorded  # type: ignore[method-assign]
+    images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
+    assert extract_features(model, images, batch_size=3).shape == (12, 32)
+    assert len(tokens) == 4
 
 
 def test_extract_features_resize_and_match_channels() -> None:

@@ -17,6 +17,7 @@ import sys
 from importlib.metadata import version
 
 from vitkit.deploy import MissingDependency
+from vitkit.utils.allocator import keep_freed_memory
 from vitkit.utils.plugins import load_plugins
 from vitkit.utils.remote import SHOW_PROGRESS
 
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if is_main_rank() else logging.ERROR, format="%(message)s"
     )
     progress = SHOW_PROGRESS.set(is_main_rank())  # a download of weights draws its progress
+    if getattr(args, "keep_freed_memory", False):  # the commands that run a checkpoint
+        keep_freed_memory()  # (training follows its config's run.keep_freed_memory)
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows up here rather than at exit

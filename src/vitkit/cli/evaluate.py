@@ -85,12 +85,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_inference_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags ``eval`` and ``predict`` share: which model, on which device."""
+    """The flags the commands that run a checkpoint share (``eval``, ``predict``,
+    ``fewshot``, ``probe``): which model, on which device, and the allocator's setting
+    (``vitkit.cli.main`` applies it)."""
     parser.add_argument(
         "--model", help="registered model name, for checkpoint formats without an architecture"
     )
     parser.add_argument(
         "--device", choices=DEVICES, default="auto", help="'auto' takes a GPU if there is one"
+    )
+    parser.add_argument(
+        "--no-keep-freed-memory",
+        dest="keep_freed_memory",
+        action="store_false",
+        help="on Linux, let glibc hand freed memory back to the kernel after every batch, as "
+        "it does by default (vitkit keeps it for reuse: fewer page faults, and no memory "
+        "growth from a fragmented heap; the process keeps its peak memory)",
     )
 
 

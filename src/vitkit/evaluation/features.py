@@ -45,18 +45,30 @@ def source_features(
     net: Any = model  # any vitkit model: forward_features, forward_head(pre_logits=True)
     was_training = model.training
     model.eval()
-    features, labels = [], []
+    # One buffer of N rows, filled in place. Kept as a list of small per-batch copies, the
+    # features took the holes a batch's freed activations left in glibc's heap, so the next
+    # batch's activations did not fit there and the heap grew by a batch's activations every
+    # batch (docs/experiments.md, Where a step's time goes).
+    features: torch.Tensor | None = None
+    labels = torch.empty(len(source), dtype=torch.long)
+    count, labelled = 0, False
     try:
         for x, batch in evaluation_inputs(model, source, batch_size):
             pooled = net.forward_head(net.forward_features(x), pre_logits=True)
-            features.append(pooled.float().cpu())
+            if features is None:
+                features = torch.empty(len(source), pooled.shape[1])
+            features[count : count + len(pooled)] = pooled  # a copy: float32, on the CPU
             if batch.labels is not None:
-                labels.append(batch.labels)
+                labels[count : count + len(pooled)] = batch.labels
+                labelled = True
+            count += len(pooled)
     finally:
         model.train(was_training)
-    if not features:
+    if features is None:
         raise ValueError(f"none of the {len(source)} images could be read")
-    return torch.cat(features), torch.cat(labels) if labels else None
+    if count < len(source):  # unreadable files skipped: the rows they left are dropped
+        features, labels = features[:count].clone(), labels[:count].clone()
+    return features, labels if labelled else None
 
 
 def extract_features(
