@@ -56,7 +56,7 @@ def source_features(
         for x, batch in evaluation_inputs(model, source, batch_size):
             pooled = net.forward_head(net.forward_features(x), pre_logits=True)
             if features is None:
-                features = torch.empty(len(source), pooled.shape[1])
+                features = torch.empty(len(source), pooled.shape[1], dtype=torch.float32)
             features[count : count + len(pooled)] = pooled  # a copy: float32, on the CPU
             if batch.labels is not None:
                 labels[count : count + len(pooled)] = batch.labels
