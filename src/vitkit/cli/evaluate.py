@@ -99,8 +99,8 @@ def add_inference_flags(parser: argparse.ArgumentParser) -> None:
         dest="keep_freed_memory",
         action="store_false",
         help="on Linux, let glibc hand freed memory back to the kernel after every batch, as "
-        "it does by default (vitkit keeps it for reuse: fewer page faults, and no memory "
-        "growth from a fragmented heap; the process keeps its peak memory)",
+        "it does by default (vitkit keeps it for reuse: fewer page faults and less system "
+        "time; the process keeps its peak memory)",
     )
 
 
