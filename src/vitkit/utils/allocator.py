@@ -1,4 +1,6 @@
-"""glibc's memory allocator, set for a training step's large, short-lived buffers.
+"""glibc's memory allocator, set for the large, short-lived buffers of a training step or an
+evaluation batch (the training loop and ``vitkit.cli.main`` for the commands that run a
+checkpoint call ``keep_freed_memory``).
 
 By default glibc serves every allocation above a threshold (128 KiB at first, raised as such
 blocks are freed, up to 32 MiB) with a fresh ``mmap`` and unmaps it on ``free``, and hands the
