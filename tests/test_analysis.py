@@ -23,8 +23,10 @@ from vitkit.analysis import (
     position_embedding_similarity,
     rollout_matrix,
 )
-from vitkit.analysis.inputs import sample_dataset
+from vitkit.analysis.inputs import load_images, sample_dataset
+from vitkit.analysis.report import MAX_SHOWN_FILES
 from vitkit.cli import main
+from vitkit.data import preprocess_file
 from vitkit.training.run import RunFolder
 
 
@@ -331,10 +333,47 @@ def test_analyze_cli_on_a_checkpoint_with_image_files(tmp_path: Path, capsys) ->
     )  # 2 map sheets, rollout, distance, filters
 
 
+def test_image_folders_are_read_file_by_file_until_enough(tmp_path: Path, caplog) -> None:
+    """A folder stands for its image files (sorted, sub-folders included, other files passed
+    over), each read as ``preprocess_file`` reads it alone; an unreadable one is skipped and
+    logged, and reading stops once ``count`` images are in hand."""
+    cfg = create_model("vit_micro").cfg
+    names = ["a/0.png", "a/1.jpg", "b/0.png", "b/1.png"]
+    for i, name in enumerate(names):
+        (tmp_path / "photos" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20 + 10 * i, 30), color=(50 * i, 0, 0)).save(tmp_path / "photos" / name)
+    (tmp_path / "photos" / "a" / "0b.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (tmp_path / "photos" / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "photos" / "b" / "2.jpg").write_bytes(b"never read")
+    samples = load_images([tmp_path / "photos"], cfg, count=3, max_unreadable_fraction=0.5)
+    assert samples.names == ["a/0.png", "a/1.jpg", "b/0.png"]
+    expected = [preprocess_file(tmp_path / "photos" / name, cfg) for name in names[:3]]
+    assert torch.equal(samples.images, torch.cat(expected))
+    assert "0b.jpg" in caplog.text and "2.jpg" not in caplog.text
+    with pytest.raises(ValueError, match="2 of its 6 images are unreadable"):
+        load_images([tmp_path / "photos"], cfg, max_unreadable_fraction=0.2)
+
+
+def test_analyze_cli_shows_a_folder_up_to_its_cap(tmp_path: Path) -> None:
+    checkpoint = create_model("vit_micro").save_pretrained(tmp_path / "m.safetensors")
+    (tmp_path / "photos").mkdir()
+    for i in range(MAX_SHOWN_FILES + 1):
+        Image.new("RGB", (32, 32), color=(10 * i, 0, 0)).save(tmp_path / "photos" / f"{i}.png")
+    out = tmp_path / "out"
+    assert (
+        main(["analyze", str(checkpoint), "--images", str(tmp_path / "photos"), "--out", str(out)])
+        == 0
+    )
+    sheets = [name for name in linked_images(out / "report.html") if "maps" in name]
+    assert len(sheets) == MAX_SHOWN_FILES
+
+
 @pytest.mark.parametrize(
     ("make_args", "message"),
     [
         (lambda ckpt, tmp: [str(ckpt)], "no images to analyse: pass --images"),
+        (lambda ckpt, tmp: [str(ckpt), "--images", str(tmp)], "holds no image files"),
+        (lambda ckpt, tmp: [str(ckpt), "--images", str(ckpt)], "not an image Pillow can read"),
         (lambda ckpt, tmp: [str(tmp / "nothing")], "does not exist"),
         (lambda ckpt, tmp: [str(ckpt), "--images", str(tmp / "x.png")], "image .* does not exist"),
         (lambda ckpt, tmp: [str(ckpt), "--data", str(tmp / "none")], "dataset .* does not exist"),

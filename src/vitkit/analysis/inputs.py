@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from vitkit.data import EvalPreprocessing, preprocess, preprocess_file
-from vitkit.data.base import MAX_UNREADABLE_FRACTION
+from vitkit.data.base import MAX_UNREADABLE_FRACTION, SkipLog
+from vitkit.data.folders import expand_folder
+from vitkit.data.images import UnreadableImage
 from vitkit.data.sources import DataOptions, open_source
 from vitkit.utils.runlayout import RunLayout, run_setting
 from vitkit.utils.runlayout import locate_checkpoint as locate_checkpoint  # its home was here
@@ -75,12 +77,45 @@ def read_run(folder: str | Path) -> RunFiles:
     return run
 
 
-def load_images(paths: Sequence[str | Path], cfg: Any) -> Samples:
-    """Image files as the model's inputs, exactly as ``vitkit predict`` makes them:
-    ``vitkit.data.preprocess_file`` for the model config ``cfg`` (its channels, ``img_size``
-    and evaluation preprocessing)."""
-    images = [preprocess_file(path, cfg) for path in paths]
-    return Samples(torch.cat(images), [Path(p).name for p in paths])
+def load_images(
+    paths: Sequence[str | Path],
+    cfg: Any,
+    count: int | None = None,
+    max_unreadable_fraction: float = MAX_UNREADABLE_FRACTION,
+) -> Samples:
+    """The first ``count`` readable images of ``paths`` (default: all) as the model's inputs,
+    exactly as ``vitkit predict`` makes them: ``vitkit.data.preprocess_file`` for the model
+    config ``cfg`` (its channels, ``img_size`` and evaluation preprocessing).
+
+    A folder stands for every image file under it (``expand_folder``), named by its path in
+    the folder. A file Pillow cannot decode is logged and skipped, up to
+    ``max_unreadable_fraction`` of the files; a missing file is an error (a mistyped name).
+    Files are read only until ``count`` images are in hand, so a folder of many large photos
+    costs no more than ``count`` of them.
+    """
+    named = [
+        (file, str(file.relative_to(path)) if path.is_dir() else file.name)
+        for path in map(Path, paths)
+        for file in expand_folder(path)
+    ]
+    what = str(paths[0]) if len(paths) == 1 else f"the {len(paths)} paths given"
+    skipped = SkipLog(what, len(named), max_unreadable_fraction)
+    images: list[torch.Tensor] = []
+    names: list[str] = []
+    for file, name in named:
+        if count is not None and len(images) == count:
+            break
+        try:
+            images.append(preprocess_file(file, cfg))
+        except UnreadableImage as err:
+            if len(named) == 1:
+                raise  # its own message says it best
+            skipped.add([f"{file} ({err.reason})"])
+            continue
+        names.append(name)
+    if not images:
+        raise ValueError(f"none of the {len(named)} images given could be read")
+    return Samples(torch.cat(images), names)
 
 
 def sample_dataset(

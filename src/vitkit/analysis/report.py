@@ -41,6 +41,7 @@ from vitkit.utils.files import atomic_write
 from vitkit.utils.runlayout import RunLayout
 
 REPORT_FILE = "report.html"
+MAX_SHOWN_FILES = 16  # attention figures drawn by default for image files (a folder's many)
 
 CAPTIONS = {
     "maps": "Each row is a layer, each column a head. The colour over the image is how much "
@@ -195,10 +196,10 @@ def _pick_images(
     count: int,
     max_unreadable_fraction: float | None,
 ) -> Samples:
-    if images:
-        return load_images(images, model.cfg)
     folder = run.folder if run is not None else None
     limit = run_data_options(folder, max_unreadable_fraction).max_unreadable_fraction
+    if images:
+        return load_images(images, model.cfg, count, limit)
     source = data or (run.setting("data", "source") if run is not None else None)
     if not isinstance(source, str) or not source:
         raise ValueError(
@@ -356,15 +357,14 @@ def analyze(
     """Write every analysis of ``checkpoint`` into ``out_dir``; return the report's path.
 
     ``checkpoint`` is a run folder, a checkpoint in one, or any checkpoint vitkit reads.
-    The images are ``images`` (files) if given, else samples of ``data`` or of the run's data.
-    The first ``num_images`` (default: every image file, or 4 samples) get attention maps and
-    rollout; up to ``distance_images`` are averaged for the mean attention distance. Of a
-    dataset's files, ``max_unreadable_fraction`` may be unreadable (skipped; default: the
-    run's setting, else ``MAX_UNREADABLE_FRACTION``).
+    The images are ``images`` (files, or folders of them) if given, else samples of ``data``
+    or of the run's data. The first ``num_images`` (default: every image file up to
+    ``MAX_SHOWN_FILES``, or 4 samples) get attention maps and rollout; up to
+    ``distance_images`` are averaged for the mean attention distance. Of the files,
+    ``max_unreadable_fraction`` may be unreadable (skipped; default: the run's setting, else
+    ``MAX_UNREADABLE_FRACTION``).
     """
-    if num_images is None:
-        num_images = len(images) if images else 4
-    if num_images < 1 or distance_images < 1 or batch_size < 1:
+    if min(1 if num_images is None else num_images, distance_images, batch_size) < 1:
         raise ValueError("num_images, distance_images and batch_size must be at least 1")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -372,9 +372,11 @@ def analyze(
     checkpoint_path, run_dir = locate_checkpoint(checkpoint)
     model = load_pretrained(checkpoint_path).eval()
     run = read_run(run_dir) if run_dir is not None else None
-    samples = _pick_images(
-        model, run, images, data, max(num_images, distance_images), max_unreadable_fraction
-    )
+    default_shown = MAX_SHOWN_FILES if images else 4
+    count = max(num_images or default_shown, distance_images)
+    samples = _pick_images(model, run, images, data, count, max_unreadable_fraction)
+    if num_images is None:
+        num_images = min(len(samples.images), default_shown)
     classes = samples.classes or (run.summary.get("classes") if run else None)
     classes = classes or model.cfg.extra.get("classes")
     out_dir.mkdir(parents=True, exist_ok=True)

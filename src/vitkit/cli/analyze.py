@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from vitkit.analysis import analyze
+from vitkit.analysis.report import MAX_SHOWN_FILES
 from vitkit.cli.evaluate import add_unreadable_flag
 
 
@@ -20,7 +21,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--images, samples of --data (or of the run's data) are used.",
     )
     p.add_argument("checkpoint", help="a run folder (vitkit train --out), or any checkpoint")
-    p.add_argument("--images", nargs="+", metavar="IMG", help="image files to analyse")
+    p.add_argument(
+        "--images",
+        nargs="+",
+        metavar="IMG",
+        help="image files to analyse, or folders of them (every image file under a folder, "
+        "sorted; read only until enough are in hand; unreadable ones skipped, as for --data)",
+    )
     p.add_argument(
         "--data",
         help="dataset to take sample images from when --images is not given: 'digits' or a "
@@ -31,8 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--num-images",
         type=int,
-        help="images shown with attention maps and rollout (default: every --images file, "
-        "else 4 samples)",
+        help="images shown with attention maps and rollout (default: every --images file up "
+        f"to {MAX_SHOWN_FILES}, else 4 samples)",
     )
     p.add_argument(
         "--distance-images",

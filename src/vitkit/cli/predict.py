@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from vitkit.cli.evaluate import add_compile_flag, add_inference_flags
-from vitkit.data.folders import IMAGE_SUFFIXES, image_files
+from vitkit.data.folders import expand_folder
 from vitkit.deploy import load_for_inference
 from vitkit.evaluation.inference import predict
 
@@ -58,14 +58,3 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 2 if failed else 0  # bad input, as main's other errors
-
-
-def expand_folder(path: Path) -> list[Path]:
-    """``path`` itself, or, for a folder, every image file under it (``image_files``)."""
-    if not path.is_dir():
-        return [path]
-    files = [path / name for name in image_files(path)]
-    if not files:
-        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
-        raise ValueError(f"folder {path} holds no image files (by suffix: {suffixes})")
-    return files

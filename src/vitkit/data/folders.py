@@ -252,6 +252,18 @@ def image_files(root: Path) -> list[str]:
     return files
 
 
+def expand_folder(path: Path) -> list[Path]:
+    """``path`` itself, or, for a folder, every image file under it (``image_files``): what
+    the commands that take image files (``predict``, ``analyze --images``) read for a folder."""
+    if not path.is_dir():
+        return [path]
+    files = [path / name for name in image_files(path)]
+    if not files:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise ValueError(f"folder {path} holds no image files (by suffix: {suffixes})")
+    return files
+
+
 def _list_unlabelled_folder(root: Path) -> FolderListing:
     """Every image under ``root`` (``image_files``), all with the label 0 of no class."""
     files = image_files(root)
