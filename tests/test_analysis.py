@@ -354,6 +354,22 @@ def test_image_folders_are_read_file_by_file_until_enough(tmp_path: Path, caplog
         load_images([tmp_path / "photos"], cfg, max_unreadable_fraction=0.2)
 
 
+def test_analyze_takes_an_unlabelled_folder_as_data(tmp_path: Path) -> None:
+    """``--data`` naming a folder of images without class folders shows its images, as
+    ``--images`` would (no classes to take in turn)."""
+    checkpoint = create_model("vit_micro").save_pretrained(tmp_path / "m.safetensors")
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        Image.new("RGB", (48, 32), color=(80 * i, 0, 0)).save(tmp_path / "photos" / f"{i}.jpg")
+    out = tmp_path / "out"
+    assert (
+        main(["analyze", str(checkpoint), "--data", str(tmp_path / "photos"), "--out", str(out)])
+        == 0
+    )
+    sheets = [name for name in linked_images(out / "report.html") if "maps" in name]
+    assert len(sheets) == 3  # every image, fewer than the 4 samples shown by default
+
+
 def test_analyze_cli_shows_a_folder_up_to_its_cap(tmp_path: Path) -> None:
     checkpoint = create_model("vit_micro").save_pretrained(tmp_path / "m.safetensors")
     (tmp_path / "photos").mkdir()

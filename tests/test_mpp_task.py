@@ -24,6 +24,7 @@ from vitkit.cli import main
 from vitkit.data import load_dataset, to_model_input
 from vitkit.data.base import Batch, SourceInfo
 from vitkit.data.folders import read_unlabelled
+from vitkit.data.sources import DataOptions, open_source
 from vitkit.evaluation import extract_features, fewshot_protocol
 from vitkit.training import PRETRAIN_DEFAULTS, TrainConfig, TrainingInterrupted, train
 from vitkit.training.tasks import TASKS
@@ -306,6 +307,10 @@ def test_classification_refuses_an_unlabelled_folder(
     assert not out.exists()
     with pytest.raises(ValueError, match="not in class folders: it has no labels"):
         load_dataset(unlabelled_folder)
+    # A split of it, streamed or not, says why it cannot be scored (not "has no images").
+    for in_memory in ("auto", "no"):
+        with pytest.raises(ValueError, match="not in class folders: it has no labels"):
+            open_source(str(unlabelled_folder), "test", DataOptions(in_memory=in_memory))
     # The few-shot evaluator needs labelled images: named, it takes them from there.
     args = ["pretrain", "--data", str(unlabelled_folder), "--evaluators", "fewshot"]
     assert main([*args, "--out", str(out)]) == 2

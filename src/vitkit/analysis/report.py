@@ -34,6 +34,7 @@ from vitkit.analysis.inputs import (
 )
 from vitkit.analysis.requirements import NotApplicable
 from vitkit.checkpoints import load_pretrained
+from vitkit.data.folders import is_unlabelled_folder
 from vitkit.evaluation.splits import run_data_options
 from vitkit.models import VisionTransformer, architecture_of, flops_per_image
 from vitkit.models.pretrained import PretrainedModel
@@ -206,6 +207,8 @@ def _pick_images(
             "no images to analyse: pass --images FILE..., or --data SOURCE (e.g. 'digits' or "
             "a dataset folder), or a run folder whose config.json names its data"
         )
+    if is_unlabelled_folder(Path(source).expanduser()):  # no classes to sample in turn
+        return load_images([Path(source).expanduser()], model.cfg, count, limit)
     return sample_dataset(source, model.cfg, count, limit)
 
 

@@ -530,7 +530,9 @@ for _kind in (
     SourceKind(
         "unlabelled folder",
         _path_test(is_unlabelled_folder),
-        _open_image_folder,
+        # a split of it is only ever opened to be scored or fitted on, which needs labels:
+        # load_dataset says so (open_splits splits it for pre-training instead)
+        lambda data, split, options: _open_in_memory(load_dataset, data, split, options),
         _unlabelled_splits,
     ),
     in_memory("idx folder", _path_test(is_idx_folder), load_dataset),
