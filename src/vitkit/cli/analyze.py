@@ -31,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         help="dataset to take sample images from when --images is not given: 'digits' or a "
-        "path vitkit reads (default: the run's data)",
+        "path vitkit reads, a folder of images without class folders as --images reads it "
+        "(default: the run's data)",
     )
     add_unreadable_flag(p)
     p.add_argument("--out", required=True, help="folder for the figures and report.html")
