@@ -354,34 +354,25 @@ def test_image_folders_are_read_file_by_file_until_enough(tmp_path: Path, caplog
         load_images([tmp_path / "photos"], cfg, max_unreadable_fraction=0.2)
 
 
-def test_analyze_takes_an_unlabelled_folder_as_data(tmp_path: Path) -> None:
-    """``--data`` naming a folder of images without class folders shows its images, as
-    ``--images`` would (no classes to take in turn)."""
+@pytest.mark.parametrize(
+    ("flag", "count", "shown"),
+    [
+        ("--images", MAX_SHOWN_FILES + 1, MAX_SHOWN_FILES),  # a folder: up to the cap
+        ("--data", 3, 3),  # no class folders: every image, as --images would (not 4 samples)
+    ],
+)
+def test_analyze_cli_shows_a_folder_of_images(
+    tmp_path: Path, flag: str, count: int, shown: int
+) -> None:
     checkpoint = create_model("vit_micro").save_pretrained(tmp_path / "m.safetensors")
     (tmp_path / "photos").mkdir()
-    for i in range(3):
-        Image.new("RGB", (48, 32), color=(80 * i, 0, 0)).save(tmp_path / "photos" / f"{i}.jpg")
+    for i in range(count):
+        Image.new("RGB", (48, 32), color=(10 * i, 0, 0)).save(tmp_path / "photos" / f"{i}.jpg")
     out = tmp_path / "out"
-    assert (
-        main(["analyze", str(checkpoint), "--data", str(tmp_path / "photos"), "--out", str(out)])
-        == 0
-    )
+    argv = ["analyze", str(checkpoint), flag, str(tmp_path / "photos"), "--out", str(out)]
+    assert main(argv) == 0
     sheets = [name for name in linked_images(out / "report.html") if "maps" in name]
-    assert len(sheets) == 3  # every image, fewer than the 4 samples shown by default
-
-
-def test_analyze_cli_shows_a_folder_up_to_its_cap(tmp_path: Path) -> None:
-    checkpoint = create_model("vit_micro").save_pretrained(tmp_path / "m.safetensors")
-    (tmp_path / "photos").mkdir()
-    for i in range(MAX_SHOWN_FILES + 1):
-        Image.new("RGB", (32, 32), color=(10 * i, 0, 0)).save(tmp_path / "photos" / f"{i}.png")
-    out = tmp_path / "out"
-    assert (
-        main(["analyze", str(checkpoint), "--images", str(tmp_path / "photos"), "--out", str(out)])
-        == 0
-    )
-    sheets = [name for name in linked_images(out / "report.html") if "maps" in name]
-    assert len(sheets) == MAX_SHOWN_FILES
+    assert len(sheets) == shown
 
 
 @pytest.mark.parametrize(
