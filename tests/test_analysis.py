@@ -311,6 +311,7 @@ def test_samples_of_shards_and_photo_folders_are_streamed(tmp_path: Path) -> Non
     photos = sample_dataset(str(tmp_path / "photos"), cfg, 3)
     assert photos.labels is not None and photos.labels.tolist() == [0, 1, 0]
     assert photos.classes == ["c0", "c1"] and photos.images.shape == (3, 1, 8, 8)
+    assert [name.split(" ")[0] for name in photos.skipped] == ["c0/broken.jpg"]
 
 
 def test_analyze_cli_on_a_checkpoint_with_image_files(tmp_path: Path, capsys) -> None:
@@ -350,6 +351,7 @@ def test_image_folders_are_read_file_by_file_until_enough(tmp_path: Path, caplog
     expected = [preprocess_file(tmp_path / "photos" / name, cfg) for name in names[:3]]
     assert torch.equal(samples.images, torch.cat(expected))
     assert "0b.jpg" in caplog.text and "2.jpg" not in caplog.text
+    assert [Path(name.split(" ")[0]).name for name in samples.skipped] == ["0b.jpg"]
     with pytest.raises(ValueError, match="2 of its 6 images are unreadable"):
         load_images([tmp_path / "photos"], cfg, max_unreadable_fraction=0.2)
 
@@ -368,11 +370,13 @@ def test_analyze_cli_shows_a_folder_of_images(
     (tmp_path / "photos").mkdir()
     for i in range(count):
         Image.new("RGB", (48, 32), color=(10 * i, 0, 0)).save(tmp_path / "photos" / f"{i}.jpg")
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     out = tmp_path / "out"
     argv = ["analyze", str(checkpoint), flag, str(tmp_path / "photos"), "--out", str(out)]
-    assert main(argv) == 0
+    assert main([*argv, "--max-unreadable-fraction", "0.5"]) == 0
     sheets = [name for name in linked_images(out / "report.html") if "maps" in name]
     assert len(sheets) == shown
+    assert "Skipped 1 unreadable image file(s): " in (out / "report.html").read_text()
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,7 @@ class Samples:
     names: list[str]
     labels: torch.Tensor | None = None
     classes: list[str] | None = None
+    skipped: list[str] = field(default_factory=list)  # unreadable files passed over: "name (why)"
 
 
 def _read_json(path: Path, notes: list[str]) -> dict[str, Any]:
@@ -115,7 +116,7 @@ def load_images(
         names.append(name)
     if not images:
         raise ValueError(f"none of the {len(named)} images given could be read")
-    return Samples(torch.cat(images), names)
+    return Samples(torch.cat(images), names, skipped=list(skipped.skipped))
 
 
 def sample_dataset(
@@ -160,7 +161,9 @@ def sample_dataset(
     images = preprocess(images, cfg.img_size, cfg.in_chans, preprocessing, prepared=prepared)
     names = [f"{split} #{c[2]}" for c in chosen]
     labels_kept = torch.tensor([c[1] for c in chosen]) if classes is not None else None
-    return Samples(images, names, labels_kept, classes)
+    log = getattr(data, "skipped", None)  # the sources that decode files keep a SkipLog
+    skipped = list(log.skipped) if isinstance(log, SkipLog) else []
+    return Samples(images, names, labels_kept, classes, skipped)
 
 
 __all__ = [

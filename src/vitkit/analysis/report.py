@@ -34,6 +34,7 @@ from vitkit.analysis.inputs import (
 )
 from vitkit.analysis.requirements import NotApplicable
 from vitkit.checkpoints import load_pretrained
+from vitkit.data.base import SHOWN_SKIPPED
 from vitkit.data.folders import is_unlabelled_folder
 from vitkit.evaluation.splits import run_data_options
 from vitkit.models import VisionTransformer, architecture_of, flops_per_image
@@ -298,7 +299,13 @@ def _attention_sections(
         ).name
         for i in range(len(shown))
     ]
-    sections = [Section(ATTENTION_TITLES[0], CAPTIONS["maps"].format(query=query), map_files)]
+    note = ""
+    if samples.skipped:
+        listed = "; ".join(samples.skipped[:SHOWN_SKIPPED])
+        more = ", ..." if len(samples.skipped) > SHOWN_SKIPPED else ""
+        note = f"Skipped {len(samples.skipped)} unreadable image file(s): {listed}{more}."
+    caption = CAPTIONS["maps"].format(query=query)
+    sections = [Section(ATTENTION_TITLES[0], caption, map_files, note=note)]
 
     titles, titles_give = _image_titles(model, samples, num_images, classes)
     rollout = attention_rollout(attentions, cfg.grid, prefix)
