@@ -301,9 +301,9 @@ def _attention_sections(
     ]
     note = ""
     if samples.skipped:
-        listed = "; ".join(samples.skipped[:SHOWN_SKIPPED])
-        more = ", ..." if len(samples.skipped) > SHOWN_SKIPPED else ""
-        note = f"Skipped {len(samples.skipped)} unreadable image file(s): {listed}{more}."
+        count, listed = len(samples.skipped), "; ".join(samples.skipped[:SHOWN_SKIPPED])
+        more = f"; and {count - SHOWN_SKIPPED} more" if count > SHOWN_SKIPPED else ""
+        note = f"Skipped {count} unreadable image file(s): {listed}{more}."
     caption = CAPTIONS["maps"].format(query=query)
     sections = [Section(ATTENTION_TITLES[0], caption, map_files, note=note)]
 

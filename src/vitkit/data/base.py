@@ -147,6 +147,7 @@ class SkipLog:
                 logger.warning("%s: skipped %s", self.what, name)
             elif len(self.skipped) == SHOWN_SKIPPED + 1:
                 logger.warning(
-                    "%s: skipping more unreadable files; the summary counts them", self.what
+                    "%s: skipping more unreadable files, counted but not named here",
+                    self.what,
                 )
         check_unreadable(self.what, list(self.skipped), self.total, self.max_fraction)
