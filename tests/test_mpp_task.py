@@ -307,6 +307,9 @@ def test_classification_refuses_an_unlabelled_folder(
     assert not out.exists()
     with pytest.raises(ValueError, match="not in class folders: it has no labels"):
         load_dataset(unlabelled_folder)
+    # Shards store a label with every image: packing refuses it, and writes nothing.
+    assert main(["data", "pack", str(unlabelled_folder), str(out)]) == 2
+    assert "has no labels" in capsys.readouterr().err and not out.exists()
     # A split of it, streamed or not, says why it cannot be scored (not "has no images").
     for in_memory in ("auto", "no"):
         with pytest.raises(ValueError, match="not in class folders: it has no labels"):

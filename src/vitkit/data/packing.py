@@ -61,6 +61,12 @@ def pack(
     options = DataOptions(in_memory="no", max_unreadable_fraction=max_unreadable_fraction)
     splits = open_splits(src, val_fraction, seed, options)
     info = splits.train.info
+    if info.classes is None:
+        raise ValueError(
+            f"{src} has no labels (its images are not in class folders): shards store a label "
+            f"with every image. Put each class's images in a folder of its own "
+            f"({src}/<class>/<image>), or pre-train on it as it is: `vitkit pretrain --data {src}`"
+        )
     named = {"train": shuffled(splits.train, seed), "val": splits.val, "test": splits.test}
     if on_total is not None:
         on_total(sum(len(s) for s in splits.sources()))
