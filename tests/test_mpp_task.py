@@ -262,7 +262,10 @@ def test_a_streamed_batch_is_not_cropped_twice() -> None:
 
 
 def test_an_unlabelled_folder_pretrains(
-    unlabelled_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    unlabelled_folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     monkeypatch.setenv("VITKIT_CACHE", "off")
     images = read_unlabelled(unlabelled_folder)
@@ -290,6 +293,10 @@ def test_an_unlabelled_folder_pretrains(
     )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["classes"] is None and summary["steps"] == 3  # 128 - 32 = 96 images
+    # The last line names what the accuracy counts: no class of an image is predicted.
+    line = capsys.readouterr().out.splitlines()[-1]
+    accuracy = f"test accuracy of the corrupted patches' colours {summary['test_accuracy']:.2%}"
+    assert line.startswith(accuracy + ", test loss per corrupted patch ")
     assert load_pretrained(out / "best.safetensors").cfg.in_chans == 1
 
 

@@ -33,6 +33,7 @@ from vitkit.training.config import (
     settings,
 )
 from vitkit.training.loop import RESUME_OPTIONS, Progress
+from vitkit.training.tasks import registered_tasks
 from vitkit.utils.config import merge_tables
 
 PAIR_METAVARS = {
@@ -244,8 +245,10 @@ def run_train(args: argparse.Namespace) -> int:
 def one_line_summary(summary: dict[str, Any]) -> str:
     """What a person wants at the end of a run, formatted for people."""
     scores = [(k, v) for k, v in summary.items() if k.startswith("test_") and isinstance(v, float)]
+    task = registered_tasks().get(summary.get("task", "classification"))
+    names = task.metric_names if task is not None else {}
     metrics = ", ".join(
-        f"test {key.removeprefix('test_')} "
+        f"test {names.get(key.removeprefix('test_'), key.removeprefix('test_'))} "
         + (f"{value:.2%}" if key == "test_accuracy" else f"{value:.4g}")
         # accuracy first, whatever order the task's metrics come in; the rest as given
         for key, value in sorted(scores, key=lambda item: item[0] != "test_accuracy")

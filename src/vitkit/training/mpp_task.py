@@ -16,7 +16,7 @@ run's seed at each evaluation, so every evaluation of the same weights gives the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -74,6 +74,10 @@ class MaskedPatchPredictionTask(Task):
     best_metric = "loss"
     best_mode = "min"
     needs_labels = False
+    metric_names: ClassVar[dict[str, str]] = {
+        "accuracy": "accuracy of the corrupted patches' colours",
+        "loss": "loss per corrupted patch",
+    }
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)

@@ -59,6 +59,8 @@ class Task:
     best_metric: ClassVar[str]  # the validation metric that picks best.safetensors
     best_mode: ClassVar[Literal["max", "min"]]
     needs_labels: ClassVar[bool] = True
+    # how the end-of-run line names a test metric whose key alone would mislead a person
+    metric_names: ClassVar[dict[str, str]] = {}
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
