@@ -208,8 +208,9 @@ def _pick_images(
             "no images to analyse: pass --images FILE..., or --data SOURCE (e.g. 'digits' or "
             "a dataset folder), or a run folder whose config.json names its data"
         )
-    if is_unlabelled_folder(Path(source).expanduser()):  # no classes to sample in turn
-        return load_images([Path(source).expanduser()], model.cfg, count, limit)
+    path = Path(source).expanduser()
+    if is_unlabelled_folder(path):  # no classes to sample in turn
+        return load_images([path], model.cfg, count, limit)
     return sample_dataset(source, model.cfg, count, limit)
 
 
