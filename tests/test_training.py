@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -212,6 +213,23 @@ def test_run_folder_holds_what_a_person_reads(trained_run: Path) -> None:
     # Both checkpoints load with the ordinary loader; best is the best validation epoch.
     model = load_pretrained(trained_run / "best.safetensors")
     assert model.cfg.extra["classes"] == summary["classes"]
+
+
+def test_each_lines_speed_is_that_of_its_own_steps(tiny_data: Path, tmp_path: Path) -> None:
+    """One epoch of 8 steps of 32 images, a line per step; step 4 waits 2 s. A line's rate is
+    bounded by what its steps did in the time they took: step 4's at most 32 images / 2 s; the
+    run's mean (``summary.json``) at most 256 / 2 s, which the lines after the wait, each a
+    step of a tiny model, beat by far (a running mean could not)."""
+
+    def wait(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if step == 4:
+            time.sleep(2.0)
+
+    summary = train(config(tiny_data, tmp_path / "run", epochs=1), step_hooks=[wait])
+    rates = [r["images_per_second"] for r in run_records(tmp_path / "run")]
+    assert len(rates) == 8
+    assert rates[3] <= 32 / 2.0
+    assert summary["images_per_second"] <= 256 / 2.0 < max(rates[4:])
 
 
 # SGD, not Adam, where two runs must agree to 1e-5: the key projection's bias has a true

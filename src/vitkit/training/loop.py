@@ -287,6 +287,7 @@ class Session:
     started: float = field(default_factory=time.perf_counter)  # this session, less the earlier
     segment_start: float = field(default_factory=time.perf_counter)  # of training steps
     logged: dict[str, torch.Tensor] = field(default_factory=dict)  # sums since the last line
+    line_images: int = 0  # ``state.train_images`` at the last line (or the restored checkpoint)
     time_up: bool = False  # the --max-minutes budget is spent: stop after this step
     # (step, training seconds) after this session's first step, whose time (data loading
     # starting, lazy initialisation) says little about the speed of the others.
@@ -388,6 +389,7 @@ class Session:
         restored = LoopState.from_dict(loop_state)
         for name in (f.name for f in dataclasses.fields(LoopState)):
             setattr(self.state, name, getattr(restored, name))
+        self.line_images = self.state.train_images
 
     def log_start(self) -> None:
         cfg, process = self.cfg, self.process
@@ -647,9 +649,16 @@ class Session:
         self.run.cut_metrics(state.step)  # the steps after the checkpoint are logged again
 
     def log(self, epoch: int) -> dict[str, Any]:
-        """A line of metrics.jsonl from the sums since the last one."""
-        self.state.train_seconds += time.perf_counter() - self.segment_start
-        self.segment_start = time.perf_counter()
+        """A line of metrics.jsonl from the sums since the last one; its speed is that of the
+        steps since the last line too, not the run's mean (``summary.json`` has that), so a
+        resumed run or a host that slows down shows its speed now."""
+        now = time.perf_counter()
+        seconds, self.segment_start = now - self.segment_start, now
+        self.state.train_seconds += seconds
+        images, self.line_images = (
+            self.state.train_images - self.line_images,
+            self.state.train_images,
+        )
         record = log_training(
             self.run,
             self.process,
@@ -657,7 +666,7 @@ class Session:
             self.logged,
             self.scheduler,
             epoch,
-            self.steps_per_epoch,
+            images / max(seconds, 1e-9),
         )
         self.logged = {}
         return record
@@ -911,9 +920,10 @@ def log_training(
     logged: dict[str, torch.Tensor],
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     epoch: int,
-    steps_per_epoch: int,
+    images_per_second: float,
 ) -> dict[str, Any]:
-    """Average the metric sums over processes and steps since the last line; log them."""
+    """Average the metric sums over processes and steps since the last line; log them with
+    the speed of those steps."""
     names = sorted(logged)  # none when every step since the last line was skipped (nan)
     totals: dict[str, float] = {}
     if names:  # the same on every process: they skip the same steps
@@ -926,7 +936,7 @@ def log_training(
         step=state.step,
         **{name: value / count for name, value in totals.items()},
         lr=scheduler.get_last_lr()[0],
-        images_per_second=state.train_images / max(state.train_seconds, 1e-9),
+        images_per_second=images_per_second,
     )
     run.log(record)
     return record
