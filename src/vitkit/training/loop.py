@@ -655,10 +655,8 @@ class Session:
         now = time.perf_counter()
         seconds, self.segment_start = now - self.segment_start, now
         self.state.train_seconds += seconds
-        images, self.line_images = (
-            self.state.train_images - self.line_images,
-            self.state.train_images,
-        )
+        images = self.state.train_images - self.line_images
+        self.line_images = self.state.train_images
         record = log_training(
             self.run,
             self.process,
