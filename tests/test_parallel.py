@@ -218,6 +218,19 @@ def test_compile_takes_the_whole_model_unless_units_are_needed(
     assert [compiled(block) for block in model.blocks] == [not whole] * 2
 
 
+def test_compiled_units_have_room_for_a_graph_per_size_each() -> None:
+    """Blocks share one code object, so one cache of compiled graphs: with stochastic depth
+    each block's graphs differ (its rate is a constant), and dynamo's default of 8 graphs a
+    code object would send the later image sizes back to eager."""
+    model = create_model("vit_digits", depth=3, drop_path=0.1)
+    cfg = TrainConfig().replace(run={"compile": True}, schedule={"resize_start": 0.5})
+    process = distributed.Process(rank=0, world_size=1, device=torch.device("cpu"))
+    with torch._dynamo.config.patch(recompile_limit=8):  # the default, restored afterwards
+        parallel.wrap(model, cfg, process)
+        assert len(parallel.units(model)) == 3
+        assert torch._dynamo.config.recompile_limit == 8 * 3
+
+
 GLOO_THREADS_LEFT = r"""
 import os, sys, torch
 from vitkit.training import distributed

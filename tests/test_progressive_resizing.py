@@ -76,6 +76,19 @@ def test_a_run_trains_small_first_then_at_full_size_and_evaluates_at_full_size(
     assert model.cfg.img_size == (8, 8) and model.cfg.dynamic_img_size
 
 
+# slow: waits for the C++ compiler, once for each size
+@pytest.mark.slow
+def test_compiled_resizing_computes_what_eager_does(tiny_data: Path, tmp_path: Path) -> None:
+    """--compile with resizing compiles each block for each size (stochastic depth gives the
+    blocks different graphs) and trains as the eager run does, step for step."""
+    exact = dict(epochs=5, optimizer="sgd", lr=0.05, drop_path=0.2, evaluators=[], **RESIZING)
+    train(config(tiny_data, tmp_path / "eager", **exact))
+    train(config(tiny_data, tmp_path / "compiled", compile=True, **exact))
+    eager, compiled = run_records(tmp_path / "eager"), run_records(tmp_path / "compiled")
+    assert len(compiled) == 40  # every step logged, through the sizes 4, 6 and 8 px
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], abs=1e-5)
+
+
 def test_a_time_boxed_run_ends_its_schedule_at_the_full_size(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

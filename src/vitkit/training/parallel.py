@@ -12,8 +12,8 @@ FSDP and DCP are imported only when used: they add seconds to the start of every
 
 ``--activation-checkpointing`` makes each unit keep only its input for the backward pass and
 run its forward again there. ``--compile`` compiles the whole trained module's forward
-(``torch.compile``), or each unit (blocks of one shape share one compiled graph) where FSDP or
-activation checkpointing works unit by unit or progressive resizing changes the input size.
+(``torch.compile``), or each unit, for static shapes, where FSDP or activation checkpointing
+works unit by unit or progressive resizing changes the input size.
 """
 
 from __future__ import annotations
@@ -70,6 +70,20 @@ def checkpoint_activations(unit: nn.Module) -> None:
     unit.forward = recomputed
 
 
+def compile_each_unit(pieces: list[nn.Module]) -> None:
+    """Compile each unit for the static shapes it meets: a new image size, or a last smaller
+    batch, compiles a graph of its own in seconds. Dynamo's default would recompile at the
+    second size with symbolic shapes, which for a hybrid's ResNet backbone in fp32 ran for over
+    15 minutes on 2 CPU cores without finishing (docs/experiments.md, Levers piloted). Blocks
+    share their code, so their graphs share one cache, and each block's own stochastic-depth
+    rate is a constant of its graphs: room for 8 graphs a unit, dynamo's default for one, keeps
+    the later sizes from falling back to eager."""
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, 8 * len(pieces))
+    for unit in pieces:
+        unit.compile(dynamic=False)
+
+
 def wrap(trainable: nn.Module, cfg: TrainConfig, process: Process) -> nn.Module:
     """What the loop calls in each step: ``trainable`` under DDP, sharded by FSDP (in place:
     the module returned is ``trainable`` itself, its parameters now sharded ``DTensor``s) or
@@ -79,15 +93,17 @@ def wrap(trainable: nn.Module, cfg: TrainConfig, process: Process) -> nn.Module:
     # and the input size stays: it fuses across the borders (a block's residual add with the
     # next one's LayerNorm), a few percent faster than unit by unit (docs/experiments.md,
     # Training speed). Progressive resizing changes the size, and a new size recompiles a
-    # whole graph several times slower than the units' (blocks of one shape share one graph).
+    # whole graph several times slower than the units'.
     compile_units = cfg.run.compile and (per_unit or cfg.schedule.resize_start < 1.0)
     pieces = units(trainable) if per_unit or compile_units else []
     if cfg.run.activation_checkpointing:
         for unit in pieces:
             checkpoint_activations(unit)
     if cfg.run.compile:  # in place: parameter names, hence checkpoints, stay the same
-        for unit in pieces or [trainable]:
-            unit.compile()
+        if compile_units:
+            compile_each_unit(pieces or [trainable])
+        else:
+            trainable.compile()
     if cfg.run.parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
