@@ -72,12 +72,12 @@ def checkpoint_activations(unit: nn.Module) -> None:
 
 def compile_each_unit(pieces: list[nn.Module]) -> None:
     """Compile each unit for the static shapes it meets: a new image size, or a last smaller
-    batch, compiles a graph of its own in seconds. Dynamo's default would recompile at the
-    second size with symbolic shapes, which for a hybrid's ResNet backbone in fp32 ran for over
-    15 minutes on 2 CPU cores without finishing (docs/experiments.md, Levers piloted). Blocks
-    share their code, so their graphs share one cache, and each block's own stochastic-depth
-    rate is a constant of its graphs: room for 8 graphs a unit, dynamo's default for one, keeps
-    the later sizes from falling back to eager."""
+    batch, compiles a graph of its own (under a minute on 2 CPU cores). Dynamo's default would
+    recompile at the second size with symbolic shapes, which for a hybrid's ResNet backbone in
+    fp32 ran for over 15 minutes on 2 CPU cores without finishing (docs/experiments.md, Levers
+    piloted). Blocks share their code, so their graphs share one cache, and each block's own
+    stochastic-depth rate is a constant of its graphs: room for 8 graphs a unit, dynamo's
+    default for one, keeps the later sizes from falling back to eager."""
     limit = torch._dynamo.config.recompile_limit
     torch._dynamo.config.recompile_limit = max(limit, 8 * len(pieces))
     for unit in pieces:
