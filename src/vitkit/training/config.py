@@ -603,8 +603,9 @@ class RunConfig(Section):
     compile: bool = option(
         False,
         "torch.compile the model (training and evaluation; each block instead with FSDP, "
-        "activation checkpointing or progressive resizing): the first steps wait for the "
-        "compiler, later ones run faster; needs a C++ compiler on CPU",
+        "activation checkpointing or progressive resizing): the first steps (and the first "
+        "at each new size) wait for the compiler; on CPU later ones run faster in bf16, not "
+        "in fp32; needs a C++ compiler on CPU",
     )
     keep_freed_memory: bool = option(
         True,
