@@ -10,6 +10,8 @@ reads), so the numbers in the README come from exactly the command it shows:
     cifar10_bf16  the plain ViT under bf16 autocast, fitted to 55 minutes, flip TTA
     cifar10_hybrid  the small hybrid (ResNet stem and stage, then the encoder), fp32
     cifar10_hybrid_bf16  the hybrid with 4 blocks, bf16, Muon, RandAugment, drop-path, 55 min, flip TTA
+    cifar10_hybrid_fp32  the same in fp32 (CPUs without native bf16), from 16 px, 54 min,
+              the test split scored with flips and translations
     finetune  pre-train on MNIST at 8x8, fine-tune on the digits at 16x16, against the same
               model trained from scratch on the digits at 16x16 for as many steps
 

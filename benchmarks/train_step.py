@@ -17,7 +17,9 @@ attention path in the same rounds: ``compile-model`` (the whole forward through
 compile), ``compile`` (each block compiled, as ``--compile`` does with FSDP, activation
 checkpointing or progressive resizing), ``foreach`` and ``fused``
 (AdamW's multi-tensor and fused implementations instead of the per-parameter loop, PyTorch's
-default on CPU) and ``channels-last`` (the hybrid's convolutions on NHWC tensors).
+default on CPU), ``channels-last`` (the hybrid's convolutions on NHWC tensors) and
+``patch-dropout`` (the model with ``patch_dropout = --patch-dropout``: the encoder on a random
+part of each image's patches, as ``vitkit train --patch-dropout``).
 
 ``--profile`` then runs ``torch.profiler`` over 3 more steps of vitkit (its first attention
 path) and of Hugging Face's faster path, and prints where each step's time went: the matrix
@@ -36,8 +38,8 @@ under-states its peak, so give ``--batch 256 --peak-size 8192`` there (docs: On 
 
 Usage: python benchmarks/train_step.py [--models vit_cifar vit_cifar_hybrid vit_ti16 vit_s16]
        [--precisions fp32 bf16] [--rounds 5] [--warmup 2] [--attn auto sdpa eager]
-       [--hf-attn sdpa eager] [--variants compile compile-model foreach fused channels-last]
-       [--batch N] [--threads 2] [--peak-size 4096] [--no-hf] [--profile]
+       [--hf-attn sdpa eager] [--variants compile compile-model foreach fused channels-last
+       patch-dropout] [--patch-dropout 0.5] [--batch N] [--threads 2] [--peak-size 4096] [--no-hf] [--profile]
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ def measure(
         model = create_model(name, gelu="none", attn_impl=impl).to(device)
         steps[f"vitkit[{impl}]"] = training_step(model, model, x, y, precision)
     for variant in args.variants:
-        model = create_model(name, gelu="none", attn_impl=args.attn[0]).to(device)
+        dropped = {"patch_dropout": args.patch_dropout} if variant == "patch-dropout" else {}
+        model = create_model(name, gelu="none", attn_impl=args.attn[0], **dropped).to(device)
         inputs, adamw = x, {}
         if variant == "compile":
             for unit in model.units():
@@ -142,7 +145,7 @@ def measure(
                 model.to(memory_format=torch.channels_last),
                 x.contiguous(memory_format=torch.channels_last),
             )
-        else:
+        elif variant in ("foreach", "fused"):
             adamw = {variant: True}
         steps[f"vitkit+{variant}"] = training_step(model, model, inputs, y, precision, **adamw)
     if not args.no_hf and cfg.resnet_layers is None:
@@ -208,9 +211,15 @@ def main() -> int:
     parser.add_argument(
         "--variants",
         nargs="*",
-        choices=("compile", "compile-model", "foreach", "fused", "channels-last"),
+        choices=("compile", "compile-model", "foreach", "fused", "channels-last", "patch-dropout"),
         default=[],
         help="changes to vitkit's step, each timed beside it (see above)",
+    )
+    parser.add_argument(
+        "--patch-dropout",
+        type=float,
+        default=0.5,
+        help="the fraction of the patches the patch-dropout variant drops",
     )
     parser.add_argument("--batch", type=int, help="one batch size for every model")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")

@@ -199,6 +199,7 @@ OLD_FLAGS: list[tuple[list[str], tuple[str, ...], Any]] = [
     (["--max-rollbacks", "1"], ("run", "max_rollbacks"), 1),
     (["--dropout", "0.1"], ("model", "dropout"), 0.1),
     (["--drop-path", "0.1"], ("model", "drop_path"), 0.1),
+    (["--patch-dropout", "0.5"], ("model", "patch_dropout"), 0.5),
     (["--mpp-target", "pixels"], ("task", "mpp", "target"), "pixels"),
     (["--mpp-rate", "0.15"], ("task", "mpp", "rate"), 0.15),
     (["--precision", "bf16"], ("run", "precision"), "bf16"),
@@ -408,6 +409,17 @@ def test_the_digits_recipe_is_the_bare_train_command() -> None:
     # The recipe names the model that `vitkit train` picks for the digits, and the batch it
     # fixes at the start (the digits' 1,000-odd training images fill the default 128).
     assert recipe.replace(model={"name": None}) == bare.replace(optim={"batch_size": 128})
+
+
+def test_the_fp32_hybrid_recipe_is_the_bf16_one_in_fp32_from_half_the_size() -> None:
+    data = {"data": {"source": "digits"}}
+    fp32 = resolve_config(files=[RECIPES / "cifar10_hybrid_fp32.toml"], flags=data)
+    bf16 = resolve_config(files=[RECIPES / "cifar10_hybrid_bf16.toml"], flags=data)
+    assert fp32 == bf16.replace(
+        run={"precision": "fp32"},
+        schedule={"resize_start": 0.5, "max_minutes": 54},
+        evaluators={"test_tta": "flip_translate"},
+    )
 
 
 def copy_run(name: str, tmp_path: Path, **changes: Any) -> Path:

@@ -12,6 +12,7 @@ import vitkit
 from tests.conftest import perturbed
 from tests.test_official import bilinear_align_corners
 from vitkit.models import VisionTransformer, ViTConfig, flops_per_image
+from vitkit.models.layers import PatchDropout
 from vitkit.models.posembed import POS_EMBED_KINDS
 
 
@@ -43,6 +44,8 @@ VARIANTS = [
     *[dict(pos_embed=kind) for kind in POS_EMBED_KINDS],
     dict(classifier="gap", pos_embed="relative"),
     dict(drop_path=0.1, dropout=0.1, attn_dropout=0.1),
+    dict(patch_dropout=0.5),
+    dict(classifier="gap", patch_dropout=0.5),
 ]
 
 
@@ -201,6 +204,40 @@ def test_reset_classifier_is_zero_and_drops_representation() -> None:
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 32)
 
 
+def test_patch_dropout_keeps_the_class_token_and_a_fair_subset_of_each_images_patches() -> None:
+    tokens = torch.randn(2000, 1 + 16, 4)  # every token distinct
+    layer = PatchDropout(0.5, num_prefix=1).train()
+    torch.manual_seed(0)
+    kept = layer(tokens)
+    assert kept.shape == (2000, 1 + 8, 4)
+    assert torch.equal(kept[:, 0], tokens[:, 0])
+    # Which of its own image's patches each kept token is: exactly one, none twice.
+    matches = (kept[:, 1:, None] == tokens[:, None, 1:]).all(-1)  # (image, kept, patch)
+    assert (matches.sum(-1) == 1).all()
+    chosen = matches.any(1)  # (image, patch)
+    assert (chosen.sum(1) == 8).all()
+    # Each patch is kept with probability 1/2, independently of the image: 2,000 draws put
+    # its frequency within 0.5 +- 0.045 (4 standard deviations).
+    assert (chosen.float().mean(0) - 0.5).abs().max() < 0.045
+    assert torch.equal(layer.eval()(tokens), tokens)
+    assert PatchDropout(0.99, num_prefix=0).train()(tokens).shape == (2000, 1, 4)  # at least one
+
+
+def test_patch_dropout_cuts_the_training_forward_flops_to_the_closed_form() -> None:
+    """micro(): 16 patches of 4x4x3, width 32, 2 blocks, MLP 64, 5 classes. Training with half
+    the patches dropped runs the blocks on n = 1 + 8 tokens; inference on all 17."""
+    cfg = micro(patch_dropout=0.5).cfg
+    d, m = 32, 64
+
+    def forward_flops(n: int) -> int:
+        per_block = 2 * (n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * m)
+        return 2 * 16 * (4 * 4 * 3) * d + 2 * per_block + 2 * d * 5
+
+    assert flops_per_image(cfg) == forward_flops(17)
+    assert flops_per_image(cfg, training=True) == forward_flops(9)
+    assert flops_per_image(cfg.replace(patch_dropout=0.0), training=True) == forward_flops(17)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -209,6 +246,8 @@ def test_reset_classifier_is_zero_and_drops_representation() -> None:
         (dict(pos_embed="2d"), "pos_embed must be"),
         (dict(num_heads=5), "not divisible by num_heads"),
         (dict(dropout=1.5), "dropout must be in"),
+        (dict(patch_dropout=1.0), "patch_dropout must be in"),
+        (dict(patch_dropout=0.5, pos_embed="relative"), "relative position embedding"),
     ],
 )
 def test_bad_config_is_rejected_with_a_reason(overrides: dict, message: str) -> None:

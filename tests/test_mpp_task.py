@@ -334,6 +334,7 @@ def test_classification_refuses_an_unlabelled_folder(
         (dict(mpp_target="colour"), "target must be"),
         (dict(augment=dict(mixup=0.2)), "set mixup to 0"),
         (dict(model="resnetv2_digits"), "not a ViT"),
+        (dict(patch_dropout=0.5), "set patch_dropout to 0"),
     ],
 )
 def test_bad_pretraining_settings_are_refused(values: dict[str, Any], message: str) -> None:

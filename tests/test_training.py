@@ -313,12 +313,28 @@ def test_compile_without_a_compiler_says_so(
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+def test_patch_dropout_is_saved_with_the_model_and_drops_tokens_only_in_training(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    train(config(tiny_data, tmp_path / "run", epochs=1, patch_dropout=0.5))
+    model = load_pretrained(tmp_path / "run" / "best.safetensors")
+    assert isinstance(model, VisionTransformer)
+    assert model.cfg.patch_dropout == 0.5
+    tokens_seen: list[int] = []
+    model.blocks[0].register_forward_pre_hook(lambda _, args: tokens_seen.append(args[0].shape[1]))
+    images = torch.randn(2, 1, 8, 8)
+    model.train()(images)
+    model.eval()(images)
+    patches = model.cfg.grid[0] * model.cfg.grid[1]  # vit_digits: 4x4 patches of 2x2 px
+    assert tokens_seen == [1 + patches // 2, 1 + patches]
+
+
 # ---------------------------------------------------------------------- nothing lost
 
 
 def test_resume_is_bit_identical(tiny_data: Path, tmp_path: Path) -> None:
     augment = dict(random_resized_crop=True, crop_scale=(0.5, 1.0), label_smoothing=0.1)
-    cfg = dict(epochs=4, dropout=0.1, drop_path=0.1, augment=augment)
+    cfg = dict(epochs=4, dropout=0.1, drop_path=0.1, patch_dropout=0.5, augment=augment)
     train(config(tiny_data, tmp_path / "whole", **cfg))
 
     # killed right after the 2nd epoch's checkpoint

@@ -7,9 +7,10 @@ figures and the report.
     OUT/accuracy_vs_compute.png     test accuracy against training FLOPs, a line per model
     OUT/report.html                 the table and both figures
 
-Training compute is counted as 3 x the forward FLOPs of an image
-(``vitkit.models.flops_per_image``; backward is about twice the forward) x the images trained
-on. Reads run folders (``summary.json``, ``config.json``, ``best.safetensors``); trains nothing.
+Training compute is counted as 3 x the forward FLOPs of a training image
+(``vitkit.models.flops_per_image``; backward is about twice the forward; patch dropout, if the
+run used it, lowers both) x the images trained on. Reads run folders (``summary.json``,
+``config.json``, ``best.safetensors``); trains nothing.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def result_row(run: RunLayout, fraction: float) -> dict[str, Any]:
     batch_size = run_setting(
         json.loads(run.config.read_text()), "optim", "batch_size", "batch_size"
     )
-    flops = flops_per_image(read_checkpoint(run.best).config)
+    config = read_checkpoint(run.best).config
+    flops = flops_per_image(config)
     return dict(
         model=summary["model"],
         fraction=fraction,
@@ -76,7 +78,7 @@ def result_row(run: RunLayout, fraction: float) -> dict[str, Any]:
         gflops_per_image=flops / 1e9,
         train_images_per_s=summary["images_per_second"],
         steps=summary["steps"],
-        train_flops=3 * flops * summary["steps"] * batch_size,
+        train_flops=3 * flops_per_image(config, training=True) * summary["steps"] * batch_size,
         minutes=summary["train_seconds"] / 60,
         test_accuracy=summary["test_accuracy"],
     )

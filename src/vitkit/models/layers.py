@@ -1,4 +1,5 @@
-"""Small reusable parts of the Vision Transformer: attention, MLP, encoder block, drop path."""
+"""Small reusable parts of the Vision Transformer: attention, MLP, encoder block, drop path,
+patch dropout."""
 
 from __future__ import annotations
 
@@ -88,6 +89,33 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+class PatchDropout(nn.Module):
+    """Patch dropout (Liu et al., "PatchDropout: Economizing Vision Transformers Using Patch
+    Dropout", WACV 2023; timm's ``patch_drop_rate``): while training, each image keeps a random
+    ``1 - p`` of its patch tokens, at least one, and drops the rest before the encoder; the
+    first ``num_prefix`` tokens (the [class] token) are always kept. The encoder's cost falls
+    with the tokens, and the random subset acts as a regulariser; evaluation sees every token. The kept tokens stay in a random order: the encoder is blind to order except
+    through the position embeddings, which were added before the drop."""
+
+    def __init__(self, p: float = 0.0, num_prefix: int = 1) -> None:
+        super().__init__()
+        self.p = p
+        self.num_prefix = num_prefix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        prefix, patches = x[:, : self.num_prefix], x[:, self.num_prefix :]
+        batch, count = patches.shape[:2]
+        keep = max(1, int(count * (1.0 - self.p)))
+        chosen = torch.rand(batch, count, device=x.device).argsort(dim=1)[:, :keep]
+        kept = patches.gather(1, chosen.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        return torch.cat([prefix, kept], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, num_prefix={self.num_prefix}"
 
 
 class Attention(nn.Module):

@@ -170,10 +170,12 @@ def architecture_of(config_or_model: Any) -> Architecture:
     )
 
 
-def flops_per_image(config: Any) -> float:
-    """Forward FLOPs of one image (2 per multiply-add), counted by PyTorch on the meta device."""
+def flops_per_image(config: Any, training: bool = False) -> float:
+    """Forward FLOPs of one image (2 per multiply-add), counted by PyTorch on the meta device:
+    of inference, or with ``training`` of a training step's forward pass, which patch dropout
+    makes cheaper."""
     with torch.device("meta"):
-        model = architecture_of(config).build(config)
+        model = architecture_of(config).build(config).train(training)
         x = torch.empty(1, config.in_chans, *config.img_size)
     with FlopCounterMode(display=False) as counter:
         model(x)

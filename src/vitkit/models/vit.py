@@ -15,7 +15,7 @@ from typing import Any, Literal, Protocol, cast
 import torch
 from torch import nn
 
-from vitkit.models.layers import Attention, AttentionImpl, Block, lecun_normal_
+from vitkit.models.layers import Attention, AttentionImpl, Block, PatchDropout, lecun_normal_
 from vitkit.models.posembed import POS_EMBED_KINDS, Grid, PosEmbedKind, PositionEmbedding
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.models.registry import Description
@@ -61,6 +61,8 @@ class ViTConfig(ConfigMixin):
     dropout: float = 0.0
     attn_dropout: float = 0.0
     drop_path: float = 0.0
+    # while training, the fraction of each image's patch tokens dropped before the encoder
+    patch_dropout: float = 0.0
     attn_impl: AttentionImpl = "auto"
     dynamic_img_size: bool = False  # accept any input size, resizing pos embeddings on the fly
     extra: dict[str, Any] = field(default_factory=dict)  # free-form metadata (class names, ...)
@@ -86,9 +88,15 @@ class ViTConfig(ConfigMixin):
             problems.append(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.num_classes < 0:
             problems.append(f"num_classes must be >= 0 (0 = no head), not {self.num_classes}")
-        for name in ("dropout", "attn_dropout", "drop_path"):
+        for name in ("dropout", "attn_dropout", "drop_path", "patch_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"{name} must be in [0, 1), not {getattr(self, name)}")
+        if self.patch_dropout and self.pos_embed == "relative":
+            problems.append(
+                "patch_dropout drops tokens, which the relative position embedding's bias "
+                "between all the patches cannot follow: set patch_dropout to 0 or use another "
+                "pos_embed"
+            )
         reduction = self.backbone_reduction
         for size, patch, axis in zip(
             self.img_size, self.patch_size, ("height", "width"), strict=True
@@ -175,12 +183,13 @@ class ViTConfig(ConfigMixin):
 PatchHook = Callable[[torch.Tensor], torch.Tensor]
 TokenHook = Callable[[torch.Tensor], torch.Tensor]
 """``VisionTransformer.token_hook(tokens) -> tokens``: sees the encoder's input, (B, N, D) after
-the [class] token was prepended and the position embedding added (and its dropout), and
-returns what the encoder blocks get, (B, N', D). It may drop tokens (MAE-style masking keeps a
-random subset of the patches) or add some (DeiT's distillation token); as an ``nn.Module``
-its parameters are the model's (saved, loaded, trained). Only the relative position
-embedding, which biases attention between the N original tokens, needs N' == N. Pooling
-reads the result: the [class] token at index 0, or the mean of all N' tokens (``gap``)."""
+the [class] token was prepended, the position embedding added (and its dropout) and, while
+training, patch dropout applied, and returns what the encoder blocks get, (B, N', D). It may
+drop tokens (MAE-style masking keeps a random subset of the patches) or add some (DeiT's
+distillation token); as an ``nn.Module`` its parameters are the model's (saved, loaded,
+trained). Only the relative position embedding, which biases attention between the N original
+tokens, needs N' == N. Pooling reads the result: the [class] token at index 0, or the mean of
+all N' tokens (``gap``)."""
 
 
 @dataclass
@@ -248,6 +257,7 @@ class VisionTransformer(PretrainedModel):
             cfg.pos_embed, cfg.width, cfg.grid, self.num_prefix, cfg.num_heads, cfg.depth
         )
         self.pos_drop = nn.Dropout(cfg.dropout)
+        self.patch_drop = PatchDropout(cfg.patch_dropout, self.num_prefix)
         self.token_hook: TokenHook | None = None  # set by a subclass or a plugin (TokenHook)
         # Stochastic depth grows linearly with depth, from 0 to drop_path at the last block.
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
@@ -322,7 +332,7 @@ class VisionTransformer(PretrainedModel):
             tokens = patch_hook(tokens)
         if self.cls_token is not None:
             tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        tokens = self.pos_drop(self.pos_embed(tokens, grid))
+        tokens = self.patch_drop(self.pos_drop(self.pos_embed(tokens, grid)))
         if self.token_hook is not None:
             tokens = self.token_hook(tokens)
         return tokens, grid

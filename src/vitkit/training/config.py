@@ -3,7 +3,7 @@
 The config is nested, one section per part of the run it configures::
 
     [task]             name; [task.<name>] the options of a registered task (``[task.mpp]``)
-    [model]            name, init_from, img_size, dropout, drop_path
+    [model]            name, init_from, img_size, dropout, drop_path, patch_dropout
     [data]             source, in_memory, num_workers, max_unreadable_fraction, columns,
                        fractions
     [optim]            name, lr, betas, momentum, weight_decay, grad_clip, batch_size, ...
@@ -230,6 +230,11 @@ class ModelConfig(Section):
     )
     dropout: float = option(0.0, "dropout rate after the position embedding and in the MLPs")
     drop_path: float = option(0.0, "stochastic depth rate of the last block (0 at the first)")
+    patch_dropout: float = option(
+        0.0,
+        "while training, the fraction of each image's patch tokens dropped at random before "
+        "the encoder (PatchDropout; the [class] token stays): cheaper steps; evaluation sees all",
+    )
 
     def problems(self) -> list[str]:
         problems = []
@@ -246,6 +251,8 @@ class ModelConfig(Section):
             problems.append("dropout must be in [0, 1)")
         if not 0.0 <= self.drop_path < 1.0:
             problems.append("drop_path must be in [0, 1)")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            problems.append("patch_dropout must be in [0, 1)")
         return problems
 
 

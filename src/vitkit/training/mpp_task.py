@@ -92,6 +92,11 @@ class MaskedPatchPredictionTask(Task):
                 f"masked patch prediction has no labels to mix or smooth and predicts each "
                 f"image's own patches: set {', '.join(mixing)} to 0"
             )
+        if cfg.model.patch_dropout:
+            raise ValueError(
+                "masked patch prediction predicts every corrupted patch from its own token, "
+                "which patch dropout would remove: set patch_dropout to 0"
+            )
         # TrainConfig requires a registered model without init_from
         assert cfg.model.name is not None
         self.model_name = cfg.model.name

@@ -175,6 +175,7 @@ class Classification(Task):
                 config_class,
                 dropout=cfg.dropout,
                 drop_path=cfg.drop_path,
+                patch_dropout=cfg.patch_dropout,
                 **self.resizable(config_class),
             )
             return create_model(
@@ -191,6 +192,7 @@ class Classification(Task):
             type(checkpoint.config),
             dropout=cfg.dropout,
             drop_path=cfg.drop_path,
+            patch_dropout=cfg.patch_dropout,
             **self.resizable(type(checkpoint.config)),
         )
         model = build_model(checkpoint, img_size=cfg.img_size, **regularisation)
