@@ -199,7 +199,6 @@ OLD_FLAGS: list[tuple[list[str], tuple[str, ...], Any]] = [
     (["--max-rollbacks", "1"], ("run", "max_rollbacks"), 1),
     (["--dropout", "0.1"], ("model", "dropout"), 0.1),
     (["--drop-path", "0.1"], ("model", "drop_path"), 0.1),
-    (["--patch-dropout", "0.5"], ("model", "patch_dropout"), 0.5),
     (["--mpp-target", "pixels"], ("task", "mpp", "target"), "pixels"),
     (["--mpp-rate", "0.15"], ("task", "mpp", "rate"), 0.15),
     (["--precision", "bf16"], ("run", "precision"), "bf16"),
