@@ -39,7 +39,8 @@ under-states its peak, so give ``--batch 256 --peak-size 8192`` there (docs: On 
 Usage: python benchmarks/train_step.py [--models vit_cifar vit_cifar_hybrid vit_ti16 vit_s16]
        [--precisions fp32 bf16] [--rounds 5] [--warmup 2] [--attn auto sdpa eager]
        [--hf-attn sdpa eager] [--variants compile compile-model foreach fused channels-last
-       patch-dropout] [--patch-dropout 0.5] [--batch N] [--threads 2] [--peak-size 4096] [--no-hf] [--profile]
+       patch-dropout] [--patch-dropout 0.5] [--batch N] [--threads 2] [--peak-size 4096]
+       [--no-hf] [--profile]
 """
 
 from __future__ import annotations
