@@ -96,8 +96,9 @@ class PatchDropout(nn.Module):
     Dropout", WACV 2023; timm's ``patch_drop_rate``): while training, each image keeps a random
     ``1 - p`` of its patch tokens, at least one, and drops the rest before the encoder; the
     first ``num_prefix`` tokens (the [class] token) are always kept. The encoder's cost falls
-    with the tokens, and the random subset acts as a regulariser; evaluation sees every token. The kept tokens stay in a random order: the encoder is blind to order except
-    through the position embeddings, which were added before the drop."""
+    with the tokens, and the random subset acts as a regulariser; evaluation sees every token.
+    The kept tokens stay in a random order: the encoder is blind to order except through the
+    position embeddings, which were added before the drop."""
 
     def __init__(self, p: float = 0.0, num_prefix: int = 1) -> None:
         super().__init__()
