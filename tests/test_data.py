@@ -518,6 +518,37 @@ def test_mixup_mixes_images_and_labels_with_the_same_lam() -> None:
     assert torch.allclose((out + 1) / 2, lam * x + (1 - lam) * x.flip(0), atol=1e-5)
 
 
+def test_mixup_and_cutmix_weaken_with_the_regularization_strength() -> None:
+    """Progressive resizing's adaptive regularization scales both Beta alphas: at strength 0
+    neither mixes, and at a quarter of alpha 4 mixup's lam lies as far from 1/2 as Beta(1, 1)'s
+    does on average (1/4), not as close as Beta(4, 4)'s (0.137)."""
+    images = random_batch()
+    transform = BatchTransform((12, 12), 8, AugmentConfig(mixup=4.0, cutmix=4.0), seed=3)
+    transform.set_regularization(0.0)
+    out, targets = transform(images, LABELS, train=True)
+    assert torch.equal(targets, torch.eye(8)[LABELS])
+    assert torch.allclose(out, to_model_input(images), atol=1e-5)
+    mixing = BatchTransform((12, 12), 8, AugmentConfig(mixup=4.0), seed=5)
+    mixing.set_regularization(0.25)
+    lams = torch.stack([mixing(images, LABELS, train=True)[1][0, 0] for _ in range(400)])
+    assert abs((lams - 0.5).abs().mean() - 0.25) < 0.03
+
+
+def test_randaugment_transforms_the_share_of_images_the_regularization_strength_says() -> None:
+    images = random_batch(count=400)
+    transform = BatchTransform((12, 12), 8, AugmentConfig(randaugment=(2, 9)), seed=0)
+    changed = []
+    for strength in (0.0, 0.5, 1.0):
+        transform.set_regularization(strength)
+        out, _ = transform(images, torch.zeros(400, dtype=torch.long), train=True)
+        changed.append((out - to_model_input(images)).abs().flatten(1).amax(1).gt(1e-4))
+    assert not changed[0].any()
+    assert 0.4 < changed[1].float().mean() < 0.6  # 200 expected, sd 10
+    # Two operations a picture leave an image unchanged only where both were mild
+    # (auto-contrast of a full-range image, a rotation by a fraction of a degree...).
+    assert changed[2].float().mean() > 0.9
+
+
 def test_cutmix_pastes_a_box_whose_area_matches_the_labels() -> None:
     images = random_batch(size=32)
     out, targets = BatchTransform((32, 32), 8, AugmentConfig(cutmix=1.0), seed=4)(

@@ -1,6 +1,7 @@
 """Progressive resizing (``schedule.resize_start``, ``schedule.resize_ramp``): the sizes a run
 trains at, step by step, against sizes worked out by hand; evaluation and the saved model at
-the full size; a time budget still ending its schedule at its end value; the refusals."""
+the full size; a time budget still ending its schedule at its end value; the augmentations'
+strength following the size (``schedule.resize_regularization``); the refusals."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import torch
 from tests.conftest import assert_cut_run_resumes_to, run_records
 from tests.test_training import config
 from vitkit import load_pretrained
+from vitkit.data.augment import PerImageRandAugment
 from vitkit.models import VisionTransformer
 from vitkit.training import train
 from vitkit.training.loop import Session
-from vitkit.training.resizing import training_size
+from vitkit.training.resizing import regularization_strength, training_size
 from vitkit.training.tasks import Classification
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,6 +76,39 @@ def test_a_run_trains_small_first_then_at_full_size_and_evaluates_at_full_size(
     assert set(evaluated) == {8}
     model = load_pretrained(tmp_path / "run/best.safetensors")
     assert model.cfg.img_size == (8, 8) and model.cfg.dynamic_img_size
+
+
+def test_the_regularization_grows_with_the_image_side() -> None:
+    full = (32, 32)
+    # From 0.25 at 16 px (half the side) to 1 at 32 px: 24 px is halfway, 0.25 + 0.75 / 2.
+    strengths = [regularization_strength((s, s), full, 0.5, 0.25) for s in (16, 24, 28, 32)]
+    assert strengths == pytest.approx([0.25, 0.625, 0.8125, 1.0])
+    assert regularization_strength((8, 8), full, 0.3, 0.0) == 0.0  # rounded below the start
+    assert regularization_strength((16, 32), full, 0.5, 0.0) == pytest.approx(0.5)  # mean side
+    assert regularization_strength(full, full, 1.0, 0.0) == 1.0  # no resizing: full strength
+
+
+def test_randaugment_follows_the_size_and_a_resumed_run_too(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shares: list[float] = []
+    forward = PerImageRandAugment.forward
+
+    def watched(self: PerImageRandAugment, images: torch.Tensor) -> torch.Tensor:
+        shares.append(self.probability)
+        return forward(self, images)
+
+    monkeypatch.setattr(PerImageRandAugment, "forward", watched)
+    adaptive = dict(
+        epochs=5,
+        resize_regularization=0.2,
+        augment=dict(random_resized_crop=False, randaugment=[2, 9]),
+        **RESIZING,
+    )
+    train(config(tiny_data, tmp_path / "whole", **adaptive))
+    # Sides 4, 6, 8 px of 8 (as above): 0.2, then 0.2 + 0.8 x 0.5 at 6 px, then 1.
+    assert shares == pytest.approx([0.2] * 20 + [0.6] * 10 + [1.0] * 10)
+    assert_cut_run_resumes_to(tmp_path / "whole", config(tiny_data, tmp_path / "cut", **adaptive))
 
 
 # slow: waits for the C++ compiler, once for each size
@@ -139,6 +174,11 @@ def test_a_resumed_run_continues_at_the_size_of_its_step(tiny_data: Path, tmp_pa
         ),
         (dict(model="vit_digits", resize_ramp=[0.8, 0.4]), "resize_ramp must satisfy"),
         (dict(model="vit_digits", resize_start=0.0), r"resize_start must be in \(0, 1\]"),
+        (dict(model="vit_digits", resize_regularization=1.5), "resize_regularization must be in"),
+        (
+            dict(model="vit_digits", resize_start=1.0, resize_regularization=0.5),
+            "set resize_start below 1 too",
+        ),
     ],
 )
 def test_what_cannot_resize_is_refused_before_a_step(

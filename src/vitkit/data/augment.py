@@ -111,12 +111,19 @@ class PerImageRandAugment(nn.Module):
         self.num_ops = num_ops
         self.names = [policy[0][0] for policy in default_policy]
         self.operations = nn.ModuleList(RandAugment(1, magnitude, [p]) for p in default_policy)
+        # The share of images transformed: progressive resizing's adaptive regularization
+        # lowers it on small images (BatchTransform.set_regularization).
+        self.probability = 1.0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Float images in [0, 1]; on grey images the colour operation leaves them unchanged."""
         grey = images.shape[1] == 1
+        skipped = torch.rand(len(images)) >= self.probability if self.probability < 1 else None
         for _ in range(self.num_ops):
-            choice = torch.randint(len(self.operations), (len(images),)).to(images.device)
+            choice = torch.randint(len(self.operations), (len(images),))
+            if skipped is not None:
+                choice[skipped] = -1
+            choice = choice.to(images.device)
             images = images.clone()
             for index, (name, operation) in enumerate(
                 zip(self.names, self.operations, strict=True)
@@ -128,19 +135,19 @@ class PerImageRandAugment(nn.Module):
 
 
 class BatchTransform(nn.Module):
-    """``forward(uint8 images (B, C, H, W), labels (B,), train, cropped)`` -> (float images
-    (B, channels, *img_size) in [-1, 1], soft targets (B, num_classes)).
+    """``forward(uint8 images (B, C, H, W), labels (B,), train, cropped)`` -> (float images (B,
+    channels, *img_size) in [-1, 1], soft targets (B, num_classes)).
 
     Training: random-resized crop (else a resize) to ``img_size``, translation, flip,
-    RandAugment, then mixup / cutmix with label smoothing, as ``augment`` enables them; ``cropped`` images
-    (a streamed source crops each one from its original, ``Batch.cropped``) skip the crop,
-    not the rest. Evaluation
-    (``train=False``): ``preprocess`` by the evaluation ``preprocessing`` (default: squash to
-    ``img_size``; ``cropped`` images already have its geometry), one-hot targets. ``channels``
-    (default: the input's) converts grey to RGB or RGB to grey, for a model with another ``in_chans``.
-    ``train_size`` (default ``img_size``) shrinks the augmented training images, for
-    progressive resizing. The random state (``state_dict`` saves it) advances once per
-    training batch; ``seed`` also picks the images that alternating flips mirror first.
+    RandAugment, then mixup / cutmix with label smoothing, as ``augment`` enables them;
+    ``cropped`` images (a streamed source crops each one from its original, ``Batch.cropped``)
+    skip the crop, not the rest. Evaluation (``train=False``): ``preprocess`` by the evaluation
+    ``preprocessing`` (default: squash to ``img_size``; ``cropped`` images already have its
+    geometry), one-hot targets. ``channels`` (default: the input's) converts grey to RGB or RGB
+    to grey, for a model with another ``in_chans``. ``train_size`` (default ``img_size``)
+    shrinks the augmented training images, for progressive resizing, and ``set_regularization``
+    weakens the augmentations there. The random state (``state_dict`` saves it) advances once
+    per training batch; ``seed`` also picks the images that alternating flips mirror first.
     """
 
     def __init__(
@@ -177,6 +184,19 @@ class BatchTransform(nn.Module):
         )
         # Progressive resizing: training batches at this size, augmented at img_size first.
         self.train_size = self.img_size
+        self.regularization = 1.0
+
+    def set_regularization(self, strength: float) -> None:
+        """Weaken the augmentations to ``strength`` (in [0, 1]) of their configured strength,
+        for progressive resizing's adaptive regularization (``schedule.resize_regularization``):
+        RandAugment transforms that share of the images, mixup's and cutmix's alphas are scaled
+        by it. RandAugment's magnitude is left alone: on kornia's scale, as on TF's, a lower
+        magnitude is not a milder operation for all of them (colour, contrast, brightness and
+        sharpness are factors from 0.1 to 1.9, strongest at magnitude 0; solarize inverts every
+        pixel there)."""
+        self.regularization = strength
+        if self.randaugment is not None:
+            self.randaugment.probability = strength
 
     def get_extra_state(self) -> torch.Tensor:
         return self.generator.get_state()
@@ -249,7 +269,7 @@ class BatchTransform(nn.Module):
             images = self.randaugment(images)
         images = resize(images, self.train_size)
         targets = self.one_hot(labels)
-        mixup, cutmix = self.augment.mixup, self.augment.cutmix
+        mixup, cutmix = (self.regularization * a for a in (self.augment.mixup, self.augment.cutmix))
         if mixup > 0 or cutmix > 0:
             use_cutmix = cutmix > 0 and (mixup == 0 or bool(torch.rand(()) < 0.5))
             alpha = cutmix if use_cutmix else mixup

@@ -7,7 +7,8 @@ The config is nested, one section per part of the run it configures::
     [data]             source, in_memory, num_workers, max_unreadable_fraction, columns,
                        fractions
     [optim]            name, lr, betas, momentum, weight_decay, grad_clip, batch_size, ...
-    [schedule]         name, epochs, steps, max_minutes, warm-up, lr_drops
+    [schedule]         name, epochs, steps, max_minutes, warm-up, lr_drops, progressive
+                       resizing
     [augment]          ``AugmentConfig``
     [evaluators]       names, best, every, batch_size; [evaluators.<name>] an evaluator's options
     [run]              seed, precision, device, parallel, checkpointing, logging, out, ...
@@ -475,6 +476,13 @@ class ScheduleConfig(Section):
         "FROM UNTIL fractions of the run's steps between which the training image size "
         "grows linearly from resize_start to the full size",
     )
+    resize_regularization: float = option(
+        1.0,
+        "progressive resizing's adaptive regularization (EfficientNetV2): at resize_start's "
+        "size RandAugment transforms this share of the images and mixup's and cutmix's alphas "
+        "are this fraction of theirs, growing with the image side to the full values at the "
+        "full size; 1 = the same throughout",
+    )
 
     def __post_init__(self) -> None:
         self.lr_drops = list(self.lr_drops)
@@ -501,6 +509,16 @@ class ScheduleConfig(Section):
         if not 0.0 <= self.resize_ramp[0] <= self.resize_ramp[1] <= 1.0:
             problems.append(
                 f"resize_ramp must satisfy 0 <= FROM <= UNTIL <= 1, got {list(self.resize_ramp)}"
+            )
+        if not 0.0 <= self.resize_regularization <= 1.0:
+            problems.append(
+                f"resize_regularization must be in [0, 1] (1 = the same throughout), got "
+                f"{self.resize_regularization}"
+            )
+        elif self.resize_regularization < 1.0 and self.resize_start >= 1.0:
+            problems.append(
+                "resize_regularization scales the augmentations with progressive resizing's "
+                "image size: set resize_start below 1 too"
             )
         drops = self.lr_drops
         if self.name != "bit":

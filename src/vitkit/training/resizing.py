@@ -4,6 +4,10 @@ patches), and the image size grows to the model's own before the end, so the las
 at the size the model is evaluated and used at. FFCV trains ResNets on ImageNet this way; a ViT
 takes the smaller images because its position embeddings are resized on the fly
 (``dynamic_img_size``), as when fine-tuning at another resolution.
+
+``schedule.resize_regularization`` weakens the augmentations on the small images and
+strengthens them as the images grow (EfficientNetV2's adaptive regularization: a small image
+holds less to fit, so the same augmentation is a stronger regulariser there).
 """
 
 from __future__ import annotations
@@ -45,3 +49,16 @@ def training_size(
         for side, step in zip(full, multiple, strict=True)
     )
     return height, width
+
+
+def regularization_strength(
+    size: tuple[int, int], full: tuple[int, int], start: float, regularization: float
+) -> float:
+    """The fraction of the augmentations' full strength at training size ``size``:
+    ``regularization`` at ``start`` times the ``full`` size (or below, where the sides were
+    rounded down), growing linearly with the mean side fraction to 1 at the full size."""
+    if start >= 1.0:
+        return 1.0
+    side = sum(s / f for s, f in zip(size, full, strict=True)) / len(full)
+    grown = min(max((side - start) / (1.0 - start), 0.0), 1.0)
+    return regularization + (1.0 - regularization) * grown

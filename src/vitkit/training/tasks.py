@@ -27,6 +27,7 @@ from vitkit.models.preprocessing import RECORD_KEY, EvalPreprocessing
 from vitkit.models.pretrained import PretrainedModel
 from vitkit.training.config import TrainConfig, register_task_options
 from vitkit.training.distributed import Process
+from vitkit.training.resizing import regularization_strength
 from vitkit.utils.config import ConfigMixin
 from vitkit.utils.plugins import ensure_loaded
 
@@ -221,7 +222,16 @@ class Classification(Task):
         )
 
     def set_train_size(self, size: tuple[int, int]) -> None:
+        schedule = self.cfg.schedule
         self.transform.train_size = size
+        self.transform.set_regularization(
+            regularization_strength(
+                size,
+                self.transform.img_size,
+                schedule.resize_start,
+                schedule.resize_regularization,
+            )
+        )
 
     def prepare(self, batch: Batch, seed: int) -> tuple[torch.Tensor, Any]:
         assert batch.labels is not None
