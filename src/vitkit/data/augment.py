@@ -6,8 +6,9 @@ kornia does random-resized crop, flip and the RandAugment operations. Two things
   kornia's ``RandAugment`` picks one set for the whole batch. Each of kornia's one-operation
   policies is applied to the images that drew it (drawn with replacement, as TF and timm).
   Magnitudes use kornia's scale, 0..30 over each operation's range (rotate: ±m degrees,
-  translate ±0.1·m/30 of the size; TF's level L is about kornia's 3L); the colour operation
-  leaves grey images unchanged.
+  translate ±0.1·m/30 of the size; TF's level L is about kornia's 3L), where colour, contrast,
+  brightness, sharpness and solarize are mildest at 15 or 30, not at 0, as in TF; the colour
+  operation leaves grey images unchanged.
 - mixup / cutmix write soft labels directly (one ``lam`` per batch, mixing each image with
   the batch reversed, as timm); kornia's versions return (label, label, lam) triples instead.
 
@@ -192,8 +193,8 @@ class BatchTransform(nn.Module):
         RandAugment transforms that share of the images, mixup's and cutmix's alphas are scaled
         by it. RandAugment's magnitude is left alone: on kornia's scale, as on TF's, a lower
         magnitude is not a milder operation for all of them (colour, contrast, brightness and
-        sharpness are factors from 0.1 to 1.9, strongest at magnitude 0; solarize inverts every
-        pixel there)."""
+        sharpness are factors from 0.1 at magnitude 0 to 1.9 at 30, 1 at 15; solarize inverts
+        every pixel at 0)."""
         self.regularization = strength
         if self.randaugment is not None:
             self.randaugment.probability = strength

@@ -6,8 +6,8 @@ takes the smaller images because its position embeddings are resized on the fly
 (``dynamic_img_size``), as when fine-tuning at another resolution.
 
 ``schedule.resize_regularization`` weakens the augmentations on the small images and
-strengthens them as the images grow (EfficientNetV2's adaptive regularization: a small image
-holds less to fit, so the same augmentation is a stronger regulariser there).
+strengthens them as the images grow (EfficientNetV2's adaptive regularization: a network
+trained on small images fits less, so it needs weaker regularisation there).
 """
 
 from __future__ import annotations

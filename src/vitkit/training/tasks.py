@@ -93,7 +93,9 @@ class Task:
 
     def set_train_size(self, size: tuple[int, int]) -> None:
         """Progressive resizing: ``prepare`` the next batches at ``size`` (height, width)
-        instead of the model's size. A task whose targets depend on the size refuses."""
+        instead of the model's size, with the augmentations weakened as
+        ``schedule.resize_regularization`` says for that size. A task whose targets depend on
+        the size refuses."""
         raise ValueError(
             f"the {self.name} task trains at the model's image size only: leave "
             "schedule.resize_start at 1"
