@@ -94,9 +94,9 @@ def test_randaugment_follows_the_size_and_a_resumed_run_too(
     shares: list[float] = []
     forward = PerImageRandAugment.forward
 
-    def watched(self: PerImageRandAugment, images: torch.Tensor) -> torch.Tensor:
-        shares.append(self.probability)
-        return forward(self, images)
+    def watched(self: PerImageRandAugment, images: torch.Tensor, share: float) -> torch.Tensor:
+        shares.append(share)
+        return forward(self, images, share)
 
     monkeypatch.setattr(PerImageRandAugment, "forward", watched)
     adaptive = dict(

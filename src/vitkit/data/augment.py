@@ -112,14 +112,13 @@ class PerImageRandAugment(nn.Module):
         self.num_ops = num_ops
         self.names = [policy[0][0] for policy in default_policy]
         self.operations = nn.ModuleList(RandAugment(1, magnitude, [p]) for p in default_policy)
-        # The share of images transformed: progressive resizing's adaptive regularization
-        # lowers it on small images (BatchTransform.set_regularization).
-        self.probability = 1.0
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Float images in [0, 1]; on grey images the colour operation leaves them unchanged."""
+    def forward(self, images: torch.Tensor, share: float = 1.0) -> torch.Tensor:
+        """Float images in [0, 1]; on grey images the colour operation leaves them unchanged.
+        ``share``: the fraction of the images transformed, the others drawn to skip (progressive
+        resizing's adaptive regularization lowers it on small images); at 1 nothing is drawn."""
         grey = images.shape[1] == 1
-        skipped = torch.rand(len(images)) >= self.probability if self.probability < 1 else None
+        skipped = torch.rand(len(images)) >= share if share < 1 else None
         for _ in range(self.num_ops):
             choice = torch.randint(len(self.operations), (len(images),))
             if skipped is not None:
@@ -196,8 +195,6 @@ class BatchTransform(nn.Module):
         sharpness are factors from 0.1 at magnitude 0 to 1.9 at 30, 1 at 15; solarize inverts
         every pixel at 0)."""
         self.regularization = strength
-        if self.randaugment is not None:
-            self.randaugment.probability = strength
 
     def get_extra_state(self) -> torch.Tensor:
         return self.generator.get_state()
@@ -267,7 +264,7 @@ class BatchTransform(nn.Module):
         elif self.flip is not None:
             images = self.flip(images)
         if self.randaugment is not None:
-            images = self.randaugment(images)
+            images = self.randaugment(images, self.regularization)
         images = resize(images, self.train_size)
         targets = self.one_hot(labels)
         mixup, cutmix = (self.regularization * a for a in (self.augment.mixup, self.augment.cutmix))
