@@ -190,10 +190,8 @@ class BatchTransform(nn.Module):
         """Weaken the augmentations to ``strength`` (in [0, 1]) of their configured strength,
         for progressive resizing's adaptive regularization (``schedule.resize_regularization``):
         RandAugment transforms that share of the images, mixup's and cutmix's alphas are scaled
-        by it. RandAugment's magnitude is left alone: on kornia's scale, as on TF's, a lower
-        magnitude is not a milder operation for all of them (colour, contrast, brightness and
-        sharpness are factors from 0.1 at magnitude 0 to 1.9 at 30, 1 at 15; solarize inverts
-        every pixel at 0)."""
+        by it. RandAugment's magnitude is left alone: a lower one is not milder for every
+        operation (the module docstring says which)."""
         self.regularization = strength
 
     def get_extra_state(self) -> torch.Tensor:
