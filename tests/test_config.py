@@ -113,6 +113,21 @@ def test_precedence_defaults_files_in_order_then_flags(tmp_path: Path) -> None:
     assert cfg.optim.weight_decay == 0.1  # the default, untouched
 
 
+def test_flags_unset_what_a_file_set(tmp_path: Path) -> None:
+    recipe = write(
+        tmp_path / "r.toml",
+        '[data]\nsource = "digits"\n[schedule]\nwarmup_steps = 50\n'
+        "[augment]\nrandaugment = [2, 9]\n",
+    )
+    assert parse("train", "--config", str(recipe)).augment.randaugment == (2, 9)
+    cfg = parse("train", "--config", str(recipe), "--no-randaugment", "--warmup-steps", "none")
+    assert (cfg.augment.randaugment, cfg.schedule.warmup_steps) == (None, None)
+    assert parse("train", "--no-randaugment", "--randaugment", "1", "5").augment.randaugment == (
+        1,
+        5,
+    )
+
+
 def test_finetune_is_the_finetune_preset_under_the_files(tmp_path: Path) -> None:
     ckpt = str(COMPAT / "runs" / "train" / "best.safetensors")
     recipe = write(tmp_path / "r.toml", '[data]\nsource = "digits"\n[schedule]\nepochs = 4\n')

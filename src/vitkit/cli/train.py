@@ -82,7 +82,13 @@ def _add_field(
     elif typing.get_origin(base) is tuple:
         item = typing.get_args(base)[0]
         metavar = PAIR_METAVARS.get(dest.rsplit(".", 1)[-1])
-        group.add_argument(flag, nargs=2, type=item, metavar=metavar, help=help, **kwargs)
+        unset = "--no-" + flag.removeprefix("--")
+        suffix = f" ({unset} to unset)" if optional else ""
+        group.add_argument(flag, nargs=2, type=item, metavar=metavar, help=help + suffix, **kwargs)
+        if optional:  # a pair of values cannot also be the single word 'none'
+            group.add_argument(
+                unset, action="store_const", const=None, help=argparse.SUPPRESS, **kwargs
+            )
     elif typing.get_origin(base) is typing.Literal:
         group.add_argument(flag, choices=typing.get_args(base), help=help, **kwargs)
     else:
