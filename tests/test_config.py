@@ -122,10 +122,8 @@ def test_flags_unset_what_a_file_set(tmp_path: Path) -> None:
     assert parse("train", "--config", str(recipe)).augment.randaugment == (2, 9)
     cfg = parse("train", "--config", str(recipe), "--no-randaugment", "--warmup-steps", "none")
     assert (cfg.augment.randaugment, cfg.schedule.warmup_steps) == (None, None)
-    assert parse("train", "--no-randaugment", "--randaugment", "1", "5").augment.randaugment == (
-        1,
-        5,
-    )
+    last_wins = parse("train", "--no-randaugment", "--randaugment", "1", "5")
+    assert last_wins.augment.randaugment == (1, 5)
 
 
 def test_finetune_is_the_finetune_preset_under_the_files(tmp_path: Path) -> None:
