@@ -117,11 +117,19 @@ def test_flags_unset_what_a_file_set(tmp_path: Path) -> None:
     recipe = write(
         tmp_path / "r.toml",
         '[data]\nsource = "digits"\n[schedule]\nwarmup_steps = 50\n'
-        "[augment]\nrandaugment = [2, 9]\n",
+        '[augment]\nrandaugment = [2, 9]\n[evaluators]\ntest_tta = "flip_translate"\n',
     )
-    assert parse("train", "--config", str(recipe)).augment.randaugment == (2, 9)
-    cfg = parse("train", "--config", str(recipe), "--no-randaugment", "--warmup-steps", "none")
+    read = parse("train", "--config", str(recipe))
+    assert (read.augment.randaugment, read.evaluators.test_tta) == ((2, 9), "flip_translate")
+    cfg = parse(
+        "train",
+        *("--config", str(recipe), "--no-randaugment", "--warmup-steps", "none"),
+        "--no-test-tta",
+    )
     assert (cfg.augment.randaugment, cfg.schedule.warmup_steps) == (None, None)
+    # Unset, the test is scored with the validation's TTA; the choice 'none' means no TTA.
+    assert cfg.evaluators.test_tta is None
+    assert parse("train", "--test-tta", "none").evaluators.test_tta == "none"
     last_wins = parse("train", "--no-randaugment", "--randaugment", "1", "5")
     assert last_wins.augment.randaugment == (1, 5)
 

@@ -79,18 +79,24 @@ def _add_field(
     elif typing.get_origin(base) is list:
         item = typing.get_args(base)[0]
         group.add_argument(flag, nargs="*", type=item, help=help, **kwargs)
-    elif typing.get_origin(base) is tuple:
-        item = typing.get_args(base)[0]
-        metavar = PAIR_METAVARS.get(dest.rsplit(".", 1)[-1])
+    elif typing.get_origin(base) in (tuple, typing.Literal):
+        # A pair of values cannot also be the single word 'none', and among a setting's
+        # choices 'none' may mean something else (--test-tta none: no augmentation), so these
+        # are unset by a flag of their own.
         unset = "--no-" + flag.removeprefix("--")
         suffix = f" ({unset} to unset)" if optional else ""
-        group.add_argument(flag, nargs=2, type=item, metavar=metavar, help=help + suffix, **kwargs)
-        if optional:  # a pair of values cannot also be the single word 'none'
+        if typing.get_origin(base) is tuple:
+            item = typing.get_args(base)[0]
+            metavar = PAIR_METAVARS.get(dest.rsplit(".", 1)[-1])
+            group.add_argument(
+                flag, nargs=2, type=item, metavar=metavar, help=help + suffix, **kwargs
+            )
+        else:
+            group.add_argument(flag, choices=typing.get_args(base), help=help + suffix, **kwargs)
+        if optional:
             group.add_argument(
                 unset, action="store_const", const=None, help=argparse.SUPPRESS, **kwargs
             )
-    elif typing.get_origin(base) is typing.Literal:
-        group.add_argument(flag, choices=typing.get_args(base), help=help, **kwargs)
     else:
         kind = _parse_optional(base) if optional else base
         suffix = " ('none' to unset)" if optional else ""
