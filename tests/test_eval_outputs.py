@@ -4,6 +4,7 @@ against the same numbers worked out by hand from a tiny model's logits."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 from tests.conftest import perturbed
 from vitkit.cli import main
 from vitkit.data import EvalPreprocessing, load_dataset, preprocess
+from vitkit.data.base import note_stand_in
 from vitkit.models.vit import VisionTransformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -152,6 +154,29 @@ def test_flip_translate_tta_adds_the_images_moved_one_pixel_diagonally(
     flip_only = float(torch.nn.functional.cross_entropy(flip_mean(views["image"]), labels))
     assert report["loss"] != pytest.approx(flip_only, rel=1e-3)  # the translations count
     assert report["tta"] == "flip_translate"
+
+
+def test_eval_says_which_split_stands_in_for_one_the_data_lacks(
+    model: VisionTransformer,
+    digits_npz: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Data with only a test split, asked for its validation split: the test split is
+    scored, and the output says so rather than print a test score as a validation one."""
+    checkpoint = str(model.save_pretrained(tmp_path / "model"))
+    reports = {}
+    for split in ("val", "test"):
+        note_stand_in.cache_clear()
+        caplog.clear()
+        out = tmp_path / f"{split}.json"
+        args = ["eval", checkpoint, "--data", str(digits_npz), "--split", split]
+        with caplog.at_level(logging.INFO):
+            assert main([*args, "--json", str(out)]) == 0
+        reports[split] = json.loads(out.read_text())
+        stood_in = f"{digits_npz} has no val split: its test split stands in for it"
+        assert (stood_in in caplog.text) == (split == "val")
+    assert reports["val"]["accuracy"] == reports["test"]["accuracy"]
 
 
 def test_eval_top_k_is_all_classes_when_fewer_than_five(tmp_path: Path) -> None:

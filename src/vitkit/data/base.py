@@ -7,6 +7,7 @@ the function that picks between them (``sources.open_splits``) import one way.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -24,6 +25,17 @@ SHOWN_SKIPPED = 3
 # files in a photo folder are skipped, a folder of broken files (or of something else) is not
 # "trained on" in silence. ``max_unreadable_fraction`` in the config, flags and DataOptions.
 MAX_UNREADABLE_FRACTION = 0.1
+
+# Held-out splits stand in for each other: data with train/ and val/ folders (Imagenette) is
+# tested on val/, and "val" of data with only a test split is its test split.
+STAND_IN_SPLIT = {"val": "test", "test": "val"}
+
+
+@functools.cache
+def note_stand_in(data: str, split: str, found: str) -> None:
+    """Say, once a process, that ``data``'s ``found`` split is read where ``split`` was asked
+    for, so that no score is printed under the name of a split it was not computed on."""
+    logger.info("%s has no %s split: its %s split stands in for it", data, split, found)
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,11 @@ from PIL import Image
 from vitkit.data.base import (
     MAX_UNREADABLE_FRACTION,
     SHOWN_SKIPPED,
+    STAND_IN_SPLIT,
     SkipLog,
     check_fraction,
     check_unreadable,
+    note_stand_in,
 )
 from vitkit.data.datasets import ImageDataset
 from vitkit.data.images import read_image
@@ -43,8 +45,9 @@ def other_split(path: Path, split: str, available: Callable[[str], bool]) -> str
     """``split`` if ``available``, else its stand-in (val <-> test); ValueError if neither."""
     if available(split):
         return split
-    stand_in = {"val": "test", "test": "val"}.get(split)
+    stand_in = STAND_IN_SPLIT.get(split)
     if stand_in and available(stand_in):
+        note_stand_in(str(path), split, stand_in)
         return stand_in
     raise ValueError(f"{path} has no {split!r} split: ask for one of {present_splits(available)}")
 

@@ -29,7 +29,13 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from vitkit.data.base import DataSource, EncodedSample, SkipLog
+from vitkit.data.base import (
+    STAND_IN_SPLIT,
+    DataSource,
+    EncodedSample,
+    SkipLog,
+    note_stand_in,
+)
 from vitkit.data.datasets import ImageDataset
 from vitkit.data.folders import FolderListing, _stack
 from vitkit.data.images import UnreadableImage, open_image, upright, upright_size
@@ -133,9 +139,11 @@ def pick_split(data: str, splits: dict[str, Any], split: str) -> str:
     """The name of the Hugging Face split that stands for vitkit's ``split`` (train / val /
     test): val and test stand in for each other, as in shards, and without either the train
     split is every split (a single-split source, ``open_splits``)."""
-    for wanted in (split, {"val": "test", "test": "val"}.get(split), "train"):
+    for wanted in (split, STAND_IN_SPLIT.get(split), "train"):
         for name in SPLIT_NAMES.get(wanted or "", ()):
             if name in splits:
+                if wanted not in (split, "train"):
+                    note_stand_in(data, split, name)
                 return name
     raise ValueError(f"{data} has no {split!r} split: it has {sorted(splits)}")
 

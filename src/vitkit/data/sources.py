@@ -28,11 +28,13 @@ from vitkit.data.augment import AugmentConfig
 from vitkit.data.base import (
     MAX_UNREADABLE_FRACTION,
     SHOWN_SKIPPED,
+    STAND_IN_SPLIT,
     Batch,
     DataSource,
     EncodedSample,
     SkipLog,
     SourceInfo,
+    note_stand_in,
 )
 from vitkit.data.datasets import ImageDataset, batch_indices, differing_classes, iterate_batches
 from vitkit.data.folders import (
@@ -361,9 +363,11 @@ def _refuse_in_memory_shards(data: str, options: DataOptions) -> None:
 def _open_shards(data: str, split: str, options: DataOptions) -> ShardSource:
     _refuse_in_memory_shards(data, options)
     index = read_index(data)
-    found = split if split in index.splits else {"val": "test", "test": "val"}.get(split)
+    found = split if split in index.splits else STAND_IN_SPLIT.get(split)
     if found not in index.splits:
         raise ValueError(f"{data} has no {split!r} split: it has {sorted(index.splits)}")
+    if found != split:
+        note_stand_in(data, split, found)
     return ShardSource(
         index.splits[found],
         index.classes,

@@ -107,8 +107,14 @@ def evaluation_data(
     run = run_splits(data, run_folder, max_unreadable_fraction)
     if run is not None:
         splits = run.splits
-        chosen = {"train": splits.train, "val": splits.val or splits.test, "test": splits.test}
-        return chosen[split], ""
+        if split == "val" and splits.val is not None:
+            return splits.val, ""
+        if split == "val":
+            return splits.test, (
+                "note: the checkpoint's run held out no validation images (val_fraction 0): "
+                "evaluating on its test split"
+            )
+        return (splits.train if split == "train" else splits.test), ""
     source = open_source(data, split, run_data_options(run_folder, max_unreadable_fraction))
     if split != "train" and _is_whole_source(data, source):
         return source, (
